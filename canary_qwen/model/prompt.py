@@ -1,0 +1,28 @@
+"""NeMo's ``qwen`` prompt format for one user turn followed by the assistant prefix."""
+from __future__ import annotations
+
+DEFAULT_PROMPT = "Transcribe the following:"
+
+
+def user_message(prompt: str | None, audio_locator_tag: str) -> str:
+    """The user turn's text; the placeholder is appended (after a space) when the prompt lacks it."""
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    if audio_locator_tag not in prompt:
+        prompt = f"{prompt} {audio_locator_tag}" if prompt else audio_locator_tag
+    return prompt
+
+
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+
+
+def user_turn_text(prompt: str | None, audio_locator_tag: str) -> str:
+    return f"<|im_start|>user\n{user_message(prompt, audio_locator_tag)}<|im_end|>\n"
+
+
+def prompt_ids(tokenizer, prompt: str | None) -> list[int]:
+    # NeMo tokenizes the user turn and the assistant prefix separately and concatenates them.
+    ids = tokenizer.encode(user_turn_text(prompt, tokenizer.audio_locator_tag)) + tokenizer.encode(ASSISTANT_PREFIX)
+    count = ids.count(tokenizer.placeholder_id)
+    if count != 1:
+        raise ValueError(f"the prompt must hold exactly one audio placeholder, found {count}")
+    return ids

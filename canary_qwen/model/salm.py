@@ -1,0 +1,117 @@
+"""The whole Canary-Qwen model in plain PyTorch: mel -> FastConformer -> projection -> Qwen3 (+LoRA)."""
+from __future__ import annotations
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .checkpoint import CheckpointFiles, checkpoint_key, resolve_checkpoint
+from .config import LlmConfig, SalmConfig
+from .conformer import ConformerEncoder
+from .errors import CheckpointError
+from .mel import MelFrontend
+from .qwen3 import Qwen3
+from .tokenizer import QwenTokenizer
+
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+class CanaryQwen(nn.Module):
+    def __init__(self, cfg: SalmConfig, llm_cfg: LlmConfig, tie_embeddings: bool = True):
+        super().__init__()
+        self.cfg, self.llm_cfg = cfg, llm_cfg
+        self.mel = MelFrontend(cfg.preprocessor)
+        self.encoder = ConformerEncoder(cfg.encoder)
+        self.proj = nn.Linear(cfg.encoder.d_model, cfg.output_dim)
+        self.embed_tokens = nn.Embedding(llm_cfg.vocab_size, llm_cfg.hidden_size)
+        self.llm = Qwen3(llm_cfg, cfg.lora)
+        self.lm_head = None if tie_embeddings else nn.Linear(llm_cfg.hidden_size, llm_cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj.weight.device
+
+    @property
+    def frames_per_second(self) -> float:
+        pre = self.cfg.preprocessor
+        return pre.sample_rate / (pre.hop_length * self.cfg.encoder.subsampling_factor)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def encode(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveform [B, S] float32 + lengths [B] -> LLM embeddings [B, T, H] (model dtype) + lengths [B].
+
+        The mel frontend always runs in fp32 (NeMo does the same), the rest in the model dtype.
+        """
+        mel, mel_lens = self.mel(audio, lengths)
+        enc, enc_lens = self.encoder(mel.to(self.dtype), mel_lens)
+        return self.proj(enc), enc_lens
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.output_weight()).float()
+
+    def merge_lora(self) -> None:
+        self.llm.merge_lora()
+
+
+def _read_tensors(path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_state(model: CanaryQwen, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy checkpoint tensors into ``model``; every key must be known and every shape must match."""
+    targets = model.cfg.lora.target_modules if model.cfg.lora else ()
+    expected = {checkpoint_key(name, targets): name for name in model.state_dict()}
+    problems = []
+    missing = sorted(k for k in expected if k not in tensors)
+    if missing:
+        problems.append(f"{len(missing)} missing tensors, e.g. {', '.join(missing[:4])}")
+    unexpected = sorted(k for k in tensors if k not in expected and not k.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:4])}")
+    own = model.state_dict()
+    for ckpt_name, name in expected.items():
+        if ckpt_name in tensors and tuple(tensors[ckpt_name].shape) != tuple(own[name].shape):
+            problems.append(f"{ckpt_name}: shape {tuple(tensors[ckpt_name].shape)} but the config implies {tuple(own[name].shape)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems[:6]))
+    with torch.no_grad():
+        for ckpt_name, name in expected.items():
+            own[name].copy_(tensors[ckpt_name])
+
+
+def load_model(
+    source, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", merge_lora: bool = False
+) -> tuple[CanaryQwen, QwenTokenizer, CheckpointFiles]:
+    """Load a checkpoint directory or hub id. The mel buffers stay fp32 whatever ``dtype`` is."""
+    files = resolve_checkpoint(source)
+    tensors = _read_tensors(files.weights)
+    lora_targets = files.config.lora.target_modules if files.config.lora else ()
+    untied = checkpoint_key("lm_head.weight", lora_targets) in tensors and not files.llm_config.tie_word_embeddings
+    with torch.device("meta"):
+        model = CanaryQwen(files.config, files.llm_config, tie_embeddings=not untied)
+    model = model.to_empty(device="cpu")
+    if not untied:
+        tensors.pop(checkpoint_key("lm_head.weight", lora_targets), None)
+    load_state(model, tensors, str(files.weights))
+    del tensors
+    if merge_lora:
+        model.merge_lora()
+    model.eval()
+    model.to(device=device)
+    for name, module in model.named_children():
+        if name != "mel":
+            module.to(dtype=dtype)
+    tokenizer = QwenTokenizer(files.tokenizer_dir, files.config.audio_locator_tag)
+    if len(tokenizer) > files.llm_config.vocab_size:
+        raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocab is {files.llm_config.vocab_size}")
+    return model, tokenizer, files
