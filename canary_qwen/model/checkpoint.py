@@ -48,17 +48,23 @@ def _hub_download(repo_id: str, patterns: list[str], what: str) -> Path:
         ) from None
 
 
+def _first_dir_with(candidates, files) -> Path | None:
+    return next((d for d in candidates if all((d / f).is_file() for f in files)), None)
+
+
 def _llm_source(root: Path, salm: SalmConfig) -> tuple[Path, Path]:
-    """Directories holding the Qwen3 config.json and the tokenizer files."""
-    backbone = root / LLM_BACKBONE_DIR
-    has_tokenizer = all((root / f).is_file() for f in TOKENIZER_FILES)
-    has_llm_config = (backbone / "config.json").is_file()
-    if has_tokenizer and has_llm_config:
-        return backbone, root
+    """Directories holding the Qwen3 config.json and the tokenizer files.
+
+    Looked for beside the checkpoint first, then where the config points (a checkpoint NeMo saved
+    after loading local files names those directories), then on the hub.
+    """
     llm = Path(salm.pretrained_llm).expanduser()
-    if llm.is_dir():
-        return (backbone if has_llm_config else llm), (root if has_tokenizer else llm)
-    missing = [f for f in TOKENIZER_FILES if not has_tokenizer] + ([f"{LLM_BACKBONE_DIR}/config.json"] if not has_llm_config else [])
+    named_tokenizer = Path(salm.raw.get("tokenizer_path") or llm).expanduser()
+    tokenizer_dir = _first_dir_with([root, named_tokenizer, llm], TOKENIZER_FILES)
+    llm_dir = _first_dir_with([root / LLM_BACKBONE_DIR, llm], ["config.json"])
+    if tokenizer_dir and llm_dir:
+        return llm_dir, tokenizer_dir
+    missing = ([] if tokenizer_dir else list(TOKENIZER_FILES)) + ([] if llm_dir else [f"{LLM_BACKBONE_DIR}/config.json"])
     try:
         fetched = _hub_download(salm.pretrained_llm, ["config.json", *TOKENIZER_FILES], "the Qwen3 config and tokenizer")
     except CheckpointError as e:
@@ -66,7 +72,7 @@ def _llm_source(root: Path, salm: SalmConfig) -> tuple[Path, Path]:
             f"{root} lacks {', '.join(missing)} and {e} "
             f"For offline use put {', '.join(TOKENIZER_FILES)} and {LLM_BACKBONE_DIR}/config.json beside config.json."
         ) from None
-    return (backbone if has_llm_config else fetched), (root if has_tokenizer else fetched)
+    return llm_dir or fetched, tokenizer_dir or fetched
 
 
 def resolve_checkpoint(source: str | os.PathLike) -> CheckpointFiles:

@@ -64,9 +64,10 @@ def slaney_mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, f
     return weights.astype(np.float32)
 
 
-def salm_config(size: str) -> dict:
+def salm_config(size: str, xscaling: bool = False, lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj")) -> dict:
     spec = SIZES[size]
     enc = spec["encoder"]
+    lora = {"task_type": "CAUSAL_LM", "lora_dropout": 0.01, "target_modules": list(lora_targets or ()), **spec["lora"]}
     return {
         "pretrained_llm": "Qwen/Qwen3-1.7B",
         "pretrained_asr": "nvidia/canary-1b-flash",
@@ -75,7 +76,7 @@ def salm_config(size: str) -> dict:
         "audio_locator_tag": "<|audioplaceholder|>",
         "freeze_params": ["^perception\\.preprocessor\\..+$", "^llm\\..+$"],
         "prevent_freeze_params": [],
-        "lora": {"task_type": "CAUSAL_LM", "lora_dropout": 0.01, "target_modules": ["q_proj", "v_proj"], **spec["lora"]},
+        **({"lora": lora} if lora_targets else {}),
         "perception": {
             "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
             "output_dim": spec["llm"]["hidden_size"],
@@ -97,7 +98,7 @@ def salm_config(size: str) -> dict:
                 "feat_in": 128, "feat_out": -1, "ff_expansion_factor": 4, "n_heads": enc["n_heads"],
                 "n_layers": enc["n_layers"], "pos_emb_max_len": 5000, "self_attention_model": "rel_pos",
                 "subsampling": "dw_striding", "subsampling_conv_channels": enc["subsampling_conv_channels"],
-                "subsampling_factor": 8, "untie_biases": True, "xscaling": False,
+                "subsampling_factor": 8, "untie_biases": True, "xscaling": xscaling,
             },
         },
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-4},
@@ -138,8 +139,19 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return normal(1.0 / math.sqrt(fan_in))
 
 
-def make_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.dtype | None = None) -> Path:
-    """Write a random checkpoint; ``dtype`` defaults to fp32 for tiny and bf16 (as released) for full."""
+def make_checkpoint(
+    out: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    *,
+    xscaling: bool = False,
+    lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj"),
+) -> Path:
+    """Write a random checkpoint; ``dtype`` defaults to fp32 for tiny and bf16 (as released) for full.
+
+    ``xscaling`` and ``lora_targets`` vary the architecture so tests cover more than one config.
+    """
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}")
     dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
@@ -148,7 +160,7 @@ def make_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.d
     n_tokens = build_tokenizer(out, base_vocab=SIZES[size]["base_vocab"])
     vocab = QWEN3_VOCAB if size == "full" else (n_tokens + 1 + 63) // 64 * 64  # room for the placeholder
     first_added = n_tokens - len(QWEN_ADDED_TOKENS)  # <|endoftext|>, <|im_start|>, <|im_end|>, ...
-    cfg, llm_cfg = salm_config(size), qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2)
+    cfg, llm_cfg = salm_config(size, xscaling, lora_targets), qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / LLM_BACKBONE_DIR).mkdir(exist_ok=True)
     (out / LLM_BACKBONE_DIR / "config.json").write_text(json.dumps(llm_cfg, indent=2))
@@ -156,6 +168,7 @@ def make_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.d
     salm, llm = parse_salm_config(cfg), parse_llm_config(llm_cfg)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in CanaryQwen(salm, llm).state_dict().items()}
+    targets = salm.lora.target_modules if salm.lora else ()
     gen = torch.Generator().manual_seed(seed)
     pre = salm.preprocessor
     window = torch.hann_window(pre.win_length, periodic=False).to(torch.bfloat16).float()
@@ -163,7 +176,7 @@ def make_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.d
     tensors = {}
     for name, shape in shapes.items():
         if name.endswith("num_batches_tracked"):
-            tensors[checkpoint_key(name, salm.lora.target_modules)] = torch.zeros((), dtype=torch.int64)
+            tensors[checkpoint_key(name, targets)] = torch.zeros((), dtype=torch.int64)
             continue
         if name == "mel.window":
             value = window
@@ -171,6 +184,6 @@ def make_checkpoint(out: Path, size: str = "tiny", seed: int = 0, dtype: torch.d
             value = fb
         else:
             value = _random_tensor(name, shape, gen)
-        tensors[checkpoint_key(name, salm.lora.target_modules)] = value.to(dtype).contiguous()
+        tensors[checkpoint_key(name, targets)] = value.to(dtype).contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     return out

@@ -1,0 +1,123 @@
+"""``canary-qwen``: one command line for every step, from checkpoint to served model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .model.errors import CheckpointError
+
+BACKENDS = ("torch", "onnx")
+
+
+def _add_transcribe(sub) -> None:
+    p = sub.add_parser(
+        "transcribe",
+        help="transcribe audio files with a local backend",
+        description="Transcribe wav/flac/ogg files (any sample rate, mono or multi-channel) exactly as NeMo's "
+        "SALM.generate does (greedy). Clips over 40 s are cut into windows at quiet points and their texts "
+        "joined. Unreadable files are reported one by one; the rest are still transcribed (exit code 1).",
+    )
+    p.add_argument("files", nargs="+", help="audio files")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id (torch) / export directory (onnx)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="inference backend (default: torch)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per batch (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="decoding budget per clip (default: 128)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch backend precision (default: fp32)")
+    p.add_argument("--prompt", default=None, help="user prompt (default 'Transcribe the following:'; the audio placeholder is appended if missing)")
+    p.add_argument("--max-window-s", type=float, default=40.0, help="cut longer clips into windows of at most this many seconds; 0 disables (default: 40)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, token_ids, duration_s")
+    p.set_defaults(run=_run_transcribe)
+
+
+def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str = "fp32"):
+    if name == "torch":
+        from .engines.torch_backend import TorchBackend
+
+        return TorchBackend(model, device=device, dtype=dtype)
+    from .engines.onnx_backend import OnnxBackend
+
+    return OnnxBackend(model, device=device)
+
+
+def _run_transcribe(args) -> int:
+    from .batching import transcribe_files
+
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise SystemExit("error: --batch-size and --max-new-tokens must be at least 1")
+    backend = make_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+    failed = 0
+    start = time.perf_counter()
+    audio_s = 0.0
+    for result in transcribe_files(
+        backend,
+        args.files,
+        batch_size=args.batch_size,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        max_window_s=args.max_window_s or None,
+        progress=True,
+    ):
+        if result.error:
+            failed += 1
+            print(f"error: {result.error}", file=sys.stderr)
+            continue
+        audio_s += result.duration_s
+        t = result.transcription
+        if args.json:
+            print(json.dumps({"audio": result.path, "text": t.text, "token_ids": t.token_ids, "duration_s": round(result.duration_s, 3)}, ensure_ascii=False))
+        else:
+            print(f"{result.path}\t{t.text}")
+    wall = time.perf_counter() - start
+    if audio_s:
+        print(f"{audio_s:.1f} s of audio in {wall:.2f} s (RTFx {audio_s / wall:.1f})", file=sys.stderr)
+    if failed:
+        print(f"{failed} of {len(args.files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _add_make_checkpoint(sub) -> None:
+    p = sub.add_parser(
+        "make-checkpoint",
+        help="write a random-weight checkpoint in the real layout",
+        description="Write config.json + model.safetensors (+ tokenizer files and llm_backbone/config.json for "
+        "offline loading) with random weights: 'tiny' for tests, 'full' for the real 2.5B architecture.",
+    )
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_make_checkpoint)
+
+
+def _run_make_checkpoint(args) -> int:
+    from .model.synthetic import make_checkpoint
+
+    out = make_checkpoint(args.out, args.size, args.seed)
+    print(f"wrote {args.size} checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canary-qwen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_transcribe, _add_make_checkpoint):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CheckpointError, RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

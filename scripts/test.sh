@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Run the whole test suite (NeMo parity, ONNX Runtime, real Triton server) on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random checkpoints in the real layout and deterministic test audio."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from canary_qwen.model.synthetic import make_checkpoint
+
+# Three architectures: the released one (LoRA on q/v, no xscaling), and two variations.
+CHECKPOINT_VARIANTS = {
+    "qv-lora": dict(seed=0),
+    "xscaling-no-lora": dict(seed=1, xscaling=True, lora_targets=None),
+    "all-attn-lora": dict(seed=2, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+}
+CLIP_SECONDS = (2.3, 1.1, 3.4, 0.55)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session", params=list(CHECKPOINT_VARIANTS))
+def variant_checkpoint(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", "tiny", **CHECKPOINT_VARIANTS[request.param])
+
+
+def make_clip(seconds: float, seed: int) -> np.ndarray:
+    """Speech-like test signal: a few gliding harmonics under noise, float32 at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + seed)
+    phase = 2 * np.pi * np.cumsum(f0) / 16000
+    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (0.2 * x + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def clips():
+    return [make_clip(s, i) for i, s in enumerate(CLIP_SECONDS)]
+
+
+@pytest.fixture(scope="session")
+def clip_files(tmp_path_factory, clips):
+    folder = tmp_path_factory.mktemp("clips")
+    paths = []
+    for i, clip in enumerate(clips):
+        path = folder / f"clip{i}.wav"
+        sf.write(path, clip, 16000, subtype="FLOAT")
+        paths.append(str(path))
+    return paths
