@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from .export.manifest import ArtifactError
 from .model.errors import CheckpointError
 
 BACKENDS = ("torch", "onnx")
@@ -99,10 +100,35 @@ def _run_make_checkpoint(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write ONNX graphs, the merged Qwen3 checkpoint and a manifest",
+        description="Export a checkpoint for deployment: encoder.onnx (waveform -> LLM embeddings, one graph, no "
+        "STFT op), decoder.onnx (merged-LoRA Qwen3 step with KV cache), embed_tokens.npy, tokenizer/, llm_merged/ "
+        "(Hugging Face Qwen3 with explicit lm_head for TensorRT-LLM) and manifest.json (versions, shapes, hashes). "
+        "With --precision bf16 a bf16 encoder graph for TensorRT is added and llm_merged is bf16.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="TensorRT/TensorRT-LLM precision (default: fp32)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines are built for (default: 8)")
+    p.add_argument("--max-audio-s", type=float, default=40.0, help="longest clip the engines are built for (default: 40)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export.artifacts import export_all
+
+    manifest = export_all(args.model, args.out, precision=args.precision, max_batch=args.max_batch, max_audio_s=args.max_audio_s)
+    print(f"wrote {', '.join(manifest.data['artifacts'])} and manifest.json to {manifest.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canary-qwen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_transcribe, _add_make_checkpoint):
+    for add in (_add_transcribe, _add_make_checkpoint, _add_export):
         add(sub)
     return parser
 
@@ -111,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, RuntimeError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ArtifactError, RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from canary_qwen.engines.torch_backend import TorchBackend, pad_batch
+from canary_qwen.engines.base import pad_waveforms
+from canary_qwen.engines.torch_backend import TorchBackend
 from canary_qwen.model.generate import splice_audio
 from canary_qwen.model.prompt import prompt_ids
 from nemo_ref import load_nemo, nemo_generate
@@ -37,7 +38,7 @@ def test_prompt_ids_match_nemo(pair):
 
 def test_encoder_embeddings_match_nemo(pair, clips):
     ours, nemo = pair
-    audio, lengths = pad_batch(clips)
+    audio, lengths = (torch.from_numpy(a) for a in pad_waveforms(clips))
     with torch.no_grad():
         ref, ref_lens = nemo.perception(input_signal=audio, input_signal_length=lengths)
         got, got_lens = ours.model.encode(audio, lengths)

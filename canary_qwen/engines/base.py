@@ -31,3 +31,22 @@ class Transcriber(Protocol):
         prompt: str | None = None,
         max_new_tokens: int | Sequence[int] = 128,
     ) -> list[Transcription]: ...
+
+
+def token_budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """One decoding budget per clip from a single budget or a per-clip list."""
+    if isinstance(max_new_tokens, (int, np.integer)):
+        return [int(max_new_tokens)] * n
+    values = [int(v) for v in max_new_tokens]
+    if len(values) != n:
+        raise ValueError(f"{len(values)} token budgets for {n} clips")
+    return values
+
+
+def pad_waveforms(audios: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad 1-D float32 waveforms to [B, S] + lengths [B] (int64)."""
+    lengths = np.array([len(a) for a in audios], dtype=np.int64)
+    batch = np.zeros((len(audios), int(lengths.max())), dtype=np.float32)
+    for i, a in enumerate(audios):
+        batch[i, : len(a)] = a
+    return batch, lengths

@@ -29,9 +29,9 @@ def rel_positional_encoding(length: int, d_model: int, device, dtype) -> torch.T
     div_term = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d_model)
     )
-    pe = torch.zeros(positions.shape[0], d_model, device=device)
-    pe[:, 0::2] = torch.sin(positions * div_term)
-    pe[:, 1::2] = torch.cos(positions * div_term)
+    angles = positions * div_term
+    # sin on even dims, cos on odd dims, interleaved without in-place writes (exports as plain ops)
+    pe = torch.stack((torch.sin(angles), torch.cos(angles)), dim=-1).reshape(positions.shape[0], d_model)
     return pe.unsqueeze(0).to(dtype)
 
 
@@ -93,6 +93,8 @@ class RelPositionAttention(nn.Module):
         self.linear_pos = nn.Linear(d, d, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(h, self.d_k))
+        # Exported reduced-precision graphs take the softmax in fp32; NeMo's own bf16 run does not.
+        self.softmax_fp32 = False
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
         # key_pad: [B, T] True at padded frames; a score is masked when its query or key is padding.
@@ -105,7 +107,8 @@ class RelPositionAttention(nn.Module):
         bd = rel_shift(torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)))[..., :t]
         scores = (ac + bd) / math.sqrt(self.d_k)
         mask = (key_pad[:, None, :] | key_pad[:, :, None])[:, None]
-        attn = torch.softmax(scores.masked_fill(mask, MASK_VALUE), dim=-1).masked_fill(mask, 0.0)
+        scores = scores.masked_fill(mask, MASK_VALUE)
+        attn = torch.softmax(scores.float() if self.softmax_fp32 else scores, dim=-1).to(v.dtype).masked_fill(mask, 0.0)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, self.h * self.d_k)
         return self.linear_out(out)
 

@@ -58,6 +58,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Grouped-query attention: repeat each KV head for its query heads (expand+reshape exports cleanly)."""
+    b, n_kv, s, d = x.shape
+    return x[:, :, None].expand(b, n_kv, n_heads // n_kv, s, d).reshape(b, n_heads, s, d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlmConfig, lora: LoraConfig | None):
         super().__init__()
@@ -82,9 +88,7 @@ class Attention(nn.Module):
                 k = torch.cat((cache[0], k), dim=2)
                 v = torch.cat((cache[1], v), dim=2)
             cache[:] = [k, v]
-        groups = self.n_heads // self.n_kv
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+        k, v = _expand_kv(k, self.n_heads), _expand_kv(v, self.n_heads)
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

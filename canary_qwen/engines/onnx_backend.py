@@ -1,0 +1,93 @@
+"""ONNX Runtime backend: the embedded default (CPU provider; CUDA where onnxruntime-gpu is installed)."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..export.decoder_graph import cache_names
+from ..export.manifest import read_manifest
+from ..model.prompt import prompt_ids
+from ..model.tokenizer import QwenTokenizer
+from .base import Transcription, pad_waveforms, token_budgets
+from .greedy import greedy_generate, splice_and_pad
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(
+                "--device cuda needs onnxruntime-gpu (this onnxruntime offers "
+                f"{', '.join(ort.get_available_providers())})"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ValueError(f"unknown device {device!r} (cpu or cuda)")
+
+
+def session(path, device: str, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers_for(device))
+
+
+class OnnxEncoder:
+    """``encoder.onnx`` as a callable: waveforms -> per-clip embeddings [T_i, H]."""
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = None):
+        self.session = session(path, device, threads)
+
+    def __call__(self, audios) -> list[np.ndarray]:
+        audio, lengths = pad_waveforms(audios)
+        embeds, lens = self.session.run(None, {"audio": audio, "audio_lengths": lengths})
+        return [embeds[i, : int(n)] for i, n in enumerate(lens)]
+
+
+class OnnxDecoder:
+    """``decoder.onnx`` as a ``greedy.DecoderStep`` with its own empty-cache factory."""
+
+    def __init__(self, path, model_info: dict, device: str = "cpu", threads: int | None = None):
+        self.session = session(path, device, threads)
+        self.info = model_info
+        self.past_names, _ = cache_names(model_info["num_hidden_layers"])
+
+    def empty_caches(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.info["num_key_value_heads"], 0, self.info["head_dim"])
+        return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+
+    def __call__(self, embeds, mask, positions, caches):
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        feeds.update(zip(self.past_names, caches))
+        logits, *caches = self.session.run(None, feeds)
+        return logits, caches
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, export_dir, *, device: str = "cpu", threads: int | None = None):
+        self.manifest = read_manifest(export_dir)
+        info = self.manifest.model
+        self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device, threads)
+        self.decoder = OnnxDecoder(self.manifest.artifact("decoder"), info, device, threads)
+        self.embed_table = np.load(self.manifest.artifact("embed_tokens"), mmap_mode="r")
+        self.tokenizer = QwenTokenizer(self.manifest.artifact("tokenizer"), info["audio_locator_tag"])
+
+    def transcribe(self, audios, *, prompt=None, max_new_tokens=128, on_token=None) -> list[Transcription]:
+        if not len(audios):
+            return []
+        tok = self.tokenizer
+        embeds, mask = splice_and_pad(prompt_ids(tok, prompt), self.encoder(audios), self.embed_table, tok.placeholder_id)
+        tokens = greedy_generate(
+            self.decoder,
+            self.embed_table,
+            embeds,
+            mask,
+            self.decoder.empty_caches(len(audios)),
+            token_budgets(max_new_tokens, len(audios)),
+            tok.eos_id,
+            tok.pad_id,
+            on_token,
+        )
+        return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]

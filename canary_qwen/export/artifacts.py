@@ -1,0 +1,106 @@
+"""``canary-qwen export``: every deployable artifact from one checkpoint, plus the manifest.
+
+- ``encoder.onnx``: waveform -> LLM embeddings, fp32 (ONNX Runtime and TensorRT fp32)
+- ``encoder_bf16.onnx``: the same in bf16 with fp32 norms/softmax/frontend (TensorRT, strongly typed), when asked
+- ``decoder.onnx``: merged-LoRA Qwen3 step with KV cache, fp32 (ONNX Runtime)
+- ``embed_tokens.npy``: the token embedding table the decoder's inputs are built from
+- ``tokenizer/``: tokenizer files; ``llm_merged/``: Hugging Face Qwen3 checkpoint for TensorRT-LLM
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..model.prompt import DEFAULT_PROMPT, prompt_ids
+from ..model.salm import load_model
+from ..model.tokenizer import TOKENIZER_FILES
+from .manifest import Manifest, describe, read_manifest, versions, write_manifest
+from .onnx_export import export_decoder, export_encoder
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def model_info(model, tokenizer, max_audio_s: float) -> dict:
+    llm, pre, enc = model.llm_cfg, model.cfg.preprocessor, model.cfg.encoder
+    return {
+        "sample_rate": pre.sample_rate,
+        "frames_per_second": model.frames_per_second,
+        "max_audio_frames": math.ceil(max_audio_s * model.frames_per_second),
+        "encoder_dim": enc.d_model,
+        "hidden_size": llm.hidden_size,
+        "vocab_size": llm.vocab_size,
+        "num_hidden_layers": llm.num_hidden_layers,
+        "num_key_value_heads": llm.num_key_value_heads,
+        "head_dim": llm.head_dim,
+        "audio_locator_tag": tokenizer.audio_locator_tag,
+        "placeholder_id": tokenizer.placeholder_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "tokenizer_size": len(tokenizer),
+        "default_prompt": DEFAULT_PROMPT,
+        "default_prompt_ids": prompt_ids(tokenizer, None),
+    }
+
+
+def export_all(
+    source,
+    out,
+    *,
+    precision: str = "fp32",
+    max_batch: int = 8,
+    max_audio_s: float = 40.0,
+    progress: bool = True,
+) -> Manifest:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if max_batch < 1 or max_audio_s <= 0:
+        raise ValueError("--max-batch must be >= 1 and --max-audio-s > 0")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, files = load_model(source)
+    steps = ["encoder.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer", "llm_merged"]
+    if precision != "fp32":
+        steps.insert(1, f"encoder_{precision}.onnx")
+    artifacts = {}
+    bar = tqdm(steps, desc="export", unit="artifact", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        path = out / name
+        if name == "encoder.onnx":
+            export_encoder(model, path)
+        elif name.startswith("encoder_"):
+            export_encoder(model, path, PRECISIONS[precision])
+        elif name == "decoder.onnx":
+            export_decoder(model, path)
+        elif name == "embed_tokens.npy":
+            np.save(path, model.embed_tokens.weight.detach().float().numpy())
+        elif name == "tokenizer":
+            path.mkdir(exist_ok=True)
+            for f in TOKENIZER_FILES:
+                shutil.copy2(files.tokenizer_dir / f, path / f)
+        elif name == "llm_merged":
+            from .merge_lora import merge_lora_checkpoint
+
+            merge_lora_checkpoint(source, path, dtype="bfloat16" if precision == "bf16" else "float32")
+        artifacts[name.split(".")[0]] = describe(path, out)
+    write_manifest(
+        out,
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": str(files.root),
+            "precision": precision,
+            "trt_encoder": f"encoder_{precision}" if precision != "fp32" else "encoder",
+            "max_batch": max_batch,
+            "max_audio_s": max_audio_s,
+            "versions": versions(),
+            "model": model_info(model, tokenizer, max_audio_s),
+            "artifacts": artifacts,
+        },
+    )
+    return read_manifest(out)

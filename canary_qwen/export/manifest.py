@@ -1,0 +1,84 @@
+"""``manifest.json``: what an export directory holds, so later steps (engines, Triton, clients) read
+shapes, ids and file hashes instead of guessing them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """An export directory is missing, incomplete or from an incompatible version."""
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("canary-qwen", "torch", "onnx", "onnxruntime", "safetensors", "tokenizers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def describe(path: Path, root: Path) -> dict[str, Any]:
+    """Relative path, size and hash of a file, or of every file under a directory."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    entries = [{"path": str(p.relative_to(root)), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in files]
+    return {"path": str(path.relative_to(root)), "files": entries}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["model"]
+
+    def artifact(self, name: str) -> Path:
+        if name not in self.data["artifacts"]:
+            raise ArtifactError(f"{self.root} has no {name!r} artifact (have: {', '.join(self.data['artifacts'])})")
+        path = self.root / self.data["artifacts"][name]["path"]
+        if not path.exists():
+            raise ArtifactError(f"{path} is listed in {MANIFEST} but missing: re-run `canary-qwen export`")
+        return path
+
+    def has(self, name: str) -> bool:
+        return name in self.data["artifacts"]
+
+
+def write_manifest(root: Path, data: dict[str, Any]) -> Path:
+    path = Path(root) / MANIFEST
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **data}, indent=2))
+    return path
+
+
+def read_manifest(root) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not an export directory (no {MANIFEST}); create one with `canary-qwen export`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format_version {data.get('format_version')}, this toolkit reads {FORMAT_VERSION}")
+    return Manifest(root, data)

@@ -1,0 +1,72 @@
+"""Export the encoder and decoder graphs to ONNX (opset 17, dynamic batch and length)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..model.salm import CanaryQwen
+from .decoder_graph import DecoderGraph, cache_names
+from .encoder_graph import EncoderGraph
+
+OPSET = 17
+ENCODER_INPUTS = ["audio", "audio_lengths"]
+ENCODER_OUTPUTS = ["embeddings", "embedding_lengths"]
+DECODER_INPUTS = ["inputs_embeds", "attention_mask", "position_ids"]
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer chatter about python ints in shape arithmetic
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))  # by path: works past the 2 GB protobuf limit
+    return path
+
+
+def export_encoder(model: CanaryQwen, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """``audio`` [B, S] float32 + ``audio_lengths`` [B] int64 -> ``embeddings`` [B, T, H] + ``embedding_lengths`` [B]."""
+    graph = EncoderGraph(model, dtype).eval()
+    # Two clips of different lengths so every mask is traced as data-dependent, not constant.
+    sample_rate = model.cfg.preprocessor.sample_rate
+    audio = torch.randn(2, 3 * sample_rate) * 0.1
+    lengths = torch.tensor([3 * sample_rate, 2 * sample_rate + 123])
+    axes = {
+        "audio": {0: "batch", 1: "samples"},
+        "audio_lengths": {0: "batch"},
+        "embeddings": {0: "batch", 1: "frames"},
+        "embedding_lengths": {0: "batch"},
+    }
+    return _export(graph, (audio, lengths), path, ENCODER_INPUTS, ENCODER_OUTPUTS, axes)
+
+
+def export_decoder(model: CanaryQwen, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """One step of the merged-LoRA Qwen3 with a KV cache (see ``decoder_graph``)."""
+    graph = DecoderGraph(model, dtype).eval()
+    past, present = cache_names(len(graph.llm.layers))
+    axes = {
+        "inputs_embeds": {0: "batch", 1: "steps"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "steps"},
+        "logits": {0: "batch"},
+        **{name: {0: "batch", 2: "past"} for name in past},
+        **{name: {0: "batch", 2: "total"} for name in present},
+    }
+    return _export(graph, graph.example_inputs(), path, DECODER_INPUTS + past, ["logits"] + present, axes)
+
+
+def op_types(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
