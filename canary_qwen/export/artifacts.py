@@ -64,7 +64,8 @@ def export_all(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, files = load_model(source)
-    steps = ["encoder.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer", "llm_merged"]
+    # decoder.onnx last among the graphs: exporting it merges the model's LoRA in place.
+    steps = ["encoder.onnx", "embed_tokens.npy", "decoder.onnx", "tokenizer", "llm_merged"]
     if precision != "fp32":
         steps.insert(1, f"encoder_{precision}.onnx")
     artifacts = {}

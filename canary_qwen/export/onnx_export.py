@@ -54,7 +54,7 @@ def export_encoder(model: CanaryQwen, path: Path, dtype: torch.dtype = torch.flo
 
 
 def export_decoder(model: CanaryQwen, path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """One step of the merged-LoRA Qwen3 with a KV cache (see ``decoder_graph``)."""
+    """One step of the merged-LoRA Qwen3 with a KV cache (see ``decoder_graph``); merges ``model``'s LoRA in place."""
     graph = DecoderGraph(model, dtype).eval()
     past, present = cache_names(len(graph.llm.layers))
     axes = {

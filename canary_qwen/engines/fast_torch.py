@@ -1,0 +1,188 @@
+"""Throughput path in PyTorch: length-bucketed encoder batches, a static KV cache, packed (unpadded)
+prefill that computes logits for the last position only, and continuous batching in the decoder
+(finished sequences leave their cache slot at once and queued clips take it over).
+
+Greedy tokens are those of the reference (same modules, same weights with LoRA merged); only the
+order of floating-point operations differs.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..model.qwen3 import _expand_kv, apply_rope, rope_cos_sin
+from ..model.prompt import prompt_ids
+from ..model.salm import load_model
+from .base import Transcription, pad_waveforms, token_budgets
+from .torch_backend import DTYPES, resolve_device
+
+
+@dataclass
+class _Request:
+    index: int
+    embeds: torch.Tensor  # [L, H] prompt with the audio spliced in
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+
+
+class StaticKVCache:
+    """[layers, slots, kv_heads, max_len, head_dim] keys and values plus the filled length per slot."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+
+class FastTorchBackend:
+    name = "torch-fast"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "bf16",
+        max_slots: int = 128,
+        encoder_batch: int = 64,
+    ):
+        self.device = resolve_device(device)
+        self.model, self.tokenizer, self.files = load_model(model, dtype=DTYPES[dtype], device=self.device, merge_lora=True)
+        self.max_slots, self.encoder_batch = max_slots, encoder_batch
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def _timed(self, stage: str):
+        """Adds the stage's wall time to ``self.timings`` (device work included: it synchronises)."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    # -- encoder ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, audios) -> list[torch.Tensor]:
+        """Clips sorted by length and batched, so padding stays small; results in input order."""
+        order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))
+        out: list[torch.Tensor | None] = [None] * len(audios)
+        for start in range(0, len(order), self.encoder_batch):
+            chunk = order[start : start + self.encoder_batch]
+            audio, lengths = (torch.from_numpy(a).to(self.device) for a in pad_waveforms([audios[i] for i in chunk]))
+            embeds, lens = self.model.encode(audio, lengths)
+            for j, i in enumerate(chunk):
+                out[i] = embeds[j, : int(lens[j])]
+        return out
+
+    # -- decoder pieces --------------------------------------------------------------------------
+    def _qkv(self, attn, x: torch.Tensor, positions: torch.Tensor):
+        """x [N, H] (packed tokens) -> q [N, heads, d], k/v [N, kv_heads, d] with RoPE applied."""
+        n = x.shape[0]
+        q = attn.q_norm(attn.q_proj(x).view(n, attn.n_heads, attn.head_dim))
+        k = attn.k_norm(attn.k_proj(x).view(n, attn.n_kv, attn.head_dim))
+        v = attn.v_proj(x).view(n, attn.n_kv, attn.head_dim)
+        cos, sin = rope_cos_sin(positions[None], attn.head_dim, self.model.llm_cfg.rope_theta, x.dtype)
+        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+        k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+        return q, k, v
+
+    def _prefill(self, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Run new sequences packed end to end (no padding); returns last-position logits [len(slots), V]."""
+        lengths = [p.shape[0] for p in prompts]
+        x = torch.cat(prompts)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        bounds = torch.tensor([0, *lengths], device=self.device).cumsum(0).tolist()
+        for li, layer in enumerate(self.model.llm.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), positions)
+            outs = []
+            for s, slot in enumerate(slots):
+                a, b = bounds[s], bounds[s + 1]
+                ks, vs = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+                cache.k[li, slot, :, : b - a] = ks
+                cache.v[li, slot, :, : b - a] = vs
+                o = nn.functional.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None], _expand_kv(ks[None], attn.n_heads), _expand_kv(vs[None], attn.n_heads),
+                    is_causal=True, scale=attn.head_dim**-0.5,
+                )
+                outs.append(o[0].transpose(0, 1).reshape(b - a, -1))
+            x = x + attn.o_proj(torch.cat(outs))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.lengths[slots] = torch.tensor(lengths, device=self.device)
+        last = torch.tensor([b - 1 for b in bounds[1:]], device=self.device)
+        return self.model.logits(self.model.llm.norm(x[last]))
+
+    def _decode(self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One token for every slot (idle slots too: static shapes); returns logits [slots, V].
+
+        Idle slots keep length 0, so they only ever touch position 0 of their own cache row.
+        """
+        slots = torch.arange(tokens.shape[0], device=self.device)
+        positions = cache.lengths
+        span = int(positions.max()) + 1
+        visible = (torch.arange(span, device=self.device)[None] <= positions[:, None])[:, None, None]
+        x = self.model.embed_tokens(tokens)
+        for li, layer in enumerate(self.model.llm.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), positions)
+            cache.k[li, slots, :, positions] = k
+            cache.v[li, slots, :, positions] = v
+            keys = _expand_kv(cache.k[li, :, :, :span], attn.n_heads)
+            values = _expand_kv(cache.v[li, :, :, :span], attn.n_heads)
+            o = nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible, scale=attn.head_dim**-0.5)
+            x = x + attn.o_proj(o.reshape(tokens.shape[0], -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.lengths += active
+        return self.model.logits(self.model.llm.norm(x))
+
+    # -- scheduler -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def transcribe(self, audios, *, prompt=None, max_new_tokens=128) -> list[Transcription]:
+        if not len(audios):
+            return []
+        tok, model = self.tokenizer, self.model
+        ids = prompt_ids(tok, prompt)
+        at = ids.index(tok.placeholder_id)
+        text = model.embed_tokens(torch.tensor(ids, device=self.device))
+        budgets = token_budgets(max_new_tokens, len(audios))
+        with self._timed("encode"):
+            embeds = self.encode(audios)
+        requests = [_Request(i, torch.cat((text[:at], a, text[at + 1 :])), budgets[i]) for i, a in enumerate(embeds)]
+        slots = min(self.max_slots, len(requests))
+        max_len = max(r.embeds.shape[0] + r.budget for r in requests)
+        cfg = model.llm_cfg
+        cache = StaticKVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim, model.dtype, self.device)
+        queue = deque(r for r in sorted(requests, key=lambda r: -r.embeds.shape[0]) if r.budget > 0)
+        active: dict[int, _Request] = {}
+        next_token = torch.full((slots,), tok.pad_id, dtype=torch.long, device=self.device)
+        while queue or active:
+            free = [s for s in range(slots) if s not in active]
+            if queue and free:
+                admitted = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+                taken = free[: len(admitted)]
+                with self._timed("prefill"):
+                    logits = self._prefill(cache, taken, [r.embeds for r in admitted])
+                next_token[taken] = logits.argmax(-1)
+                active.update(zip(taken, admitted))
+            # Emit this step's tokens; retire rows at eos or budget; the rest decode one more token.
+            emitted = next_token.tolist()
+            for slot, request in list(active.items()):
+                token = emitted[slot]
+                if token != tok.eos_id:
+                    request.tokens.append(token)
+                if token == tok.eos_id or len(request.tokens) >= request.budget:
+                    del active[slot]
+                    cache.lengths[slot] = 0
+            if not active:
+                continue
+            busy = torch.zeros(slots, dtype=torch.long, device=self.device)
+            busy[list(active)] = 1
+            with self._timed("decode"):
+                next_token = self._decode(cache, next_token, busy).argmax(-1)
+        return [Transcription(text=tok.decode(r.tokens).strip(), token_ids=r.tokens) for r in requests]
