@@ -59,34 +59,38 @@ class CanaryQwen(nn.Module):
         self.llm.merge_lora()
 
 
-def _read_tensors(path) -> dict[str, torch.Tensor]:
+def _open_weights(path):
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_state(model: CanaryQwen, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy checkpoint tensors into ``model``; every key must be known and every shape must match."""
+def load_state(model: CanaryQwen, weights, source: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy tensors from an open safetensors file into ``model``, one at a time (the 2.5B model is
+    never held twice). Every key must be known and every shape must match, or nothing is loaded."""
     targets = model.cfg.lora.target_modules if model.cfg.lora else ()
-    expected = {checkpoint_key(name, targets): name for name in model.state_dict()}
+    own = model.state_dict()
+    expected = {checkpoint_key(name, targets): name for name in own}
+    shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys() if k not in skip}
     problems = []
-    missing = sorted(k for k in expected if k not in tensors)
+    missing = sorted(k for k in expected if k not in shapes)
     if missing:
         problems.append(f"{len(missing)} missing tensors, e.g. {', '.join(missing[:4])}")
-    unexpected = sorted(k for k in tensors if k not in expected and not k.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(k for k in shapes if k not in expected and not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:4])}")
-    own = model.state_dict()
     for ckpt_name, name in expected.items():
-        if ckpt_name in tensors and tuple(tensors[ckpt_name].shape) != tuple(own[name].shape):
-            problems.append(f"{ckpt_name}: shape {tuple(tensors[ckpt_name].shape)} but the config implies {tuple(own[name].shape)}")
+        if ckpt_name in shapes and shapes[ckpt_name] != tuple(own[name].shape):
+            problems.append(f"{ckpt_name}: shape {shapes[ckpt_name]} but the config implies {tuple(own[name].shape)}")
     if problems:
         raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems[:6]))
     with torch.no_grad():
         for ckpt_name, name in expected.items():
-            own[name].copy_(tensors[ckpt_name])
+            try:
+                own[name].copy_(weights.get_tensor(ckpt_name))
+            except (SafetensorError, RuntimeError) as e:
+                raise CheckpointError(f"{source}: tensor {ckpt_name} could not be read (truncated file?): {e}") from None
 
 
 def load_model(
@@ -94,16 +98,16 @@ def load_model(
 ) -> tuple[CanaryQwen, QwenTokenizer, CheckpointFiles]:
     """Load a checkpoint directory or hub id. The mel buffers stay fp32 whatever ``dtype`` is."""
     files = resolve_checkpoint(source)
-    tensors = _read_tensors(files.weights)
+    weights = _open_weights(files.weights)
     lora_targets = files.config.lora.target_modules if files.config.lora else ()
-    untied = checkpoint_key("lm_head.weight", lora_targets) in tensors and not files.llm_config.tie_word_embeddings
+    lm_head = checkpoint_key("lm_head.weight", lora_targets)
+    untied = lm_head in weights.keys() and not files.llm_config.tie_word_embeddings
     with torch.device("meta"):
         model = CanaryQwen(files.config, files.llm_config, tie_embeddings=not untied)
     model = model.to_empty(device="cpu")
-    if not untied:
-        tensors.pop(checkpoint_key("lm_head.weight", lora_targets), None)
-    load_state(model, tensors, str(files.weights))
-    del tensors
+    # A tied lm_head saved next to embed_tokens is the same tensor: read embed_tokens only.
+    load_state(model, weights, str(files.weights), skip=() if untied else (lm_head,))
+    del weights
     if merge_lora:
         model.merge_lora()
     model.eval()
