@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from safetensors.torch import load_file, save_file
+
 from canary_qwen.model.synthetic import make_checkpoint
+from canary_qwen.model.tokenizer import QwenTokenizer
 
 # Three architectures: the released one (LoRA on q/v, no xscaling), and two variations.
 CHECKPOINT_VARIANTS = {
@@ -14,11 +17,33 @@ CHECKPOINT_VARIANTS = {
     "all-attn-lora": dict(seed=2, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
 }
 CLIP_SECONDS = (2.3, 1.1, 3.4, 0.55)
+EOS_PRONE_SECONDS = (2.3, 1.1, 3.4, 0.55, 1.7, 2.9)
+
+
+def boost_token(checkpoint, token: str, factor: float):
+    """Scale one token's (tied) embedding so random weights emit it often: exercises eos handling."""
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    token_id = QwenTokenizer(checkpoint, "<|audioplaceholder|>").token_to_id(token)
+    tensors["embed_tokens.weight"][token_id] *= factor
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def eos_prone_checkpoint(tmp_path_factory):
+    """Seed 3 with <|im_end|> boosted x2: of six clips some stop at eos after 0-18 tokens, one runs to 24."""
+    return boost_token(make_checkpoint(tmp_path_factory.mktemp("eos") / "ckpt", "tiny", seed=3), "<|im_end|>", 2.0)
+
+
+@pytest.fixture(scope="session")
+def eos_prone_clips():
+    return [make_clip(s, i) for i, s in enumerate(EOS_PRONE_SECONDS)]
 
 
 @pytest.fixture(scope="session", params=list(CHECKPOINT_VARIANTS))

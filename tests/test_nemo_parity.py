@@ -85,3 +85,12 @@ def test_nemo_saved_checkpoint_loads_here(tmp_path, tiny_checkpoint, clips):
     nemo.save_pretrained(tmp_path / "saved")
     ours = TorchBackend(str(tmp_path / "saved"))
     assert [t.token_ids for t in ours.transcribe(clips, max_new_tokens=12)] == nemo_generate(nemo, clips, 12)
+
+
+def test_early_eos_and_padding_rows_match_nemo(eos_prone_checkpoint, eos_prone_clips):
+    """Rows that stop at eos while others go on: NeMo feeds them pad; the kept tokens must agree."""
+    expected = nemo_generate(load_nemo(eos_prone_checkpoint), eos_prone_clips, MAX_NEW_TOKENS)
+    got = TorchBackend(str(eos_prone_checkpoint)).transcribe(eos_prone_clips, max_new_tokens=MAX_NEW_TOKENS)
+    assert [t.token_ids for t in got] == expected
+    lengths = [len(e) for e in expected]
+    assert min(lengths) < MAX_NEW_TOKENS and max(lengths) == MAX_NEW_TOKENS, lengths

@@ -2,7 +2,8 @@
 
 TensorRT has no STFT layer, so the centred STFT is a strided Conv1d whose kernels are the
 windowed DFT basis (cos and -sin rows). Everything after the frontend reuses the reference
-modules; for reduced precision the LayerNorms, softmax and the whole frontend stay fp32.
+modules; for reduced precision the frontend, LayerNorms, BatchNorms, softmax and the (small) spatial
+convolutions stay fp32, and kernel-1 convolutions become MatMuls so the heavy work is bf16.
 """
 from __future__ import annotations
 
@@ -56,15 +57,43 @@ class ConvMelFrontend(nn.Module):
         return normalize_per_feature(mel, feat_lens), feat_lens
 
 
-class Fp32LayerNorm(nn.Module):
-    """LayerNorm computed in fp32 inside a reduced-precision graph (bf16 LayerNorm drifts)."""
+class Fp32(nn.Module):
+    """Runs a module in fp32 inside a reduced-precision graph: LayerNorm and BatchNorm drift in bf16,
+    and ONNX (opset 17) has no bf16 Conv."""
 
-    def __init__(self, ln: nn.LayerNorm):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.ln = copy.deepcopy(ln).float()
+        self.inner = copy.deepcopy(module).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(x.float()).to(x.dtype)
+        return self.inner(x.float()).to(x.dtype)
+
+
+class PointwiseAsMatMul(nn.Module):
+    """A kernel-1 Conv1d as a MatMul over [B, C, T], so it stays bf16 (the bulk of the conv module's work)."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        self.linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight[:, :, 0])
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _reduced_precision(encoder: nn.Module) -> None:
+    """Rewrite the encoder copy in place for a bf16/fp16 graph (see the module docstring)."""
+    for module in list(encoder.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv1d) and child.kernel_size == (1,):
+                setattr(module, name, PointwiseAsMatMul(child))
+            elif isinstance(child, (nn.LayerNorm, nn.BatchNorm1d, nn.Conv1d, nn.Conv2d)):
+                setattr(module, name, Fp32(child))
+        if hasattr(module, "softmax_fp32"):
+            module.softmax_fp32 = True
 
 
 class EncoderGraph(nn.Module):
@@ -74,15 +103,14 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.dtype = dtype
         self.frontend = ConvMelFrontend(model.mel)
-        self.encoder = copy.deepcopy(model.encoder).to(dtype)
-        self.proj = copy.deepcopy(model.proj).to(dtype)
+        self.encoder = copy.deepcopy(model.encoder)
         if dtype != torch.float32:
-            for module in list(self.encoder.modules()):
-                for name, child in list(module.named_children()):
-                    if isinstance(child, nn.LayerNorm):
-                        setattr(module, name, Fp32LayerNorm(child))
-                if hasattr(module, "softmax_fp32"):
-                    module.softmax_fp32 = True
+            _reduced_precision(self.encoder)
+        self.encoder.to(dtype)
+        for module in self.encoder.modules():  # .to() above cast the fp32 islands too: restore them
+            if isinstance(module, Fp32):
+                module.float()
+        self.proj = copy.deepcopy(model.proj).to(dtype)
 
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mel, mel_lens = self.frontend(audio, audio_lengths)

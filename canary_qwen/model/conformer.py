@@ -52,6 +52,8 @@ class ConvSubsampling(nn.Module):
         for _ in range(cfg.n_subsampling_convs - 1):
             layers += [nn.Conv2d(c, c, 3, 2, 1, groups=c), nn.Conv2d(c, c, 1), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
+        # Positions of the strided convs, fixed here so wrapping a layer (export) cannot change them.
+        self.strided = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1)]
         freq = cfg.feat_in
         for _ in range(cfg.n_subsampling_convs):
             freq = (freq + 2 - 3) // 2 + 1
@@ -61,8 +63,8 @@ class ConvSubsampling(nn.Module):
         # x: [B, T, F] -> [B, 1, T, F]; frames past each clip's current length are zeroed before
         # every strided conv, as NeMo's MaskedConvSequential does.
         x = x.unsqueeze(1)
-        for layer in self.conv:
-            if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
+        for i, layer in enumerate(self.conv):
+            if i in self.strided:
                 x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None])[:, None, :, None].to(x.dtype)
                 lengths = subsampled_lengths(lengths, 1)
             x = layer(x)

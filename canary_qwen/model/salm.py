@@ -110,7 +110,7 @@ def load_model(
     del weights
     if merge_lora:
         model.merge_lora()
-    model.eval()
+    model.eval().requires_grad_(False)
     model.to(device=device)
     for name, module in model.named_children():
         if name != "mel":
