@@ -160,3 +160,22 @@ def test_fast_path_keeps_tokens_with_many_more_clips_than_slots(reference, tiny_
     fast = FastTorchBackend(str(tiny_checkpoint), dtype="fp32", max_slots=3, encoder_batch=4)
     assert [t.token_ids for t in fast.transcribe(many, max_new_tokens=budgets)] == want
     assert set(fast.timings) == {"encode", "prefill", "decode"}
+
+
+def test_scattered_external_data_is_consolidated_into_one_file(exported, tmp_path):
+    """Graphs over 2 GB come out of the exporter as one file per tensor; they must end up as one .data file."""
+    from canary_qwen.export.onnx_export import _consolidate_external_data
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    model = onnx.load(str(exported.artifact("encoder")))
+    onnx.save_model(model, str(scratch / "encoder.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(scratch.iterdir())) > 20
+    written = _consolidate_external_data(scratch, tmp_path / "encoder.onnx")
+    assert [p.name for p in written] == ["encoder.onnx", "encoder.onnx.data"]
+    onnx.checker.check_model(str(written[0]))
+    from canary_qwen.engines.onnx_backend import OnnxEncoder
+    from conftest import make_clip
+
+    clip = make_clip(1.5, 7)
+    np.testing.assert_array_equal(OnnxEncoder(written[0])([clip])[0], OnnxEncoder(exported.artifact("encoder"))([clip])[0])

@@ -73,12 +73,13 @@ def export_all(
     for name in bar:
         bar.set_postfix_str(name)
         path = out / name
+        written = [path]
         if name == "encoder.onnx":
-            export_encoder(model, path)
+            written = export_encoder(model, path)
         elif name.startswith("encoder_"):
-            export_encoder(model, path, PRECISIONS[precision])
+            written = export_encoder(model, path, PRECISIONS[precision])
         elif name == "decoder.onnx":
-            export_decoder(model, path)
+            written = export_decoder(model, path)
         elif name == "embed_tokens.npy":
             np.save(path, model.embed_tokens.weight.detach().float().numpy())
         elif name == "tokenizer":
@@ -89,7 +90,7 @@ def export_all(
             from .merge_lora import merge_lora_checkpoint
 
             merge_lora_checkpoint(source, path, dtype="bfloat16" if precision == "bf16" else "float32")
-        artifacts[name.split(".")[0]] = describe(path, out)
+        artifacts[name.split(".")[0]] = describe(written, out)
     write_manifest(
         out,
         {

@@ -36,11 +36,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def describe(path: Path, root: Path) -> dict[str, Any]:
-    """Relative path, size and hash of a file, or of every file under a directory."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    entries = [{"path": str(p.relative_to(root)), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in files]
-    return {"path": str(path.relative_to(root)), "files": entries}
+def describe(paths: list[Path], root: Path) -> dict[str, Any]:
+    """Relative path (of the first entry), sizes and hashes of the files (or every file under a folder)."""
+    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    entries = [{"path": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": sha256(f)} for f in files]
+    return {"path": str(paths[0].relative_to(root)), "files": entries}
 
 
 @dataclass(frozen=True)
