@@ -1,0 +1,108 @@
+"""Checkpoint loading: the real layout, and one clear error for each way a checkpoint can be wrong."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from canary_qwen.model.checkpoint import resolve_checkpoint
+from canary_qwen.model.errors import CheckpointError
+from canary_qwen.model.salm import load_model
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_loads_and_reports_real_ids(tiny_checkpoint):
+    model, tok, files = load_model(tiny_checkpoint)
+    assert tok.placeholder_id == len(tok) - 1 and tok.placeholder_id < model.llm_cfg.vocab_size
+    assert tok.token_to_id("<|im_end|>") == tok.eos_id and tok.token_to_id("<|endoftext|>") == tok.pad_id
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.mel.window.dtype == torch.float32
+
+
+def test_full_size_layout_matches_the_released_checkpoint(tmp_path):
+    """The full architecture on the meta device: the released checkpoint has 1,718 tensors."""
+    from canary_qwen.model.checkpoint import checkpoint_key
+    from canary_qwen.model.config import parse_llm_config, parse_salm_config
+    from canary_qwen.model.salm import CanaryQwen
+    from canary_qwen.model.synthetic import qwen3_config, salm_config
+
+    salm = parse_salm_config(salm_config("full"))
+    llm = parse_llm_config(qwen3_config("full", 151936, bos_id=151643, eos_id=151645))
+    with torch.device("meta"):
+        state = CanaryQwen(salm, llm).state_dict()
+    keys = {checkpoint_key(k, salm.lora.target_modules): tuple(v.shape) for k, v in state.items()}
+    assert len(keys) == 1718
+    assert keys["llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] == (128, 2048)
+    assert keys["llm.base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight"] == (1024, 128)
+    assert keys["embed_tokens.weight"] == (151936, 2048)
+    assert keys["perception.preprocessor.featurizer.fb"] == (1, 128, 257)
+    assert keys["perception.encoder.pre_encode.out.weight"] == (1024, 4096)
+    assert keys["perception.proj.weight"] == (2048, 1024)
+    assert not any("lm_head" in k for k in keys)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+
+
+def test_directory_without_weights(tmp_path, tiny_checkpoint):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        resolve_checkpoint(ckpt)
+
+
+def test_config_that_is_not_a_salm(tmp_path, tiny_checkpoint):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="not a NeMo SALM"):
+        load_model(ckpt)
+
+
+def test_truncated_weights(tmp_path, tiny_checkpoint):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(ckpt)
+
+
+def test_shape_mismatch_with_config(tmp_path, tiny_checkpoint):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["perception"]["encoder"]["n_layers"] = 3  # weights have 2 layers
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing tensors.*layers.2"):
+        load_model(ckpt)
+
+
+def test_wrong_tensor_shape(tmp_path, tiny_checkpoint):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["perception.proj.bias"] = torch.zeros(7)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"perception.proj.bias: shape \(7,\)"):
+        load_model(ckpt)
+
+
+def test_offline_without_tokenizer_names_what_is_missing(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / name).unlink()
+    with pytest.raises(CheckpointError, match="lacks tokenizer.json, tokenizer_config.json.*For offline use"):
+        load_model(ckpt)
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="cannot fetch the checkpoint from the Hugging Face hub repo 'nvidia/canary-qwen-2.5b'"):
+        resolve_checkpoint("nvidia/canary-qwen-2.5b")

@@ -1,0 +1,86 @@
+"""The command line contract: JSON lines, per-file errors, exit codes, help."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from canary_qwen.cli import main
+from canary_qwen.engines.torch_backend import TorchBackend
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.wav").write_text("this is not audio")
+    sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    return [str(folder / "text.wav"), str(folder / "empty.wav"), str(folder / "missing.flac")]
+
+
+def test_transcribe_json_lines_match_the_backend(capsys, tiny_checkpoint, clip_files, clips):
+    code, out, err = run(capsys, "transcribe", "--model", str(tiny_checkpoint), "--json", "--max-new-tokens", "12", *clip_files)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["audio"] for r in rows] == clip_files
+    expected = TorchBackend(str(tiny_checkpoint)).transcribe(clips, max_new_tokens=12)
+    assert [r["token_ids"] for r in rows] == [e.token_ids for e in expected]
+    assert [r["text"] for r in rows] == [e.text for e in expected]
+    assert [r["duration_s"] for r in rows] == [round(len(c) / 16000, 3) for c in clips]
+    assert "RTFx" in err
+
+
+def test_bad_files_fail_one_by_one(capsys, tiny_checkpoint, clip_files, bad_files):
+    code, out, err = run(capsys, "transcribe", "--model", str(tiny_checkpoint), "--json", "--max-new-tokens", "4", clip_files[0], *bad_files)
+    assert code == 1
+    assert [json.loads(line)["audio"] for line in out.splitlines()] == [clip_files[0]]
+    for path in bad_files:
+        assert path in err
+    assert "3 of 4 files failed" in err
+
+
+def test_missing_model_is_one_line_error(capsys, tmp_path, clip_files):
+    code, out, err = run(capsys, "transcribe", "--model", str(tmp_path / "none"), clip_files[0])
+    assert code == 2 and err.startswith("error:") and "does not exist" in err and "Traceback" not in err
+
+
+def test_export_then_onnx_backend_gives_same_tokens(capsys, tiny_checkpoint, clip_files, tmp_path):
+    code, _, _ = run(capsys, "export", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "exp"))
+    assert code == 0 and (tmp_path / "exp" / "manifest.json").is_file()
+    _, torch_out, _ = run(capsys, "transcribe", "--model", str(tiny_checkpoint), "--json", "--max-new-tokens", "10", *clip_files)
+    code, onnx_out, _ = run(capsys, "transcribe", "--backend", "onnx", "--model", str(tmp_path / "exp"), "--json", "--max-new-tokens", "10", *clip_files)
+    assert code == 0
+    assert [json.loads(x)["token_ids"] for x in onnx_out.splitlines()] == [json.loads(x)["token_ids"] for x in torch_out.splitlines()]
+
+
+def test_onnx_backend_on_a_checkpoint_dir_says_to_export(capsys, tiny_checkpoint, clip_files):
+    code, _, err = run(capsys, "transcribe", "--backend", "onnx", "--model", str(tiny_checkpoint), clip_files[0])
+    assert code == 2 and "canary-qwen export" in err
+
+
+def test_long_clip_is_windowed(capsys, tiny_checkpoint, tmp_path):
+    from conftest import make_clip
+
+    long = np.concatenate([make_clip(3.0, 1), np.zeros(8000, np.float32), make_clip(2.0, 2)])
+    sf.write(tmp_path / "long.wav", long, 16000)
+    _, whole, _ = run(capsys, "transcribe", "--model", str(tiny_checkpoint), "--json", "--max-window-s", "0", "--max-new-tokens", "5", str(tmp_path / "long.wav"))
+    _, windowed, _ = run(capsys, "transcribe", "--model", str(tiny_checkpoint), "--json", "--max-window-s", "4", "--max-new-tokens", "5", str(tmp_path / "long.wav"))
+    assert len(json.loads(whole)["token_ids"]) == 5
+    assert len(json.loads(windowed)["token_ids"]) == 10  # two windows, five tokens each
+
+
+def test_make_checkpoint_and_help(capsys, tmp_path):
+    code, out, _ = run(capsys, "make-checkpoint", "--size", "tiny", "--out", str(tmp_path / "c"), "--seed", "5")
+    assert code == 0 and (tmp_path / "c" / "model.safetensors").is_file()
+    for command in ("transcribe", "export", "make-checkpoint", "serve", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert len(capsys.readouterr().out) > 200
