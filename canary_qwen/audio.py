@@ -111,6 +111,29 @@ def to_mono_16k(
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _wav_data_shortfall(path: Path) -> int:
+    """Bytes a RIFF/WAVE file's data chunk promises beyond the end of the file (0 when whole).
+
+    libsndfile silently reads what is there from a cut-off wav; a transcript of half a file is a
+    wrong answer, so a short file is reported as corrupt instead.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        size = path.stat().st_size
+        while chunk := f.read(8):
+            if len(chunk) < 8:
+                return 0
+            length = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                missing = f.tell() + length - size
+                # 0xFFFFFFFF / 0 mean "unknown length" (streamed wav): nothing to compare against
+                return missing if length not in (0, 0xFFFFFFFF) and missing > 0 else 0
+            f.seek(length + (length & 1), 1)
+    return 0
+
+
 def load_audio(
     path: str | os.PathLike,
     *,
@@ -126,7 +149,8 @@ def load_audio(
     if p.stat().st_size == 0:
         raise AudioError(path, "file is empty (0 bytes)")
     try:
-        open(p, "rb").close()  # a real OSError message (permission denied) instead of libsndfile's "System error"
+        if missing := _wav_data_shortfall(p):  # also a real OSError (permission denied) before libsndfile's
+            raise AudioError(path, f"truncated wav: the data chunk is {missing} bytes longer than the file")
         with sf.SoundFile(p) as f:
             # Reject overlong files from the header, before reading hours of audio into memory.
             if max_duration_s is not None and f.samplerate > 0 and f.frames / f.samplerate > max_duration_s:

@@ -207,3 +207,14 @@ def test_espeak_clip_is_real_16k_speech(tmp_path):
 def test_espeak_bad_voice_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="espeak-ng failed for voice 'xx-nope'"):
         synthesize_speech("hello", tmp_path / "x.wav", voice="xx-nope")
+
+
+def test_wav_cut_short_is_reported_as_truncated(tmp_path):
+    path = tmp_path / "cut.wav"
+    sf.write(path, np.zeros(16000, dtype=np.float32) + 0.1, 16000, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError, match=r"cut.wav: truncated wav: the data chunk is \d+ bytes longer"):
+        load_audio(path)
+    path.write_bytes(data)  # whole again: loads
+    assert len(load_audio(path)) == 16000
