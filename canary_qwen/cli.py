@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from .bench import add_bench_parser
 from .demo import add_demo_parser
 from .export.manifest import ArtifactError
 from .model.errors import CheckpointError
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deploy Canary-Qwen-2.5B: NeMo-exact transcription, ONNX/TensorRT export, Triton serving, benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_transcribe, _add_make_checkpoint, _add_export, _add_serve, add_demo_parser):
+    for add in (_add_transcribe, _add_make_checkpoint, _add_export, _add_serve, add_bench_parser, add_demo_parser):
         add(sub)
     return parser
 

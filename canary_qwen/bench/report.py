@@ -1,0 +1,204 @@
+"""Benchmark output: results.json, results.md (table), rtfx.png (bar chart), hypotheses.jsonl, docs page."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+METHOD = (
+    "Open ASR leaderboard method (open_asr_leaderboard nemo_asr/run_eval_salm.py): clips sorted longest "
+    "first and batched; one untimed warm-up pass on the first batch; then one timed pass over the whole set "
+    "that includes reading the audio (manifests), generate, and moving the tokens to the CPU and decoding "
+    "them. RTFx = total audio seconds / wall seconds of the timed pass. Greedy decoding; the token budget is "
+    "ceil(tokens_per_second x duration) when --tokens-per-second is set (NeMo: per batch, from the longest "
+    "clip, as SALM.generate takes one max_new_tokens; other backends: per clip), otherwise a fixed "
+    "max_new_tokens (128, the model card's and leaderboard's). WER: whisper's English normaliser + jiwer, "
+    "only when the manifest has reference texts."
+)
+
+TABLE_HEADER = ("backend", "batch", "dtype", "device", "clips", "audio (s)", "wall (s)", "RTFx", "vs best NeMo",
+                "WER", "tokens", "note")
+
+
+def _num(x, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, int):
+        return str(x)
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits}f}"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _stages(run: dict) -> str:
+    stages = run.get("stages") or {}
+    return ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for r in results["runs"]:
+        if r["skipped"]:
+            note = f"skipped: {r['reason']}"
+        else:
+            note = _stages(r)
+        rows.append([
+            r["backend"],
+            "—" if r["batch_size"] is None else str(r["batch_size"]),
+            r["dtype"] or "—",
+            r["device"] or "—",
+            _num(r["n_clips"]),
+            _num(r["audio_s"], 1),
+            _num(r["wall_s"]),
+            _num(r["rtfx"]),
+            "—" if r["rtfx_vs_nemo"] is None else f"{r['rtfx_vs_nemo']:.2f}x",
+            "—" if r["wer"] is None else f"{100 * r['wer']:.2f} %",
+            _num(r["tokens_generated"]),
+            note,
+        ])
+    return rows
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "|".join(" --- " for _ in TABLE_HEADER) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table_rows(results)]
+    return "\n".join(lines)
+
+
+def _dataset_line(results: dict) -> str:
+    d = results["dataset"]
+    cfg = results["config"]
+    budget = (f"{cfg['tokens_per_second']} tokens per audio second" if cfg.get("tokens_per_second") is not None
+              else f"max_new_tokens {cfg.get('max_new_tokens', 128)}")
+    refs = f", {d['references']} with reference text" if d.get("references") else ", no reference text (WER n/a)"
+    return (f"{d['kind']} set `{d['name']}`: {d['n_clips']} clips, {d['audio_s']:.1f} s of audio "
+            f"({d['min_s']:.2f}-{d['max_s']:.2f} s){refs}; budget: {budget}.")
+
+
+def results_markdown(results: dict) -> str:
+    env = results["environment"]
+    return "\n".join([
+        "# canary-qwen bench results",
+        "",
+        f"`{env.get('command') or ' '.join(env.get('argv', []))}`",
+        "",
+        _dataset_line(results),
+        f"Hardware: {_hardware(env)}. Run at {env['timestamp']}.",
+        "",
+        markdown_table(results),
+        "",
+        "RTFx = audio seconds / wall seconds of one timed pass (after one untimed warm-up); "
+        "'vs best NeMo' = the run's RTFx over the best NeMo RTFx of this benchmark.",
+        "",
+    ])
+
+
+def _hardware(env: dict) -> str:
+    cpu = f"{env['cpu']} ({env['cpu_cores_usable']} of {env['cpu_cores']} cores usable)"
+    return f"{env['gpu']} (CUDA {env['cuda']}) + {cpu}" if env.get("gpu") else f"CPU only: {cpu}"
+
+
+def plot_rtfx(results: dict, path) -> Path:
+    """Grouped bar chart, RTFx by batch size (groups) and backend (bars). Uses Agg without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [r for r in results["runs"] if not r["skipped"] and r["rtfx"] is not None]
+    backends = list(dict.fromkeys(r["backend"] for r in runs))
+    sizes = sorted({r["batch_size"] for r in runs})
+    fig = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(sizes) * max(1, len(backends)) * 0.6), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if not runs:
+        ax.text(0.5, 0.5, "no successful runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        width = 0.8 / len(backends)
+        for j, name in enumerate(backends):
+            by_size = {r["batch_size"]: r["rtfx"] for r in runs if r["backend"] == name}
+            xs = [i + (j - (len(backends) - 1) / 2) * width for i, s in enumerate(sizes) if s in by_size]
+            ys = [by_size[s] for s in sizes if s in by_size]
+            bars = ax.bar(xs, ys, width=width * 0.95, label=name)
+            ax.bar_label(bars, labels=[_num(y, 1) for y in ys], fontsize=7, padding=2)
+        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("RTFx (audio s / wall s)")
+        ax.legend(fontsize=8)
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    env = results["environment"]
+    ax.set_title(f"{results['dataset']['name']} on {env.get('gpu') or 'CPU'}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_results(results: dict, out_dir) -> dict[str, Path]:
+    """results.json, results.md, rtfx.png and hypotheses.jsonl (texts of each timed pass) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "rtfx.png", "hypotheses": out / "hypotheses.jsonl"}
+    record = {k: v for k, v in results.items() if k not in ("hypotheses", "clip_ids")}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    paths["md"].write_text(results_markdown(results))
+    plot_rtfx(results, paths["png"])
+    with open(paths["hypotheses"], "w", encoding="utf-8") as f:
+        for run, texts in results.get("hypotheses", {}).items():
+            for clip_id, text in zip(results.get("clip_ids", []), texts):
+                f.write(json.dumps({"run": run, "id": clip_id, "text": text}, ensure_ascii=False) + "\n")
+    return paths
+
+
+def load_results(path) -> dict:
+    """A results.json (or the folder holding it) back as the dict ``write_docs`` takes."""
+    path = Path(path)
+    return json.loads((path / "results.json" if path.is_dir() else path).read_text())
+
+
+def write_docs(results: dict | Iterable[dict], path) -> Path:
+    """Render docs/benchmarks.md from one or more benchmark results (one section per benchmark)."""
+    all_results = [results] if isinstance(results, dict) else list(results)
+    if not all_results:
+        raise ValueError("write_docs needs at least one benchmark result")
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `canary-qwen bench ... --docs` (canary_qwen/bench/report.py: write_docs); "
+        "re-run the commands below instead of editing the numbers by hand. -->",
+        "",
+        "## Method",
+        "",
+        METHOD,
+        "",
+        "Published reference: canary-qwen-2.5b reaches RTFx 418 on one A100 on the Open ASR leaderboard "
+        "(bf16, batch 192, real weights, max_new_tokens 128).",
+        "",
+    ]
+    for res in all_results:
+        env = res["environment"]
+        title = res["dataset"]["name"] if len(all_results) > 1 else "Results"
+        lines += [f"## {title}" if len(all_results) > 1 else "## Results", ""]
+        lines += ["Command:", "", "```bash", env.get("command") or " ".join(env.get("argv", [])), "```", ""]
+        lines += [_dataset_line(res), ""]
+        lines += ["| | |", "| --- | --- |", f"| hardware | {_cell(_hardware(env))} |",
+                  f"| platform | {_cell(env.get('platform'))}, Python {env.get('python')} |"]
+        versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
+        lines += [f"| versions | {_cell(versions)} |", f"| date | {env['timestamp']} |", ""]
+        lines += [markdown_table(res), ""]
+        skipped = [r for r in res["runs"] if r["skipped"]]
+        if skipped:
+            lines += ["Skipped:", ""]
+            lines += [f"- `{r['backend']}`" + (f" (batch {r['batch_size']})" if r["batch_size"] else "") + f": {r['reason']}"
+                      for r in skipped]
+            lines.append("")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path

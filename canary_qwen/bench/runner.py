@@ -1,0 +1,315 @@
+"""The measurement: the Open ASR leaderboard's RTFx method, for every backend and batch size.
+
+Per (backend, batch size): clips sorted longest first and cut into batches; one untimed warm-up on
+the first batch(es); then ONE timed pass over the whole set that includes reading the audio (for
+manifests), ``generate`` and bringing the tokens back to the CPU and decoding them to text.
+``RTFx = total audio seconds / wall seconds`` of that pass. WER (whisper's English normaliser +
+jiwer) is computed from the timed pass's texts when the set has references.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from tqdm import tqdm
+
+from ..engines.base import SAMPLE_RATE
+from .backends import PER_BATCH, BackendOptions, BackendUnavailable, BenchBackend, create_backend, release_memory
+from .data import BenchSet
+
+DEFAULT_MAX_NEW_TOKENS = 128  # model card and leaderboard
+RUN_FIELDS = (
+    "backend", "batch_size", "dtype", "device", "n_clips", "audio_s", "wall_s", "rtfx", "rtfx_vs_nemo", "wer",
+    "n_references", "tokens_generated", "tokens_per_s", "budget", "tokens_per_second", "max_new_tokens",
+    "n_batches", "warmup_batches", "warmup_s", "stages", "skipped", "reason",
+)
+
+
+@dataclass
+class BenchConfig:
+    backends: list[str]
+    batch_sizes: list[int]
+    model: str | None = None
+    export_dir: str | None = None
+    manifest: str | None = None
+    synthetic: str | None = None
+    tokens_per_second: float | None = None  # None: a fixed max_new_tokens budget
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # None: cuda if available, else cpu
+    url: str | None = None
+    seed: int = 0
+    warmup_batches: int = 1
+    command: str | None = None  # the command line, for the record
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("bf16" if self.resolved_device().startswith("cuda") else "fp32")
+
+
+# -- budgets and WER -------------------------------------------------------------------------------
+
+
+def clip_budget(seconds: float, tokens_per_second: float | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    if tokens_per_second is None:
+        return max_new_tokens
+    return max(1, math.ceil(tokens_per_second * seconds))
+
+
+def batch_budgets(durations: Sequence[float], policy: str, tokens_per_second: float | None,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[int]:
+    """One budget per clip; with the per-batch policy all clips get the longest clip's budget."""
+    budgets = [clip_budget(d, tokens_per_second, max_new_tokens) for d in durations]
+    return [max(budgets)] * len(budgets) if policy == PER_BATCH and budgets else budgets
+
+
+_normalizer = None
+
+
+def normalize(text: str) -> str:
+    """Whisper's English text normaliser (the leaderboard's)."""
+    global _normalizer
+    if _normalizer is None:
+        try:
+            from whisper_normalizer.english import EnglishTextNormalizer
+        except ImportError:
+            raise RuntimeError("WER needs whisper-normalizer: pip install 'canary-qwen[bench]'") from None
+        _normalizer = EnglishTextNormalizer()
+    return _normalizer(text)
+
+
+def word_error_rate(references: Sequence[str | None], hypotheses: Sequence[str]) -> tuple[float | None, int]:
+    """Corpus WER (fraction, not percent) over normalised pairs with a non-empty reference; (None, 0) if none."""
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=True) if r is not None]
+    pairs = [(r, h) for r, h in pairs if r.strip()]
+    if not pairs:
+        return None, 0
+    try:
+        import jiwer
+    except ImportError:
+        raise RuntimeError("WER needs jiwer: pip install 'canary-qwen[bench]'") from None
+    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])), len(pairs)
+
+
+# -- environment -----------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(command: str | None = None) -> dict:
+    """Versions, hardware and the command, without importing NeMo (it takes seconds)."""
+    env = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "argv": list(sys.argv),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            name: _version(dist)
+            for name, dist in (
+                ("canary-qwen", "canary-qwen"), ("torch", "torch"), ("nemo", "nemo-toolkit"),
+                ("onnxruntime", "onnxruntime"), ("onnxruntime-gpu", "onnxruntime-gpu"), ("numpy", "numpy"),
+                ("transformers", "transformers"), ("tritonclient", "tritonclient"), ("tensorrt_llm", "tensorrt_llm"),
+            )
+        },
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpu": None,
+        "cuda": None,
+    }
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_count"] = torch.cuda.device_count()
+            env["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return env
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+def empty_run(backend: str, batch_size: int | None, **fields) -> dict:
+    run = {name: None for name in RUN_FIELDS}
+    run.update(backend=backend, batch_size=batch_size, skipped=False, reason=None)
+    run.update(fields)
+    return run
+
+
+def skipped_run(backend: str, batch_size: int | None, reason: str, **fields) -> dict:
+    return empty_run(backend, batch_size, skipped=True, reason=reason, **fields)
+
+
+def timed_run(backend: BenchBackend, data: BenchSet, batch_size: int, config: BenchConfig, *, progress: bool = True) -> dict:
+    """Warm-up, then one timed pass over ``data``; returns the run record (texts under ``_hypotheses``)."""
+    n = len(data)
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    tps, cap = config.tokens_per_second, config.max_new_tokens
+
+    def one_batch(indices):
+        audios = data.load(indices)
+        budgets = batch_budgets([len(a) / SAMPLE_RATE for a in audios], backend.budget, tps, cap)
+        return audios, backend.transcribe(audios, budgets)
+
+    warmup = batches[: max(0, config.warmup_batches)]
+    start = time.perf_counter()
+    for indices in warmup:
+        one_batch(indices)
+    warmup_s = time.perf_counter() - start
+    backend.reset_stage_timings()
+
+    hypotheses: list[str] = [""] * n
+    tokens = 0
+    audio_samples = 0
+    load_s = transcribe_s = 0.0
+    bar = tqdm(batches, desc=f"{backend.name} bs={batch_size}", unit="batch", disable=not progress, file=sys.stderr, leave=True)
+    start = time.perf_counter()
+    for indices in bar:
+        t0 = time.perf_counter()
+        audios = data.load(indices)
+        t1 = time.perf_counter()
+        budgets = batch_budgets([len(a) / SAMPLE_RATE for a in audios], backend.budget, tps, cap)
+        results = backend.transcribe(audios, budgets)
+        t2 = time.perf_counter()
+        load_s += t1 - t0
+        transcribe_s += t2 - t1
+        for i, a, r in zip(indices, audios, results, strict=True):
+            hypotheses[i] = r.text
+            tokens += len(r.token_ids)
+            audio_samples += len(a)
+    wall = time.perf_counter() - start
+    bar.close()
+
+    audio_s = audio_samples / SAMPLE_RATE
+    stages = {"load_audio": load_s, "transcribe": transcribe_s}
+    stages.update(backend.stage_timings() or {})
+    wer, n_refs = word_error_rate([c.text for c in data.clips], hypotheses)
+    run = empty_run(
+        backend.name,
+        batch_size,
+        dtype=backend.dtype,
+        device=backend.device,
+        n_clips=n,
+        audio_s=audio_s,
+        wall_s=wall,
+        rtfx=audio_s / wall,
+        wer=wer,
+        n_references=n_refs,
+        tokens_generated=tokens,
+        tokens_per_s=tokens / wall,
+        budget=backend.budget,
+        tokens_per_second=tps,
+        max_new_tokens=None if tps is not None else cap,
+        n_batches=len(batches),
+        warmup_batches=len(warmup),
+        warmup_s=warmup_s,
+        stages=stages,
+    )
+    run["_hypotheses"] = hypotheses
+    return run
+
+
+# -- the whole benchmark ---------------------------------------------------------------------------
+
+
+def add_nemo_ratios(runs: list[dict]) -> None:
+    """``rtfx_vs_nemo``: each run's RTFx over the best NeMo RTFx of the same benchmark (None without one)."""
+    nemo = [r["rtfx"] for r in runs if r["backend"] == "nemo" and not r["skipped"] and r["rtfx"]]
+    best = max(nemo) if nemo else None
+    for r in runs:
+        r["rtfx_vs_nemo"] = r["rtfx"] / best if best and r["rtfx"] is not None else None
+
+
+def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress: bool = True, log=None) -> dict:
+    """Run every backend at every batch size; never raises for a backend that cannot run (it is skipped).
+
+    Returns ``{"environment", "config", "dataset", "runs"}``; each run has every field of ``RUN_FIELDS``.
+    """
+    from .data import load_set
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
+        raise ValueError("batch sizes must be at least 1")
+    if config.tokens_per_second is not None and config.tokens_per_second <= 0:
+        raise ValueError("--tokens-per-second must be positive")
+    if data is None:
+        data = load_set(manifest=config.manifest, synthetic=config.synthetic, seed=config.seed)
+    if data.has_references:
+        normalize("")  # fail before loading any model if the WER dependencies are missing
+    device, dtype = config.resolved_device(), config.resolved_dtype()
+    options = BackendOptions(model=config.model, export_dir=config.export_dir, device=device, dtype=dtype, url=config.url)
+
+    runs: list[dict] = []
+    for name in config.backends:
+        try:
+            backend = create_backend(name, options)
+        except Exception as e:  # noqa: BLE001 - any construction failure is a skip, not a crash
+            reason = str(e) if isinstance(e, BackendUnavailable) else f"{type(e).__name__}: {e}"
+            log(f"skipping {name}: {reason}")
+            runs.append(skipped_run(name, None, reason, device=device, n_clips=len(data)))
+            release_memory()
+            continue
+        try:
+            for batch_size in config.batch_sizes:
+                try:
+                    runs.append(timed_run(backend, data, batch_size, config, progress=progress))
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: record, go on
+                    log(f"{name} at batch size {batch_size} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+                    runs.append(skipped_run(name, batch_size, f"failed: {type(e).__name__}: {e}",
+                                            dtype=backend.dtype, device=backend.device, n_clips=len(data)))
+                    release_memory()
+        finally:
+            backend.close()
+    add_nemo_ratios(runs)
+    hypotheses = {f"{r['backend']}@{r['batch_size']}": r.pop("_hypotheses") for r in runs if "_hypotheses" in r}
+    return {
+        "environment": environment(config.command),
+        "config": {**asdict(config), "device": device, "dtype": dtype},
+        "dataset": {
+            "name": data.name,
+            "kind": "synthetic" if data.audio is not None else "manifest",
+            "n_clips": len(data),
+            "audio_s": sum(c.duration for c in data.clips),
+            "min_s": min(c.duration for c in data.clips),
+            "max_s": max(c.duration for c in data.clips),
+            "references": sum(c.text is not None for c in data.clips),
+        },
+        "runs": runs,
+        "hypotheses": hypotheses,
+        "clip_ids": [c.id for c in data.clips],
+    }
