@@ -41,9 +41,10 @@ def _hub_download(repo_id: str, patterns: list[str], what: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated: one clear message
+    except Exception as e:  # offline, unknown repo, gated: one clear message, on one line
+        reason = " ".join(str(e).split())
         raise CheckpointError(
-            f"cannot fetch {what} from the Hugging Face hub repo {repo_id!r} ({type(e).__name__}: {e}). "
+            f"cannot fetch {what} from the Hugging Face hub repo {repo_id!r} ({type(e).__name__}: {reason}). "
             "Offline, pass a local checkpoint directory instead."
         ) from None
 
