@@ -1,0 +1,561 @@
+"""Client for a Canary-Qwen Triton server (the onnx flavour, or any repository with the same interface).
+
+``TritonClient`` sends 16 kHz mono float32 waveforms to the ``canary_qwen`` ensemble (HTTP or gRPC)
+and streams text pieces from the decoupled ``canary_qwen_stream`` model (gRPC bidirectional
+streaming, or HTTP server-sent events through Triton's generate_stream endpoint).
+``TritonBackend`` wraps it in the ``Transcriber`` interface the benchmark and ``batching`` drive.
+
+Errors are one of three kinds, each naming the server: :class:`ServerUnreachableError`,
+:class:`ModelNotReadyError`, and :class:`InferenceError` (the model's own message, e.g. an audio
+clip that is empty or too long).
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..engines.base import Transcription, token_budgets
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_MODEL = "canary_qwen"
+DEFAULT_STREAM_MODEL = "canary_qwen_stream"
+INSTALL_HINT = "pip install 'tritonclient[all]'  (or: pip install 'canary-qwen[serve]')"
+
+
+class TritonClientError(RuntimeError):
+    """Base class of the client's errors; ``url`` is the server's address."""
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+
+class ServerUnreachableError(TritonClientError):
+    """Nothing answers at the URL (wrong address or port, server not started, or it went away)."""
+
+
+class ModelNotReadyError(TritonClientError):
+    """The server answers but the model is not loaded (not in the repository, or failed to load)."""
+
+
+class InferenceError(TritonClientError):
+    """The server refused or failed a request; the message is the server's (the model's) own."""
+
+
+def split_url(url: str, protocol: str) -> str:
+    """``host:port`` from ``host:port``, ``http://host:port/`` or ``grpc://host:port``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    address = url.strip()
+    for scheme in ("http://", "https://", "grpc://"):
+        if address.lower().startswith(scheme):
+            if scheme == "https://":
+                raise ValueError("https is not supported by this client; use host:port of a plain HTTP endpoint")
+            address = address[len(scheme):]
+    address = address.rstrip("/")
+    if not address or "/" in address:
+        raise ValueError(f"Triton URL must be host:port, got {url!r}")
+    return address
+
+
+def as_samples(audio) -> np.ndarray:
+    """One waveform as a contiguous 1-D float32 array; refuses what is not already 16 kHz mono samples."""
+    a = np.asarray(audio)
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.reshape(-1)
+    if a.ndim != 1:
+        raise ValueError(f"audio must be one 1-D 16 kHz mono waveform, got shape {list(a.shape)} "
+                         "(use canary_qwen.audio.to_mono_16k to downmix and resample)")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"audio must be float samples in [-1, 1], got {a.dtype} "
+                        "(use canary_qwen.audio.to_mono_16k to convert PCM)")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _modules(protocol: str):
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        from tritonclient.utils import InferenceServerException
+    except ImportError as e:
+        raise ImportError(f"the Triton client needs tritonclient: {INSTALL_HINT}") from e
+    return module, InferenceServerException
+
+
+class TritonClient:
+    """Transcribe through a Triton server. One object may be used from many threads.
+
+    ``url`` is ``host:port`` of the HTTP endpoint (protocol "http") or the gRPC one ("grpc").
+    ``timeout_s`` bounds each request (and each wait for the next streamed piece).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "http",
+        model: str = DEFAULT_MODEL,
+        *,
+        stream_model: str = DEFAULT_STREAM_MODEL,
+        timeout_s: float = 120.0,
+    ):
+        self.protocol = protocol
+        self.url = split_url(url, protocol)
+        self.model = model
+        self.stream_model = stream_model
+        self.timeout_s = float(timeout_s)
+        self._module, self._server_exception = _modules(protocol)
+        self._clients: dict = {}  # thread (None for the shared gRPC client) -> tritonclient object
+        self._lock = threading.Lock()
+        self._ready: set[str] = set()
+        self._closed = False
+
+    # -- connections -------------------------------------------------------------------------------
+    # gRPC: one tritonclient object shared by all threads (gRPC channels are thread-safe).
+    # HTTP: one per thread. tritonclient's HTTP client runs on gevent, whose sockets belong to the thread
+    # that made them ("Cannot switch to a different thread" otherwise); those of finished threads are closed.
+    def _new_client(self, concurrency: int = 1):
+        if self.protocol == "http":
+            # connection_timeout bounds connecting, network_timeout a whole request
+            return self._module.InferenceServerClient(self.url, concurrency=concurrency,
+                                                      connection_timeout=min(self.timeout_s, 10.0),
+                                                      network_timeout=self.timeout_s)
+        return self._module.InferenceServerClient(self.url)
+
+    def _conn(self):
+        if self._closed:
+            raise TritonClientError("this TritonClient is closed", self.url)
+        key = None if self.protocol == "grpc" else threading.current_thread()
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                for thread in [t for t in self._clients if t is not None and not t.is_alive()]:
+                    _close_quietly(self._clients.pop(thread))
+                client = self._clients[key] = self._new_client()
+            return client
+
+    def _drop(self, client) -> None:
+        """Forget a connection that failed (the next request makes a new one)."""
+        with self._lock:
+            for key in [k for k, c in self._clients.items() if c is client]:
+                del self._clients[key]
+        _close_quietly(client)
+
+    def close(self) -> None:
+        """Close every connection (do this before stopping a server: open HTTP keep-alives delay its exit)."""
+        self._closed = True
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            _close_quietly(client)
+
+    def __enter__(self) -> "TritonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unreachable(self, error) -> ServerUnreachableError:
+        return ServerUnreachableError(
+            f"cannot reach the Triton server at {self.url} over {self.protocol} ({error}); "
+            "is it running, and is this its " + ("HTTP" if self.protocol == "http" else "gRPC") + " port?",
+            self.url,
+        )
+
+    def _is_timeout(self, error) -> bool:
+        if isinstance(error, TimeoutError) or type(error).__name__ == "Timeout":  # socket / gevent timeouts
+            return True
+        return isinstance(error, self._server_exception) and "DEADLINE_EXCEEDED" in str(error.status() or "")
+
+    def _is_connection_error(self, error) -> bool:
+        if self._is_timeout(error):
+            return False
+        if isinstance(error, (OSError, ConnectionError)) or _stale_connection(error):
+            return True
+        if isinstance(error, self._server_exception):
+            status = str(error.status() or "")
+            return "UNAVAILABLE" in status
+        return False
+
+    def check(self, model: str | None = None) -> None:
+        """Raise ServerUnreachableError / ModelNotReadyError unless ``model`` (default: this client's) can serve."""
+        model = model or self.model
+        if model in self._ready:
+            return
+        client = self._conn()
+        try:
+            live = client.is_server_live()
+        except Exception as e:
+            self._drop(client)
+            raise self._unreachable(e) from None
+        if not live:
+            raise ServerUnreachableError(f"the Triton server at {self.url} is not live (shutting down?)", self.url)
+        try:
+            ready = client.is_model_ready(model)
+        except Exception as e:
+            if self._is_connection_error(e):
+                self._drop(client)
+                raise self._unreachable(e) from None
+            ready = False
+        if not ready:
+            raise ModelNotReadyError(f"model '{model}' is not ready on the Triton server at {self.url}; {self._models_note(client)}", self.url)
+        self._ready.add(model)
+
+    def _models_note(self, client) -> str:
+        try:
+            index = client.get_model_repository_index()
+            if self.protocol == "grpc":
+                index = [{"name": m.name, "state": m.state, "reason": m.reason} for m in index.models]
+        except Exception:
+            return "its model list could not be read"
+        if not index:
+            return "it serves no models"
+        parts = []
+        for m in index:
+            state = m.get("state") or "not loaded"
+            reason = f": {m['reason']}" if m.get("reason") else ""
+            parts.append(f"{m.get('name')} ({state}{reason})")
+        return "it has: " + ", ".join(parts)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _inputs(self, audio, prompt, max_new_tokens):
+        m = self._module
+        samples = as_samples(audio)
+        audio_in = m.InferInput("AUDIO", [1, len(samples)], "FP32")
+        audio_in.set_data_from_numpy(samples[None])
+        inputs = [audio_in]
+        if prompt is not None:
+            p = m.InferInput("PROMPT", [1, 1], "BYTES")
+            p.set_data_from_numpy(np.array([[str(prompt).encode("utf-8")]], dtype=object))
+            inputs.append(p)
+        if max_new_tokens is not None:
+            t = m.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
+            t.set_data_from_numpy(np.array([[int(max_new_tokens)]], dtype=np.int32))
+            inputs.append(t)
+        return inputs
+
+    def _outputs(self, with_ids: bool):
+        return [self._module.InferRequestedOutput(n) for n in (["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"])]
+
+    @staticmethod
+    def _parse(result, with_ids: bool) -> tuple[str, list[int]]:
+        text = result.as_numpy("TEXT").reshape(-1)[0]
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        ids = [int(i) for i in result.as_numpy("OUTPUT_IDS").reshape(-1)] if with_ids else []
+        return text, ids
+
+    def infer(self, audio, prompt: str | None = None, *, max_new_tokens: int | None = None,
+              with_ids: bool = False) -> tuple[str, list[int]]:
+        """One clip through the ensemble: (text, token ids; the ids only ``with_ids``)."""
+        inputs = self._inputs(audio, prompt, max_new_tokens)
+        self.check()
+        for attempt in range(2):
+            client = self._conn()
+            try:
+                if self.protocol == "grpc":
+                    result = client.infer(self.model, inputs, outputs=self._outputs(with_ids), client_timeout=self.timeout_s)
+                else:
+                    result = client.infer(self.model, inputs, outputs=self._outputs(with_ids))
+                return self._parse(result, with_ids)
+            except Exception as e:
+                if self._is_connection_error(e):
+                    self._drop(client)
+                # The server may close a kept-alive HTTP connection between requests, and geventhttpclient does
+                # not retry a POST on its own; inference is idempotent, so try once more on a new connection.
+                if attempt == 0 and self.protocol == "http" and _stale_connection(e):
+                    continue
+                raise self._request_error(e) from None
+        raise AssertionError("unreachable")
+
+    def infer_many(self, audios, prompt: str | None = None, *, max_new_tokens=None, with_ids: bool = False,
+                   concurrency: int = 8) -> list:
+        """``infer`` for many clips, up to ``concurrency`` requests in flight (the server batches them).
+
+        ``max_new_tokens``: None, one budget, or one per clip. Returns, in order, (text, ids) or the
+        exception of that clip.
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        n = len(audios)
+        if not n:
+            return []
+        budgets = [None] * n if max_new_tokens is None else token_budgets(max_new_tokens, n)
+        self.check()
+        if self.protocol == "grpc" or n == 1:  # the gRPC client is shared by the worker threads
+            def one(i):
+                try:
+                    return self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
+                except Exception as e:
+                    return e
+
+            if n == 1:
+                return [one(0)]
+            with ThreadPoolExecutor(min(concurrency, n), thread_name_prefix="triton-client") as pool:
+                return list(pool.map(one, range(n)))
+        # HTTP: tritonclient's own greenlet pool in this thread (its sockets cannot move between threads)
+        results: list = [None] * n
+        pending = []
+        client = self._new_client(concurrency=min(concurrency, n))
+        try:
+            for i in range(n):
+                try:
+                    inputs = self._inputs(audios[i], prompt, budgets[i])
+                    pending.append((i, client.async_infer(self.model, inputs, outputs=self._outputs(with_ids))))
+                except Exception as e:
+                    results[i] = e
+            for i, request in pending:
+                try:
+                    results[i] = self._parse(request.get_result(timeout=self.timeout_s), with_ids)
+                except Exception as e:
+                    if _stale_connection(e):  # retried once, alone, on a connection of its own
+                        try:
+                            results[i] = self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
+                        except Exception as again:
+                            results[i] = again
+                    else:
+                        results[i] = self._request_error(e)
+        finally:
+            _close_quietly(client)
+        return results
+
+    def _request_error(self, error) -> TritonClientError:
+        if self._is_timeout(error):
+            return TritonClientError(f"no answer from Triton at {self.url} ({self.model}) within {self.timeout_s:g} s "
+                                     "(raise timeout_s for long clips or a busy server)", self.url)
+        if self._is_connection_error(error):
+            self._ready.clear()
+            return self._unreachable(error)
+        if isinstance(error, self._server_exception):
+            return InferenceError(f"Triton at {self.url} ({self.model}): {error.message()}", self.url)
+        return TritonClientError(f"request to Triton at {self.url} failed: {error}", self.url)
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str:
+        """Text of one 16 kHz mono float32 clip (``prompt``: the user turn; None: the model's default)."""
+        return self.infer(audio, prompt, max_new_tokens=max_new_tokens)[0]
+
+    def transcribe_many(
+        self,
+        audios: Sequence[np.ndarray],
+        prompt: str | None = None,
+        *,
+        concurrency: int = 8,
+        max_new_tokens: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list:
+        """Texts of many clips, in order, with up to ``concurrency`` requests in flight (the server batches them).
+
+        With ``return_exceptions`` a failed clip's entry is its exception instead of raising the first one.
+        """
+        out = []
+        for r in self.infer_many(audios, prompt, max_new_tokens=max_new_tokens, concurrency=concurrency):
+            if isinstance(r, Exception):
+                if not return_exceptions:
+                    raise r
+                out.append(r)
+            else:
+                out.append(r[0])
+        return out
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def stream(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``."""
+        if self.protocol == "grpc":
+            return self._stream_grpc(audio, prompt, max_new_tokens)
+        return self._stream_http(audio, prompt, max_new_tokens)
+
+    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+        inputs = self._inputs(audio, prompt, max_new_tokens)
+        self.check(self.stream_model)
+        results: queue.Queue = queue.Queue()
+        client = self._new_client()  # one bidirectional stream per client object: never share it
+        finished = False
+        try:
+            client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                stream_timeout=None)
+            client.async_stream_infer(self.stream_model, inputs, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = results.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise TritonClientError(f"no streamed response from {self.stream_model} at {self.url} "
+                                            f"within {self.timeout_s:g} s", self.url) from None
+                if error is not None:
+                    if self._is_connection_error(error):
+                        raise self._unreachable(error)
+                    message = error.message() if isinstance(error, self._server_exception) else str(error)
+                    raise InferenceError(f"Triton at {self.url} ({self.stream_model}): {message}", self.url)
+                response = result.get_response()
+                final = response.parameters.get("triton_final_response")
+                text = result.as_numpy("TEXT")
+                if text is not None and text.size:
+                    piece = text.reshape(-1)[0]
+                    yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
+                if final is not None and final.bool_param:
+                    finished = True
+                    return
+        finally:
+            try:
+                # Cancel only a request still running (the caller stopped reading, or an error): cancelling a
+                # finished one can leave the decoupled model unable to unload at shutdown (Triton 2.51, measured).
+                client.stop_stream(cancel_requests=not finished)
+            except Exception:
+                pass
+            client.close()
+
+    def _stream_http(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+        # Triton's generate_stream extension: JSON fields become inputs (a list gets the batch dim added),
+        # each response comes back as one server-sent event.
+        body = {"AUDIO": as_samples(audio).tolist()}
+        if prompt is not None:
+            body["PROMPT"] = str(prompt)
+        if max_new_tokens is not None:
+            body["MAX_NEW_TOKENS"] = int(max_new_tokens)
+        self.check(self.stream_model)
+        request = urllib.request.Request(
+            f"http://{self.url}/v2/models/{self.stream_model}/generate_stream",
+            data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST",
+        )
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as e:
+            raise InferenceError(f"Triton at {self.url} ({self.stream_model}): {_http_error_text(e)}", self.url) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise self._unreachable(getattr(e, "reason", e)) from None
+        with response:
+            for line in response:
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:].strip())
+                if "error" in event:
+                    raise InferenceError(f"Triton at {self.url} ({self.stream_model}): {event['error']}", self.url)
+                piece = event.get("TEXT")
+                if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar
+                    piece = piece[0] if piece else ""
+                if piece:
+                    yield piece
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:
+        pass
+
+
+def _stale_connection(error) -> bool:
+    return isinstance(error, (ConnectionResetError, BrokenPipeError)) or type(error).__name__ == "HTTPConnectionClosed"
+
+
+def _http_error_text(error: urllib.error.HTTPError) -> str:
+    """The server's message from an error reply: plain JSON, or (generate_stream) one server-sent event."""
+    try:
+        body = error.read().strip()
+        if body.startswith(b"data:"):
+            body = body[5:].strip()
+        return json.loads(body).get("error", str(error))
+    except Exception:
+        return str(error)
+
+
+class TritonBackend:
+    """The ``Transcriber`` interface over a Triton server, so ``batching`` and the benchmark can drive it.
+
+    Each call sends its clips as concurrent single-clip requests (up to ``concurrency``); the
+    server's dynamic batchers put them together. ``token_ids`` come from the ensemble's OUTPUT_IDS.
+    The server is checked at construction: an unreachable server or a missing model fails here.
+    """
+
+    name = "triton"
+
+    def __init__(self, url: str, protocol: str = "http", model: str = DEFAULT_MODEL, *, concurrency: int = 8,
+                 timeout_s: float = 300.0):
+        self.client = TritonClient(url, protocol, model, timeout_s=timeout_s)
+        self.concurrency = concurrency
+        self.device = f"triton {protocol}://{self.client.url}"
+        try:
+            self.client.check()
+        except BaseException:
+            self.client.close()
+            raise
+
+    def transcribe(self, audios: Sequence[np.ndarray], *, prompt: str | None = None,
+                   max_new_tokens: int | Sequence[int] = 128) -> list[Transcription]:
+        if not len(audios):
+            return []
+        results = self.client.infer_many(list(audios), prompt, max_new_tokens=token_budgets(max_new_tokens, len(audios)),
+                                         with_ids=True, concurrency=self.concurrency)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return [Transcription(text=text, token_ids=ids) for text, ids in results]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+TritonTranscriber = TritonBackend  # the name canary_qwen.bench looks up first
+
+
+
+# -- the trt flavour: precomputed embeddings through TensorRT-LLM's prompt table ----------------------------
+def build_trtllm_request(
+    prompt_ids: Sequence[int],
+    embeddings: np.ndarray,
+    *,
+    placeholder_id: int,
+    end_id: int,
+    pad_id: int,
+    vocab_size: int | None = None,
+    table_dtype="bfloat16",
+    max_new_tokens: int = 128,
+    streaming: bool | None = None,
+    extra_id: int | None = None,
+    protocol: str = "grpc",
+):
+    """Inputs for one request to the trt flavour's ``tensorrt_llm`` model, with the audio sent as embeddings.
+
+    ``embeddings`` [T, H] are one clip's projected encoder frames (from the ``encoder`` model or a local
+    encoder); the placeholder in ``prompt_ids`` becomes the fake ids ``vocab_size .. vocab_size + T - 1``,
+    the frames go as ``prompt_embedding_table`` in ``table_dtype`` (the engine's dtype), with
+    ``prompt_vocab_size`` T and per-token ``prompt_table_extra_ids`` (see ``canary_qwen.engines.prompt_table``).
+    Take ``placeholder_id``, ``end_id`` (eos_id), ``pad_id`` and ``vocab_size`` from the export's manifest
+    (``read_manifest(dir).model``); ``vocab_size`` defaults to Qwen3's 151936.
+
+    Returns (list of ``tritonclient.<protocol>.InferInput``, the ``PromptTableRequest`` they encode).
+    """
+    from tritonclient.utils import np_to_triton_dtype
+
+    from ..engines import prompt_table
+
+    module, _ = _modules(protocol)
+    request = prompt_table.build_request(
+        prompt_ids, embeddings, placeholder_id=placeholder_id,
+        vocab_size=prompt_table.QWEN3_VOCAB_SIZE if vocab_size is None else int(vocab_size),
+        dtype=table_dtype, extra_id=extra_id,
+    )
+    arrays = prompt_table.triton_request_inputs(request, max_new_tokens=max_new_tokens, end_id=end_id,
+                                                pad_id=pad_id, streaming=streaming)
+    inputs = []
+    for name, array in arrays.items():
+        inp = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    return inputs, request
+
+
+def trtllm_output_ids(result) -> list[int]:
+    """Generated ids from a ``tensorrt_llm`` response (``output_ids`` [1, beams, N] cut at ``sequence_length``;
+    the model runs with exclude_input_in_output, so these are the new tokens only)."""
+    ids = np.asarray(result.as_numpy("output_ids"))
+    length = result.as_numpy("sequence_length")
+    ids = ids.reshape(-1, ids.shape[-1])[0]  # batch 1, beam 0
+    n = int(np.asarray(length).reshape(-1)[0]) if length is not None else len(ids)
+    return [int(i) for i in ids[:n]]

@@ -1,0 +1,137 @@
+"""``canary-qwen client transcribe``: send audio files to a running Canary-Qwen Triton server."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..engines.base import SAMPLE_RATE
+
+DESCRIPTION = """\
+Transcribe audio files with a Canary-Qwen Triton server (`canary-qwen serve`, or the NGC container).
+Files are read and resampled to 16 kHz mono here; clips longer than --max-window-s are cut into
+windows at quiet points and their texts joined. Each file prints as `PATH<TAB>TEXT`; with --stream
+the text is printed piece by piece as the server produces it (gRPC streaming, or HTTP server-sent
+events). Unreadable files and requests the server refuses are reported one by one on stderr while
+the others go on; the exit code is 1 if any failed.
+"""
+
+
+def add_client_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "client",
+        help="talk to a running Canary-Qwen Triton server",
+        description="Client commands for a Canary-Qwen Triton server.",
+    )
+    actions = p.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    t = actions.add_parser(
+        "transcribe",
+        help="transcribe audio files through a Triton server",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, ...; any sample rate and channel count)")
+    t.add_argument("--url", required=True, help="HOST:PORT of the server's HTTP endpoint (its gRPC one with --protocol grpc)")
+    t.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
+    t.add_argument("--stream", action="store_true", help="print text pieces as they are produced (model canary_qwen_stream)")
+    t.add_argument("--prompt", default=None, help="user prompt (default 'Transcribe the following:')")
+    t.add_argument("--max-new-tokens", type=int, default=None, help="decoding budget per clip (default: the server's, 128)")
+    t.add_argument("--model", default="canary_qwen", help="model to send requests to (default: canary_qwen)")
+    t.add_argument("--stream-model", default="canary_qwen_stream", help="model for --stream (default: canary_qwen_stream)")
+    t.add_argument("--concurrency", type=int, default=4, help="requests in flight without --stream (default: 4)")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a response (default: 120)")
+    t.add_argument("--max-window-s", type=float, default=40.0,
+                   help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: 40)")
+    t.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, duration_s")
+    t.set_defaults(run=run_client_transcribe)
+
+
+def _emit(args, path: str, text: str, seconds: float, out) -> None:
+    if args.json:
+        print(json.dumps({"audio": path, "text": text, "duration_s": round(seconds, 3)}, ensure_ascii=False), file=out, flush=True)
+    else:
+        print(f"{path}\t{text}", file=out, flush=True)
+
+
+def run_client_transcribe(args, out=None, err=None) -> int:
+    from ..audio import AudioError, load_audio
+    from ..windowing import plan_windows
+    from .client import InferenceError, TritonClient, TritonClientError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if args.concurrency < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.timeout <= 0:
+        print("error: --concurrency and --max-new-tokens must be at least 1, --timeout > 0", file=err)
+        return 2
+    if args.stream and args.json:
+        print("error: --stream prints text as it arrives; use it without --json", file=err)
+        return 2
+    try:
+        client = TritonClient(args.url, args.protocol, args.model, stream_model=args.stream_model, timeout_s=args.timeout)
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=err)
+        return 2
+    failed = 0
+    audio_s = 0.0
+    start = time.perf_counter()
+    try:
+        try:
+            client.check(args.stream_model if args.stream else args.model)
+        except TritonClientError as e:
+            print(f"error: {e}", file=err)
+            return 1
+        loaded = []
+        for path in args.files:
+            try:
+                loaded.append((path, load_audio(path)))
+            except AudioError as e:
+                failed += 1
+                print(f"error: {e}", file=err, flush=True)
+        window = args.max_window_s or None
+        if args.stream:
+            for n, (path, audio) in enumerate(loaded):
+                plan = plan_windows([audio], window)
+                if not args.json:
+                    print(f"{path}\t", end="", file=out, flush=True)
+                try:
+                    printed = False
+                    for w in plan.windows:
+                        first = True
+                        for piece in client.stream(w, args.prompt, max_new_tokens=args.max_new_tokens):
+                            if first and printed:
+                                piece = " " + piece  # windows' texts are joined with one space
+                            first = False
+                            printed = True
+                            print(piece, end="", file=out, flush=True)
+                    print(file=out, flush=True)
+                    audio_s += len(audio) / SAMPLE_RATE
+                except TritonClientError as e:
+                    print(file=out, flush=True)
+                    failed += 1
+                    print(f"error: {path}: {e}", file=err, flush=True)
+                    if not isinstance(e, InferenceError):
+                        failed += len(loaded) - n - 1
+                        break  # the server is gone: the rest would fail the same way
+        else:
+            plan = plan_windows([a for _, a in loaded], window)
+            results = client.transcribe_many(plan.windows, args.prompt, concurrency=args.concurrency,
+                                             max_new_tokens=args.max_new_tokens, return_exceptions=True)
+            for i, (path, audio) in enumerate(loaded):
+                mine = [r for r, owner in zip(results, plan.owner) if owner == i]
+                errors = [r for r in mine if isinstance(r, Exception)]
+                if errors:
+                    failed += 1
+                    print(f"error: {path}: {errors[0]}", file=err, flush=True)
+                    continue
+                text = " ".join(t for t in mine if t).strip()
+                audio_s += len(audio) / SAMPLE_RATE
+                _emit(args, path, text, len(audio) / SAMPLE_RATE, out)
+    finally:
+        client.close()
+    wall = time.perf_counter() - start
+    if audio_s:
+        print(f"{audio_s:.1f} s of audio in {wall:.2f} s (RTFx {audio_s / wall:.1f})", file=err)
+    if failed:
+        print(f"{failed} of {len(args.files)} files failed", file=err)
+    return 1 if failed else 0
