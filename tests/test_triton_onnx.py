@@ -412,11 +412,8 @@ def _perf_analyzer() -> str | None:
 def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
     binary = _perf_analyzer()
     if binary is None:
-        pytest.skip("no perf_analyzer binary: the PyPI 'perf-analyzer' this index offers (0.1.0) is a placeholder "
-                    "package without it, and tritonclient no longer ships it")
-    probe = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0 and "error while loading shared libraries" in probe.stderr:
-        pytest.skip(f"perf_analyzer cannot run here: {probe.stderr.strip()}")
+        pytest.skip("no perf_analyzer binary: scripts/install_perf_analyzer.py (run by scripts/setup.sh) puts it in "
+                    ".venv/bin on Linux x86_64; it did not run or could not download it")
     data = tmp_path / "input.json"
     clip = make_clip(1.0, 7)
     # every input, optional ones included: perf_analyzer would fill missing ones with random data
