@@ -24,22 +24,17 @@ Python (the one its python stub runs) must have this package installed.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import time
-from importlib import resources
 from pathlib import Path
 
-from ..export.manifest import MANIFEST, Manifest, read_manifest
+from ..export.manifest import read_manifest
 from .config_check import check_ensemble
+from .repo_files import (
+    ENSEMBLE, POSTPROCESSING, PREPROCESSING, REPO_INFO, STREAM, audio_inputs, ensemble_outputs, ensemble_step, io_block,
+    max_new_tokens_input, python_model, replace_model_dirs, tensor, write_models, write_repo_info,
+)
 
-ENSEMBLE = "canary_qwen"
-STREAM = "canary_qwen_stream"
-PREPROCESSING, ENCODER, LLM, LLM_STREAM, POSTPROCESSING = "preprocessing", "encoder", "llm", "llm_stream", "postprocessing"
+ENCODER, LLM, LLM_STREAM = "encoder", "llm", "llm_stream"
 MODEL_NAMES = (PREPROCESSING, ENCODER, LLM, POSTPROCESSING, ENSEMBLE, LLM_STREAM, STREAM)
-VERSION = "1"
-REPO_INFO = "canary_qwen_repo.json"  # a file at the repository root: Triton only looks at folders
 
 # model -> (code file in canary_qwen.triton_repo.models, artifacts it reads)
 _MODEL_FILES = {
@@ -52,66 +47,31 @@ _MODEL_FILES = {
 }
 
 
-# -- config text ---------------------------------------------------------------------------------------
-def _tensor(name: str, dtype: str, dims, *, optional: bool = False, ragged: bool = False) -> str:
-    extra = (" optional: true" if optional else "") + (" allow_ragged_batch: true" if ragged else "")
-    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]{extra} }}'
-
-
-def _io(kind: str, tensors: list[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
-
-
-def _params(params: dict) -> str:
-    return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
-
-
-def _python_model(name, max_batch, inputs, outputs, *, instances=1, queue_delay_us=None, decoupled=False, params=None) -> str:
-    text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-    if decoupled:
-        text += "model_transaction_policy { decoupled: true }\n"
-    if queue_delay_us is not None:
-        text += f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
-    text += _io("input", inputs) + _io("output", outputs)
-    text += f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
-    return text + _params(params or {})
-
-
-def _audio_inputs() -> list[str]:
-    return [_tensor("AUDIO", "TYPE_FP32", [-1]), _tensor("PROMPT", "TYPE_STRING", [1], optional=True)]
-
-
 def _llm_tensors(hidden: int) -> tuple[list[str], list[str]]:
     inputs = [
-        _tensor("PROMPT_IDS", "TYPE_INT64", [-1], ragged=True),
-        _tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden], ragged=True),
-        _tensor("MAX_NEW_TOKENS", "TYPE_INT32", [1], optional=True),
+        tensor("PROMPT_IDS", "TYPE_INT64", [-1], ragged=True),
+        tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden], ragged=True),
+        max_new_tokens_input(),
     ]
-    return inputs, [_tensor("OUTPUT_IDS", "TYPE_INT64", [-1])]
-
-
-def _step(model: str, inputs: dict, outputs: dict) -> str:
-    maps = "".join(f' input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
-    maps += "".join(f' output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
-    return f'    {{ model_name: "{model}" model_version: -1{maps} }}'
+    return inputs, [tensor("OUTPUT_IDS", "TYPE_INT64", [-1])]
 
 
 def ensemble_config(max_batch: int) -> str:
-    inputs = _audio_inputs() + [_tensor("MAX_NEW_TOKENS", "TYPE_INT32", [1], optional=True)]
-    outputs = [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("OUTPUT_IDS", "TYPE_INT64", [-1])]
+    inputs = audio_inputs() + [max_new_tokens_input()]
+    outputs = ensemble_outputs()
     steps = [
         # A chain, not preprocessing and encoder side by side: when two parallel steps of one request both
         # fail, Triton 2.51's gRPC endpoint can stop answering later ensemble requests (measured; HTTP is
         # unaffected). preprocessing checks the audio and hands the checked samples on.
-        _step(PREPROCESSING, {"AUDIO": "AUDIO", "PROMPT": "PROMPT"}, {"PROMPT_IDS": "prompt_ids", "SAMPLES": "samples"}),
-        _step(ENCODER, {"AUDIO": "samples"}, {"EMBEDDINGS": "embeddings"}),
-        _step(LLM, {"PROMPT_IDS": "prompt_ids", "EMBEDDINGS": "embeddings", "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"},
+        ensemble_step(PREPROCESSING, {"AUDIO": "AUDIO", "PROMPT": "PROMPT"}, {"PROMPT_IDS": "prompt_ids", "SAMPLES": "samples"}),
+        ensemble_step(ENCODER, {"AUDIO": "samples"}, {"EMBEDDINGS": "embeddings"}),
+        ensemble_step(LLM, {"PROMPT_IDS": "prompt_ids", "EMBEDDINGS": "embeddings", "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"},
               {"OUTPUT_IDS": "output_ids"}),
         # OUTPUT_IDS comes back from postprocessing, not straight from llm: Triton 2.51 prunes an ensemble
         # output the client did not ask for even when a later step reads it ("unexpected deadlock").
-        _step(POSTPROCESSING, {"OUTPUT_IDS": "output_ids"}, {"TEXT": "TEXT", "TOKEN_IDS": "OUTPUT_IDS"}),
+        ensemble_step(POSTPROCESSING, {"OUTPUT_IDS": "output_ids"}, {"TEXT": "TEXT", "TOKEN_IDS": "OUTPUT_IDS"}),
     ]
-    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n' + _io("input", inputs) + _io("output", outputs)
+    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n' + io_block("input", inputs) + io_block("output", outputs)
             + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
@@ -124,66 +84,29 @@ def model_configs(
     runtime = {"device": device, "ort_threads": ort_threads}
     llm_in, llm_out = _llm_tensors(hidden)
     configs = {
-        PREPROCESSING: _python_model(PREPROCESSING, max_batch, _audio_inputs(),
-                                     [_tensor("PROMPT_IDS", "TYPE_INT64", [-1]), _tensor("SAMPLES", "TYPE_FP32", [-1])],
+        PREPROCESSING: python_model(PREPROCESSING, max_batch, audio_inputs(),
+                                     [tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("SAMPLES", "TYPE_FP32", [-1])],
                                      params={"max_audio_s": max_audio_s}),
-        ENCODER: _python_model(ENCODER, max_batch, [_tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)],
-                               [_tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden])], instances=instances,
+        ENCODER: python_model(ENCODER, max_batch, [tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)],
+                               [tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden])], instances=instances,
                                queue_delay_us=queue_delay_us, params={"max_audio_s": max_audio_s, **runtime}),
-        LLM: _python_model(LLM, max_batch, llm_in, llm_out, instances=instances, queue_delay_us=queue_delay_us,
+        LLM: python_model(LLM, max_batch, llm_in, llm_out, instances=instances, queue_delay_us=queue_delay_us,
                            params={"max_new_tokens": max_new_tokens, **runtime}),
-        POSTPROCESSING: _python_model(POSTPROCESSING, max_batch, [_tensor("OUTPUT_IDS", "TYPE_INT64", [-1])],
-                                      [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("TOKEN_IDS", "TYPE_INT64", [-1])]),
+        POSTPROCESSING: python_model(POSTPROCESSING, max_batch, [tensor("OUTPUT_IDS", "TYPE_INT64", [-1])],
+                                      [tensor("TEXT", "TYPE_STRING", [1]), tensor("TOKEN_IDS", "TYPE_INT64", [-1])]),
         ENSEMBLE: ensemble_config(max_batch),
     }
     if decoupled_streaming:
-        configs[LLM_STREAM] = _python_model(LLM_STREAM, max_batch, llm_in, llm_out, instances=instances,
+        configs[LLM_STREAM] = python_model(LLM_STREAM, max_batch, llm_in, llm_out, instances=instances,
                                             queue_delay_us=queue_delay_us, decoupled=True,
                                             params={"max_new_tokens": max_new_tokens, **runtime})
-        stream_in = _audio_inputs() + [_tensor("MAX_NEW_TOKENS", "TYPE_INT32", [1], optional=True)]
-        configs[STREAM] = _python_model(
-            STREAM, max_batch, stream_in, [_tensor("TEXT", "TYPE_STRING", [1])], decoupled=True,
+        stream_in = audio_inputs() + [max_new_tokens_input()]
+        configs[STREAM] = python_model(
+            STREAM, max_batch, stream_in, [tensor("TEXT", "TYPE_STRING", [1])], decoupled=True,
             params={"max_audio_s": max_audio_s, "max_new_tokens": max_new_tokens, "encoder_model": ENCODER,
                     "llm_model": LLM_STREAM, "max_streams": 4 * max_batch},
         )
     return configs
-
-
-# -- files -----------------------------------------------------------------------------------------------
-def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link ``src`` to ``dst`` (a fresh name), or copy it where linking is impossible; says which."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-        return "linked"
-    except OSError:  # another file system, or links not allowed
-        shutil.copy2(src, dst)
-        return "copied"
-
-
-def copy_artifacts(manifest: Manifest, names, dest: Path) -> dict[str, int]:
-    """Every file of the named artifacts, at the same relative paths, plus a ``manifest.json`` listing
-    only those artifacts (so ``read_manifest(dest).artifact(name)`` works there). Returns link/copy counts."""
-    counts = {"linked": 0, "copied": 0}
-    data = dict(manifest.data)
-    data["artifacts"] = {}
-    for name in names:
-        manifest.artifact(name)  # a clear ArtifactError when it is missing
-        entry = manifest.data["artifacts"][name]
-        for f in entry["files"]:
-            src = manifest.root / f["path"]
-            if not src.is_file() or src.stat().st_size != f["bytes"]:
-                raise FileNotFoundError(f"{src} is missing or not the size {MANIFEST} records: re-run `canary-qwen export`")
-            counts[link_or_copy(src, dest / f["path"])] += 1
-        data["artifacts"][name] = entry
-    (dest / MANIFEST).write_text(json.dumps(data, indent=2))
-    return counts
-
-
-def model_code(filename: str) -> str:
-    return resources.files("canary_qwen.triton_repo.models").joinpath(filename).read_text()
 
 
 def generate_onnx_repo(
@@ -225,28 +148,12 @@ def generate_onnx_repo(
         decoupled_streaming=decoupled_streaming, max_audio_s=max_audio_s, max_new_tokens=max_new_tokens,
         device=device, ort_threads=ort_threads,
     )
-    for name in MODEL_NAMES:  # a stale llm_stream / canary_qwen_stream from an earlier run must go too
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-    counts = {"linked": 0, "copied": 0}
-    for name, text in configs.items():
-        version_dir = out / name / VERSION
-        version_dir.mkdir(parents=True)
-        (out / name / "config.pbtxt").write_text(text)
-        if name in _MODEL_FILES:
-            code, artifacts = _MODEL_FILES[name]
-            (version_dir / "model.py").write_text(model_code(code))
-            for kind, n in copy_artifacts(manifest, artifacts, version_dir).items():
-                counts[kind] += n
-    (out / REPO_INFO).write_text(json.dumps({
-        "flavor": "onnx",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "export_dir": str(manifest.root.resolve()),
-        "models": sorted(configs),
-        "settings": {"max_batch": max_batch, "instances": instances, "queue_delay_us": queue_delay_us,
-                     "decoupled_streaming": decoupled_streaming, "max_audio_s": max_audio_s,
-                     "max_new_tokens": max_new_tokens, "device": device, "ort_threads": ort_threads},
-        "files": counts,
-    }, indent=2))
+    replace_model_dirs(out, MODEL_NAMES)  # a stale llm_stream / canary_qwen_stream from an earlier run must go too
+    counts = write_models(out, manifest, configs, _MODEL_FILES)
+    write_repo_info(out, "onnx", manifest.root, configs, {
+        "max_batch": max_batch, "instances": instances, "queue_delay_us": queue_delay_us,
+        "decoupled_streaming": decoupled_streaming, "max_audio_s": max_audio_s,
+        "max_new_tokens": max_new_tokens, "device": device, "ort_threads": ort_threads,
+    }, counts)
     check_ensemble(out, raise_on_problems=True)
     return out

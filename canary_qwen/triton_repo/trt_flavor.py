@@ -18,10 +18,30 @@ TensorRT-LLM containers (``tritonserver:<yy.mm>-trtllm-python-py3``, TensorRT-LL
   ``model_transaction_policy { decoupled: true }``.
 
 Every text parses as ``tritonclient.grpc.model_config_pb2.ModelConfig``.
+
+:func:`generate_trt_repo` writes the whole repository around those two: ``preprocessing`` (checks AUDIO,
+tokenizes PROMPT; the onnx flavour's model plus AUDIO_LENGTH), ``prompt_table`` (frames -> fake ids +
+prompt embedding table, python), ``postprocessing`` (ids -> TEXT), the ``canary_qwen`` ensemble
+preprocessing -> encoder -> prompt_table -> tensorrt_llm -> postprocessing, and the ``canary_qwen_stream``
+BLS model, with the onnx flavour's public interface. With streaming, ``tensorrt_llm`` is decoupled
+(streaming needs it, and one engine serves both models), which makes the ensemble decoupled too:
+Triton then serves it over gRPC streaming only (``canary-qwen client --protocol grpc`` handles that);
+``decoupled_streaming=False`` keeps it callable over HTTP and plain gRPC, without ``canary_qwen_stream``.
 """
 from __future__ import annotations
 
-ENCODER, TENSORRT_LLM = "encoder", "tensorrt_llm"
+from pathlib import Path
+
+from ..engines.trtllm import ENCODER_ENGINE_NAME, LLM_ENGINE_SUBDIR, TRT_SUBDIR, engine_limits, read_engine_config
+from ..export.manifest import read_manifest
+from .config_check import check_ensemble
+from .repo_files import (
+    ENSEMBLE, POSTPROCESSING, PREPROCESSING, STREAM, VERSION, audio_inputs, ensemble_outputs, ensemble_step, io_block,
+    link_or_copy, max_new_tokens_input, python_model, replace_model_dirs, tensor, write_models, write_repo_info,
+)
+
+ENCODER, TENSORRT_LLM, PROMPT_TABLE = "encoder", "tensorrt_llm", "prompt_table"
+MODEL_NAMES = (PREPROCESSING, ENCODER, PROMPT_TABLE, TENSORRT_LLM, POSTPROCESSING, ENSEMBLE, STREAM)
 ENCODER_PLAN = "model.plan"
 TRITON_DTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # as in the template
@@ -294,3 +314,141 @@ def model_configs(
                                           kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
                                           enable_kv_cache_reuse=enable_kv_cache_reuse),
     }
+
+
+# -- the whole repository --------------------------------------------------------------------------------
+_MODEL_FILES = {
+    PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
+    PROMPT_TABLE: ("prompt_table.py", ()),
+    POSTPROCESSING: ("postprocessing.py", ("tokenizer",)),
+    STREAM: ("trt_stream.py", ("tokenizer",)),
+}
+# tensorrt_llm inputs the prompt_table model fills, with their data types ("table": the engine's dtype)
+TABLE_OUTPUTS = (("input_ids", "TYPE_INT32", [-1]), ("input_lengths", "TYPE_INT32", [1]),
+                 ("request_output_len", "TYPE_INT32", [1]), ("end_id", "TYPE_INT32", [1]), ("pad_id", "TYPE_INT32", [1]),
+                 ("prompt_embedding_table", "table", [-1, "H"]), ("prompt_vocab_size", "TYPE_INT32", [1]),
+                 ("prompt_table_extra_ids", "TYPE_UINT64", [-1]), ("streaming", "TYPE_BOOL", [1]))
+
+
+def _python_configs(*, max_batch, hidden, embeddings_type, table_type, vocab_size, table_dtype, max_audio_s,
+                    max_new_tokens, decoupled_streaming) -> dict[str, str]:
+    table_outputs = [tensor(n, table_type if t == "table" else t, [hidden if d == "H" else d for d in dims])
+                     for n, t, dims in TABLE_OUTPUTS]
+    configs = {
+        PREPROCESSING: python_model(PREPROCESSING, max_batch, audio_inputs(), [
+            tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("SAMPLES", "TYPE_FP32", [-1]), tensor("AUDIO_LENGTH", "TYPE_INT64", [1]),
+        ], params={"max_audio_s": max_audio_s}),
+        PROMPT_TABLE: python_model(PROMPT_TABLE, max_batch, [
+            tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("EMBEDDINGS", embeddings_type, [-1, hidden]),
+            tensor("EMBEDDING_LENGTH", "TYPE_INT64", [1]), max_new_tokens_input(),
+        ], table_outputs, params={"vocab_size": vocab_size, "table_dtype": table_dtype, "max_new_tokens": max_new_tokens}),
+        POSTPROCESSING: python_model(POSTPROCESSING, max_batch, [
+            tensor("OUTPUT_IDS", "TYPE_INT32", [-1, -1]), tensor("SEQUENCE_LENGTH", "TYPE_INT32", [-1]),
+        ], [tensor("TEXT", "TYPE_STRING", [1]), tensor("TOKEN_IDS", "TYPE_INT64", [-1])]),
+        ENSEMBLE: _ensemble_config(max_batch),
+    }
+    if decoupled_streaming:
+        configs[STREAM] = python_model(
+            STREAM, max_batch, audio_inputs() + [max_new_tokens_input()], [tensor("TEXT", "TYPE_STRING", [1])], decoupled=True,
+            params={"max_audio_s": max_audio_s, "max_new_tokens": max_new_tokens, "encoder_model": ENCODER,
+                    "llm_model": TENSORRT_LLM, "prompt_table_model": PROMPT_TABLE, "max_streams": 4 * max_batch},
+        )
+    return configs
+
+
+def _ensemble_config(max_batch: int) -> str:
+    table = {name: name for name, _, _ in TABLE_OUTPUTS}
+    steps = [
+        ensemble_step(PREPROCESSING, {"AUDIO": "AUDIO", "PROMPT": "PROMPT"},
+                      {"PROMPT_IDS": "prompt_ids", "SAMPLES": "samples", "AUDIO_LENGTH": "audio_length"}),
+        ensemble_step(ENCODER, {"audio": "samples", "audio_lengths": "audio_length"},
+                      {"embeddings": "embeddings", "embedding_lengths": "embedding_lengths"}),
+        ensemble_step(PROMPT_TABLE, {"PROMPT_IDS": "prompt_ids", "EMBEDDINGS": "embeddings",
+                                     "EMBEDDING_LENGTH": "embedding_lengths", "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"}, table),
+        ensemble_step(TENSORRT_LLM, table, {"output_ids": "output_ids", "sequence_length": "sequence_length"}),
+        ensemble_step(POSTPROCESSING, {"OUTPUT_IDS": "output_ids", "SEQUENCE_LENGTH": "sequence_length"},
+                      {"TEXT": "TEXT", "TOKEN_IDS": "OUTPUT_IDS"}),
+    ]
+    return (f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+            + io_block("input", audio_inputs() + [max_new_tokens_input()]) + io_block("output", ensemble_outputs())
+            + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
+
+
+def _engines(export_dir, engines_dir) -> tuple[Path, Path]:
+    root = Path(export_dir) / TRT_SUBDIR if engines_dir is None else Path(engines_dir)
+    plan, llm = root / ENCODER_ENGINE_NAME, root / LLM_ENGINE_SUBDIR
+    missing = [str(p) for p in (plan, llm / "config.json") if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the trt flavour needs built engines; missing {', '.join(missing)}. Build them with "
+                                "`canary-qwen build-engines --artifacts EXPORT_DIR` (TensorRT 10.14 and TensorRT-LLM 1.2 on a GPU)")
+    return plan, llm
+
+
+def generate_trt_repo(
+    export_dir,
+    out_dir,
+    *,
+    engines_dir=None,
+    max_batch: int | None = None,
+    encoder_instances: int = 1,
+    llm_instances: int = 1,
+    queue_delay_us: int = 1000,
+    decoupled_streaming: bool = True,
+    max_audio_s: float | None = None,
+    max_new_tokens: int = 128,
+    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    enable_kv_cache_reuse: bool = True,
+    served_llm_engine_dir: str | None = None,
+) -> Path:
+    """Write the trt-flavour model repository for ``export_dir`` (with engines from ``canary-qwen
+    build-engines``: ``EXPORT/trt/encoder.plan`` and ``EXPORT/trt/llm_engine/``, or ``engines_dir``
+    holding the same names) to ``out_dir``; returns it.
+
+    The engines are hard-linked (copied across file systems) into the repository: the plan as
+    ``encoder/1/model.plan``, the LLM engine into ``tensorrt_llm/1/``. ``tensorrt_llm`` finds its engine
+    by absolute path (``gpt_model_path``): by default where it was written; pass
+    ``served_llm_engine_dir`` for where the server sees it (e.g. ``/models/tensorrt_llm/1`` in a container).
+    ``max_batch`` defaults to, and may not exceed, the LLM engine's max batch size.
+    """
+    manifest = read_manifest(export_dir)
+    plan, llm = _engines(export_dir, engines_dir)
+    limits = engine_limits(read_engine_config(llm))
+    max_batch = limits.max_batch_size if max_batch is None else max_batch
+    if not 1 <= max_batch <= limits.max_batch_size:
+        raise ValueError(f"max_batch must be in 1..{limits.max_batch_size} (the LLM engine's max batch size), got {max_batch}")
+    if encoder_instances < 1 or llm_instances < 1 or queue_delay_us < 0 or max_new_tokens < 1:
+        raise ValueError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
+    max_audio_s = float(manifest.data.get("max_audio_s", 40.0)) if max_audio_s is None else float(max_audio_s)
+    hidden = manifest.model["hidden_size"]
+    if hidden != limits.hidden_size:
+        raise ValueError(f"the LLM engine has hidden size {limits.hidden_size}, the export {hidden}: they come from different models")
+    embeddings_dtype = "bfloat16" if manifest.data.get("trt_encoder", "encoder").endswith("bf16") else "float32"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    replace_model_dirs(out, MODEL_NAMES)
+    engine_home = out / TENSORRT_LLM / VERSION
+    configs = _python_configs(
+        max_batch=max_batch, hidden=hidden, embeddings_type=_triton_dtype(embeddings_dtype), table_type=_triton_dtype(limits.dtype),
+        vocab_size=limits.vocab_size, table_dtype=limits.dtype, max_audio_s=max_audio_s, max_new_tokens=max_new_tokens,
+        decoupled_streaming=decoupled_streaming,
+    )
+    configs[ENCODER] = encoder_config(max_batch=max_batch, instances=encoder_instances, queue_delay_us=queue_delay_us,
+                                      hidden_size=hidden, embeddings_dtype=embeddings_dtype)
+    configs[TENSORRT_LLM] = tensorrt_llm_config(
+        engine_dir=served_llm_engine_dir or str(engine_home.resolve()), max_batch=max_batch, engine_dtype=limits.dtype,
+        decoupled=decoupled_streaming, instances=llm_instances, kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+        enable_kv_cache_reuse=enable_kv_cache_reuse,
+    )
+    counts = write_models(out, manifest, configs, _MODEL_FILES)
+    engine_files = [(plan, out / ENCODER / VERSION / ENCODER_PLAN)]
+    engine_files += [(f, engine_home / f.name) for f in sorted(llm.iterdir()) if f.is_file()]
+    for src, dst in engine_files:
+        counts[link_or_copy(src, dst)] += 1
+    write_repo_info(out, "trt", manifest.root, configs, {
+        "max_batch": max_batch, "encoder_instances": encoder_instances, "llm_instances": llm_instances,
+        "queue_delay_us": queue_delay_us, "decoupled_streaming": decoupled_streaming, "max_audio_s": max_audio_s,
+        "max_new_tokens": max_new_tokens, "engine_dtype": limits.dtype, "embeddings_dtype": embeddings_dtype,
+        "vocab_size": limits.vocab_size, "llm_engine": str(llm.resolve()), "encoder_plan": str(plan.resolve()),
+    }, counts)
+    check_ensemble(out, raise_on_problems=True)
+    return out

@@ -1,4 +1,5 @@
-"""Triton python model ``preprocessing``: AUDIO + PROMPT (optional string) -> SAMPLES + PROMPT_IDS.
+"""Triton python model ``preprocessing``: AUDIO + PROMPT (optional string) -> SAMPLES + PROMPT_IDS
+(+ AUDIO_LENGTH, the sample count the TensorRT encoder plan takes, where the config declares it).
 
 AUDIO is checked here (empty, too long, NaN/inf) and passed on as SAMPLES for the encoder, so a bad
 request fails at this one step with one clear message; PROMPT becomes the prompt token ids with the
@@ -16,7 +17,8 @@ from canary_qwen.triton_repo.serving import InputError, check_audio, encode_prom
 
 class TritonPythonModel:
     def initialize(self, args):
-        _, params, version_dir = model_parameters(args)
+        config, params, version_dir = model_parameters(args)
+        self.with_length = any(o["name"] == "AUDIO_LENGTH" for o in config["output"])
         manifest = read_manifest(version_dir)
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
         self.max_audio_s = float(params["max_audio_s"])
@@ -30,10 +32,10 @@ class TritonPythonModel:
         width = max(len(r) for r in rows)
         if any(len(r) != width for r in rows):  # a tensor is rectangular: different prompts in one request
             raise InputError("rows of one request must use prompts of the same token length; send them as separate requests")
-        return pb_utils.InferenceResponse([
-            pb_utils.Tensor("PROMPT_IDS", np.asarray(rows, dtype=np.int64)),
-            pb_utils.Tensor("SAMPLES", audio),
-        ])
+        outputs = [pb_utils.Tensor("PROMPT_IDS", np.asarray(rows, dtype=np.int64)), pb_utils.Tensor("SAMPLES", audio)]
+        if self.with_length:
+            outputs.append(pb_utils.Tensor("AUDIO_LENGTH", np.full((len(audio), 1), audio.shape[1], dtype=np.int64)))
+        return pb_utils.InferenceResponse(outputs)
 
     def execute(self, requests):
         responses = []

@@ -39,7 +39,8 @@ def _text_response(piece: str):
 
 class TritonPythonModel:
     def initialize(self, args):
-        _, params, version_dir = model_parameters(args)
+        config, params, version_dir = model_parameters(args)
+        self.name = config["name"]
         manifest = read_manifest(version_dir)
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
         self.max_audio_s = float(params["max_audio_s"])
@@ -54,11 +55,8 @@ class TritonPythonModel:
             self.pool.submit(self._stream, request)
         return None
 
-    def _bls(self, model, inputs, decoupled=False):
-        request = pb_utils.InferenceRequest(
-            model_name=model, inputs=inputs,
-            requested_output_names=["EMBEDDINGS" if model == self.encoder_model else "OUTPUT_IDS"],
-        )
+    def _bls(self, model, inputs, outputs, decoupled=False):
+        request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
         if not decoupled:
             response = request.exec()
             if response.has_error():
@@ -66,36 +64,41 @@ class TritonPythonModel:
             return response
         return request.exec(decoupled=True)
 
+    def _token_arrays(self, audio, ids, budget):
+        """The new token ids of one clip as they are generated (arrays): encoder, then the decoupled llm."""
+        encoded = self._bls(self.encoder_model, [pb_utils.Tensor("AUDIO", audio)], ["EMBEDDINGS"])
+        embeds = pb_utils.get_output_tensor_by_name(encoded, "EMBEDDINGS").as_numpy()
+        inputs = [
+            pb_utils.Tensor("PROMPT_IDS", np.array([ids], dtype=np.int64)),
+            pb_utils.Tensor("EMBEDDINGS", embeds),
+            pb_utils.Tensor("MAX_NEW_TOKENS", np.array([[budget]], dtype=np.int32)),
+        ]
+        for response in self._bls(self.llm_model, inputs, ["OUTPUT_IDS"], decoupled=True):
+            if response.has_error():
+                raise ComposingModelError(response.error().message())
+            tokens = pb_utils.get_output_tensor_by_name(response, "OUTPUT_IDS")
+            if tokens is not None:  # None: the empty response that carries the final flag
+                yield tokens.as_numpy().reshape(-1)
+
     def _stream(self, request):
         sender = request.get_response_sender()
         try:
             audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), self.max_audio_s)
             if len(audio) != 1:
-                raise InputError(f"canary_qwen_stream takes one clip per request, got a batch of {len(audio)}")
+                raise InputError(f"{self.name} takes one clip per request, got a batch of {len(audio)}")
             prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
             prompt = read_strings(None if prompt is None else prompt.as_numpy(), 1)[0]
             ids = encode_prompt(self.tokenizer, prompt)
             budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
             budget = read_budgets(None if budget is None else budget.as_numpy(), 1, self.default_budget)[0]
-
-            encoded = self._bls(self.encoder_model, [pb_utils.Tensor("AUDIO", audio)])
-            embeds = pb_utils.get_output_tensor_by_name(encoded, "EMBEDDINGS").as_numpy()
-            inputs = [
-                pb_utils.Tensor("PROMPT_IDS", np.array([ids], dtype=np.int64)),
-                pb_utils.Tensor("EMBEDDINGS", embeds),
-                pb_utils.Tensor("MAX_NEW_TOKENS", np.array([[budget]], dtype=np.int32)),
-            ]
             text = TextStream(self.tokenizer)
             cancelled = False
-            for response in self._bls(self.llm_model, inputs, decoupled=True):
+            for tokens in self._token_arrays(audio, ids, budget):
                 # The llm row cannot be stopped from here: after a cancellation its tokens are drained unsent.
                 cancelled = cancelled or sender.is_cancelled()
-                if response.has_error():
-                    raise ComposingModelError(response.error().message())
-                tokens = pb_utils.get_output_tensor_by_name(response, "OUTPUT_IDS")
-                if tokens is None or cancelled:  # None: the empty response that carries the final flag
+                if cancelled:
                     continue
-                for token in tokens.as_numpy().reshape(-1):
+                for token in tokens:
                     piece = text.push(int(token))
                     if piece:
                         sender.send(_text_response(piece))
@@ -106,7 +109,7 @@ class TritonPythonModel:
         except (InputError, ComposingModelError) as e:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
         except Exception as e:
-            self.logger.log_error(f"canary_qwen_stream: {traceback.format_exc()}")
+            self.logger.log_error(f"{self.name}: {traceback.format_exc()}")
             try:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"streaming failed: {e}")), flags=FINAL)
             except Exception:
