@@ -8,10 +8,14 @@ import time
 
 from .bench import add_bench_parser
 from .demo import add_demo_parser
+from .engines.build import add_build_engines_parser
+from .engines.errors import MissingDependencyError
 from .export.manifest import ArtifactError
 from .model.errors import CheckpointError
+from .runtime.client_cli import add_client_parser
+from .triton_repo.repo_cli import add_triton_repo_parser
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "torch-fast", "onnx", "trt")
 
 
 def _add_transcribe(sub) -> None:
@@ -23,12 +27,13 @@ def _add_transcribe(sub) -> None:
         "joined. Unreadable files are reported one by one; the rest are still transcribed (exit code 1).",
     )
     p.add_argument("files", nargs="+", help="audio files")
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id (torch) / export directory (onnx)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="inference backend (default: torch)")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id (torch, torch-fast) / export directory (onnx, trt)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="torch: the reference; torch-fast: static KV cache + continuous batching (GPU path); onnx: ONNX Runtime on an "
+                   "export; trt: TensorRT + TensorRT-LLM engines (default: torch)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per batch (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="decoding budget per clip (default: 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch backend precision (default: fp32)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch / torch-fast precision (default: fp32)")
     p.add_argument("--prompt", default=None, help="user prompt (default 'Transcribe the following:'; the audio placeholder is appended if missing)")
     p.add_argument("--max-window-s", type=float, default=40.0, help="cut longer clips into windows of at most this many seconds; 0 disables (default: 40)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, token_ids, duration_s")
@@ -36,10 +41,19 @@ def _add_transcribe(sub) -> None:
 
 
 def make_backend(name: str, model: str, *, device: str = "cpu", dtype: str = "fp32"):
+    """torch / torch-fast take a checkpoint; onnx and trt an export directory (trt: after build-engines, on a GPU)."""
     if name == "torch":
         from .engines.torch_backend import TorchBackend
 
         return TorchBackend(model, device=device, dtype=dtype)
+    if name == "torch-fast":
+        from .engines.fast_torch import FastTorchBackend
+
+        return FastTorchBackend(model, device=device, dtype=dtype)
+    if name == "trt":
+        from .engines.trtllm import TrtLlmBackend
+
+        return TrtLlmBackend(model, device=device)
     from .engines.onnx_backend import OnnxBackend
 
     return OnnxBackend(model, device=device)
@@ -159,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deploy Canary-Qwen-2.5B: NeMo-exact transcription, ONNX/TensorRT export, Triton serving, benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_transcribe, _add_make_checkpoint, _add_export, _add_serve, add_bench_parser, add_demo_parser):
+    for add in (_add_transcribe, _add_make_checkpoint, _add_export, add_build_engines_parser, add_triton_repo_parser,
+                _add_serve, add_client_parser, add_bench_parser, add_demo_parser):
         add(sub)
     return parser
 
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, ArtifactError, RuntimeError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ArtifactError, MissingDependencyError, RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

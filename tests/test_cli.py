@@ -1,6 +1,7 @@
 """The command line contract: JSON lines, per-file errors, exit codes, help."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import soundfile as sf
 
 from canary_qwen.cli import main
 from canary_qwen.engines.torch_backend import TorchBackend
+from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_config
 
 
 def run(capsys, *argv):
@@ -58,6 +60,18 @@ def test_export_then_onnx_backend_gives_same_tokens(capsys, tiny_checkpoint, cli
     code, onnx_out, _ = run(capsys, "transcribe", "--backend", "onnx", "--model", str(tmp_path / "exp"), "--json", "--max-new-tokens", "10", *clip_files)
     assert code == 0
     assert [json.loads(x)["token_ids"] for x in onnx_out.splitlines()] == [json.loads(x)["token_ids"] for x in torch_out.splitlines()]
+    # the same export on to a Triton repository; the trt flavour and build-engines say what they lack
+    code, out, _ = run(capsys, "triton-repo", "--artifacts", str(tmp_path / "exp"), "--flavor", "onnx", "--out", str(tmp_path / "repo"),
+                       "--max-batch", "4", "--no-streaming")
+    assert code == 0 and "canary-qwen serve --repo" in out and check_ensemble(tmp_path / "repo") == []
+    assert parse_model_config(tmp_path / "repo" / "canary_qwen" / "config.pbtxt").max_batch_size == 4
+    assert not (tmp_path / "repo" / "canary_qwen_stream").exists()
+    code, _, err = run(capsys, "triton-repo", "--artifacts", str(tmp_path / "exp"), "--flavor", "trt", "--out", str(tmp_path / "trt"))
+    assert code == 2 and "canary-qwen build-engines" in err
+    if importlib.util.find_spec("tensorrt") is None:
+        code, _, err = run(capsys, "build-engines", "--artifacts", str(tmp_path / "exp"))
+        assert code == 2 and "tensorrt is not available" in err and "TensorRT 10.14" in err
+        assert not (tmp_path / "exp" / "trt").exists()  # stopped before doing anything
 
 
 def test_onnx_backend_on_a_checkpoint_dir_says_to_export(capsys, tiny_checkpoint, clip_files):
@@ -79,8 +93,11 @@ def test_long_clip_is_windowed(capsys, tiny_checkpoint, tmp_path):
 def test_make_checkpoint_and_help(capsys, tmp_path):
     code, out, _ = run(capsys, "make-checkpoint", "--size", "tiny", "--out", str(tmp_path / "c"), "--seed", "5")
     assert code == 0 and (tmp_path / "c" / "model.safetensors").is_file()
-    for command in ("transcribe", "export", "make-checkpoint", "serve", "demo"):
+    for command in ("transcribe", "export", "make-checkpoint", "build-engines", "triton-repo", "serve", "bench", "demo"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert len(capsys.readouterr().out) > 200
+    with pytest.raises(SystemExit) as exit_info:
+        main(["client", "transcribe", "--help"])
+    assert exit_info.value.code == 0 and "--stream" in capsys.readouterr().out
