@@ -251,6 +251,17 @@ def test_second_server_own_ports_and_clean_stop(server, repo, tmp_path):
 
 
 @needs_server
+def test_a_killed_server_leaves_no_shared_memory(repo, tmp_path):
+    server = TritonServer(repo, startup_timeout=60, work_dir=tmp_path).start()
+    prefix = server._shm_prefix
+    assert list(Path("/dev/shm").glob(prefix + "*")), "the python stubs should hold shared-memory regions"
+    os.killpg(server.process.pid, signal.SIGKILL)  # nobody gets to clean up
+    server.process.wait()
+    server.stop()
+    assert not list(Path("/dev/shm").glob(prefix + "*"))
+
+
+@needs_server
 def test_start_failure_reports_log_tail(tmp_path):
     add_model(tmp_path / "repo", "add_one", ADD_ONE_CONFIG, BROKEN_PY)
     server = TritonServer(tmp_path / "repo", startup_timeout=60, work_dir=tmp_path / "work")

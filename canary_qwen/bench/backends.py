@@ -212,41 +212,28 @@ def _onnx(options: BackendOptions) -> BenchBackend:
 def _triton(options: BackendOptions) -> BenchBackend:
     module = _import("canary_qwen.runtime.client", "the Triton client")
     url = options.url or "localhost:8000"
-    for attr in ("TritonTranscriber", "TritonClient", "connect"):
-        factory = getattr(module, attr, None)
-        if factory is not None:
-            break
-    else:
-        raise BackendUnavailable("canary_qwen.runtime.client has no TritonTranscriber, TritonClient or connect()")
     try:
-        engine = factory(url)
+        engine = module.TritonBackend(url)
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
         message = str(e) if url in str(e) else f"cannot reach the Triton server at {url}: {e}"
         raise BackendUnavailable(message) from None
     # Precision is whatever the server's model repository was built with.
-    device = getattr(engine, "device", None) or f"triton {url}"
-    return BenchBackend(engine, name="triton", dtype=getattr(engine, "dtype", None), device=device)
+    return BenchBackend(engine, name="triton", dtype=None, device=engine.device)
 
 
 @register("trt")
 def _trt(options: BackendOptions) -> BenchBackend:
-    try:
-        module = importlib.import_module("canary_qwen.engines.trtllm")
-    except ImportError as e:
-        raise BackendUnavailable(f"TensorRT-LLM is not installed (canary_qwen.engines.trtllm cannot be imported: {e})") from None
-    try:
-        importlib.import_module("tensorrt_llm")
-    except ImportError as e:
-        raise BackendUnavailable(f"TensorRT-LLM is not installed ({e}); it needs NVIDIA's package index and a GPU") from None
-    for attr in ("TrtLlmBackend", "TrtllmBackend", "TRTLLMBackend"):
-        cls = getattr(module, attr, None)
-        if cls is not None:
-            break
-    else:
-        raise BackendUnavailable("canary_qwen.engines.trtllm has no TrtLlmBackend class")
+    from ..engines.errors import MissingDependencyError
+    from ..engines.trtllm import TrtLlmBackend
+
+    if not str(options.device).startswith("cuda"):
+        raise BackendUnavailable(f"TensorRT-LLM runs on an NVIDIA GPU, not on {options.device}")
     export_dir = _export_dir("trt", options)
-    engine = cls(export_dir, device=options.device)
-    return BenchBackend(engine, name="trt", dtype=getattr(engine, "dtype", None), device=options.device)
+    try:
+        engine = TrtLlmBackend(export_dir, device=options.device)
+    except MissingDependencyError as e:
+        raise BackendUnavailable(str(e)) from None
+    return BenchBackend(engine, name="trt", dtype=engine.manifest.data.get("precision"), device=options.device)
 
 
 BACKEND_NAMES = tuple(REGISTRY)

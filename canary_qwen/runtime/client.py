@@ -501,9 +501,6 @@ class TritonBackend:
         self.client.close()
 
 
-TritonTranscriber = TritonBackend  # the name canary_qwen.bench looks up first
-
-
 
 # -- the trt flavour: precomputed embeddings through TensorRT-LLM's prompt table ----------------------------
 def build_trtllm_request(

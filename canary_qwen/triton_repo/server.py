@@ -300,6 +300,9 @@ class TritonServer:
                     _killpg(proc.pid)
                     proc.wait()
             _killpg(proc.pid)  # stragglers: stubs left by a crashed or killed server share its group
+            # A killed server's python stubs leave their shared-memory regions behind; nothing else uses this prefix.
+            for region in Path("/dev/shm").glob(self._shm_prefix + "*"):
+                region.unlink(missing_ok=True)
         if self._own_backend:
             shutil.rmtree(self.backend_dir, ignore_errors=True)  # the log stays for callers to read
         return None if proc is None else proc.returncode
