@@ -38,6 +38,7 @@ from canary_qwen.runtime.client_cli import add_client_parser
 from canary_qwen.triton_repo import onnx_flavor
 from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_config
 from canary_qwen.triton_repo.onnx_flavor import generate_onnx_repo
+from canary_qwen.triton_repo.repo_files import REPO_INFO
 from canary_qwen.triton_repo.server import TritonNotFoundError, TritonServer, find_bundled_triton, free_ports
 from canary_qwen.triton_repo.serving import InputError, TextStream, check_audio, splice_rows
 
@@ -161,7 +162,7 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
     assert os.path.samefile(enc_file, export_dir / "encoder.onnx")
     assert (repo / "llm" / "1" / "decoder.onnx").stat().st_ino == (repo / "llm_stream" / "1" / "decoder.onnx").stat().st_ino
     assert (repo / "postprocessing" / "1" / "tokenizer" / "tokenizer.json").is_file()
-    info = json.loads((repo / onnx_flavor.REPO_INFO).read_text())
+    info = json.loads((repo / REPO_INFO).read_text())
     assert info["flavor"] == "onnx" and info["settings"]["max_audio_s"] == MAX_AUDIO_S and info["files"]["linked"] > 0
 
 

@@ -1,10 +1,13 @@
-"""ONNX Runtime backend: the embedded default (CPU provider; CUDA where onnxruntime-gpu is installed)."""
+"""ONNX Runtime backend: the embedded default (CPU provider; CUDA where onnxruntime-gpu is installed).
+
+Torch-free (numpy + onnxruntime + tokenizers), so the Triton python models reuse these sessions without
+paying torch's import time and memory in every stub.
+"""
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 
-from ..export.decoder_graph import cache_names
 from ..export.manifest import read_manifest
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
@@ -33,7 +36,7 @@ def session(path, device: str, threads: int | None = None) -> ort.InferenceSessi
 
 
 class OnnxEncoder:
-    """``encoder.onnx`` as a callable: waveforms -> per-clip embeddings [T_i, H]."""
+    """``encoder.onnx`` as a callable: waveforms of any lengths -> per-clip embeddings [T_i, H], in one run."""
 
     def __init__(self, path, device: str = "cpu", threads: int | None = None):
         self.session = session(path, device, threads)
@@ -45,12 +48,13 @@ class OnnxEncoder:
 
 
 class OnnxDecoder:
-    """``decoder.onnx`` as a ``greedy.DecoderStep`` with its own empty-cache factory."""
+    """``decoder.onnx`` as a ``greedy.DecoderStep`` with its own empty-cache factory; the cache input names
+    are read from the graph."""
 
     def __init__(self, path, model_info: dict, device: str = "cpu", threads: int | None = None):
         self.session = session(path, device, threads)
         self.info = model_info
-        self.past_names, _ = cache_names(model_info["num_hidden_layers"])
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
 
     def empty_caches(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info["num_key_value_heads"], 0, self.info["head_dim"])

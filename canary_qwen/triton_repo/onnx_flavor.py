@@ -29,7 +29,7 @@ from pathlib import Path
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
 from .repo_files import (
-    ENSEMBLE, POSTPROCESSING, PREPROCESSING, REPO_INFO, STREAM, audio_inputs, ensemble_outputs, ensemble_step, io_block,
+    ENSEMBLE, POSTPROCESSING, PREPROCESSING, STREAM, audio_inputs, ensemble_outputs, ensemble_step, io_block,
     max_new_tokens_input, python_model, replace_model_dirs, tensor, write_models, write_repo_info,
 )
 

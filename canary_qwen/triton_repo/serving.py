@@ -1,8 +1,8 @@
 """What the onnx flavour's python-backend models share, without any Triton import (so it is unit-testable).
 
 Input checks that give one clear sentence per bad request, per-row prompt splicing for batched
-decoding, ONNX Runtime sessions for the encoder and the decoder step, and the incremental
-detokenizer the streaming model uses. Nothing here imports torch: every python stub imports this,
+decoding, and the incremental detokenizer the streaming model uses (the ONNX Runtime sessions are
+``canary_qwen.engines.onnx_backend``'s). Nothing here imports torch: every python stub imports this,
 and torch would cost each of them ~1 s and a few hundred MB.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engines.base import SAMPLE_RATE, pad_waveforms
+from ..engines.base import SAMPLE_RATE
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 4096  # a sanity bound on what one request may ask for
@@ -150,56 +150,6 @@ def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
-
-
-# -- ONNX Runtime, torch-free ---------------------------------------------------------------------------
-def ort_session(path, device: str = "cpu", threads: int = 0):
-    import onnxruntime as ort
-
-    if device == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"device {device!r} needs onnxruntime-gpu in the server's Python (this one offers "
-                               f"{', '.join(ort.get_available_providers())})")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        raise ValueError(f"unknown device {device!r} (cpu or cuda)")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-class EncoderSession:
-    """``encoder.onnx``: waveforms of any lengths -> per-clip embeddings [T_i, H], in ONE session run."""
-
-    def __init__(self, path, device: str = "cpu", threads: int = 0):
-        self.session = ort_session(path, device, threads)
-
-    def __call__(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
-        audio, lengths = pad_waveforms(audios)
-        embeds, lens = self.session.run(None, {"audio": audio, "audio_lengths": lengths})
-        return [embeds[i, : int(n)] for i, n in enumerate(lens)]
-
-
-class DecoderSession:
-    """``decoder.onnx`` as a ``greedy.DecoderStep``; cache input names are read from the graph."""
-
-    def __init__(self, path, model_info: dict, device: str = "cpu", threads: int = 0):
-        self.session = ort_session(path, device, threads)
-        self.info = model_info
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
-
-    def empty_caches(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.info["num_key_value_heads"], 0, self.info["head_dim"])
-        return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
-
-    def __call__(self, embeds, mask, positions, caches):
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        feeds.update(zip(self.past_names, caches))
-        logits, *caches = self.session.run(None, feeds)
-        return logits, caches
 
 
 # -- streaming text ---------------------------------------------------------------------------------------

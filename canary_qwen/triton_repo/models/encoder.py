@@ -11,14 +11,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.export.manifest import read_manifest
-from canary_qwen.triton_repo.serving import EncoderSession, InputError, check_audio, model_parameters
+from canary_qwen.engines.onnx_backend import OnnxEncoder
+from canary_qwen.triton_repo.serving import InputError, check_audio, model_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
         _, params, version_dir = model_parameters(args)
         manifest = read_manifest(version_dir)
-        self.encoder = EncoderSession(manifest.artifact("encoder"), params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0))
+        self.encoder = OnnxEncoder(manifest.artifact("encoder"), params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0))
         self.max_audio_s = float(params["max_audio_s"])
         self.logger = pb_utils.Logger
 

@@ -15,10 +15,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.engines.greedy import greedy_generate
+from canary_qwen.engines.onnx_backend import OnnxDecoder
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.triton_repo.serving import (
     DEFAULT_MAX_NEW_TOKENS,
-    DecoderSession,
     InputError,
     check_embeddings,
     check_prompt_ids,
@@ -37,7 +37,7 @@ class TritonPythonModel:
         manifest = read_manifest(version_dir)
         info = manifest.model
         self.info = info
-        self.decoder = DecoderSession(manifest.artifact("decoder"), info, params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0))
+        self.decoder = OnnxDecoder(manifest.artifact("decoder"), info, params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0))
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
         self.default_budget = int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
