@@ -404,6 +404,40 @@ def test_client_cli(server, clip_files, expected, tmp_path):
     assert args.run(args, out=io.StringIO(), err=err) == 1 and f"127.0.0.1:{port}" in err.getvalue()
 
 
+@needs_server
+@pytest.mark.parametrize("protocol, local_encoder, llm_model", [
+    ("http", False, "llm"), ("grpc", False, "llm"), ("grpc", True, "llm_stream"),
+])
+def test_embeddings_mode_gives_the_ensembles_tokens(server, export_dir, clips, expected, protocol, local_encoder, llm_model):
+    from canary_qwen.runtime.embeddings import EmbeddingsClient
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with EmbeddingsClient(url, protocol, export_dir=export_dir, local_encoder=local_encoder, llm_model=llm_model) as client:
+        assert client.decoupled == (llm_model == "llm_stream") and not client.trt
+        for clip, want in zip(clips, expected):
+            got = client.transcribe(clip)
+            assert got.token_ids == want.token_ids and got.text == want.text
+
+
+@needs_server
+def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(server, export_dir, clips, clip_files, expected):
+    from canary_qwen.runtime.client import TritonClientError
+    from canary_qwen.runtime.embeddings import EmbeddingsClient
+
+    with EmbeddingsClient(server.grpc_url, "grpc", export_dir=export_dir) as client:
+        assert client.llm_model == "llm"  # no tensorrt_llm on this server
+    with EmbeddingsClient(server.http_url, "http", export_dir=export_dir, llm_model="llm_stream") as client:
+        with pytest.raises(TritonClientError, match="gRPC streaming"):
+            client.transcribe(clips[0])
+    parser = argparse.ArgumentParser(prog="canary-qwen")
+    add_client_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["client", "transcribe", "--url", server.http_url, "--via-embeddings", "--artifacts",
+                              str(export_dir), *clip_files[:2]])
+    out = io.StringIO()
+    assert args.run(args, out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == f"{clip_files[0]}\t{expected[0].text}\n{clip_files[1]}\t{expected[1].text}\n"
+
+
 def _perf_analyzer() -> str | None:
     found = shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
     return found
@@ -448,19 +482,20 @@ def test_server_stops_cleanly(server, http, grpc):
 
 # -- the trt flavour's request, offline ----------------------------------------------------------------
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_build_trtllm_request_matches_the_tensorrt_llm_config(protocol):
+def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     import ml_dtypes
     from tritonclient.grpc import model_config_pb2
 
-    from canary_qwen.runtime.client import build_trtllm_request, trtllm_output_ids
+    from canary_qwen.runtime.embeddings import trtllm_request_arrays
     from canary_qwen.triton_repo.trt_flavor import tensorrt_llm_config
 
     cfg = parse_model_config(tensorrt_llm_config(engine_dir="/engines/llm", max_batch=8, engine_dtype="bfloat16"))
     spec = {i.name: i for i in cfg.input}
     frames = np.random.default_rng(0).standard_normal((7, 2048)).astype(np.float32)
     prompt = [151644, 872, 198, 151669, 151645, 198]
-    inputs, request = build_trtllm_request(prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643,
-                                           max_new_tokens=64, protocol=protocol)
+    arrays, request = trtllm_request_arrays(prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643,
+                                            vocab_size=151936, max_new_tokens=64)
+    inputs = TritonClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
     by_name = {i.name(): i for i in inputs}
     required = {n for n, i in spec.items() if not i.optional}
     assert required <= set(by_name), f"missing required inputs {required - set(by_name)}"
@@ -476,9 +511,3 @@ def test_build_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     assert request.prompt_vocab_size == 7
     np.testing.assert_array_equal(request.prompt_embedding_table, frames.astype(ml_dtypes.bfloat16))
     assert (request.prompt_table_extra_ids[3:10] == request.extra_id).all() and request.prompt_table_extra_ids[:3].sum() == 0
-
-    class Result:  # a tensorrt_llm response: output_ids [1, beams, N], sequence_length [1, beams]
-        def as_numpy(self, name):
-            return {"output_ids": np.array([[[5, 6, 7, 151643]]], np.int32), "sequence_length": np.array([[3]], np.int32)}[name]
-
-    assert trtllm_output_ids(Result()) == [5, 6, 7]

@@ -4,6 +4,8 @@
 and streams text pieces from the decoupled ``canary_qwen_stream`` model (gRPC bidirectional
 streaming, or HTTP server-sent events through Triton's generate_stream endpoint).
 ``TritonBackend`` wraps it in the ``Transcriber`` interface the benchmark and ``batching`` drive.
+``TritonClient.call`` / ``stream_results`` reach any other model of the server (the embeddings mode,
+``canary_qwen.runtime.embeddings``, uses them to talk to the LLM model directly).
 
 Errors are one of three kinds, each naming the server: :class:`ServerUnreachableError`,
 :class:`ModelNotReadyError`, and :class:`InferenceError` (the model's own message, e.g. an audio
@@ -226,20 +228,25 @@ class TritonClient:
         return "it has: " + ", ".join(parts)
 
     # -- requests ----------------------------------------------------------------------------------
-    def _inputs(self, audio, prompt, max_new_tokens):
-        m = self._module
-        samples = as_samples(audio)
-        audio_in = m.InferInput("AUDIO", [1, len(samples)], "FP32")
-        audio_in.set_data_from_numpy(samples[None])
-        inputs = [audio_in]
+    @staticmethod
+    def _arrays(audio, prompt, max_new_tokens) -> dict[str, np.ndarray]:
+        arrays = {"AUDIO": as_samples(audio)[None]}
         if prompt is not None:
-            p = m.InferInput("PROMPT", [1, 1], "BYTES")
-            p.set_data_from_numpy(np.array([[str(prompt).encode("utf-8")]], dtype=object))
-            inputs.append(p)
+            arrays["PROMPT"] = np.array([[str(prompt).encode("utf-8")]], dtype=object)
         if max_new_tokens is not None:
-            t = m.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
-            t.set_data_from_numpy(np.array([[int(max_new_tokens)]], dtype=np.int32))
-            inputs.append(t)
+            arrays["MAX_NEW_TOKENS"] = np.array([[int(max_new_tokens)]], dtype=np.int32)
+        return arrays
+
+    def _infer_inputs(self, arrays: dict[str, np.ndarray]) -> list:
+        """InferInputs by name (bf16 arrays are ml_dtypes.bfloat16, as tritonclient >= 2.71 takes them)."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        inputs = []
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            inp = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            inp.set_data_from_numpy(array)
+            inputs.append(inp)
         return inputs
 
     def _outputs(self, with_ids: bool):
@@ -247,24 +254,27 @@ class TritonClient:
 
     @staticmethod
     def _parse(result, with_ids: bool) -> tuple[str, list[int]]:
-        text = result.as_numpy("TEXT").reshape(-1)[0]
+        """(text, ids) from a result object or a dict of arrays."""
+        get = result.get if isinstance(result, dict) else result.as_numpy
+        text = get("TEXT").reshape(-1)[0]
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-        ids = [int(i) for i in result.as_numpy("OUTPUT_IDS").reshape(-1)] if with_ids else []
+        ids = [int(i) for i in get("OUTPUT_IDS").reshape(-1)] if with_ids else []
         return text, ids
 
-    def infer(self, audio, prompt: str | None = None, *, max_new_tokens: int | None = None,
-              with_ids: bool = False) -> tuple[str, list[int]]:
-        """One clip through the ensemble: (text, token ids; the ids only ``with_ids``)."""
-        inputs = self._inputs(audio, prompt, max_new_tokens)
-        self.check()
+    def call(self, model: str, arrays: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One request to any model of the server: input arrays by name (batch dimension included) ->
+        the requested outputs by name."""
+        inputs = self._infer_inputs(arrays)
+        requested = [self._module.InferRequestedOutput(n) for n in outputs]
+        self.check(model)
         for attempt in range(2):
             client = self._conn()
             try:
                 if self.protocol == "grpc":
-                    result = client.infer(self.model, inputs, outputs=self._outputs(with_ids), client_timeout=self.timeout_s)
+                    result = client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
                 else:
-                    result = client.infer(self.model, inputs, outputs=self._outputs(with_ids))
-                return self._parse(result, with_ids)
+                    result = client.infer(model, inputs, outputs=requested)
+                return {n: result.as_numpy(n) for n in outputs}
             except Exception as e:
                 if self._is_connection_error(e):
                     self._drop(client)
@@ -272,8 +282,14 @@ class TritonClient:
                 # not retry a POST on its own; inference is idempotent, so try once more on a new connection.
                 if attempt == 0 and self.protocol == "http" and _stale_connection(e):
                     continue
-                raise self._request_error(e) from None
+                raise self._request_error(e, model) from None
         raise AssertionError("unreachable")
+
+    def infer(self, audio, prompt: str | None = None, *, max_new_tokens: int | None = None,
+              with_ids: bool = False) -> tuple[str, list[int]]:
+        """One clip through the ensemble: (text, token ids; the ids only ``with_ids``)."""
+        outputs = ["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"]
+        return self._parse(self.call(self.model, self._arrays(audio, prompt, max_new_tokens), outputs), with_ids)
 
     def infer_many(self, audios, prompt: str | None = None, *, max_new_tokens=None, with_ids: bool = False,
                    concurrency: int = 8) -> list:
@@ -307,7 +323,7 @@ class TritonClient:
         try:
             for i in range(n):
                 try:
-                    inputs = self._inputs(audios[i], prompt, budgets[i])
+                    inputs = self._infer_inputs(self._arrays(audios[i], prompt, budgets[i]))
                     pending.append((i, client.async_infer(self.model, inputs, outputs=self._outputs(with_ids))))
                 except Exception as e:
                     results[i] = e
@@ -326,15 +342,16 @@ class TritonClient:
             _close_quietly(client)
         return results
 
-    def _request_error(self, error) -> TritonClientError:
+    def _request_error(self, error, model: str | None = None) -> TritonClientError:
+        model = model or self.model
         if self._is_timeout(error):
-            return TritonClientError(f"no answer from Triton at {self.url} ({self.model}) within {self.timeout_s:g} s "
+            return TritonClientError(f"no answer from Triton at {self.url} ({model}) within {self.timeout_s:g} s "
                                      "(raise timeout_s for long clips or a busy server)", self.url)
         if self._is_connection_error(error):
             self._ready.clear()
             return self._unreachable(error)
         if isinstance(error, self._server_exception):
-            return InferenceError(f"Triton at {self.url} ({self.model}): {error.message()}", self.url)
+            return InferenceError(f"Triton at {self.url} ({model}): {error.message()}", self.url)
         return TritonClientError(f"request to Triton at {self.url} failed: {error}", self.url)
 
     def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str:
@@ -372,32 +389,39 @@ class TritonClient:
         return self._stream_http(audio, prompt, max_new_tokens)
 
     def _stream_grpc(self, audio, prompt, max_new_tokens) -> Iterator[str]:
-        inputs = self._inputs(audio, prompt, max_new_tokens)
-        self.check(self.stream_model)
+        for result in self.stream_results(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
+            text = result.as_numpy("TEXT")
+            if text is not None and text.size:
+                piece = text.reshape(-1)[0]
+                yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
+
+    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator:
+        """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they come,
+        up to the one with the final flag."""
+        if self.protocol != "grpc":
+            raise TritonClientError(f"{model} is decoupled: Triton serves it over gRPC streaming (use protocol grpc)", self.url)
+        inputs = self._infer_inputs(arrays)
+        self.check(model)
         results: queue.Queue = queue.Queue()
         client = self._new_client()  # one bidirectional stream per client object: never share it
         finished = False
         try:
             client.start_stream(callback=lambda result, error: results.put((result, error)),
                                 stream_timeout=None)
-            client.async_stream_infer(self.stream_model, inputs, enable_empty_final_response=True)
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout_s)
                 except queue.Empty:
-                    raise TritonClientError(f"no streamed response from {self.stream_model} at {self.url} "
+                    raise TritonClientError(f"no streamed response from {model} at {self.url} "
                                             f"within {self.timeout_s:g} s", self.url) from None
                 if error is not None:
                     if self._is_connection_error(error):
                         raise self._unreachable(error)
                     message = error.message() if isinstance(error, self._server_exception) else str(error)
-                    raise InferenceError(f"Triton at {self.url} ({self.stream_model}): {message}", self.url)
-                response = result.get_response()
-                final = response.parameters.get("triton_final_response")
-                text = result.as_numpy("TEXT")
-                if text is not None and text.size:
-                    piece = text.reshape(-1)[0]
-                    yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
+                    raise InferenceError(f"Triton at {self.url} ({model}): {message}", self.url)
+                yield result
+                final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     finished = True
                     return
@@ -409,6 +433,17 @@ class TritonClient:
             except Exception:
                 pass
             client.close()
+
+    def model_config(self, model: str) -> dict:
+        """The model's configuration as Triton reports it (JSON form, the same for HTTP and gRPC)."""
+        self.check(model)
+        client = self._conn()
+        try:
+            if self.protocol == "grpc":
+                return client.get_model_config(model, as_json=True)["config"]
+            return client.get_model_config(model)
+        except Exception as e:
+            raise self._request_error(e, model) from None
 
     def _stream_http(self, audio, prompt, max_new_tokens) -> Iterator[str]:
         # Triton's generate_stream extension: JSON fields become inputs (a list gets the batch dim added),
@@ -499,60 +534,3 @@ class TritonBackend:
 
     def close(self) -> None:
         self.client.close()
-
-
-
-# -- the trt flavour: precomputed embeddings through TensorRT-LLM's prompt table ----------------------------
-def build_trtllm_request(
-    prompt_ids: Sequence[int],
-    embeddings: np.ndarray,
-    *,
-    placeholder_id: int,
-    end_id: int,
-    pad_id: int,
-    vocab_size: int | None = None,
-    table_dtype="bfloat16",
-    max_new_tokens: int = 128,
-    streaming: bool | None = None,
-    extra_id: int | None = None,
-    protocol: str = "grpc",
-):
-    """Inputs for one request to the trt flavour's ``tensorrt_llm`` model, with the audio sent as embeddings.
-
-    ``embeddings`` [T, H] are one clip's projected encoder frames (from the ``encoder`` model or a local
-    encoder); the placeholder in ``prompt_ids`` becomes the fake ids ``vocab_size .. vocab_size + T - 1``,
-    the frames go as ``prompt_embedding_table`` in ``table_dtype`` (the engine's dtype), with
-    ``prompt_vocab_size`` T and per-token ``prompt_table_extra_ids`` (see ``canary_qwen.engines.prompt_table``).
-    Take ``placeholder_id``, ``end_id`` (eos_id), ``pad_id`` and ``vocab_size`` from the export's manifest
-    (``read_manifest(dir).model``); ``vocab_size`` defaults to Qwen3's 151936.
-
-    Returns (list of ``tritonclient.<protocol>.InferInput``, the ``PromptTableRequest`` they encode).
-    """
-    from tritonclient.utils import np_to_triton_dtype
-
-    from ..engines import prompt_table
-
-    module, _ = _modules(protocol)
-    request = prompt_table.build_request(
-        prompt_ids, embeddings, placeholder_id=placeholder_id,
-        vocab_size=prompt_table.QWEN3_VOCAB_SIZE if vocab_size is None else int(vocab_size),
-        dtype=table_dtype, extra_id=extra_id,
-    )
-    arrays = prompt_table.triton_request_inputs(request, max_new_tokens=max_new_tokens, end_id=end_id,
-                                                pad_id=pad_id, streaming=streaming)
-    inputs = []
-    for name, array in arrays.items():
-        inp = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        inp.set_data_from_numpy(array)
-        inputs.append(inp)
-    return inputs, request
-
-
-def trtllm_output_ids(result) -> list[int]:
-    """Generated ids from a ``tensorrt_llm`` response (``output_ids`` [1, beams, N] cut at ``sequence_length``;
-    the model runs with exclude_input_in_output, so these are the new tokens only)."""
-    ids = np.asarray(result.as_numpy("output_ids"))
-    length = result.as_numpy("sequence_length")
-    ids = ids.reshape(-1, ids.shape[-1])[0]  # batch 1, beam 0
-    n = int(np.asarray(length).reshape(-1)[0]) if length is not None else len(ids)
-    return [int(i) for i in ids[:n]]

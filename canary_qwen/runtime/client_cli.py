@@ -15,6 +15,11 @@ windows at quiet points and their texts joined. Each file prints as `PATH<TAB>TE
 the text is printed piece by piece as the server produces it (gRPC streaming, or HTTP server-sent
 events). Unreadable files and requests the server refuses are reported one by one on stderr while
 the others go on; the exit code is 1 if any failed.
+
+With --via-embeddings the client does the ensemble's work itself: it gets each clip's embeddings
+(from the server's encoder model, or --local-encoder with ONNX Runtime), tokenizes the prompt with
+the export's tokenizer (--artifacts), and sends both to the LLM model: `llm` (onnx flavour) or
+`tensorrt_llm` (trt flavour: fake token ids + prompt embedding table, as TensorRT-LLM expects).
 """
 
 
@@ -44,6 +49,11 @@ def add_client_parser(subparsers) -> None:
     t.add_argument("--max-window-s", type=float, default=40.0,
                    help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: 40)")
     t.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, duration_s")
+    t.add_argument("--via-embeddings", action="store_true", help="send embeddings to the LLM model (needs --artifacts)")
+    t.add_argument("--artifacts", default=None, help="with --via-embeddings: the export the server's repository was made from")
+    t.add_argument("--local-encoder", action="store_true", help="with --via-embeddings: run the encoder here (ONNX Runtime)")
+    t.add_argument("--llm-model", default=None, help="with --via-embeddings: LLM model name (default: tensorrt_llm or llm, "
+                   "whichever the server has)")
     t.set_defaults(run=run_client_transcribe)
 
 
@@ -67,6 +77,8 @@ def run_client_transcribe(args, out=None, err=None) -> int:
     if args.stream and args.json:
         print("error: --stream prints text as it arrives; use it without --json", file=err)
         return 2
+    if args.via_embeddings:
+        return _run_via_embeddings(args, out, err)
     try:
         client = TritonClient(args.url, args.protocol, args.model, stream_model=args.stream_model, timeout_s=args.timeout)
     except (ValueError, ImportError) as e:
@@ -132,6 +144,40 @@ def run_client_transcribe(args, out=None, err=None) -> int:
     wall = time.perf_counter() - start
     if audio_s:
         print(f"{audio_s:.1f} s of audio in {wall:.2f} s (RTFx {audio_s / wall:.1f})", file=err)
+    if failed:
+        print(f"{failed} of {len(args.files)} files failed", file=err)
+    return 1 if failed else 0
+
+
+def _run_via_embeddings(args, out, err) -> int:
+    from ..audio import AudioError, load_audio
+    from ..export.manifest import ArtifactError
+    from ..windowing import plan_windows
+    from .client import TritonClientError
+    from .embeddings import EmbeddingsClient
+
+    if args.artifacts is None or args.stream:
+        print("error: --via-embeddings needs --artifacts EXPORT_DIR and does not stream", file=err)
+        return 2
+    try:
+        client = EmbeddingsClient(args.url, args.protocol, export_dir=args.artifacts, local_encoder=args.local_encoder,
+                                  llm_model=args.llm_model, timeout_s=args.timeout)
+    except (TritonClientError, ArtifactError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=err)
+        return 1
+    failed = 0
+    budget = args.max_new_tokens or 128
+    with client:
+        for path in args.files:
+            try:
+                audio = load_audio(path)
+                texts = [client.transcribe(w, args.prompt, max_new_tokens=budget).text
+                         for w in plan_windows([audio], args.max_window_s or None).windows]
+            except (AudioError, TritonClientError) as e:
+                failed += 1
+                print(f"error: {path}: {e}" if isinstance(e, TritonClientError) else f"error: {e}", file=err, flush=True)
+                continue
+            _emit(args, path, " ".join(t for t in texts if t).strip(), len(audio) / SAMPLE_RATE, out)
     if failed:
         print(f"{failed} of {len(args.files)} files failed", file=err)
     return 1 if failed else 0
