@@ -5,13 +5,12 @@ AUDIO is checked here (empty, too long, NaN/inf) and passed on as SAMPLES for th
 request fails at this one step with one clear message; PROMPT becomes the prompt token ids with the
 audio placeholder (the default transcription prompt when it is left out).
 """
-import traceback
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
+from canary_qwen.triton_repo.models.responses import respond_each
 from canary_qwen.triton_repo.serving import InputError, check_audio, encode_prompt, model_parameters, read_strings
 
 
@@ -22,7 +21,6 @@ class TritonPythonModel:
         manifest = read_manifest(version_dir)
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
         self.max_audio_s = float(params["max_audio_s"])
-        self.logger = pb_utils.Logger
 
     def _one(self, request):
         audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), self.max_audio_s)
@@ -38,13 +36,4 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(outputs)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._one(request))
-            except InputError as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-            except Exception as e:  # keep serving; the log has the traceback
-                self.logger.log_error(f"preprocessing: {traceback.format_exc()}")
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing failed: {e}")))
-        return responses
+        return respond_each(requests, self._one, "preprocessing")

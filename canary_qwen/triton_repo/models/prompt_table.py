@@ -7,15 +7,14 @@ hash, so equal clips may share KV-cache blocks) and the scalars ``tensorrt_llm``
 (``canary_qwen.triton_repo.trt_serving.tensorrt_llm_inputs``). bf16 tensors travel through DLPack
 (numpy has no bf16), so this model needs torch, which the NGC Triton + TensorRT-LLM containers have.
 """
-import traceback
-
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from canary_qwen.export.manifest import read_manifest
-from canary_qwen.triton_repo.serving import InputError, model_parameters, read_budgets
+from canary_qwen.triton_repo.models.responses import respond_each
+from canary_qwen.triton_repo.serving import model_parameters, read_budgets
 from canary_qwen.triton_repo.trt_serving import tensorrt_llm_inputs
 
 
@@ -36,7 +35,6 @@ class TritonPythonModel:
         self.settings = dict(placeholder_id=info["placeholder_id"], end_id=info["eos_id"], pad_id=info["pad_id"],
                              vocab_size=int(params["vocab_size"]), table_dtype=params["table_dtype"])
         self.default_budget = int(params["max_new_tokens"])
-        self.logger = pb_utils.Logger
 
     def _one(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy()
@@ -48,13 +46,4 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse([_output(name, array) for name, array in inputs.items()])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._one(request))
-            except InputError as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-            except Exception as e:
-                self.logger.log_error(f"prompt_table: {traceback.format_exc()}")
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"prompt_table failed: {e}")))
-        return responses
+        return respond_each(requests, self._one, "prompt_table")
