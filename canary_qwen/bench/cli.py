@@ -79,6 +79,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.md, rtfx.png, hypotheses.jsonl here")
     p.add_argument("--docs", default=None, metavar="PATH", help="also render a docs page (e.g. docs/benchmarks.md)")
+    p.add_argument("--docs-with", nargs="+", default=[], metavar="DIR",
+                   help="earlier --out folders whose results the docs page shows after this run's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run_bench)
     return p
@@ -104,6 +106,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--warmup-batches", str(args.warmup_batches)]
     if args.synthetic and args.seed != 0:
         parts += ["--seed", str(args.seed)]
+    if args.docs_with:
+        parts += ["--docs-with", *args.docs_with]
     return shlex.join(parts)
 
 
@@ -129,14 +133,15 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .report import markdown_table, write_docs, write_results
+    from .report import load_results, markdown_table, write_docs, write_results
     from .runner import run_benchmark
 
+    earlier = [load_results(d) for d in args.docs_with]  # a missing folder fails before the long run
     results = run_benchmark(config_from_args(args), progress=not args.no_progress)
     print(markdown_table(results))
     if args.out:
         paths = write_results(results, args.out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     if args.docs:
-        print(f"wrote {write_docs(results, args.docs)}", file=sys.stderr)
+        print(f"wrote {write_docs([results, *earlier], args.docs)}", file=sys.stderr)
     return 0 if any(not r["skipped"] for r in results["runs"]) else 1

@@ -180,11 +180,17 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
         "Published reference: canary-qwen-2.5b reaches RTFx 418 on one A100 on the Open ASR leaderboard "
         "(bf16, batch 192, real weights, max_new_tokens 128).",
         "",
+        "Random-weight checkpoints (no real weights are used here) are written by "
+        "`canary-qwen make-checkpoint --size tiny|full --seed 0 --out DIR` (full: the real 2.5B architecture "
+        "and layout) and exported by `canary-qwen export --model DIR --out DIR_export`; a section's title names "
+        "the checkpoint folder. Random weights never stop early, hence the fixed token budgets.",
+        "",
     ]
     for res in all_results:
         env = res["environment"]
-        title = res["dataset"]["name"] if len(all_results) > 1 else "Results"
-        lines += [f"## {title}" if len(all_results) > 1 else "## Results", ""]
+        model = res["config"].get("model")
+        title = res["dataset"]["name"] + (f", model `{Path(model).name}`" if model else "")
+        lines += [f"## {title}", ""]
         lines += ["Command:", "", "```bash", env.get("command") or " ".join(env.get("argv", [])), "```", ""]
         lines += [_dataset_line(res), ""]
         lines += ["| | |", "| --- | --- |", f"| hardware | {_cell(_hardware(env))} |",
