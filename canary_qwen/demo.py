@@ -31,6 +31,11 @@ def _step(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
+def _printable(text: str) -> str:
+    """Control characters escaped (random weights produce them) so the terminal shows the text as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run_demo(args) -> int:
     from .audio import load_audio
     from .engines.onnx_backend import OnnxBackend
@@ -72,7 +77,7 @@ def run_demo(args) -> int:
         pieces = list(client.stream(audio))
         client.close()
     print(f"\naudio:     {clip_path} ({seconds:.2f} s)")
-    print(f"text:      {text}")
+    print(f"text:      {_printable(text)}")
     print(f"streamed:  {''.join(pieces)!r} in {len(pieces)} pieces")
     print(f"RTFx:      {seconds / wall:.1f} (one request through Triton, {wall * 1000:.0f} ms)")
     same = text == local == "".join(pieces).strip()
