@@ -105,6 +105,15 @@ def test_onnx_tokens_identical_to_torch_and_fast_path(exported, reference, tiny_
     assert [t.token_ids for t in fast.transcribe(clips, max_new_tokens=budgets)] == want
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_cuda_graph_decode_gives_the_eager_tokens(tiny_checkpoint, clips):
+    budgets = [24, 5, 17, 24]
+    options = dict(device="cuda", dtype="fp32", max_slots=2)
+    graphed = FastTorchBackend(str(tiny_checkpoint), **options).transcribe(clips, max_new_tokens=budgets)
+    eager = FastTorchBackend(str(tiny_checkpoint), cuda_graphs=False, **options).transcribe(clips, max_new_tokens=budgets)
+    assert [t.token_ids for t in graphed] == [t.token_ids for t in eager]
+
+
 @pytest.mark.nemo
 def test_onnx_tokens_identical_to_nemo_with_early_eos(eos_prone_checkpoint, eos_prone_clips, tmp_path):
     from nemo_ref import load_nemo, nemo_generate

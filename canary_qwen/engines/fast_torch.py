@@ -1,6 +1,8 @@
 """Throughput path in PyTorch: length-bucketed encoder batches, a static KV cache, packed (unpadded)
 prefill that computes logits for the last position only, and continuous batching in the decoder
-(finished sequences leave their cache slot at once and queued clips take it over).
+(finished sequences leave their cache slot at once and queued clips take it over). A decode step has
+static shapes (every slot, the whole cache behind a mask, no host synchronisation), so on CUDA it is
+captured once per call as a CUDA graph and replayed for every token.
 
 Greedy tokens are those of the reference (same modules, same weights with LoRA merged); only the
 order of floating-point operations differs.
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model.qwen3 import _expand_kv, apply_rope, rope_cos_sin
+from ..model.qwen3 import apply_rope, rope_cos_sin
 from ..model.prompt import prompt_ids
 from ..model.salm import load_model
 from .base import Transcription, pad_waveforms, token_budgets
@@ -51,10 +53,11 @@ class FastTorchBackend:
         dtype: str = "bf16",
         max_slots: int = 128,
         encoder_batch: int = 64,
+        cuda_graphs: bool = True,
     ):
         self.device = resolve_device(device)
         self.model, self.tokenizer, self.files = load_model(model, dtype=DTYPES[dtype], device=self.device, merge_lora=True)
-        self.max_slots, self.encoder_batch = max_slots, encoder_batch
+        self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
 
     @contextmanager
@@ -108,8 +111,8 @@ class FastTorchBackend:
                 cache.k[li, slot, :, : b - a] = ks
                 cache.v[li, slot, :, : b - a] = vs
                 o = nn.functional.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1)[None], _expand_kv(ks[None], attn.n_heads), _expand_kv(vs[None], attn.n_heads),
-                    is_causal=True, scale=attn.head_dim**-0.5,
+                    q[a:b].transpose(0, 1)[None], ks[None], vs[None], is_causal=True, scale=attn.head_dim**-0.5,
+                    enable_gqa=True,
                 )
                 outs.append(o[0].transpose(0, 1).reshape(b - a, -1))
             x = x + attn.o_proj(torch.cat(outs))
@@ -119,27 +122,33 @@ class FastTorchBackend:
         return self.model.logits(self.model.llm.norm(x[last]))
 
     def _decode(self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """One token for every slot (idle slots too: static shapes); returns logits [slots, V].
+        """One token for every slot (idle slots too) with static shapes; returns logits [slots, V].
 
-        Idle slots keep length 0, so they only ever touch position 0 of their own cache row.
+        Each slot attends over the whole cache row, masked beyond its length. Idle slots keep length 0,
+        so they only ever touch position 0 of their own cache row.
         """
         slots = torch.arange(tokens.shape[0], device=self.device)
         positions = cache.lengths
-        span = int(positions.max()) + 1
-        visible = (torch.arange(span, device=self.device)[None] <= positions[:, None])[:, None, None]
+        span = torch.arange(cache.k.shape[3], device=self.device)
+        visible = (span[None] <= positions[:, None])[:, None, None]
         x = self.model.embed_tokens(tokens)
         for li, layer in enumerate(self.model.llm.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(x), positions)
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
-            keys = _expand_kv(cache.k[li, :, :, :span], attn.n_heads)
-            values = _expand_kv(cache.v[li, :, :, :span], attn.n_heads)
-            o = nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible, scale=attn.head_dim**-0.5)
+            o = nn.functional.scaled_dot_product_attention(q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible,
+                                                           scale=attn.head_dim**-0.5, enable_gqa=True)
             x = x + attn.o_proj(o.reshape(tokens.shape[0], -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.lengths += active
         return self.model.logits(self.model.llm.norm(x))
+
+    def _decoder(self, cache: StaticKVCache):
+        """The decode step for this cache: captured as a CUDA graph on CUDA (when enabled), else eager."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return lambda tokens, active: self._decode(cache, tokens, active)
+        return _GraphedDecode(self._decode, cache)
 
     # -- scheduler -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -158,6 +167,7 @@ class FastTorchBackend:
         max_len = max(r.embeds.shape[0] + r.budget for r in requests)
         cfg = model.llm_cfg
         cache = StaticKVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim, model.dtype, self.device)
+        decode = self._decoder(cache)
         queue = deque(r for r in sorted(requests, key=lambda r: -r.embeds.shape[0]) if r.budget > 0)
         active: dict[int, _Request] = {}
         next_token = torch.full((slots,), tok.pad_id, dtype=torch.long, device=self.device)
@@ -184,5 +194,35 @@ class FastTorchBackend:
             busy = torch.zeros(slots, dtype=torch.long, device=self.device)
             busy[list(active)] = 1
             with self._timed("decode"):
-                next_token = self._decode(cache, next_token, busy).argmax(-1)
+                next_token = decode(next_token, busy).argmax(-1)
         return [Transcription(text=tok.decode(r.tokens).strip(), token_ids=r.tokens) for r in requests]
+
+
+class _GraphedDecode:
+    """``step(cache, tokens, active)`` captured once as a CUDA graph over static input buffers; each call
+    copies the inputs in and replays it (one launch for the whole step instead of hundreds of kernels).
+
+    The warm-up runs before capture (as CUDA graphs require) use ``active`` all zero: lengths stay as
+    they are, and the keys/values they write sit at each slot's next position, which the next real
+    step overwrites.
+    """
+
+    def __init__(self, step, cache: StaticKVCache):
+        slots = cache.lengths.shape[0]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=cache.k.device)
+        self.active = torch.zeros(slots, dtype=torch.long, device=cache.k.device)
+        side = torch.cuda.Stream(cache.k.device)
+        side.wait_stream(torch.cuda.current_stream(cache.k.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(cache, self.tokens, self.active)
+        torch.cuda.current_stream(cache.k.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(cache, self.tokens, self.active)
+
+    def __call__(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.active.copy_(active)
+        self.graph.replay()
+        return self.logits
