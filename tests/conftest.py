@@ -1,5 +1,8 @@
-"""Shared fixtures: tiny random checkpoints in the real layout and deterministic test audio."""
+"""Shared fixtures: tiny random checkpoints in the real layout, deterministic test audio, and the
+bundled Triton server."""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.model.tokenizer import QwenTokenizer
+from canary_qwen.triton_repo.server import TritonNotFoundError, TritonServer, find_bundled_triton
 
 # Three architectures: the released one (LoRA on q/v, no xscaling), and two variations.
 CHECKPOINT_VARIANTS = {
@@ -75,3 +79,22 @@ def clip_files(tmp_path_factory, clips):
         sf.write(path, clip, 16000, subtype="FLOAT")
         paths.append(str(path))
     return paths
+
+
+# -- the bundled Triton server ------------------------------------------------------------------------------
+try:
+    find_bundled_triton()
+    HAVE_TRITON = True
+except TritonNotFoundError:
+    HAVE_TRITON = False
+NO_TRITON = "nvidia-pytriton (bundled tritonserver) not installed"
+needs_server = pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
+
+
+@contextmanager
+def running_server(repo, work_dir, startup_timeout: float = 120.0):
+    """The bundled Triton server on ``repo``, stopped afterwards; the test skips where it is not installed."""
+    if not HAVE_TRITON:
+        pytest.skip(NO_TRITON)
+    with TritonServer(repo, startup_timeout=startup_timeout, work_dir=work_dir) as server:
+        yield server

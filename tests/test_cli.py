@@ -106,12 +106,10 @@ def test_make_checkpoint_and_help(capsys, tmp_path):
 def test_demo_runs_end_to_end(capsys, tmp_path, clip_files):
     """The README's main job: tiny checkpoint -> export -> repository -> bundled server -> client."""
     from canary_qwen.speech_clip import ensure_espeak
-    from canary_qwen.triton_repo.server import TritonNotFoundError, find_bundled_triton
+    from conftest import HAVE_TRITON, NO_TRITON
 
-    try:
-        find_bundled_triton()
-    except TritonNotFoundError:
-        pytest.skip("nvidia-pytriton (bundled tritonserver) not installed")
+    if not HAVE_TRITON:
+        pytest.skip(NO_TRITON)
     spoken = ensure_espeak() is not None
     code, out, err = run(capsys, "demo", "--work", str(tmp_path / "demo"), *([] if spoken else ["--audio", clip_files[0]]))
     assert code == 0, out + err

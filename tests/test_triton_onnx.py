@@ -39,19 +39,13 @@ from canary_qwen.triton_repo import onnx_flavor
 from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_config
 from canary_qwen.triton_repo.onnx_flavor import generate_onnx_repo
 from canary_qwen.triton_repo.repo_files import REPO_INFO
-from canary_qwen.triton_repo.server import TritonNotFoundError, TritonServer, find_bundled_triton, free_ports
+from canary_qwen.triton_repo.server import free_ports
 from canary_qwen.triton_repo.serving import InputError, TextStream, check_audio, splice_rows
 
-from conftest import make_clip
+from conftest import make_clip, needs_server, running_server
 
 pytestmark = pytest.mark.triton
 
-try:
-    find_bundled_triton()
-    HAVE_TRITON = True
-except TritonNotFoundError:
-    HAVE_TRITON = False
-needs_server = pytest.mark.skipif(not HAVE_TRITON, reason="nvidia-pytriton (bundled tritonserver) not installed")
 
 MAX_AUDIO_S = 8.0  # small, so the too-long request is cheap to send
 MAX_BATCH = 8
@@ -79,9 +73,7 @@ def repo(export_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    if not HAVE_TRITON:
-        pytest.skip("nvidia-pytriton (bundled tritonserver) not installed")
-    with TritonServer(repo, startup_timeout=120, work_dir=repo.parent / "server") as s:
+    with running_server(repo, repo.parent / "server") as s:
         yield s
 
 

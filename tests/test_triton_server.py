@@ -29,14 +29,10 @@ from canary_qwen.triton_repo.server import (
     prepare_backend_dir,
 )
 
+from conftest import needs_server, running_server
+
 pytestmark = pytest.mark.triton
 
-try:
-    find_bundled_triton()
-    HAVE_TRITON = True
-except TritonNotFoundError:
-    HAVE_TRITON = False
-needs_server = pytest.mark.skipif(not HAVE_TRITON, reason="nvidia-pytriton (bundled tritonserver) not installed")
 
 ADD_ONE_CONFIG = """
 name: "add_one"
@@ -121,9 +117,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    if not HAVE_TRITON:
-        pytest.skip("nvidia-pytriton (bundled tritonserver) not installed")
-    with TritonServer(repo, startup_timeout=60, work_dir=repo.parent / "server1") as s:
+    with running_server(repo, repo.parent / "server1", startup_timeout=60) as s:
         yield s
 
 

@@ -18,11 +18,10 @@ from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.triton_repo import trt_flavor
 from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_config
-from canary_qwen.triton_repo.server import TritonNotFoundError, TritonServer, find_bundled_triton
 from canary_qwen.triton_repo.serving import InputError
 from canary_qwen.triton_repo.trt_serving import generated_rows, tensorrt_llm_inputs
 
-from conftest import make_clip
+from conftest import make_clip, running_server
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 MAX_BATCH = 4
@@ -139,22 +138,13 @@ def test_missing_engines_and_too_large_batches_are_clear_errors(export_dir, tmp_
 
 
 # -- the python models in the real server ------------------------------------------------------------------
-try:
-    find_bundled_triton()
-    HAVE_TRITON = True
-except TritonNotFoundError:
-    HAVE_TRITON = False
-
-
 @pytest.fixture(scope="module")
 def python_models_server(trt_repo, tmp_path_factory):
     """The trt repository's python models alone (the engines cannot load without a GPU)."""
-    if not HAVE_TRITON:
-        pytest.skip("nvidia-pytriton (bundled tritonserver) not installed")
     repo = tmp_path_factory.mktemp("trt_python") / "repo"
     for name in ("preprocessing", "prompt_table", "postprocessing"):
         shutil.copytree(trt_repo / name, repo / name)
-    with TritonServer(repo, startup_timeout=120, work_dir=repo.parent / "server") as server:
+    with running_server(repo, repo.parent / "server") as server:
         yield server
 
 
