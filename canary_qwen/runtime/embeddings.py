@@ -73,6 +73,7 @@ class EmbeddingsClient:
 
                 self.local_encoder = OnnxEncoder(manifest.artifact("encoder"))
             self.encoder_model = encoder_model
+            self._plan_encoder: bool | None = None  # read from the server's encoder config on first use
             self.llm_model = llm_model or self._find_llm()
             config = self.client.model_config(self.llm_model)
             self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
@@ -97,8 +98,10 @@ class EmbeddingsClient:
         samples = as_samples(audio)
         if self.local_encoder is not None:
             return self.local_encoder([samples])[0]
-        config = self.client.model_config(self.encoder_model)
-        if any(i["name"] == "audio_lengths" for i in config.get("input", [])):  # the TensorRT plan
+        if self._plan_encoder is None:  # the TensorRT plan takes audio_lengths too
+            inputs = self.client.model_config(self.encoder_model).get("input", [])
+            self._plan_encoder = any(i["name"] == "audio_lengths" for i in inputs)
+        if self._plan_encoder:
             out = self.client.call(self.encoder_model, {"audio": samples[None],
                                                         "audio_lengths": np.array([[len(samples)]], dtype=np.int64)},
                                    ["embeddings", "embedding_lengths"])
