@@ -135,6 +135,8 @@ def test_missing_engines_and_too_large_batches_are_clear_errors(export_dir, tmp_
         trt_flavor.generate_trt_repo(export_dir, tmp_path / "a", engines_dir=tmp_path / "none")
     with pytest.raises(ValueError, match=r"max_batch must be in 1\.\.8"):
         trt_flavor.generate_trt_repo(export_dir, tmp_path / "b", max_batch=9)
+    with pytest.raises(ValueError, match="at most 500 per request"):  # 41 s -> 513 frames
+        trt_flavor.generate_trt_repo(export_dir, tmp_path / "c", max_audio_s=41.0)
 
 
 # -- the python models in the real server ------------------------------------------------------------------

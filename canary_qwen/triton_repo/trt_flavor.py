@@ -30,6 +30,7 @@ Triton then serves it over gRPC streaming only (``canary-qwen client --protocol 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..engines.trtllm import ENCODER_ENGINE_NAME, LLM_ENGINE_SUBDIR, TRT_SUBDIR, engine_limits, read_engine_config
@@ -419,6 +420,11 @@ def generate_trt_repo(
     if encoder_instances < 1 or llm_instances < 1 or queue_delay_us < 0 or max_new_tokens < 1:
         raise ValueError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
     max_audio_s = float(manifest.data.get("max_audio_s", 40.0)) if max_audio_s is None else float(max_audio_s)
+    frames = math.ceil(max_audio_s * manifest.model["frames_per_second"])
+    if frames > limits.max_prompt_vocab_size:
+        raise ValueError(f"clips of {max_audio_s:g} s give {frames} audio frames, but the LLM engine takes at most "
+                         f"{limits.max_prompt_vocab_size} per request (max_prompt_embedding_table_size / max_batch_size): "
+                         "lower max_audio_s or rebuild the engine")
     hidden = manifest.model["hidden_size"]
     if hidden != limits.hidden_size:
         raise ValueError(f"the LLM engine has hidden size {limits.hidden_size}, the export {hidden}: they come from different models")
