@@ -59,7 +59,7 @@ def build_engines(
             manifest.artifact("llm_merged"), paths["llm_engine"], max_batch=max_batch,
             max_audio_frames=int(manifest.model["max_audio_frames"]), max_prompt_text_tokens=max_prompt_text_tokens,
             max_new_tokens=max_new_tokens, dtype=dtype, checkpoint_dir=paths["llm_checkpoint"],
-            timing_cache=timing_cache, log=log,
+            timing_cache=None if timing_cache is None else f"{timing_cache}.llm", log=log,
         )
     return built
 
@@ -77,7 +77,8 @@ def add_build_engines_parser(subparsers) -> None:
     p.add_argument("--max-prompt-text-tokens", type=int, default=64,
                    help="prompt tokens around the audio the LLM engine allows (default: 64)")
     p.add_argument("--only", choices=("encoder", "llm"), default=None, help="build one engine only")
-    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to read and update (faster rebuilds)")
+    p.add_argument("--timing-cache", default=None,
+                   help="TensorRT timing cache to read and update for faster rebuilds (the LLM build uses FILE.llm)")
     p.set_defaults(run=_run)
 
 
