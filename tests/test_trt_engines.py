@@ -474,3 +474,36 @@ def test_backend_refuses_clips_longer_than_the_engine_allows(fake_trtllm, fp32_p
         backend.transcribe(clips, max_new_tokens=4)
     with pytest.raises(ValueError, match="device must be cuda"):
         TrtLlmBackend(fp32_plain_export.root, device="cpu")
+
+
+def test_build_engines_sizes_both_engines_from_the_manifest(fp32_plain_export, monkeypatch, tmp_path):
+    """`canary-qwen build-engines` wiring, with the two builders (which need TensorRT) recorded instead of run."""
+    from canary_qwen.engines import build, trt_encoder, trtllm
+
+    calls = {}
+
+    def record(name):
+        def builder(source, out, **options):
+            calls[name] = (Path(source), Path(out), options)
+            return Path(out)
+        return builder
+
+    monkeypatch.setattr(build, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(build, "import_tensorrt_llm", lambda: None)
+    monkeypatch.setattr(trt_encoder, "build_encoder_engine", record("encoder"))
+    monkeypatch.setattr(trtllm, "build_llm_engine", record("llm"))
+    manifest = fp32_plain_export
+    built = build.build_engines(manifest.root, timing_cache=tmp_path / "cache", log=lambda *_: None)
+    trt = manifest.root / "trt"
+    assert built == {"encoder": trt / "encoder.plan", "llm": trt / "llm_engine"}
+    onnx_path, _, enc = calls["encoder"]
+    assert onnx_path == manifest.artifact("encoder")  # fp32 export: the fp32 graph
+    assert enc["max_batch"] == manifest.data["max_batch"] and enc["max_samples"] == int(manifest.data["max_audio_s"] * 16000)
+    assert enc["timing_cache_path"] == tmp_path / "cache"
+    merged, _, llm = calls["llm"]
+    assert merged == manifest.artifact("llm_merged") and llm["dtype"] == "float32"
+    assert llm["max_batch"] == manifest.data["max_batch"] and llm["max_audio_frames"] == manifest.model["max_audio_frames"]
+    assert llm["checkpoint_dir"] == trt / "llm_checkpoint" and llm["timing_cache"] == f"{tmp_path / 'cache'}.llm"
+    calls.clear()
+    assert set(build.build_engines(manifest.root, only="llm", max_batch=2, log=lambda *_: None)) == {"llm"}
+    assert set(calls) == {"llm"} and calls["llm"][2]["max_batch"] == 2
