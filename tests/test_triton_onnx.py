@@ -397,6 +397,18 @@ def test_client_cli(server, clip_files, expected, tmp_path):
 
 
 @needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_decoupled_model_is_read_to_its_final_response(server, clips, expected, protocol):
+    """How the client drives the trt flavour's ensemble when it streams: one request, responses joined."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with TritonClient(url, protocol, model="canary_qwen_stream") as client:
+        assert client.is_decoupled("canary_qwen_stream") and not client.is_decoupled("canary_qwen")
+        assert client.transcribe_many(clips[:3], concurrency=3) == [e.text for e in expected[:3]]
+        with TritonClient(url, protocol) as ensemble:
+            assert client.transcribe(clips[0], max_new_tokens=5) == ensemble.transcribe(clips[0], max_new_tokens=5)
+
+
+@needs_server
 @pytest.mark.parametrize("protocol, local_encoder, llm_model", [
     ("http", False, "llm"), ("grpc", False, "llm"), ("grpc", True, "llm_stream"),
 ])

@@ -118,6 +118,7 @@ class TritonClient:
         self._clients: dict = {}  # thread (None for the shared gRPC client) -> tritonclient object
         self._lock = threading.Lock()
         self._ready: set[str] = set()
+        self._decoupled: dict[str, bool] = {}
         self._closed = False
 
     # -- connections -------------------------------------------------------------------------------
@@ -285,11 +286,42 @@ class TritonClient:
                 raise self._request_error(e, model) from None
         raise AssertionError("unreachable")
 
+    def is_decoupled(self, model: str) -> bool:
+        """Whether ``model`` answers a request with a stream of responses (read once from its config)."""
+        if model not in self._decoupled:
+            policy = self.model_config(model).get("model_transaction_policy", {})
+            self._decoupled[model] = bool(policy.get("decoupled", False))
+        return self._decoupled[model]
+
     def infer(self, audio, prompt: str | None = None, *, max_new_tokens: int | None = None,
               with_ids: bool = False) -> tuple[str, list[int]]:
-        """One clip through the ensemble: (text, token ids; the ids only ``with_ids``)."""
+        """One clip through this client's model: (text, token ids; the ids only ``with_ids``).
+
+        A decoupled model (the trt flavour's ensemble when it streams, or ``canary_qwen_stream``) is read
+        to its final response and its TEXT pieces and OUTPUT_IDS joined.
+        """
+        arrays = self._arrays(audio, prompt, max_new_tokens)
+        if self.is_decoupled(self.model):
+            return self._joined(self.model, arrays, with_ids)
         outputs = ["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"]
-        return self._parse(self.call(self.model, self._arrays(audio, prompt, max_new_tokens), outputs), with_ids)
+        return self._parse(self.call(self.model, arrays, outputs), with_ids)
+
+    def _joined(self, model: str, arrays: dict[str, np.ndarray], with_ids: bool) -> tuple[str, list[int]]:
+        pieces, ids = [], []
+        if self.protocol == "grpc":
+            for result in self.stream_results(model, arrays):
+                for name, out in (("TEXT", pieces), ("OUTPUT_IDS", ids)):
+                    value = result.as_numpy(name)
+                    if value is not None and value.size:
+                        out.extend(value.reshape(-1).tolist())
+        else:
+            for event in self._events_http(model, arrays):
+                for name, out in (("TEXT", pieces), ("OUTPUT_IDS", ids)):
+                    value = event.get(name)
+                    if value not in (None, "", []):
+                        out.extend(value if isinstance(value, list) else [value])
+        text = "".join(p.decode("utf-8", errors="replace") if isinstance(p, bytes) else str(p) for p in pieces)
+        return text.strip(), [int(i) for i in ids] if with_ids else []
 
     def infer_many(self, audios, prompt: str | None = None, *, max_new_tokens=None, with_ids: bool = False,
                    concurrency: int = 8) -> list:
@@ -305,7 +337,8 @@ class TritonClient:
             return []
         budgets = [None] * n if max_new_tokens is None else token_budgets(max_new_tokens, n)
         self.check()
-        if self.protocol == "grpc" or n == 1:  # the gRPC client is shared by the worker threads
+        # gRPC: the client is shared by the worker threads; a decoupled model is read response by response
+        if self.protocol == "grpc" or n == 1 or self.is_decoupled(self.model):
             def one(i):
                 try:
                     return self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
@@ -446,22 +479,33 @@ class TritonClient:
             raise self._request_error(e, model) from None
 
     def _stream_http(self, audio, prompt, max_new_tokens) -> Iterator[str]:
-        # Triton's generate_stream extension: JSON fields become inputs (a list gets the batch dim added),
-        # each response comes back as one server-sent event.
-        body = {"AUDIO": as_samples(audio).tolist()}
-        if prompt is not None:
-            body["PROMPT"] = str(prompt)
-        if max_new_tokens is not None:
-            body["MAX_NEW_TOKENS"] = int(max_new_tokens)
-        self.check(self.stream_model)
+        for event in self._events_http(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
+            piece = event.get("TEXT")
+            if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar
+                piece = piece[0] if piece else ""
+            if piece:
+                yield piece
+
+    def _events_http(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator[dict]:
+        """One request to a decoupled model through Triton's generate_stream extension: JSON fields become
+        inputs (a list gets the batch dimension added); each response comes back as one server-sent event."""
+        body = {}
+        for name, array in arrays.items():  # one clip: drop the batch dimension
+            value = np.asarray(array)[0]
+            if value.dtype == object:
+                value = value.reshape(-1)[0]
+                body[name] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            else:
+                body[name] = value.reshape(-1)[0].item() if value.size == 1 and name != "AUDIO" else value.tolist()
+        self.check(model)
         request = urllib.request.Request(
-            f"http://{self.url}/v2/models/{self.stream_model}/generate_stream",
+            f"http://{self.url}/v2/models/{model}/generate_stream",
             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST",
         )
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as e:
-            raise InferenceError(f"Triton at {self.url} ({self.stream_model}): {_http_error_text(e)}", self.url) from None
+            raise InferenceError(f"Triton at {self.url} ({model}): {_http_error_text(e)}", self.url) from None
         except (urllib.error.URLError, OSError) as e:
             raise self._unreachable(getattr(e, "reason", e)) from None
         with response:
@@ -470,12 +514,8 @@ class TritonClient:
                     continue
                 event = json.loads(line[5:].strip())
                 if "error" in event:
-                    raise InferenceError(f"Triton at {self.url} ({self.stream_model}): {event['error']}", self.url)
-                piece = event.get("TEXT")
-                if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar
-                    piece = piece[0] if piece else ""
-                if piece:
-                    yield piece
+                    raise InferenceError(f"Triton at {self.url} ({model}): {event['error']}", self.url)
+                yield event
 
 
 def _close_quietly(client) -> None:

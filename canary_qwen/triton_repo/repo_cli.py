@@ -12,8 +12,8 @@ and MAX_NEW_TOKENS and returns TEXT and OUTPUT_IDS; `canary_qwen_stream` (decoup
         (the Triton binary bundled in nvidia-pytriton), or on a GPU with onnxruntime-gpu (--device cuda).
   trt   the TensorRT encoder plan and the TensorRT-LLM engine (`canary-qwen build-engines` first) for
         NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container; audio frames reach the LLM as a
-        prompt embedding table addressed by fake token ids. With streaming the ensemble is decoupled
-        and is served over gRPC streaming only.
+        prompt embedding table addressed by fake token ids. With streaming the ensemble is decoupled:
+        Triton serves it over gRPC streaming and HTTP generate_stream (canary-qwen client does that).
 """
 
 

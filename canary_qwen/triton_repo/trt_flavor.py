@@ -25,8 +25,9 @@ prompt embedding table, python), ``postprocessing`` (ids -> TEXT), the ``canary_
 preprocessing -> encoder -> prompt_table -> tensorrt_llm -> postprocessing, and the ``canary_qwen_stream``
 BLS model, with the onnx flavour's public interface. With streaming, ``tensorrt_llm`` is decoupled
 (streaming needs it, and one engine serves both models), which makes the ensemble decoupled too:
-Triton then serves it over gRPC streaming only (``canary-qwen client --protocol grpc`` handles that);
-``decoupled_streaming=False`` keeps it callable over HTTP and plain gRPC, without ``canary_qwen_stream``.
+Triton then serves it over gRPC streaming and HTTP generate_stream, not plain infer calls
+(``TritonClient`` reads a decoupled model to its final response by itself); ``decoupled_streaming=False``
+keeps it callable by plain HTTP/gRPC infer, without ``canary_qwen_stream``.
 """
 from __future__ import annotations
 
