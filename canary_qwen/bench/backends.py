@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..engines.base import Transcription, pad_waveforms
+from ..engines.base import Transcription, pad_waveforms, until_eos
 
 PER_CLIP = "per-clip"
 PER_BATCH = "per-batch"
@@ -167,7 +167,7 @@ class NemoBackend(BenchBackend):
         eos = model.text_eos_id
         results = []
         for row in out.cpu().tolist():
-            ids = row[: row.index(eos)] if eos in row else row
+            ids = until_eos(row, eos)
             results.append(Transcription(text=model.tokenizer.ids_to_text(ids).strip(), token_ids=ids))
         return results
 

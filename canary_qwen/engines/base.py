@@ -43,6 +43,12 @@ def token_budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
     return values
 
 
+def until_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
+    """The generated ids before the first eos (NeMo's transcripts stop there and leave it out)."""
+    tokens = [int(t) for t in tokens]
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
 def pad_waveforms(audios: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad 1-D float32 waveforms to [B, S] + lengths [B] (int64)."""
     lengths = np.array([len(a) for a in audios], dtype=np.int64)

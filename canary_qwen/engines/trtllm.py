@@ -50,7 +50,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import Transcription, token_budgets
+from .base import Transcription, token_budgets, until_eos
 from .errors import TENSORRT_LLM_REQUIREMENT, MissingDependencyError, import_tensorrt_llm
 from .prompt_table import PromptTableError, build_request, check_distinct_extra_ids
 
@@ -279,15 +279,6 @@ def engine_limits(config: dict) -> EngineLimits:
     )
 
 
-def _cut(tokens: Sequence[int], eos_id: int, budget: int) -> list[int]:
-    out = []
-    for t in list(tokens)[:budget]:
-        if int(t) == eos_id:
-            break
-        out.append(int(t))
-    return out
-
-
 class TrtLlmBackend:
     """Canary-Qwen on TensorRT: audio encoder (TensorRT engine, else the ONNX graph) + TensorRT-LLM Qwen3.
 
@@ -320,8 +311,8 @@ class TrtLlmBackend:
         self._trtllm = trtllm
         self.manifest = read_manifest(export_dir)
         info = self.manifest.model
-        root = Path(self.manifest.root) / TRT_SUBDIR
-        self.engine_dir = Path(llm_engine_dir) if llm_engine_dir is not None else root / LLM_ENGINE_SUBDIR
+        paths = default_engine_paths(self.manifest.root)
+        self.engine_dir = Path(llm_engine_dir) if llm_engine_dir is not None else paths["llm_engine"]
         self.limits = engine_limits(read_engine_config(self.engine_dir))
         if self.limits.vocab_size != info["vocab_size"] or self.limits.hidden_size != info["hidden_size"]:
             raise ValueError(
@@ -340,7 +331,7 @@ class TrtLlmBackend:
         self.dtype = self.limits.dtype
         self.torch_dtype = self.runner.dtype
         self.table_device = device  # where prompt tables are handed to the executor (GPU memory)
-        encoder_path = Path(encoder_engine) if encoder_engine is not None else root / ENCODER_ENGINE_NAME
+        encoder_path = Path(encoder_engine) if encoder_engine is not None else paths["encoder"]
         if encoder_path.is_file():
             from .trt_encoder import TrtEncoder
 
@@ -418,7 +409,7 @@ class TrtLlmBackend:
                         raise RuntimeError(f"TensorRT-LLM request for clip {i} failed: {response.error_msg}")
                     if response.result.is_final:
                         out[i] = list(response.result.output_token_ids[0])
-        return [_cut(o, tok.eos_id, int(b)) for o, b in zip(out, budgets)]
+        return [until_eos(list(o)[: int(b)], tok.eos_id) for o, b in zip(out, budgets)]
 
     def transcribe(self, audios, *, prompt=None, max_new_tokens=128) -> list[Transcription]:
         from ..model.prompt import prompt_ids
@@ -435,8 +426,10 @@ class TrtLlmBackend:
         return [Transcription(text=self.tokenizer.decode(t).strip(), token_ids=t) for t in tokens]
 
 
-def default_engine_paths(export_dir) -> dict[str, Path]:
-    root = Path(export_dir) / TRT_SUBDIR
+def default_engine_paths(export_dir, engines_dir=None) -> dict[str, Path]:
+    """Where build-engines writes and the trt paths look: ``engines_dir`` (default ``<export_dir>/trt``)
+    holding encoder.plan, llm_engine/ and llm_checkpoint/."""
+    root = Path(export_dir) / TRT_SUBDIR if engines_dir is None else Path(engines_dir)
     return {"llm_engine": root / LLM_ENGINE_SUBDIR, "llm_checkpoint": root / LLM_CHECKPOINT_SUBDIR,
             "encoder": root / ENCODER_ENGINE_NAME}
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..engines import prompt_table
-from ..engines.base import Transcription
+from ..engines.base import Transcription, until_eos
 from ..export.manifest import read_manifest
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
@@ -132,7 +132,7 @@ class EmbeddingsClient:
                 tokens += generated_rows(result.as_numpy("output_ids"), result.as_numpy("sequence_length"), info["eos_id"])[0]
             else:
                 tokens += [int(t) for t in result.as_numpy("OUTPUT_IDS").reshape(-1)]
-        return tokens[: tokens.index(info["eos_id"])] if info["eos_id"] in tokens else tokens
+        return until_eos(tokens, info["eos_id"])
 
     def transcribe(self, audio, prompt: str | None = None, *, max_new_tokens: int = 128) -> Transcription:
         tokens = self.generate(self.embed(audio), prompt, max_new_tokens=max_new_tokens)

@@ -22,8 +22,10 @@ PREPROCESSING, POSTPROCESSING = "preprocessing", "postprocessing"
 
 
 # -- config text ---------------------------------------------------------------------------------------
-def tensor(name: str, dtype: str, dims, *, optional: bool = False, ragged: bool = False) -> str:
-    extra = (" optional: true" if optional else "") + (" allow_ragged_batch: true" if ragged else "")
+def tensor(name: str, dtype: str, dims, *, scalar: bool = False, optional: bool = False, ragged: bool = False) -> str:
+    """One input/output entry; ``scalar``: dims [1] that the model sees as [] (``reshape: { shape: [ ] }``)."""
+    extra = (" reshape: { shape: [ ] }" if scalar else "") + (" optional: true" if optional else "")
+    extra += " allow_ragged_batch: true" if ragged else ""
     return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]{extra} }}'
 
 

@@ -34,12 +34,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..engines.trtllm import ENCODER_ENGINE_NAME, LLM_ENGINE_SUBDIR, TRT_SUBDIR, engine_limits, read_engine_config
+from ..engines.trtllm import default_engine_paths, engine_limits, read_engine_config
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
 from .repo_files import (
     ENSEMBLE, POSTPROCESSING, PREPROCESSING, STREAM, VERSION, audio_inputs, ensemble_outputs, ensemble_step, io_block,
-    link_or_copy, max_new_tokens_input, python_model, replace_model_dirs, tensor, write_models, write_repo_info,
+    link_or_copy, max_new_tokens_input, params_block, python_model, replace_model_dirs, tensor, write_models,
+    write_repo_info,
 )
 
 ENCODER, TENSORRT_LLM, PROMPT_TABLE = "encoder", "tensorrt_llm", "prompt_table"
@@ -145,31 +146,6 @@ REQUEST_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", 
                   "prompt_embedding_table", "prompt_vocab_size", "prompt_table_extra_ids")
 
 
-def _dims(dims) -> str:
-    return "[ " + ", ".join(str(d) for d in dims) + " ]"
-
-
-def _tensor(name, dtype, dims, *, scalar=False, optional=False, ragged=False) -> str:
-    text = f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}\n'
-    if scalar:
-        text += "    reshape: { shape: [ ] }\n"
-    if optional:
-        text += "    optional: true\n"
-    if ragged:
-        text += "    allow_ragged_batch: true\n"
-    return text + "  }"
-
-
-def _block(kind: str, tensors: list[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
-
-
-def _params(params: dict) -> str:
-    return "".join(
-        f'parameters: {{\n  key: "{k}"\n  value: {{\n    string_value: "{v}"\n  }}\n}}\n' for k, v in params.items()
-    )
-
-
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
@@ -206,13 +182,13 @@ def encoder_config(
         f"max_batch_size: {max_batch}\n"
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
     )
-    text += _block("input", [
-        _tensor("audio", "TYPE_FP32", (-1,)),
-        _tensor("audio_lengths", "TYPE_INT64", (1,), scalar=True),
+    text += io_block("input", [
+        tensor("audio", "TYPE_FP32", (-1,)),
+        tensor("audio_lengths", "TYPE_INT64", (1,), scalar=True),
     ])
-    text += _block("output", [
-        _tensor("embeddings", _triton_dtype(embeddings_dtype), (-1, hidden_size)),
-        _tensor("embedding_lengths", "TYPE_INT64", (1,), scalar=True),
+    text += io_block("output", [
+        tensor("embeddings", _triton_dtype(embeddings_dtype), (-1, hidden_size)),
+        tensor("embedding_lengths", "TYPE_INT64", (1,), scalar=True),
     ])
     text += f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_GPU{gpu_list}\n  }}\n]\n"
     return text
@@ -269,10 +245,10 @@ def tensorrt_llm_config(
         f"    default_queue_policy: {{ max_queue_size: {max_queue_size} }}\n"
         "}\n\n"
     )
-    text += _block("input", [
-        _tensor(n, fill.get(t, t), d, scalar=s, optional=o, ragged=r) for n, t, d, s, o, r in TENSORRT_LLM_INPUTS
+    text += io_block("input", [
+        tensor(n, fill.get(t, t), d, scalar=s, optional=o, ragged=r) for n, t, d, s, o, r in TENSORRT_LLM_INPUTS
     ])
-    text += _block("output", [_tensor(n, fill.get(t, t), d) for n, t, d in TENSORRT_LLM_OUTPUTS])
+    text += io_block("output", [tensor(n, fill.get(t, t), d) for n, t, d in TENSORRT_LLM_OUTPUTS])
     text += f"instance_group [\n  {{\n    count: {instances}\n    kind : KIND_CPU\n  }}\n]\n"
     params = {
         "max_beam_width": 1,
@@ -290,7 +266,7 @@ def tensorrt_llm_config(
         params["max_tokens_in_paged_kv_cache"] = int(max_tokens_in_paged_kv_cache)
     if gpu_device_ids is not None:
         params["gpu_device_ids"] = gpu_device_ids
-    return text + _params(params)
+    return text + params_block(params)
 
 
 def model_configs(
@@ -377,8 +353,8 @@ def _ensemble_config(max_batch: int) -> str:
 
 
 def _engines(export_dir, engines_dir) -> tuple[Path, Path]:
-    root = Path(export_dir) / TRT_SUBDIR if engines_dir is None else Path(engines_dir)
-    plan, llm = root / ENCODER_ENGINE_NAME, root / LLM_ENGINE_SUBDIR
+    paths = default_engine_paths(export_dir, engines_dir)
+    plan, llm = paths["encoder"], paths["llm_engine"]
     missing = [str(p) for p in (plan, llm / "config.json") if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"the trt flavour needs built engines; missing {', '.join(missing)}. Build them with "

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..engines import prompt_table
+from ..engines.base import until_eos
 from .serving import InputError, check_prompt_ids
 
 
@@ -60,8 +61,4 @@ def generated_rows(output_ids: np.ndarray, sequence_length: np.ndarray | None, e
         counts = [ids.shape[1]] * len(ids)
     else:
         counts = [int(n) for n in np.asarray(sequence_length).reshape(len(ids), -1)[:, 0]]
-    rows = []
-    for row, n in zip(ids, counts):
-        tokens = [int(t) for t in row[:n]]
-        rows.append(tokens[: tokens.index(end_id)] if end_id in tokens else tokens)
-    return rows
+    return [until_eos(row[:n], end_id) for row, n in zip(ids, counts)]

@@ -9,6 +9,7 @@ models as they come (DLPack keeps bf16 embeddings bf16).
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.engines.base import until_eos
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.triton_repo.models.stream import ComposingModelError
 from canary_qwen.triton_repo.models.stream import TritonPythonModel as StreamModel
@@ -50,7 +51,6 @@ class TritonPythonModel(StreamModel):
             if tokens is None or ended:  # drain what follows eos unsent
                 continue
             tokens = tokens.as_numpy().reshape(-1)
-            if self.eos_id in tokens:
-                ended = True
-                tokens = tokens[: list(tokens).index(self.eos_id)]
-            yield tokens
+            kept = until_eos(tokens, self.eos_id)
+            ended = len(kept) < len(tokens)
+            yield kept
