@@ -141,7 +141,11 @@ def run_client_transcribe(args, out=None, err=None) -> int:
                 _emit(args, path, text, len(audio) / SAMPLE_RATE, out)
     finally:
         client.close()
-    wall = time.perf_counter() - start
+    return _summary(args, audio_s, time.perf_counter() - start, failed, err)
+
+
+def _summary(args, audio_s: float, wall: float, failed: int, err) -> int:
+    """The closing lines on stderr (RTFx of what was transcribed, how many files failed) and the exit code."""
     if audio_s:
         print(f"{audio_s:.1f} s of audio in {wall:.2f} s (RTFx {audio_s / wall:.1f})", file=err)
     if failed:
@@ -166,6 +170,8 @@ def _run_via_embeddings(args, out, err) -> int:
         print(f"error: {e}", file=err)
         return 1
     failed = 0
+    audio_s = 0.0
+    start = time.perf_counter()
     budget = args.max_new_tokens or 128
     with client:
         for path in args.files:
@@ -177,7 +183,6 @@ def _run_via_embeddings(args, out, err) -> int:
                 failed += 1
                 print(f"error: {path}: {e}" if isinstance(e, TritonClientError) else f"error: {e}", file=err, flush=True)
                 continue
+            audio_s += len(audio) / SAMPLE_RATE
             _emit(args, path, " ".join(t for t in texts if t).strip(), len(audio) / SAMPLE_RATE, out)
-    if failed:
-        print(f"{failed} of {len(args.files)} files failed", file=err)
-    return 1 if failed else 0
+    return _summary(args, audio_s, time.perf_counter() - start, failed, err)
