@@ -40,7 +40,7 @@ from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_con
 from canary_qwen.triton_repo.onnx_flavor import generate_onnx_repo
 from canary_qwen.triton_repo.repo_files import REPO_INFO
 from canary_qwen.triton_repo.server import free_ports
-from canary_qwen.triton_repo.serving import InputError, TextStream, check_audio, splice_rows
+from canary_qwen.triton_repo.serving import InputError, TextStream, check_audio
 
 from conftest import make_clip, needs_server, running_server
 
@@ -206,14 +206,17 @@ def test_check_audio_messages():
             check_audio(bad, 1.0)
 
 
-def test_splice_rows_matches_greedy_splice(export_dir):
+def test_splice_gives_each_row_its_own_prompt_left_padded(export_dir):
     table = np.load(export_dir / "embed_tokens.npy")
-    prompt = [1, 2, 426, 3]
+    prompts = [[1, 2, 426, 3], [7, 426, 8, 9, 10]]
     audio = [np.ones((3, table.shape[1]), np.float32), np.full((5, table.shape[1]), 2, np.float32)]
-    a = splice_rows([prompt, prompt], audio, table, 426)
-    b = splice_and_pad(prompt, audio, table, 426)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
+    embeds, mask = splice_and_pad(prompts, audio, table, 426)
+    for i, (prompt, frames) in enumerate(zip(prompts, audio)):
+        at = prompt.index(426)
+        want = np.concatenate((table[prompt[:at]], frames, table[prompt[at + 1 :]]))
+        pad = embeds.shape[1] - len(want)
+        np.testing.assert_array_equal(embeds[i, pad:], want)
+        assert not embeds[i, :pad].any() and mask[i].tolist() == [0] * pad + [1] * len(want)
 
 
 # -- the running server ------------------------------------------------------------------------------

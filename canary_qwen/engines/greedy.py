@@ -12,17 +12,18 @@ DecoderStep = Callable[[np.ndarray, np.ndarray, np.ndarray, list], tuple[np.ndar
 
 
 def splice_and_pad(
-    prompt: Sequence[int], audio_embeds: Sequence[np.ndarray], embed_table: np.ndarray, placeholder_id: int
+    prompts: Sequence[Sequence[int]], audio_embeds: Sequence[np.ndarray], embed_table: np.ndarray, placeholder_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each clip's frames replace the placeholder; rows are left-padded with zero vectors.
-
-    Returns embeddings [B, L, H] (table dtype) and attention_mask [B, L] int64.
-    """
-    at = list(prompt).index(placeholder_id)
-    text = np.asarray(embed_table[np.asarray(prompt, dtype=np.int64)])
-    rows = [np.concatenate((text[:at], a.astype(text.dtype), text[at + 1 :])) for a in audio_embeds]
+    """Row i: ``prompts[i]`` with its placeholder replaced by clip i's frames; rows are left-padded with
+    zero vectors. Returns embeddings [B, L, H] (table dtype) and attention_mask [B, L] int64."""
+    rows = []
+    for prompt, audio in zip(prompts, audio_embeds):
+        prompt = list(prompt)
+        at = prompt.index(placeholder_id)
+        text = np.asarray(embed_table[np.asarray(prompt, dtype=np.int64)])
+        rows.append(np.concatenate((text[:at], np.asarray(audio, dtype=text.dtype), text[at + 1 :])))
     width = max(len(r) for r in rows)
-    embeds = np.zeros((len(rows), width, text.shape[1]), dtype=text.dtype)
+    embeds = np.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
         embeds[i, width - len(r) :] = r

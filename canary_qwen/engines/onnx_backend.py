@@ -82,7 +82,8 @@ class OnnxBackend:
         if not len(audios):
             return []
         tok = self.tokenizer
-        embeds, mask = splice_and_pad(prompt_ids(tok, prompt), self.encoder(audios), self.embed_table, tok.placeholder_id)
+        embeds, mask = splice_and_pad([prompt_ids(tok, prompt)] * len(audios), self.encoder(audios), self.embed_table,
+                                      tok.placeholder_id)
         tokens = greedy_generate(
             self.decoder,
             self.embed_table,

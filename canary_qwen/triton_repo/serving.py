@@ -123,26 +123,6 @@ def check_embeddings(embeds: np.ndarray, hidden_size: int) -> np.ndarray:
 
 
 # -- batching -----------------------------------------------------------------------------------------
-def splice_rows(
-    prompts: Sequence[Sequence[int]], audio_embeds: Sequence[np.ndarray], embed_table: np.ndarray, placeholder_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``greedy.splice_and_pad`` with a prompt per row: each row's placeholder becomes its clip's frames;
-    rows are left-padded with zero vectors. Returns embeddings [B, L, H] and attention_mask [B, L] int64."""
-    rows = []
-    for prompt, audio in zip(prompts, audio_embeds):
-        prompt = list(prompt)
-        at = prompt.index(placeholder_id)
-        text = np.asarray(embed_table[np.asarray(prompt, dtype=np.int64)])
-        rows.append(np.concatenate((text[:at], np.asarray(audio, dtype=text.dtype), text[at + 1 :])))
-    width = max(len(r) for r in rows)
-    embeds = np.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        embeds[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return embeds, mask
-
-
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
     """Token lists as one int64 [B, N] array, right-padded with ``pad_id`` (a special token: decoding skips it)."""
     width = max((len(r) for r in rows), default=0)

@@ -14,7 +14,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from canary_qwen.engines.greedy import greedy_generate
+from canary_qwen.engines.greedy import greedy_generate, splice_and_pad
 from canary_qwen.engines.onnx_backend import OnnxDecoder
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.triton_repo.serving import (
@@ -25,7 +25,6 @@ from canary_qwen.triton_repo.serving import (
     model_parameters,
     pad_ids,
     read_budgets,
-    splice_rows,
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -105,7 +104,7 @@ class TritonPythonModel:
 
     def _generate(self, prompts, embeds, budgets, owners, senders, closed):
         info = self.info
-        x, mask = splice_rows(prompts, embeds, self.embed_table, info["placeholder_id"])
+        x, mask = splice_and_pad(prompts, embeds, self.embed_table, info["placeholder_id"])
         on_token = None
         if senders:
             # Streaming, one row per request (checked in _read); mirrors greedy's stopping rule.
