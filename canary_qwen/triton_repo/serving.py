@@ -1,8 +1,8 @@
 """What the onnx flavour's python-backend models share, without any Triton import (so it is unit-testable).
 
-Input checks that give one clear sentence per bad request, per-row prompt splicing for batched
-decoding, and the incremental detokenizer the streaming model uses (the ONNX Runtime sessions are
-``canary_qwen.engines.onnx_backend``'s). Nothing here imports torch: every python stub imports this,
+Input checks that give one clear sentence per bad request, padding of generated ids, and the
+incremental detokenizer the streaming model uses (the ONNX Runtime sessions and the prompt splicing
+are ``canary_qwen.engines``'). Nothing here imports torch: every python stub imports this,
 and torch would cost each of them ~1 s and a few hundred MB.
 """
 from __future__ import annotations
