@@ -87,6 +87,12 @@ def test_every_run_has_every_field(bench):
         assert run["budget"] == (PER_BATCH if name == "nemo" else PER_CLIP)
         if HAVE_NEMO:
             assert run["rtfx_vs_nemo"] == pytest.approx(run["rtfx"] / runs["nemo"]["rtfx"])
+        work = run["gflop_per_audio_s"]
+        assert work["total"] == pytest.approx(work["encoder"] + work["prefill"] + work["decode"]) and work["decode"] > 0
+        assert run["model_tflops"] == pytest.approx(work["total"] * run["audio_s"] / run["wall_s"] * 1e-3)
+        assert run["peak_tflops"] is None and run["rtfx_limit"] is None and run["of_limit"] is None  # CPU: no peak
+    if HAVE_ORT:  # same transcripts, same work: padding and extra tokens are not counted
+        assert runs["onnx"]["gflop_per_audio_s"] == runs["torch"]["gflop_per_audio_s"]
     if HAVE_NEMO:
         assert runs["nemo"]["rtfx_vs_nemo"] == pytest.approx(1.0)
     else:
@@ -109,7 +115,7 @@ def test_markdown_table_has_a_row_per_run(bench):
     assert len(rows) == len(bench["results"]["runs"])
     for row, run in zip(rows, bench["results"]["runs"]):
         assert row.split("|")[1].strip() == run["backend"]
-    assert "vs best NeMo" in md
+    assert "vs best NeMo" in md and "GFLOP per audio second" in md
 
 
 def test_png_and_docs_and_hypotheses(bench):

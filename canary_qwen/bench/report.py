@@ -17,7 +17,7 @@ METHOD = (
 )
 
 TABLE_HEADER = ("backend", "batch", "dtype", "device", "clips", "audio (s)", "wall (s)", "RTFx", "vs best NeMo",
-                "WER", "tokens", "note")
+                "WER", "tokens", "TFLOP/s", "of limit", "note")
 
 
 def _num(x, digits: int = 2) -> str:
@@ -60,6 +60,8 @@ def table_rows(results: dict) -> list[list[str]]:
             "—" if r["rtfx_vs_nemo"] is None else f"{r['rtfx_vs_nemo']:.2f}x",
             "—" if r["wer"] is None else f"{100 * r['wer']:.2f} %",
             _num(r["tokens_generated"]),
+            _num(r.get("model_tflops"), 3),
+            "—" if r.get("of_limit") is None else f"{100 * r['of_limit']:.1f} %",
             note,
         ])
     return rows
@@ -81,6 +83,22 @@ def _dataset_line(results: dict) -> str:
             f"({d['min_s']:.2f}-{d['max_s']:.2f} s){refs}; budget: {budget}.")
 
 
+def _work_line(results: dict) -> str | None:
+    """Work per audio second and the RTFx it allows at the GPU's peak, from the first run that has them."""
+    run = next((r for r in results["runs"] if r.get("gflop_per_audio_s")), None)
+    if run is None:
+        return None
+    g = run["gflop_per_audio_s"]
+    line = (f"Work (matmul/conv FLOPs from the checkpoint's configs, canary_qwen/bench/flops.py): "
+            f"{g['total']:.3g} GFLOP per audio second = encoder {g['encoder']:.3g} + prefill {g['prefill']:.3g} "
+            f"+ decode {g['decode']:.3g}. TFLOP/s = that work over the wall time.")
+    limited = next((r for r in results["runs"] if r.get("rtfx_limit")), None)
+    if limited:
+        line += (f" At the GPU's datasheet peak ({limited['peak_tflops']:g} dense {limited['dtype']} TFLOP/s) the work "
+                 f"caps RTFx at {limited['rtfx_limit']:,.0f}; 'of limit' = RTFx over that cap.")
+    return line
+
+
 def results_markdown(results: dict) -> str:
     env = results["environment"]
     return "\n".join([
@@ -90,6 +108,7 @@ def results_markdown(results: dict) -> str:
         "",
         _dataset_line(results),
         f"Hardware: {_hardware(env)}. Run at {env['timestamp']}.",
+        *filter(None, [_work_line(results)]),
         "",
         markdown_table(results),
         "",
@@ -193,6 +212,8 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
         lines += [f"## {title}", ""]
         lines += ["Command:", "", "```bash", env.get("command") or " ".join(env.get("argv", [])), "```", ""]
         lines += [_dataset_line(res), ""]
+        if work := _work_line(res):
+            lines += [work, ""]
         lines += ["| | |", "| --- | --- |", f"| hardware | {_cell(_hardware(env))} |",
                   f"| platform | {_cell(env.get('platform'))}, Python {env.get('python')} |"]
         versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)

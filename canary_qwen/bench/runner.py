@@ -24,12 +24,14 @@ from tqdm import tqdm
 from ..engines.base import SAMPLE_RATE
 from .backends import PER_BATCH, BackendOptions, BackendUnavailable, BenchBackend, create_backend, release_memory
 from .data import BenchSet
+from .flops import Work, WorkModel, peak_tflops, roofline_fields
 
 DEFAULT_MAX_NEW_TOKENS = 128  # model card and leaderboard
 RUN_FIELDS = (
     "backend", "batch_size", "dtype", "device", "n_clips", "audio_s", "wall_s", "rtfx", "rtfx_vs_nemo", "wer",
     "n_references", "tokens_generated", "tokens_per_s", "budget", "tokens_per_second", "max_new_tokens",
-    "n_batches", "warmup_batches", "warmup_s", "stages", "skipped", "reason",
+    "n_batches", "warmup_batches", "warmup_s", "stages", "gflop_per_audio_s", "model_tflops", "peak_tflops",
+    "rtfx_limit", "of_limit", "skipped", "reason",
 )
 
 
@@ -194,6 +196,7 @@ def timed_run(backend: BenchBackend, data: BenchSet, batch_size: int, config: Be
     backend.reset_stage_timings()
 
     hypotheses: list[str] = [""] * n
+    usage: list[tuple[int, int]] = []  # (samples, tokens within the clip's own budget) per clip
     tokens = 0
     audio_samples = 0
     load_s = transcribe_s = 0.0
@@ -212,6 +215,7 @@ def timed_run(backend: BenchBackend, data: BenchSet, batch_size: int, config: Be
             hypotheses[i] = r.text
             tokens += len(r.token_ids)
             audio_samples += len(a)
+            usage.append((len(a), min(len(r.token_ids), clip_budget(len(a) / SAMPLE_RATE, tps, cap))))
     wall = time.perf_counter() - start
     bar.close()
 
@@ -241,6 +245,7 @@ def timed_run(backend: BenchBackend, data: BenchSet, batch_size: int, config: Be
         stages=stages,
     )
     run["_hypotheses"] = hypotheses
+    run["_usage"] = usage
     return run
 
 
@@ -253,6 +258,25 @@ def add_nemo_ratios(runs: list[dict]) -> None:
     best = max(nemo) if nemo else None
     for r in runs:
         r["rtfx_vs_nemo"] = r["rtfx"] / best if best and r["rtfx"] is not None else None
+
+
+def work_model(config: BenchConfig, log) -> WorkModel | None:
+    """The checkpoint's work model (configs and tokenizer only), or None without a readable --model."""
+    if not config.model:
+        return None
+    try:
+        return WorkModel.from_checkpoint(config.model)
+    except Exception as e:  # noqa: BLE001 - the FLOP figures are extras; the benchmark goes on without them
+        log(f"no FLOP figures: cannot read the model's configs ({type(e).__name__}: {e})")
+        return None
+
+
+def add_work(run: dict, usage: list[tuple[int, int]], model: WorkModel, gpu: str | None) -> None:
+    """Fill the run's work fields from its clips (see ``flops``); the peak applies to GPU runs only."""
+    work = sum((model.clip(samples, tokens) for samples, tokens in usage), Work())
+    on_gpu = str(run["device"] or "").startswith("cuda")
+    peak = peak_tflops(gpu, run["dtype"]) if on_gpu else None
+    run.update(roofline_fields(work, run["audio_s"], run["wall_s"], run["rtfx"], peak))
 
 
 def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress: bool = True, log=None) -> dict:
@@ -274,6 +298,8 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
     device, dtype = config.resolved_device(), config.resolved_dtype()
     options = BackendOptions(model=config.model, export_dir=config.export_dir, device=device, dtype=dtype, url=config.url)
 
+    work = work_model(config, log)
+    env = environment(config.command)
     runs: list[dict] = []
     for name in config.backends:
         try:
@@ -296,9 +322,13 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
         finally:
             backend.close()
     add_nemo_ratios(runs)
+    for run in runs:
+        usage = run.pop("_usage", None)
+        if usage and work is not None:
+            add_work(run, usage, work, env["gpu"])
     hypotheses = {f"{r['backend']}@{r['batch_size']}": r.pop("_hypotheses") for r in runs if "_hypotheses" in r}
     return {
-        "environment": environment(config.command),
+        "environment": env,
         "config": {**asdict(config), "device": device, "dtype": dtype},
         "dataset": {
             "name": data.name,
