@@ -1,0 +1,172 @@
+"""Where and why greedy tokens part in reduced precision.
+
+In fp32 every path here is token-identical to NeMo. In bf16 they may not be: a different order of
+operations (packed vs padded prefill, LoRA merged vs applied, other kernels) rounds differently, and
+greedy decoding follows whichever of two near-tied tokens comes out on top. This module runs the
+paths in one dtype, finds the first step where each differs from the reference (this package's
+``torch`` backend, NeMo-exact in fp32, run in the same dtype) and, at that step, asks the fp32 reference (teacher
+forced on the common prefix) how far apart the two candidate tokens really are, next to how far
+the reduced-precision logits are from fp32 there. A divergence whose fp32 gap is below that error is
+a rounding near-tie, not a bug.
+
+    python -m canary_qwen.bench.divergence --model CKPT --dtype bf16 --device cuda [--nemo]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..engines.torch_backend import DTYPES, TorchBackend
+from ..model.errors import CheckpointError
+from ..model.generate import splice_audio
+from ..model.prompt import prompt_ids
+
+
+@dataclass
+class Divergence:
+    clip: int
+    path: str  # the path compared with the reference
+    step: int | None  # first differing token, None when identical
+    reference_token: int | None = None  # None: that side stopped (eos) here
+    path_token: int | None = None
+    fp32_gap: float | None = None  # fp32 logit of the reference's token minus the path's
+    logit_error: float | None = None  # max |reduced-precision logits - fp32 logits| at that step
+    fp32_choice: str | None = None  # "reference", "path" or "other": whose token fp32 greedy picks
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def forced_logits(backend: TorchBackend, audio: np.ndarray, prefix: list[int]) -> torch.Tensor:
+    """fp32 logits [V] of the next token after the prompt, the clip and ``prefix`` (one full forward)."""
+    model, tok = backend.model, backend.tokenizer
+    embeds = backend.encode([audio])
+    rows, _ = splice_audio(model, [prompt_ids(tok, None)], embeds, tok.placeholder_id)
+    if prefix:
+        rows = torch.cat((rows, model.embed_tokens(torch.tensor([prefix], device=model.device))), dim=1)
+    length = rows.shape[1]
+    hidden = model.llm(rows, torch.arange(length, device=model.device)[None],
+                       torch.ones(1, length, dtype=torch.bool, device=model.device))
+    return model.logits(hidden[0, -1]).float()
+
+
+def run_paths(model: str, clips, budget: int, dtype: str, device: str, nemo: bool) -> dict[str, list[list[int]]]:
+    """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits)."""
+    from .backends import NemoBackend
+    from ..engines.fast_torch import FastTorchBackend
+
+    factories = {
+        "reference": lambda: TorchBackend(model, device=device, dtype=dtype),
+        "torch-fast": lambda: FastTorchBackend(model, device=device, dtype=dtype),
+    }
+    if nemo:
+        factories["nemo"] = lambda: NemoBackend(model, device=device, dtype=dtype)
+    tokens = {}
+    for name, make in factories.items():
+        engine = make()
+        if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
+            out = [engine.transcribe([c], [budget])[0] for c in clips]
+        else:
+            out = engine.transcribe(list(clips), max_new_tokens=budget)
+        tokens[name] = [t.token_ids for t in out]
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return tokens
+
+
+def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, device: str) -> list[Divergence]:
+    """One record per (clip, path other than the reference)."""
+    reference = tokens["reference"]
+    found = [
+        Divergence(clip=i, path=name, step=first_difference(reference[i], path[i]))
+        for name, path in tokens.items() if name != "reference" for i in range(len(clips))
+    ]
+    if not any(d.step is not None for d in found):
+        return found
+    fp32 = TorchBackend(model, device=device, dtype="fp32")
+    reduced = TorchBackend(model, device=device, dtype=dtype)
+    eos = fp32.tokenizer.eos_id
+    for d in found:
+        if d.step is None:
+            continue
+        ref, other = reference[d.clip], tokens[d.path][d.clip]
+        d.reference_token = ref[d.step] if d.step < len(ref) else None
+        d.path_token = other[d.step] if d.step < len(other) else None
+        exact = forced_logits(fp32, clips[d.clip], ref[: d.step])
+        rounded = forced_logits(reduced, clips[d.clip], ref[: d.step])
+        a = eos if d.reference_token is None else d.reference_token
+        b = eos if d.path_token is None else d.path_token
+        d.fp32_gap = float(exact[a] - exact[b])
+        d.logit_error = float((rounded - exact).abs().max())
+        best = int(exact.argmax())
+        d.fp32_choice = "reference" if best == a else "path" if best == b else "other"
+    return found
+
+
+def _tie_ratio(d: Divergence) -> float:
+    """fp32 gap over rounding error: at most 1 means rounding alone can swap the two tokens."""
+    if d.logit_error > 0:
+        return abs(d.fp32_gap) / d.logit_error
+    return 0.0 if d.fp32_gap == 0 else math.inf
+
+
+def summary(found: list[Divergence]) -> str:
+    lines = []
+    for name in dict.fromkeys(d.path for d in found):
+        rows = [d for d in found if d.path == name]
+        parted = [d for d in rows if d.step is not None]
+        line = f"{name}: {len(rows) - len(parted)} of {len(rows)} clips token-identical to the reference"
+        if parted:
+            ratio = [_tie_ratio(d) for d in parted]
+            line += (f"; {len(parted)} part at steps {sorted(d.step for d in parted)}, "
+                     f"{sum(r <= 1 for r in ratio)} of them where the fp32 logits of the two tokens differ by no more "
+                     f"than the rounding error of the logits there (gap / error at most {max(ratio):.2f})")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m canary_qwen.bench.divergence", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="precision of every path (default: bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--synthetic", default="mixed:1-10:8", metavar="SPEC",
+                   help="test set, as for `canary-qwen bench` (default: mixed:1-10:8)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per clip (default: 24)")
+    p.add_argument("--nemo", action="store_true", help="also run NeMo's SALM.generate (needs nemo-toolkit)")
+    p.add_argument("--out", metavar="PATH", help="write the records as JSON here")
+    args = p.parse_args(argv)
+    from .backends import BackendUnavailable
+    from .data import synthetic_set
+
+    clips = synthetic_set(args.synthetic).audio
+    try:
+        tokens = run_paths(args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo)
+    except (BackendUnavailable, CheckpointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    found = explain(args.model, clips, tokens, args.dtype, args.device)
+    print(summary(found))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "records": [asdict(d) for d in found]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
