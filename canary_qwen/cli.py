@@ -31,7 +31,9 @@ def _add_transcribe(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: the reference; torch-fast: static KV cache, continuous batching, CUDA-graph decode on "
                    "a GPU; onnx: ONNX Runtime on an export; trt: TensorRT + TensorRT-LLM engines (default: torch)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per batch (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="clips per batch (default: 8); torch-fast schedules a batch continuously over up to 256 "
+                   "cache slots, so on a GPU give it hundreds")
     p.add_argument("--max-new-tokens", type=int, default=128, help="decoding budget per clip (default: 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="torch / torch-fast precision (default: fp32)")
