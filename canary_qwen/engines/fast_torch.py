@@ -111,8 +111,10 @@ class FastTorchBackend:
         lengths = [p.shape[0] for p in prompts]
         n, longest = len(prompts), max(lengths)
         x = torch.cat(prompts)
-        positions = torch.cat([torch.arange(length, device=self.device) for length in lengths])
-        rows = torch.repeat_interleave(torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device))
+        # Index tensors are built on the host and copied once (not hundreds of tiny device kernels).
+        counts = torch.tensor(lengths)
+        positions = torch.cat([torch.arange(length) for length in lengths]).to(self.device)
+        rows = torch.repeat_interleave(torch.arange(n), counts).to(self.device)
         at = torch.tensor(slots, device=self.device)
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # packed [N, heads, d] -> [n, heads, longest, d]
@@ -129,8 +131,8 @@ class FastTorchBackend:
                                                            enable_gqa=True)
             x = x + attn.o_proj(o.transpose(1, 2)[rows, positions].reshape(x.shape[0], -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.lengths[at] = torch.tensor(lengths, device=self.device)
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        cache.lengths[at] = counts.to(self.device)
+        last = (counts.cumsum(0) - 1).to(self.device)
         return self.model.logits(self.model.llm.norm(x[last]))
 
     def _decode(self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
