@@ -21,8 +21,8 @@ from ..model.tokenizer import QwenTokenizer
 
 # Dense (no sparsity) tensor-core TFLOP/s from NVIDIA's datasheets, by dtype; more specific names first.
 PEAK_TFLOPS = (
-    ("H200", {"bf16": 989.0}),
     ("GH200", {"bf16": 989.0}),
+    ("H200", {"bf16": 989.0}),
     ("H100 NVL", {"bf16": 835.0}),
     ("H100 PCIe", {"bf16": 756.0}),
     ("H100", {"bf16": 989.0}),  # SXM5 ("NVIDIA H100 80GB HBM3")
