@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from canary_qwen.engines.fast_torch import FastTorchBackend
+from canary_qwen.engines.fast_torch import FastTorchBackend, PackedLinear
 from canary_qwen.engines.onnx_backend import OnnxBackend
 from canary_qwen.engines.torch_backend import TorchBackend
 from canary_qwen.export.artifacts import export_all
@@ -103,6 +103,21 @@ def test_onnx_tokens_identical_to_torch_and_fast_path(exported, reference, tiny_
     assert [t.token_ids for t in OnnxBackend(exported.root).transcribe(clips, max_new_tokens=budgets)] == want
     fast = FastTorchBackend(str(tiny_checkpoint), dtype="fp32", max_slots=2, encoder_batch=3)
     assert [t.token_ids for t in fast.transcribe(clips, max_new_tokens=budgets)] == want
+
+
+def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
+    """The token-identity tests above ran the packed linears: they are in place and compute the same."""
+    assert PackedLinear.available(), "this PyTorch build has no oneDNN linear ops"
+    fast = FastTorchBackend(str(tiny_checkpoint), dtype="fp32")
+    plain = TorchBackend(str(tiny_checkpoint), dtype="fp32", merge_lora=True).model
+    x = torch.randn(5, plain.llm_cfg.hidden_size)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        ours, theirs = getattr(fast.model.llm.layers[1].self_attn, name), getattr(plain.llm.layers[1].self_attn, name)
+        assert isinstance(ours, PackedLinear), name
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    assert all(isinstance(getattr(fast.model.llm.layers[0].mlp, n), PackedLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    torch.testing.assert_close(fast.head(x), x @ plain.output_weight().T, rtol=1e-5, atol=1e-6)
+    assert FastTorchBackend(str(tiny_checkpoint), dtype="bf16").head is None  # bf16 keeps the plain weights
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")

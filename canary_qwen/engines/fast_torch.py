@@ -33,6 +33,25 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
 
 
+class PackedLinear(nn.Module):
+    """``x @ weight.T`` (no bias) with the weight reordered by oneDNN for this CPU, as torch.compile's
+    CPU weight freezing does it; the ops are private to PyTorch, hence ``available()``."""
+
+    ROWS_HINT = 64  # oneDNN's layout hint; 4 to 512 rows ran equally fast with it
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.ROWS_HINT)
+
+    @staticmethod
+    def available() -> bool:
+        ops = torch.ops.mkldnn
+        return torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
 class StaticKVCache:
     """[layers, slots, kv_heads, max_len, head_dim] keys and values plus the filled length per slot."""
 
@@ -63,6 +82,28 @@ class FastTorchBackend:
         self.model, self.tokenizer, self.files = load_model(model, dtype=DTYPES[dtype], device=self.device, merge_lora=True)
         self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
+        self.head = None  # the output layer as a module when prepacked, else model.logits' dense matmul
+        if self.device.type == "cpu" and self.model.dtype == torch.float32 and PackedLinear.available():
+            self._prepack_for_cpu()
+
+    def _prepack_for_cpu(self) -> None:
+        """The LLM's linears and output layer with their weights reordered by oneDNN for this CPU.
+
+        A decode step reads every weight once. On the 2-core test machine a full-size decode step of
+        4 slots took 0.94 s with plain weights and 0.40 s with the decoder layers packed; one
+        6144x2048 matmul took 6.8 / 16.1 / 81.7 ms plain and 1.3 / 7.9 / 61.7 ms packed at 4 / 64 /
+        512 rows. Weights are replaced one at a time, so memory grows by one matrix, not by a model.
+        """
+        for layer in self.model.llm.layers:
+            for block in (layer.self_attn, layer.mlp):
+                for name, child in list(block.named_children()):
+                    if isinstance(child, nn.Linear) and child.bias is None:
+                        setattr(block, name, PackedLinear(child.weight))
+        # Tied to the embeddings, which stay dense for lookups: the packed copy is extra memory.
+        self.head = PackedLinear(self.model.output_weight())
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden) if self.head is None else self.head(hidden).float()
 
     @contextmanager
     def _timed(self, stage: str):
@@ -133,7 +174,7 @@ class FastTorchBackend:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.lengths[at] = counts.to(self.device)
         last = (counts.cumsum(0) - 1).to(self.device)
-        return self.model.logits(self.model.llm.norm(x[last]))
+        return self._logits(self.model.llm.norm(x[last]))
 
     def _decode(self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One token for every slot (idle slots too) with static shapes; returns logits [slots, V].
@@ -156,7 +197,7 @@ class FastTorchBackend:
             x = x + attn.o_proj(o.reshape(tokens.shape[0], -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.lengths += active
-        return self.model.logits(self.model.llm.norm(x))
+        return self._logits(self.model.llm.norm(x))
 
     def _decoder(self, cache: StaticKVCache):
         """The decode step for this cache: captured as a CUDA graph on CUDA (when enabled), else eager."""
