@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from canary_qwen.engines.fast_torch import FastTorchBackend, PackedLinear
+from canary_qwen.engines.fast_torch import FastTorchBackend, PackedLinear, length_buckets
 from canary_qwen.engines.onnx_backend import OnnxBackend
 from canary_qwen.engines.torch_backend import TorchBackend
 from canary_qwen.export.artifacts import export_all
@@ -105,6 +105,13 @@ def test_onnx_tokens_identical_to_torch_and_fast_path(exported, reference, tiny_
     assert [t.token_ids for t in fast.transcribe(clips, max_new_tokens=budgets)] == want
 
 
+def test_encoder_batches_keep_padding_small():
+    seconds = [2.0, 8.0, 7.5, 3.0, 2.1]
+    assert length_buckets([int(s * 16000) for s in seconds], max_batch=64) == [[1, 2], [3], [4, 0]]
+    assert length_buckets([100] * 5, max_batch=2) == [[0, 1], [2, 3], [4]]
+    assert length_buckets([], max_batch=4) == []
+
+
 def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
     """The token-identity tests above ran the packed linears: they are in place and compute the same."""
     assert PackedLinear.available(), "this PyTorch build has no oneDNN linear ops"
@@ -117,6 +124,11 @@ def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
     assert all(isinstance(getattr(fast.model.llm.layers[0].mlp, n), PackedLinear) for n in ("gate_proj", "up_proj", "down_proj"))
     torch.testing.assert_close(fast.head(x), x @ plain.output_weight().T, rtol=1e-5, atol=1e-6)
+    frames = torch.randn(2, 7, plain.cfg.encoder.d_model)  # encoder linears carry biases and see 3-D input
+    ours, theirs = fast.model.encoder.layers[0].feed_forward1.linear1, plain.encoder.layers[0].feed_forward1.linear1
+    assert isinstance(ours, PackedLinear) and theirs.bias is not None
+    torch.testing.assert_close(ours(frames), theirs(frames), rtol=1e-5, atol=1e-6)
+    assert not any(isinstance(m, torch.nn.Linear) for m in [*fast.model.encoder.modules(), *fast.model.llm.modules()])
     assert FastTorchBackend(str(tiny_checkpoint), dtype="bf16").head is None  # bf16 keeps the plain weights
 
 
