@@ -46,8 +46,8 @@ def test_a_known_divergence_is_located_and_measured(tiny_checkpoint, clips):
     assert changed.fp32_gap == pytest.approx(float(top2.values[0] - top2.values[1])) and changed.fp32_gap > 0
     assert changed.logit_error == 0 and changed.fp32_choice == "reference"  # fp32 against itself: no rounding
     assert (stopped.step, stopped.path_token) == (5, None)
-    assert stopped.fp32_gap == pytest.approx(float(forced_logits(reference, clips[0], ref[0][:5])[ref[0][5]]
-                                                   - forced_logits(reference, clips[0], ref[0][:5])[reference.tokenizer.eos_id]))
+    at_five = forced_logits(reference, clips[0], ref[0][:5])
+    assert stopped.fp32_gap == pytest.approx(float(at_five[ref[0][5]] - at_five[reference.tokenizer.eos_id]))
     assert "runner-up: 0 of 1 clips token-identical" in summary([changed, stopped])
 
 

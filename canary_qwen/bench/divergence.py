@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..engines.fast_torch import FastTorchBackend
 from ..engines.torch_backend import DTYPES, TorchBackend
 from ..model.errors import CheckpointError
 from ..model.generate import splice_audio
 from ..model.prompt import prompt_ids
+from .backends import BackendUnavailable, NemoBackend
+from .data import synthetic_set
 
 
 @dataclass
@@ -64,9 +67,6 @@ def forced_logits(backend: TorchBackend, audio: np.ndarray, prefix: list[int]) -
 
 def run_paths(model: str, clips, budget: int, dtype: str, device: str, nemo: bool) -> dict[str, list[list[int]]]:
     """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits)."""
-    from .backends import NemoBackend
-    from ..engines.fast_torch import FastTorchBackend
-
     factories = {
         "reference": lambda: TorchBackend(model, device=device, dtype=dtype),
         "torch-fast": lambda: FastTorchBackend(model, device=device, dtype=dtype),
@@ -151,9 +151,6 @@ def main(argv=None) -> int:
     p.add_argument("--nemo", action="store_true", help="also run NeMo's SALM.generate (needs nemo-toolkit)")
     p.add_argument("--out", metavar="PATH", help="write the records as JSON here")
     args = p.parse_args(argv)
-    from .backends import BackendUnavailable
-    from .data import synthetic_set
-
     clips = synthetic_set(args.synthetic).audio
     try:
         tokens = run_paths(args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo)

@@ -206,19 +206,14 @@ def build_llm_engine(
     merged_hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    max_batch: int,
-    max_audio_frames: int,
-    max_prompt_text_tokens: int = 64,
-    max_new_tokens: int = 128,
-    dtype: str = "bfloat16",
     keep_checkpoint: bool = False,
     log=print,
     **options,
 ) -> Path:
     """Run :func:`trtllm_build_commands` (needs TensorRT-LLM 1.2.x and a GPU); returns the engine directory.
 
-    ``options`` go to :func:`trtllm_build_commands` (checkpoint_dir, convert_script, examples_dir,
-    max_num_tokens, timing_cache, workers, ...).
+    ``options`` are :func:`trtllm_build_commands`' keywords (max_batch and max_audio_frames required;
+    dtype, checkpoint_dir, convert_script, examples_dir, max_num_tokens, timing_cache, workers, ...).
     """
     tllm = import_tensorrt_llm()
     version = getattr(tllm, "__version__", "?")
@@ -229,9 +224,7 @@ def build_llm_engine(
         if found is None:
             raise MissingDependencyError("trtllm-build", TENSORRT_LLM_REQUIREMENT, "tensorrt_llm imports but its trtllm-build is not on PATH")
         options["trtllm_build"] = found
-    commands = trtllm_build_commands(merged_hf_dir, out_dir, max_batch=max_batch, max_audio_frames=max_audio_frames,
-                                     max_prompt_text_tokens=max_prompt_text_tokens, max_new_tokens=max_new_tokens,
-                                     dtype=dtype, **options)
+    commands = trtllm_build_commands(merged_hf_dir, out_dir, **options)
     for step, command in zip(("convert_checkpoint.py", "trtllm-build"), commands):
         log("+ " + " ".join(command))
         result = subprocess.run(command, check=False)
