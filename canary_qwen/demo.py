@@ -4,27 +4,13 @@ checkpoint (a random tiny one unless ``--model``) -> export -> Triton model repo
 flavour) -> the bundled Triton server -> the client transcribes a spoken clip made with espeak-ng
 -> text and RTFx. With random weights the text is meaningless but must equal the local backend's.
 """
+
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 DEMO_SENTENCE = "The quick brown fox jumps over the lazy dog while the model writes down what it hears."
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run the whole pipeline end to end on the CPU (export, Triton, client)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: a random tiny checkpoint)")
-    p.add_argument("--work", default="work/demo", help="folder for the checkpoint, export and repository (default: work/demo)")
-    p.add_argument("--text", default=DEMO_SENTENCE, help="sentence espeak-ng speaks for the test clip")
-    p.add_argument("--audio", default=None, help="transcribe this file instead of a synthesised clip")
-    p.set_defaults(run=run_demo)
 
 
 def _step(message: str) -> None:
@@ -37,14 +23,14 @@ def _printable(text: str) -> str:
 
 
 def run_demo(args) -> int:
-    from .audio import load_audio
-    from .engines.onnx_backend import OnnxBackend
+    from .backends.onnx_runtime import OnnxBackend
+    from .client.triton import TritonClient
     from .export.artifacts import export_all
     from .model.synthetic import make_checkpoint
-    from .runtime.client import TritonClient
-    from .speech_clip import synthesize_speech
-    from .triton_repo.onnx_flavor import generate_onnx_repo
-    from .triton_repo.server import TritonServer
+    from .pipeline.audio import load_audio
+    from .pipeline.speech_clip import synthesize_speech
+    from .serving.onnx_flavor import generate_onnx_repo
+    from .serving.server import TritonServer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

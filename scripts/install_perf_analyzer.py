@@ -9,6 +9,7 @@ the environment as it is: the perf_analyzer test then skips with that reason.
 
 Usage: python scripts/install_perf_analyzer.py  (with the venv's python; scripts/setup.sh runs it)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,20 @@ def _works(wrapper: Path) -> bool:
 
 def _download(dest: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-         "--platform", "manylinux1_x86_64", "tritonclient==2.41.0", "-d", str(dest)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux1_x86_64",
+            "tritonclient==2.41.0",
+            "-d",
+            str(dest),
+        ],
         check=True,
     )
     wheel = dest / WHEEL

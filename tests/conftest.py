@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random checkpoints in the real layout, deterministic test audio, and the
 bundled Triton server."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -7,12 +8,11 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import soundfile as sf
-
 from safetensors.torch import load_file, save_file
 
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.model.tokenizer import QwenTokenizer
-from canary_qwen.triton_repo.server import TritonNotFoundError, TritonServer, find_bundled_triton
+from canary_qwen.serving.server import TritonNotFoundError, TritonServer, find_bundled_triton
 
 # Three architectures: the released one (LoRA on q/v, no xscaling), and two variations.
 CHECKPOINT_VARIANTS = {
@@ -52,7 +52,9 @@ def eos_prone_clips():
 
 @pytest.fixture(scope="session", params=list(CHECKPOINT_VARIANTS))
 def variant_checkpoint(request, tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", "tiny", **CHECKPOINT_VARIANTS[request.param])
+    return make_checkpoint(
+        tmp_path_factory.mktemp(request.param) / "ckpt", "tiny", **CHECKPOINT_VARIANTS[request.param]
+    )
 
 
 def make_clip(seconds: float, seed: int) -> np.ndarray:

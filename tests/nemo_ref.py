@@ -1,4 +1,5 @@
 """NeMo 3.0 as the reference: load a checkpoint and run its own generate / perception / LLM."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,9 @@ import torch
 
 
 def load_nemo(checkpoint):
-    nemo_salm = pytest.importorskip("nemo.collections.speechlm2.models", reason="nemo-toolkit[asr]==3.0.0 is not installed")
+    nemo_salm = pytest.importorskip(
+        "nemo.collections.speechlm2.models", reason="nemo-toolkit[asr]==3.0.0 is not installed"
+    )
     return nemo_salm.SALM.from_pretrained(str(checkpoint)).eval()
 
 

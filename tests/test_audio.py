@@ -1,13 +1,16 @@
 """Audio input: real files written with soundfile, resampling, and a clear AudioError for each bad input."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from canary_qwen import speech_clip
-from canary_qwen.audio import SAMPLE_RATE, AudioError, duration_s, load_audio, load_many, to_mono_16k
-from canary_qwen.speech_clip import ensure_espeak, synthesize_speech
+from canary_qwen.defaults import SAMPLE_RATE
+from canary_qwen.errors import AudioError, MissingDependencyError
+from canary_qwen.pipeline import speech_clip
+from canary_qwen.pipeline.audio import duration_s, load_audio, load_many, to_mono_16k
+from canary_qwen.pipeline.speech_clip import ensure_espeak, synthesize_speech
 
 
 def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
@@ -111,7 +114,10 @@ BAD_FILES = {
     "no samples": (lambda d: _write(d, "e.wav", np.zeros((0, 1), np.float32)), {}, "empty audio (0 samples)"),
     "too short": (lambda d: _write(d, "s.wav", np.zeros(160, np.float32)), {}, "too short"),
     "shorter than custom minimum": (
-        lambda d: _write(d, "m.wav", np.zeros(4800, np.float32)), {"min_duration_s": 0.5}, "need at least 500 ms"),
+        lambda d: _write(d, "m.wav", np.zeros(4800, np.float32)),
+        {"min_duration_s": 0.5},
+        "need at least 500 ms",
+    ),
     "too long": (lambda d: _write(d, "l.wav", np.zeros(32000, np.float32)), {"max_duration_s": 1.5}, "2.0 s long"),
     "nan": (lambda d: _write(d, "n.wav", np.r_[np.zeros(800), np.nan].astype(np.float32), subtype="FLOAT"), {}, "NaN"),
     "inf": (lambda d: _write(d, "i.wav", np.r_[np.zeros(800), np.inf].astype(np.float32), subtype="FLOAT"), {}, "inf"),
@@ -183,7 +189,7 @@ def test_load_many_keeps_order_and_returns_errors(tmp_path):
 
 def test_missing_espeak_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(speech_clip, "ensure_espeak", lambda: None)
-    with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
+    with pytest.raises(MissingDependencyError, match="apt-get install espeak-ng"):
         synthesize_speech("hello", tmp_path / "x.wav")
 
 
@@ -199,7 +205,9 @@ def test_espeak_clip_is_real_16k_speech(tmp_path):
     assert 1.5 < duration_s(audio) < 6.0  # nine words at 150 wpm is ~3.5 s
     assert np.sqrt(np.mean(audio**2)) > 0.01
     # Faster speech is shorter.
-    fast = load_audio(synthesize_speech("The quick brown fox jumps over the lazy dog.", tmp_path / "f.wav", rate_wpm=300))
+    fast = load_audio(
+        synthesize_speech("The quick brown fox jumps over the lazy dog.", tmp_path / "f.wav", rate_wpm=300)
+    )
     assert len(fast) < 0.8 * len(audio)
 
 

@@ -1,4 +1,5 @@
 """The benchmark's structure (never its speed): inputs, method bookkeeping, outputs, skips."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,22 +11,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from canary_qwen.backends.base import Transcription
+from canary_qwen.backends.registry import BACKENDS, SERVER, BackendSpec
 from canary_qwen.bench import (
-    REGISTRY,
     RUN_FIELDS,
-    BenchBackend,
     BenchConfig,
     ManifestError,
-    add_bench_parser,
     read_manifest,
     run_benchmark,
     synthetic_set,
     word_error_rate,
 )
 from canary_qwen.bench.backends import PER_BATCH, PER_CLIP
-from canary_qwen.bench.cli import command_line
 from canary_qwen.bench.runner import batch_budgets
-from canary_qwen.engines.base import Transcription
+from canary_qwen.cli.bench import add_bench_parser, command_line
 
 SPEC = "mixed:0.5-2:6"
 HAVE_NEMO = importlib.util.find_spec("nemo") is not None
@@ -51,9 +50,28 @@ def bench(tiny_checkpoint, tmp_path_factory):
         extra = ["--export-dir", str(export.root)]
     backends.append("trt")
     out = tmp_path_factory.mktemp("bench-out")
-    argv = ["bench", "--model", str(tiny_checkpoint), "--backends", *backends, "--synthetic", SPEC,
-            "--batch-size", "4", "--tokens-per-second", "3.5", "--device", "cpu", "--dtype", "fp32",
-            "--out", str(out), "--docs", str(out / "benchmarks.md"), *extra]
+    argv = [
+        "bench",
+        "--model",
+        str(tiny_checkpoint),
+        "--backends",
+        *backends,
+        "--synthetic",
+        SPEC,
+        "--batch-size",
+        "4",
+        "--tokens-per-second",
+        "3.5",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+        "--docs",
+        str(out / "benchmarks.md"),
+        *extra,
+    ]
     args = parser().parse_args(argv)
     rc = args.run(args)
     return dict(rc=rc, out=out, backends=backends, args=args, results=json.loads((out / "results.json").read_text()))
@@ -127,7 +145,7 @@ def test_png_and_docs_and_hypotheses(bench):
     docs = (bench["out"] / "benchmarks.md").read_text()
     assert "## Method" in docs and "RTFx" in docs and bench["results"]["environment"]["command"] in docs
     assert docs.count("\n| torch | 4 |") == 1
-    lines = [json.loads(l) for l in (bench["out"] / "hypotheses.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (bench["out"] / "hypotheses.jsonl").read_text().splitlines()]
     ok = [r for r in bench["results"]["runs"] if not r["skipped"]]
     assert len(lines) == 6 * len(ok)
 
@@ -156,7 +174,9 @@ def test_synthetic_set_is_deterministic_and_sorted_longest_first():
     assert not np.array_equal(uniform.audio[0], uniform.audio[1])  # same length, different signal
 
 
-@pytest.mark.parametrize("spec", ["mixed:2:768", "uniform:10", "mixed:5-2:10", "wide:1:2", "uniform:0:4", "uniform:2:0"])
+@pytest.mark.parametrize(
+    "spec", ["mixed:2:768", "uniform:10", "mixed:5-2:10", "wide:1:2", "uniform:0:4", "uniform:2:0"]
+)
 def test_bad_synthetic_spec(spec):
     with pytest.raises(ValueError, match="synthetic set"):
         synthetic_set(spec)
@@ -176,13 +196,18 @@ def test_manifest_relative_paths_durations_and_order(tmp_path):
     manifest = tmp_path / "sets" / "test.jsonl"
     manifest.parent.mkdir()
     manifest.write_text(
-        json.dumps({"audio_filepath": "../audio/a.wav", "duration": 0.5, "text": "alpha"}) + "\n\n"
-        + json.dumps({"audio_filepath": str(absolute), "duration": 0.8}) + "\n"
-        + json.dumps({"audio_filepath": "../audio/b.wav", "text": "beta"}) + "\n"  # duration from the header
+        json.dumps({"audio_filepath": "../audio/a.wav", "duration": 0.5, "text": "alpha"})
+        + "\n\n"
+        + json.dumps({"audio_filepath": str(absolute), "duration": 0.8})
+        + "\n"
+        + json.dumps({"audio_filepath": "../audio/b.wav", "text": "beta"})
+        + "\n"  # duration from the header
     )
     data = read_manifest(manifest)
     assert [c.path for c in data.clips] == [
-        str((tmp_path / "audio" / "b.wav").resolve()), str(absolute.resolve()), str((tmp_path / "audio" / "a.wav").resolve())
+        str((tmp_path / "audio" / "b.wav").resolve()),
+        str(absolute.resolve()),
+        str((tmp_path / "audio" / "a.wav").resolve()),
     ]
     assert [c.duration for c in data.clips] == [1.25, 0.8, 0.5]
     assert [c.text for c in data.clips] == ["beta", None, "alpha"]
@@ -235,6 +260,8 @@ def test_token_budgets_per_clip_and_per_batch():
 class EchoEngine:
     """No model: a Transcriber answering a fixed text, with stage timings, failing at one batch size."""
 
+    dtype = "fp32"
+
     def __init__(self, fail_at=None):
         self.timings, self.fail_at, self.calls = {}, fail_at, []
 
@@ -250,15 +277,28 @@ def test_failures_are_skips_not_crashes_and_manifest_audio_is_loaded_in_the_time
     for i, seconds in enumerate((0.5, 1.0, 0.75)):
         write_wav(tmp_path / f"{i}.wav", seconds, seed=i)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(
-        json.dumps({"audio_filepath": f"{i}.wav", "duration": s, "text": t}) + "\n"
-        for i, (s, t) in enumerate(((0.5, "hello world"), (1.0, "hello there world"), (0.75, "goodbye")))
-    ))
+    manifest.write_text(
+        "".join(
+            json.dumps({"audio_filepath": f"{i}.wav", "duration": s, "text": t}) + "\n"
+            for i, (s, t) in enumerate(((0.5, "hello world"), (1.0, "hello there world"), (0.75, "goodbye")))
+        )
+    )
     echo = EchoEngine(fail_at=2)
-    monkeypatch.setitem(REGISTRY, "echo", lambda options: BenchBackend(echo, name="echo", dtype="fp32", device=options.device))
-    monkeypatch.setitem(REGISTRY, "broken", lambda options: (_ for _ in ()).throw(OSError("no such engine file")))
-    config = BenchConfig(backends=["broken", "echo", "nope"], batch_sizes=[3, 2], manifest=str(manifest),
-                         tokens_per_second=4.0, device="cpu")
+    monkeypatch.setitem(
+        BACKENDS, "echo", BackendSpec("echo", SERVER, "test engine", lambda source, device, dtype: echo)
+    )
+
+    def broken(source, device, dtype):
+        raise OSError("no such engine file")
+
+    monkeypatch.setitem(BACKENDS, "broken", BackendSpec("broken", SERVER, "test engine", broken))
+    config = BenchConfig(
+        backends=["broken", "echo", "nope"],
+        batch_sizes=[3, 2],
+        manifest=str(manifest),
+        tokens_per_second=4.0,
+        device="cpu",
+    )
     results = run_benchmark(config, progress=False, log=lambda msg: None)
     broken, ok, failed, unknown = results["runs"]
     assert broken["skipped"] and broken["reason"] == "OSError: no such engine file" and broken["batch_size"] is None
@@ -303,7 +343,9 @@ def test_docs_from_several_benchmarks(bench, tmp_path):
 
 
 def test_triton_without_a_server_is_skipped_with_the_url():
-    config = BenchConfig(backends=["triton"], batch_sizes=[2], synthetic="uniform:0.5:2", url="127.0.0.1:1", device="cpu")
+    config = BenchConfig(
+        backends=["triton"], batch_sizes=[2], synthetic="uniform:0.5:2", url="127.0.0.1:1", device="cpu"
+    )
     (run,) = run_benchmark(config, progress=False, log=lambda msg: None)["runs"]
     assert run["skipped"] and run["backend"] == "triton" and run["reason"]
     assert "127.0.0.1:1" in run["reason"] or "not available" in run["reason"]

@@ -1,4 +1,5 @@
 """Checkpoint loading: the real layout, and one clear error for each way a checkpoint can be wrong."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from canary_qwen.errors import CheckpointError
 from canary_qwen.model.checkpoint import resolve_checkpoint
-from canary_qwen.model.errors import CheckpointError
 from canary_qwen.model.salm import load_model
 
 
@@ -104,5 +105,7 @@ def test_offline_without_tokenizer_names_what_is_missing(tmp_path, tiny_checkpoi
 
 def test_hub_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="cannot fetch the checkpoint from the Hugging Face hub repo 'nvidia/canary-qwen-2.5b'"):
+    with pytest.raises(
+        CheckpointError, match="cannot fetch the checkpoint from the Hugging Face hub repo 'nvidia/canary-qwen-2.5b'"
+    ):
         resolve_checkpoint("nvidia/canary-qwen-2.5b")

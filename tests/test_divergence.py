@@ -1,12 +1,13 @@
 """The reduced-precision divergence report on the tiny checkpoint."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
+from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.divergence import explain, first_difference, forced_logits, run_paths, summary
-from canary_qwen.engines.torch_backend import TorchBackend
 
 BUDGET = 12
 

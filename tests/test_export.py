@@ -1,4 +1,5 @@
 """ONNX export: valid graphs TensorRT can parse, parity with the reference, ONNX Runtime end to end."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,12 @@ import onnx
 import pytest
 import torch
 
-from canary_qwen.engines.fast_torch import FastTorchBackend, PackedLinear, length_buckets
-from canary_qwen.engines.onnx_backend import OnnxBackend
-from canary_qwen.engines.torch_backend import TorchBackend
+from canary_qwen.backends.fast_torch import FastTorchBackend, PackedLinear, length_buckets
+from canary_qwen.backends.onnx_runtime import OnnxBackend
+from canary_qwen.backends.torch_ref import TorchBackend
+from canary_qwen.errors import ArtifactError, BackendUnavailable
 from canary_qwen.export.artifacts import export_all
-from canary_qwen.export.manifest import ArtifactError, read_manifest, sha256
+from canary_qwen.export.manifest import read_manifest, sha256
 from canary_qwen.export.onnx_export import op_types
 from canary_qwen.export.tensorrt_ops import TENSORRT_ONNX_OPS
 from canary_qwen.model.generate import splice_audio
@@ -61,7 +63,9 @@ def test_bf16_encoder_keeps_norms_softmax_and_frontend_in_fp32(exported, tmp_pat
     inferred = tmp_path / "bf16.onnx"
     onnx.shape_inference.infer_shapes_path(str(exported.artifact("encoder_bf16")), str(inferred))
     model = onnx.load(str(inferred))
-    dtype = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    dtype = {
+        v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    }
     dtype.update({t.name: t.data_type for t in model.graph.initializer})
     nodes = model.graph.node
     for node in nodes:
@@ -87,7 +91,9 @@ def test_onnx_encoder_matches_reference_on_padded_batch(exported, reference, cli
 def test_onnx_decoder_prefill_logits_match_lora_reference(exported, reference, clips):
     backend = OnnxBackend(exported.root)
     tok = reference.tokenizer
-    inputs, valid = splice_audio(reference.model, [prompt_ids(tok, None)] * len(clips), reference.encode(clips), tok.placeholder_id)
+    inputs, valid = splice_audio(
+        reference.model, [prompt_ids(tok, None)] * len(clips), reference.encode(clips), tok.placeholder_id
+    )
     with torch.no_grad():
         position = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
         want = reference.model.logits(reference.model.llm(inputs, position, valid))[:, -1]
@@ -122,7 +128,10 @@ def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
         ours, theirs = getattr(fast.model.llm.layers[1].self_attn, name), getattr(plain.llm.layers[1].self_attn, name)
         assert isinstance(ours, PackedLinear), name
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
-    assert all(isinstance(getattr(fast.model.llm.layers[0].mlp, n), PackedLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert all(
+        isinstance(getattr(fast.model.llm.layers[0].mlp, n), PackedLinear)
+        for n in ("gate_proj", "up_proj", "down_proj")
+    )
     torch.testing.assert_close(fast.head(x), x @ plain.output_weight().T, rtol=1e-5, atol=1e-6)
     frames = torch.randn(2, 7, plain.cfg.encoder.d_model)  # encoder linears carry biases and see 3-D input
     ours, theirs = fast.model.encoder.layers[0].feed_forward1.linear1, plain.encoder.layers[0].feed_forward1.linear1
@@ -137,7 +146,9 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tiny_checkpoint, clips):
     budgets = [24, 5, 17, 24]
     options = dict(device="cuda", dtype="fp32", max_slots=2)
     graphed = FastTorchBackend(str(tiny_checkpoint), **options).transcribe(clips, max_new_tokens=budgets)
-    eager = FastTorchBackend(str(tiny_checkpoint), cuda_graphs=False, **options).transcribe(clips, max_new_tokens=budgets)
+    eager = FastTorchBackend(str(tiny_checkpoint), cuda_graphs=False, **options).transcribe(
+        clips, max_new_tokens=budgets
+    )
     assert [t.token_ids for t in graphed] == [t.token_ids for t in eager]
 
 
@@ -183,7 +194,7 @@ def test_onnx_backend_rejects_cuda_without_gpu_provider(exported):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
-    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
         OnnxBackend(exported.root, device="cuda")
 
 
@@ -205,13 +216,22 @@ def test_scattered_external_data_is_consolidated_into_one_file(exported, tmp_pat
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     model = onnx.load(str(exported.artifact("encoder")))
-    onnx.save_model(model, str(scratch / "encoder.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    onnx.save_model(
+        model,
+        str(scratch / "encoder.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
     assert len(list(scratch.iterdir())) > 20
     written = _consolidate_external_data(scratch, tmp_path / "encoder.onnx")
     assert [p.name for p in written] == ["encoder.onnx", "encoder.onnx.data"]
     onnx.checker.check_model(str(written[0]))
-    from canary_qwen.engines.onnx_backend import OnnxEncoder
     from conftest import make_clip
 
+    from canary_qwen.backends.onnx_runtime import OnnxEncoder
+
     clip = make_clip(1.5, 7)
-    np.testing.assert_array_equal(OnnxEncoder(written[0])([clip])[0], OnnxEncoder(exported.artifact("encoder"))([clip])[0])
+    np.testing.assert_array_equal(
+        OnnxEncoder(written[0])([clip])[0], OnnxEncoder(exported.artifact("encoder"))([clip])[0]
+    )

@@ -1,5 +1,6 @@
 """The benchmark's work model: analytic FLOP counts against PyTorch's own FLOP counter on the
 reference modules, the full-size figures against FACTS §6, and the datasheet peaks by GPU name."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from canary_qwen.bench.flops import (
-    Work, WorkModel, encoder_frames, encoder_macs, llm_macs, llm_pair_macs, llm_token_macs, peak_tflops, roofline_fields,
+    Work,
+    WorkModel,
+    encoder_frames,
+    encoder_macs,
+    llm_macs,
+    llm_pair_macs,
+    llm_token_macs,
+    peak_tflops,
+    roofline_fields,
 )
 from canary_qwen.model.config import parse_llm_config, parse_salm_config
 from canary_qwen.model.mel import feature_lengths
@@ -91,16 +100,19 @@ def test_full_size_work_matches_facts(tiny):
     assert per_s.total == pytest.approx(74, rel=0.05)
 
 
-@pytest.mark.parametrize("name, dtype, peak", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
-    ("NVIDIA H100 PCIe", "bf16", 756.0),
-    ("NVIDIA H100 NVL", "bf16", 835.0),
-    ("NVIDIA H200", "bf16", 989.0),
-    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
-    ("NVIDIA H100 80GB HBM3", "fp32", None),
-    ("Orin (nvgpu)", "bf16", None),
-    (None, "bf16", None),
-])
+@pytest.mark.parametrize(
+    "name, dtype, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H100 NVL", "bf16", 835.0),
+        ("NVIDIA H200", "bf16", 989.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", None),
+        ("Orin (nvgpu)", "bf16", None),
+        (None, "bf16", None),
+    ],
+)
 def test_datasheet_peaks(name, dtype, peak):
     assert peak_tflops(name, dtype) == peak
 
@@ -108,9 +120,13 @@ def test_datasheet_peaks(name, dtype, peak):
 def test_roofline_fields():
     work = Work(encoder=2e12, prefill=5e12, decode=1e12)
     fields = roofline_fields(work, audio_s=100.0, wall_s=4.0, rtfx=25.0, peak=800.0)
-    assert fields["gflop_per_audio_s"] == pytest.approx({"encoder": 20.0, "prefill": 50.0, "decode": 10.0, "total": 80.0})
+    assert fields["gflop_per_audio_s"] == pytest.approx(
+        {"encoder": 20.0, "prefill": 50.0, "decode": 10.0, "total": 80.0}
+    )
     assert fields["model_tflops"] == pytest.approx(2.0)
     assert fields["rtfx_limit"] == pytest.approx(10_000)
     assert fields["of_limit"] == pytest.approx(0.0025)
     off_gpu = roofline_fields(work, audio_s=100.0, wall_s=4.0, rtfx=25.0, peak=None)
-    assert off_gpu["rtfx_limit"] is None and off_gpu["of_limit"] is None and off_gpu["model_tflops"] == pytest.approx(2.0)
+    assert (
+        off_gpu["rtfx_limit"] is None and off_gpu["of_limit"] is None and off_gpu["model_tflops"] == pytest.approx(2.0)
+    )

@@ -1,4 +1,5 @@
 """The merged Hugging Face Qwen3 checkpoint (for TensorRT-LLM) against our unmerged LoRA reference."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from canary_qwen.engines.base import pad_waveforms
+from canary_qwen.backends.base import pad_waveforms
+from canary_qwen.errors import CheckpointError
 from canary_qwen.export.merge_lora import merge_lora_checkpoint
-from canary_qwen.model.errors import CheckpointError
-from canary_qwen.model.generate import greedy_decode, splice_audio
+from canary_qwen.model.generate import greedy_tokens, splice_audio
 from canary_qwen.model.prompt import prompt_ids
 from canary_qwen.model.salm import load_model
 from canary_qwen.model.synthetic import make_checkpoint
@@ -22,8 +23,12 @@ transformers = pytest.importorskip("transformers")
 LOGITS_REL_TOL = 1e-5
 TEXT_PROMPTS = [
     f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-    for text in ("Transcribe the following: hello world", "the quick brown fox jumps over the lazy dog, 0 1 2 3",
-                 "She sells sea shells", "numbers 7 8 9")
+    for text in (
+        "Transcribe the following: hello world",
+        "the quick brown fox jumps over the lazy dog, 0 1 2 3",
+        "She sells sea shells",
+        "numbers 7 8 9",
+    )
 ]
 
 
@@ -90,8 +95,17 @@ def test_lm_head_is_written_and_equals_embeddings(merged):
 def test_tensor_names_are_standard_hf(merged, reference):
     llm_cfg = reference[0].llm_cfg
     per_layer = [
-        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-        "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
     ]
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     expected |= {f"model.layers.{i}.{m}.weight" for i in range(llm_cfg.num_hidden_layers) for m in per_layer}
@@ -119,7 +133,7 @@ def test_greedy_generate_matches_ours(eos_prone, tmp_path):
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts])
     valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
-    ours = greedy_decode(model, model.embed_tokens(ids), valid, [max_new] * len(prompts), tok.eos_id, tok.pad_id)
+    ours = greedy_tokens(model, model.embed_tokens(ids), valid, [max_new] * len(prompts), tok.eos_id, tok.pad_id)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=max_new)
     for row, want in zip(out[:, width:].tolist(), ours):
@@ -185,7 +199,7 @@ def test_merge_math_from_original_safetensors(tiny_checkpoint, merged):
     for name, value in got.items():
         if not name.startswith("model.layers."):
             continue
-        stem = prefix + name[len("model."):].rsplit(".", 1)[0]
+        stem = prefix + name[len("model.") :].rsplit(".", 1)[0]
         if stem.rsplit(".", 1)[-1] in cfg["target_modules"]:
             a, b = original[f"{stem}.lora_A.default.weight"], original[f"{stem}.lora_B.default.weight"]
             want = original[f"{stem}.base_layer.weight"].double() + scaling * (b.double() @ a.double())

@@ -1,14 +1,15 @@
 """The reference model against NeMo 3.0 itself, on tiny random SALMs of several architectures (fp32, CPU)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from nemo_ref import load_nemo, nemo_generate
 
-from canary_qwen.engines.base import pad_waveforms
-from canary_qwen.engines.torch_backend import TorchBackend
+from canary_qwen.backends.base import pad_waveforms
+from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.model.generate import splice_audio
 from canary_qwen.model.prompt import prompt_ids
-from nemo_ref import load_nemo, nemo_generate
 
 pytestmark = pytest.mark.nemo
 MAX_NEW_TOKENS = 24

@@ -1,22 +1,20 @@
 """The prompt-table protocol that carries audio frames into a TensorRT-LLM engine (pure numpy)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from canary_qwen.engines.prompt_table import (
+from canary_qwen.protocol.prompt_table import (
     QWEN3_VOCAB_SIZE,
-    TRITON_INPUT_DTYPES,
     PromptTableError,
-    build_batch,
     build_request,
+    check_distinct_extra_ids,
     content_extra_id,
     expand_placeholder,
     extra_ids_for,
     fake_ids,
-    pack_batch,
     resolve_dtype,
-    stack_tables,
     triton_request_inputs,
     validate_request,
 )
@@ -26,8 +24,33 @@ P = 7  # the placeholder id (a text-range id, like 151669 < 151936)
 PROMPT = [1, 2, P, 3, 4]
 
 
+# The tensorrt_llm model's input types in TensorRT-LLM 1.2's template
+# (triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt); the table is the model dtype.
+TENSORRT_LLM_INPUT_TYPES = {
+    "input_ids": np.int32,
+    "input_lengths": np.int32,
+    "request_output_len": np.int32,
+    "end_id": np.int32,
+    "pad_id": np.int32,
+    "streaming": np.bool_,
+    "prompt_embedding_table": None,
+    "prompt_vocab_size": np.int32,
+    "prompt_table_extra_ids": np.uint64,
+}
+
+
 def frames(t: int, h: int = 4, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((t, h)).astype(np.float32)
+
+
+def requests_for(prompts, embs, extra_ids=None):
+    """One request per clip, as the trt backend builds them, checked for extra-id collisions."""
+    reqs = [
+        build_request(p, e, placeholder_id=P, vocab_size=V, extra_id=None if extra_ids is None else extra_ids[i])
+        for i, (p, e) in enumerate(zip(prompts, embs))
+    ]
+    check_distinct_extra_ids(reqs)
+    return reqs
 
 
 def test_real_model_constants():
@@ -89,7 +112,7 @@ def test_dtype_cast_float16_and_bfloat16():
 
 def test_batch_of_three_lengths():
     embs = [frames(2, seed=1), frames(5, seed=2), frames(1, seed=3)]
-    reqs = build_batch(PROMPT, embs, placeholder_id=P, vocab_size=V, extra_ids=[11, 12, 13])
+    reqs = requests_for([PROMPT] * 3, embs, [11, 12, 13])
     assert [r.input_ids.tolist() for r in reqs] == [
         [1, 2, 100, 101, 3, 4],
         [1, 2, 100, 101, 102, 103, 104, 3, 4],
@@ -104,48 +127,33 @@ def test_batch_of_three_lengths():
     for r, e in zip(reqs, embs):
         np.testing.assert_array_equal(r.prompt_embedding_table, e)  # one table per request, no padding
 
-    packed = pack_batch(reqs)  # remove_input_padding: concatenated, no pad tokens
-    assert packed.input_lengths.tolist() == [6, 9, 5]
-    assert packed.offsets.tolist() == [0, 6, 15, 20]
-    assert packed.input_ids.tolist() == sum((r.input_ids.tolist() for r in reqs), [])
-    assert packed.prompt_table_extra_ids.tolist() == sum((r.prompt_table_extra_ids.tolist() for r in reqs), [])
-    assert packed.prompt_vocab_sizes.tolist() == [2, 5, 1]
-    assert packed.request_ids(1).tolist() == reqs[1].input_ids.tolist()
-
-    table, tasks = stack_tables(reqs)  # ModelRunnerCpp.generate(prompt_table=, prompt_tasks=)
-    assert table.shape == (3, 5, 4) and tasks == "0,1,2"
-    np.testing.assert_array_equal(table[0, :2], embs[0])
-    assert not table[0, 2:].any() and not table[2, 1:].any()
-    np.testing.assert_array_equal(table[1], embs[1])
-
 
 def test_batch_default_ids_distinct_and_per_request_prompts():
     embs = [frames(2, seed=1), frames(2, seed=2), frames(3, seed=3)]
-    reqs = build_batch(PROMPT, embs, placeholder_id=P, vocab_size=V)
+    reqs = requests_for([PROMPT] * 3, embs)
     assert len({r.extra_id for r in reqs}) == 3 and all(r.extra_id >= 1 for r in reqs)
     prompts = [[P, 9], PROMPT, [5, P]]
-    reqs = build_batch(prompts, embs, placeholder_id=P, vocab_size=V, extra_ids=[1, 2, 3])
+    reqs = requests_for(prompts, embs, [1, 2, 3])
     assert [r.input_ids.tolist() for r in reqs] == [[100, 101, 9], [1, 2, 100, 101, 3, 4], [5, 100, 101, 102]]
     assert [r.audio_offset for r in reqs] == [0, 2, 1]
-    assert build_batch(PROMPT, [], placeholder_id=P, vocab_size=V) == []
 
 
 def test_batch_refuses_shared_id_for_different_audio():
     embs = [frames(2, seed=1), frames(2, seed=2)]
     with pytest.raises(PromptTableError, match="mix"):
-        build_batch(PROMPT, embs, placeholder_id=P, vocab_size=V, extra_ids=[5, 5])
-    same = build_batch(PROMPT, [embs[0], embs[0].copy()], placeholder_id=P, vocab_size=V, extra_ids=[5, 5])
+        requests_for([PROMPT] * 2, embs, [5, 5])
+    same = requests_for([PROMPT] * 2, [embs[0], embs[0].copy()], [5, 5])
     assert [r.extra_id for r in same] == [5, 5]  # the same audio may share
-    with pytest.raises(PromptTableError, match="3 prompts for 2 clips"):
-        build_batch([PROMPT] * 3, embs, placeholder_id=P, vocab_size=V)
-    with pytest.raises(PromptTableError, match="1 extra ids for 2 clips"):
-        build_batch(PROMPT, embs, placeholder_id=P, vocab_size=V, extra_ids=[1])
 
 
 @pytest.mark.parametrize(
     "prompt, match",
-    [([1, 2, 3], "exactly one audio placeholder"), ([P, 1, P], "exactly one audio placeholder"),
-     ([1, 150, P], "not text tokens"), ([-1, P], "not text tokens")],
+    [
+        ([1, 2, 3], "exactly one audio placeholder"),
+        ([P, 1, P], "exactly one audio placeholder"),
+        ([1, 150, P], "not text tokens"),
+        ([-1, P], "not text tokens"),
+    ],
 )
 def test_build_errors_on_prompt(prompt, match):
     with pytest.raises(PromptTableError, match=match):
@@ -223,7 +231,7 @@ def test_validate_extra_ids():
 def test_triton_request_inputs():
     req = build_request(PROMPT, frames(3), placeholder_id=P, vocab_size=V, dtype="float16", extra_id=9)
     inputs = triton_request_inputs(req, max_new_tokens=128, end_id=151645, pad_id=151643, streaming=True)
-    assert set(inputs) == set(TRITON_INPUT_DTYPES)
+    assert set(inputs) == set(TENSORRT_LLM_INPUT_TYPES)
     assert inputs["input_ids"].tolist() == [[1, 2, 100, 101, 102, 3, 4]]
     assert inputs["input_lengths"].tolist() == [[7]] and inputs["request_output_len"].tolist() == [[128]]
     assert inputs["end_id"].tolist() == [[151645]] and inputs["pad_id"].tolist() == [[151643]]
@@ -231,7 +239,7 @@ def test_triton_request_inputs():
     assert inputs["prompt_embedding_table"].shape == (1, 3, 4) and inputs["prompt_embedding_table"].dtype == np.float16
     assert inputs["prompt_vocab_size"].tolist() == [[3]]
     assert inputs["prompt_table_extra_ids"].tolist() == [[0, 0, 9, 9, 9, 0, 0]]
-    for name, dtype in TRITON_INPUT_DTYPES.items():
+    for name, dtype in TENSORRT_LLM_INPUT_TYPES.items():
         if dtype is not None:
             assert inputs[name].dtype == dtype, name
     assert "streaming" not in triton_request_inputs(req, max_new_tokens=1, end_id=0, pad_id=0)

@@ -4,6 +4,7 @@ One tiny export, one generated repository (moved after generation: it must be re
 server for the module. Texts are compared with the local ONNX Runtime backend. Runs in ~40 s on
 2 cores (server start ~4 s, clean stop ~3 s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,28 +22,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_clip, needs_server, running_server
 
-from canary_qwen.engines.base import Transcription
-from canary_qwen.engines.greedy import splice_and_pad
-from canary_qwen.engines.onnx_backend import OnnxBackend
-from canary_qwen.export.artifacts import export_all
-from canary_qwen.model.tokenizer import QwenTokenizer
-from canary_qwen.runtime.client import (
+from canary_qwen.backends.base import Transcription
+from canary_qwen.backends.onnx_runtime import OnnxBackend
+from canary_qwen.cli.client import add_client_parser
+from canary_qwen.client.triton import (
     InferenceError,
     ModelNotReadyError,
     ServerUnreachableError,
     TritonBackend,
     TritonClient,
 )
-from canary_qwen.runtime.client_cli import add_client_parser
-from canary_qwen.triton_repo import onnx_flavor
-from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_config
-from canary_qwen.triton_repo.onnx_flavor import generate_onnx_repo
-from canary_qwen.triton_repo.repo_files import REPO_INFO
-from canary_qwen.triton_repo.server import free_ports
-from canary_qwen.triton_repo.serving import InputError, TextStream, check_audio
-
-from conftest import make_clip, needs_server, running_server
+from canary_qwen.errors import InputError
+from canary_qwen.export.artifacts import export_all
+from canary_qwen.model.tokenizer import QwenTokenizer
+from canary_qwen.serving import onnx_flavor
+from canary_qwen.serving.checks import TextStream, check_audio
+from canary_qwen.serving.config_check import check_ensemble, parse_model_config
+from canary_qwen.serving.onnx_flavor import generate_onnx_repo
+from canary_qwen.serving.repo_files import REPO_INFO
+from canary_qwen.serving.server import free_ports
 
 pytestmark = pytest.mark.triton
 
@@ -64,8 +64,13 @@ def local(export_dir):
 
 @pytest.fixture(scope="module")
 def repo(export_dir, tmp_path_factory):
-    built = generate_onnx_repo(export_dir, tmp_path_factory.mktemp("build") / "repo", max_batch=MAX_BATCH,
-                               queue_delay_us=QUEUE_DELAY_US, max_audio_s=MAX_AUDIO_S)
+    built = generate_onnx_repo(
+        export_dir,
+        tmp_path_factory.mktemp("build") / "repo",
+        max_batch=MAX_BATCH,
+        queue_delay_us=QUEUE_DELAY_US,
+        max_audio_s=MAX_AUDIO_S,
+    )
     moved = tmp_path_factory.mktemp("served") / "repo"
     shutil.move(str(built), str(moved))  # the served repository has been moved: nothing may point back
     return moved
@@ -133,7 +138,10 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
     assert list(enc.output[0].dims) == [-1, 64]  # the tiny model's hidden size
     llm = parse_model_config(repo / "llm" / "config.pbtxt")
     assert {i.name: (i.allow_ragged_batch, i.optional) for i in llm.input} == {
-        "PROMPT_IDS": (True, False), "EMBEDDINGS": (True, False), "MAX_NEW_TOKENS": (False, True)}
+        "PROMPT_IDS": (True, False),
+        "EMBEDDINGS": (True, False),
+        "MAX_NEW_TOKENS": (False, True),
+    }
     assert not llm.model_transaction_policy.decoupled
     for name in ("llm_stream", "canary_qwen_stream"):
         assert parse_model_config(repo / name / "config.pbtxt").model_transaction_policy.decoupled
@@ -152,7 +160,9 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
     enc_file = repo / "encoder" / "1" / "encoder.onnx"
     assert enc_file.is_file() and (repo / "encoder" / "1" / "model.py").is_file()
     assert os.path.samefile(enc_file, export_dir / "encoder.onnx")
-    assert (repo / "llm" / "1" / "decoder.onnx").stat().st_ino == (repo / "llm_stream" / "1" / "decoder.onnx").stat().st_ino
+    assert (repo / "llm" / "1" / "decoder.onnx").stat().st_ino == (
+        repo / "llm_stream" / "1" / "decoder.onnx"
+    ).stat().st_ino
     assert (repo / "postprocessing" / "1" / "tokenizer" / "tokenizer.json").is_file()
     info = json.loads((repo / REPO_INFO).read_text())
     assert info["flavor"] == "onnx" and info["settings"]["max_audio_s"] == MAX_AUDIO_S and info["files"]["linked"] > 0
@@ -204,19 +214,6 @@ def test_check_audio_messages():
     ]:
         with pytest.raises(InputError, match=message):
             check_audio(bad, 1.0)
-
-
-def test_splice_gives_each_row_its_own_prompt_left_padded(export_dir):
-    table = np.load(export_dir / "embed_tokens.npy")
-    prompts = [[1, 2, 426, 3], [7, 426, 8, 9, 10]]
-    audio = [np.ones((3, table.shape[1]), np.float32), np.full((5, table.shape[1]), 2, np.float32)]
-    embeds, mask = splice_and_pad(prompts, audio, table, 426)
-    for i, (prompt, frames) in enumerate(zip(prompts, audio)):
-        at = prompt.index(426)
-        want = np.concatenate((table[prompt[:at]], frames, table[prompt[at + 1 :]]))
-        pad = embeds.shape[1] - len(want)
-        np.testing.assert_array_equal(embeds[i, pad:], want)
-        assert not embeds[i, :pad].any() and mask[i].tolist() == [0] * pad + [1] * len(want)
 
 
 # -- the running server ------------------------------------------------------------------------------
@@ -285,8 +282,14 @@ def test_stream_pieces_join_to_the_same_text_grpc_and_http(grpc, http, clips, ex
 def test_32_concurrent_clients_get_their_own_answers(server, local):
     clips = [make_clip(0.5 + 0.3 * (i % 8), 100 + i % 8) for i in range(32)]
     want = {i: local.transcribe([clips[i]])[0].text for i in range(8)}
-    before = {(m, k): metric(server, k, m) for m in ("encoder", "llm") for k in ("nv_inference_exec_count", "nv_inference_count")}
-    clients = [TritonClient(server.http_url if i % 2 else server.grpc_url, "http" if i % 2 else "grpc") for i in range(32)]
+    before = {
+        (m, k): metric(server, k, m)
+        for m in ("encoder", "llm")
+        for k in ("nv_inference_exec_count", "nv_inference_count")
+    }
+    clients = [
+        TritonClient(server.http_url if i % 2 else server.grpc_url, "http" if i % 2 else "grpc") for i in range(32)
+    ]
 
     def work(i):
         if i % 8 == 7:  # a few streams among them
@@ -344,8 +347,11 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(server, http, 
         raw_http_infer(server.http_url, clips[0].astype(np.float64), "FP64")
     # corrupt request: the body holds fewer bytes than the declared shape
     body = json.dumps({"inputs": [{"name": "AUDIO", "shape": [1, 100], "datatype": "FP32", "data": [0.0] * 10}]})
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/canary_qwen/infer", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/canary_qwen/infer",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
     body = info.value.read()
@@ -384,7 +390,11 @@ def test_client_cli(server, clip_files, expected, tmp_path):
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk")
     files = [clip_files[0], str(corrupt), clip_files[1], str(tmp_path / "missing.wav")]
-    for extra, url in ([], server.http_url), (["--stream", "--protocol", "grpc"], server.grpc_url), (["--stream"], server.http_url):
+    for extra, url in (
+        ([], server.http_url),
+        (["--stream", "--protocol", "grpc"], server.grpc_url),
+        (["--stream"], server.http_url),
+    ):
         args = parser.parse_args(["client", "transcribe", "--url", url, *extra, *files])
         out, err = io.StringIO(), io.StringIO()
         assert args.run(args, out=out, err=err) == 1
@@ -412,14 +422,23 @@ def test_a_decoupled_model_is_read_to_its_final_response(server, clips, expected
 
 
 @needs_server
-@pytest.mark.parametrize("protocol, local_encoder, llm_model", [
-    ("http", False, "llm"), ("grpc", False, "llm"), ("grpc", True, "llm_stream"),
-])
-def test_embeddings_mode_gives_the_ensembles_tokens(server, export_dir, clips, expected, protocol, local_encoder, llm_model):
-    from canary_qwen.runtime.embeddings import EmbeddingsClient
+@pytest.mark.parametrize(
+    "protocol, local_encoder, llm_model",
+    [
+        ("http", False, "llm"),
+        ("grpc", False, "llm"),
+        ("grpc", True, "llm_stream"),
+    ],
+)
+def test_embeddings_mode_gives_the_ensembles_tokens(
+    server, export_dir, clips, expected, protocol, local_encoder, llm_model
+):
+    from canary_qwen.client.embeddings import EmbeddingsClient
 
     url = server.http_url if protocol == "http" else server.grpc_url
-    with EmbeddingsClient(url, protocol, export_dir=export_dir, local_encoder=local_encoder, llm_model=llm_model) as client:
+    with EmbeddingsClient(
+        url, protocol, export_dir=export_dir, local_encoder=local_encoder, llm_model=llm_model
+    ) as client:
         assert client.decoupled == (llm_model == "llm_stream") and not client.trt
         for clip, want in zip(clips, expected):
             got = client.transcribe(clip)
@@ -427,9 +446,11 @@ def test_embeddings_mode_gives_the_ensembles_tokens(server, export_dir, clips, e
 
 
 @needs_server
-def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(server, export_dir, clips, clip_files, expected):
-    from canary_qwen.runtime.client import TritonClientError
-    from canary_qwen.runtime.embeddings import EmbeddingsClient
+def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(
+    server, export_dir, clips, clip_files, expected
+):
+    from canary_qwen.client.embeddings import EmbeddingsClient
+    from canary_qwen.client.triton import TritonClientError
 
     with EmbeddingsClient(server.grpc_url, "grpc", export_dir=export_dir) as client:
         assert client.llm_model == "llm"  # no tensorrt_llm on this server
@@ -438,8 +459,18 @@ def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(server, 
             client.transcribe(clips[0])
     parser = argparse.ArgumentParser(prog="canary-qwen")
     add_client_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["client", "transcribe", "--url", server.http_url, "--via-embeddings", "--artifacts",
-                              str(export_dir), *clip_files[:2]])
+    args = parser.parse_args(
+        [
+            "client",
+            "transcribe",
+            "--url",
+            server.http_url,
+            "--via-embeddings",
+            "--artifacts",
+            str(export_dir),
+            *clip_files[:2],
+        ]
+    )
     out = io.StringIO()
     assert args.run(args, out=out, err=io.StringIO()) == 0
     assert out.getvalue() == f"{clip_files[0]}\t{expected[0].text}\n{clip_files[1]}\t{expected[1].text}\n"
@@ -454,18 +485,49 @@ def _perf_analyzer() -> str | None:
 def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
     binary = _perf_analyzer()
     if binary is None:
-        pytest.skip("no perf_analyzer binary: scripts/install_perf_analyzer.py (run by scripts/setup.sh) puts it in "
-                    ".venv/bin on Linux x86_64; it did not run or could not download it")
+        pytest.skip(
+            "no perf_analyzer binary: scripts/install_perf_analyzer.py (run by scripts/setup.sh) puts it in "
+            ".venv/bin on Linux x86_64; it did not run or could not download it"
+        )
     data = tmp_path / "input.json"
     clip = make_clip(1.0, 7)
     # every input, optional ones included: perf_analyzer would fill missing ones with random data
-    data.write_text(json.dumps({"data": [{"AUDIO": {"content": clip.tolist(), "shape": [len(clip)]},
-                                          "PROMPT": ["Transcribe the following:"], "MAX_NEW_TOKENS": [16]}]}))
+    data.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "AUDIO": {"content": clip.tolist(), "shape": [len(clip)]},
+                        "PROMPT": ["Transcribe the following:"],
+                        "MAX_NEW_TOKENS": [16],
+                    }
+                ]
+            }
+        )
+    )
     run = subprocess.run(
-        [binary, "-m", "canary_qwen", "-u", server.http_url, "-i", "http", "--input-data", str(data),
-         "--concurrency-range", "1:2", "--measurement-interval", "1500", "--stability-percentage", "100",
-         "--max-trials", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            binary,
+            "-m",
+            "canary_qwen",
+            "-u",
+            server.http_url,
+            "-i",
+            "http",
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            "1:2",
+            "--measurement-interval",
+            "1500",
+            "--stability-percentage",
+            "100",
+            "--max-trials",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Throughput" in run.stdout
@@ -493,15 +555,16 @@ def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     import ml_dtypes
     from tritonclient.grpc import model_config_pb2
 
-    from canary_qwen.runtime.embeddings import trtllm_request_arrays
-    from canary_qwen.triton_repo.trt_flavor import tensorrt_llm_config
+    from canary_qwen.client.embeddings import trtllm_request_arrays
+    from canary_qwen.serving.trt_flavor import tensorrt_llm_config
 
     cfg = parse_model_config(tensorrt_llm_config(engine_dir="/engines/llm", max_batch=8, engine_dtype="bfloat16"))
     spec = {i.name: i for i in cfg.input}
     frames = np.random.default_rng(0).standard_normal((7, 2048)).astype(np.float32)
     prompt = [151644, 872, 198, 151669, 151645, 198]
-    arrays, request = trtllm_request_arrays(prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643,
-                                            vocab_size=151936, max_new_tokens=64)
+    arrays, request = trtllm_request_arrays(
+        prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643, vocab_size=151936, max_new_tokens=64
+    )
     inputs = TritonClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
     by_name = {i.name(): i for i in inputs}
     required = {n for n, i in spec.items() if not i.optional}
@@ -517,4 +580,6 @@ def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     assert request.input_ids.tolist() == [151644, 872, 198, *range(151936, 151943), 151645, 198]
     assert request.prompt_vocab_size == 7
     np.testing.assert_array_equal(request.prompt_embedding_table, frames.astype(ml_dtypes.bfloat16))
-    assert (request.prompt_table_extra_ids[3:10] == request.extra_id).all() and request.prompt_table_extra_ids[:3].sum() == 0
+    assert (request.prompt_table_extra_ids[3:10] == request.extra_id).all() and request.prompt_table_extra_ids[
+        :3
+    ].sum() == 0

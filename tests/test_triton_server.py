@@ -3,6 +3,7 @@
 Also the offline config checks (these need tritonclient only). One shared server plus a few short
 lived ones keeps the file around 30 s on 2 cores (start ~2 s, clean stop ~3-4 s each).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,18 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_server, running_server
 
-from canary_qwen.triton_repo import server as server_mod
-from canary_qwen.triton_repo.config_check import ModelConfigError, check_ensemble, parse_model_config
-from canary_qwen.triton_repo.server import (
+from canary_qwen.serving import server as server_mod
+from canary_qwen.serving.config_check import ModelConfigError, check_ensemble, parse_model_config
+from canary_qwen.serving.server import (
     TritonNotFoundError,
     TritonServer,
     TritonStartError,
     find_bundled_triton,
     prepare_backend_dir,
 )
-
-from conftest import needs_server, running_server
 
 pytestmark = pytest.mark.triton
 
@@ -138,8 +138,15 @@ def http_add_one(url: str, model: str = "add_one", input_name: str = "INPUT0", o
 @needs_server
 def test_find_bundled_triton_paths_exist():
     t = find_bundled_triton()
-    for p in (t.binary, t.python_backend / "libtriton_python.so", t.python_backend / "triton_python_backend_utils.py",
-              t.stubs, t.libs, t.caches, t.stub_for()):
+    for p in (
+        t.binary,
+        t.python_backend / "libtriton_python.so",
+        t.python_backend / "triton_python_backend_utils.py",
+        t.stubs,
+        t.libs,
+        t.caches,
+        t.stub_for(),
+    ):
         assert p.exists(), p
     assert os.access(t.binary, os.X_OK)
 
@@ -154,7 +161,10 @@ def test_missing_pytriton_names_the_install_command(monkeypatch):
 def test_prepare_backend_dir(tmp_path):
     dest = prepare_backend_dir(tmp_path / "backends")
     assert sorted(p.name for p in (dest / "python").iterdir()) == [
-        "libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
+        "libtriton_python.so",
+        "triton_python_backend_stub",
+        "triton_python_backend_utils.py",
+    ]
     with pytest.raises(TritonNotFoundError, match="no python backend stub for Python 2.7"):
         prepare_backend_dir(tmp_path / "other", python_version="2.7")
 
@@ -216,9 +226,11 @@ def test_http_sse_streaming_decoupled(server):
     # The generate_stream extension maps JSON fields to inputs and streams one SSE event per response.
     request = urllib.request.Request(
         f"http://{server.http_url}/v2/models/count_up/generate_stream",
-        data=json.dumps({"COUNT": 3}).encode(), headers={"Content-Type": "application/json"})
+        data=json.dumps({"COUNT": 3}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=20) as r:
-        events = [json.loads(line[len(b"data: "):]) for line in r.read().splitlines() if line.startswith(b"data: ")]
+        events = [json.loads(line[len(b"data: ") :]) for line in r.read().splitlines() if line.startswith(b"data: ")]
     assert [e["VALUE"] for e in events] == [0, 1, 2]  # one-element tensors come back as scalars
 
 
@@ -226,7 +238,8 @@ def test_http_sse_streaming_decoupled(server):
 def test_second_server_own_ports_and_clean_stop(server, repo, tmp_path):
     with TritonServer(repo, startup_timeout=60, work_dir=tmp_path) as second:
         assert {second.http_port, second.grpc_port, second.metrics_port}.isdisjoint(
-            {server.http_port, server.grpc_port, server.metrics_port})
+            {server.http_port, server.grpc_port, server.metrics_port}
+        )
         x, y = http_add_one(second.http_url)
         np.testing.assert_array_equal(y, x + 1)
         with urllib.request.urlopen(second.metrics_url, timeout=5) as r:
@@ -266,8 +279,10 @@ def test_start_failure_reports_log_tail(tmp_path):
 
 @needs_server
 def test_serve_forever_stops_on_sigterm(repo, tmp_path):
-    code = ("import sys; from canary_qwen.triton_repo.server import serve_forever; "
-            f"sys.exit(serve_forever({str(repo)!r}, work_dir={str(tmp_path)!r}))")
+    code = (
+        "import sys; from canary_qwen.serving.server import serve_forever; "
+        f"sys.exit(serve_forever({str(repo)!r}, work_dir={str(tmp_path)!r}))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -313,7 +328,9 @@ def test_check_ensemble_accepts_correct_repo(repo):
 
 def test_check_ensemble_flags_missing_tensor(tmp_path):
     add_model(tmp_path, "add_one", ADD_ONE_CONFIG, ADD_ONE_PY)
-    add_model(tmp_path, "add_two", ENSEMBLE_CONFIG.replace('key: "OUTPUT0" value: "Y"', 'key: "OUTPUT1" value: "Y"'), None)
+    add_model(
+        tmp_path, "add_two", ENSEMBLE_CONFIG.replace('key: "OUTPUT0" value: "Y"', 'key: "OUTPUT1" value: "Y"'), None
+    )
     problems = check_ensemble(tmp_path)
     assert any("output_map names output 'OUTPUT1'" in p for p in problems), problems
     with pytest.raises(ModelConfigError, match="OUTPUT1") as info:
@@ -323,9 +340,12 @@ def test_check_ensemble_flags_missing_tensor(tmp_path):
 
 def test_check_ensemble_flags_wiring_and_missing_model(tmp_path):
     add_model(tmp_path, "add_one", ADD_ONE_CONFIG, ADD_ONE_PY)
-    bad = (ENSEMBLE_CONFIG.replace('value: "mid" }', 'value: "nowhere" }', 1)  # step 1 reads a tensor nobody writes
-           .replace('model_name: "add_one" model_version: -1 input_map { key: "INPUT0" value: "mid" }',
-                    'model_name: "add_three" model_version: -1 input_map { key: "INPUT0" value: "mid" }'))
+    bad = ENSEMBLE_CONFIG.replace(
+        'value: "mid" }', 'value: "nowhere" }', 1
+    ).replace(  # step 1 reads a tensor nobody writes
+        'model_name: "add_one" model_version: -1 input_map { key: "INPUT0" value: "mid" }',
+        'model_name: "add_three" model_version: -1 input_map { key: "INPUT0" value: "mid" }',
+    )
     add_model(tmp_path, "add_two", bad, None)
     add_model(tmp_path, "broken", "name: 'broken' input [ {", None)
     text = "\n".join(check_ensemble(tmp_path))
@@ -337,6 +357,11 @@ def test_check_ensemble_flags_wiring_and_missing_model(tmp_path):
 
 def test_check_ensemble_flags_dtype_mismatch(tmp_path):
     add_model(tmp_path, "add_one", ADD_ONE_CONFIG, ADD_ONE_PY)
-    add_model(tmp_path, "add_two", ENSEMBLE_CONFIG.replace('name: "X" data_type: TYPE_FP32', 'name: "X" data_type: TYPE_INT32'), None)
+    add_model(
+        tmp_path,
+        "add_two",
+        ENSEMBLE_CONFIG.replace('name: "X" data_type: TYPE_FP32', 'name: "X" data_type: TYPE_INT32'),
+        None,
+    )
     problems = check_ensemble(tmp_path)
     assert len(problems) == 1 and "'X' is TYPE_FP32 in 'add_one' but TYPE_INT32 in 'add_two'" in problems[0], problems

@@ -2,6 +2,7 @@
 wiring checked, the prompt_table outputs consistent with the tensorrt_llm inputs, and its python models
 (preprocessing, prompt_table, postprocessing) run in the real bundled Triton server. The encoder plan and
 the tensorrt_llm model need TensorRT / TensorRT-LLM on a GPU and are not served here."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,16 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import make_clip, running_server
 
-from canary_qwen.engines import prompt_table
+from canary_qwen.errors import ArtifactError, InputError
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
-from canary_qwen.triton_repo import trt_flavor
-from canary_qwen.triton_repo.config_check import check_ensemble, parse_model_config
-from canary_qwen.triton_repo.serving import InputError
-from canary_qwen.triton_repo.trt_serving import generated_rows, tensorrt_llm_inputs
-
-from conftest import make_clip, running_server
+from canary_qwen.protocol import prompt_table
+from canary_qwen.protocol.trt_requests import generated_rows, tensorrt_llm_inputs
+from canary_qwen.serving import trt_flavor
+from canary_qwen.serving.config_check import check_ensemble, parse_model_config
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 MAX_BATCH = 4
@@ -40,13 +40,25 @@ def write_engines(root, manifest, *, max_batch=8, dtype="bfloat16"):
     (root / "llm_engine").mkdir(parents=True, exist_ok=True)
     (root / "encoder.plan").write_bytes(b"placeholder for a serialized TensorRT engine")
     (root / "llm_engine" / "rank0.engine").write_bytes(b"placeholder for a TensorRT-LLM engine")
-    (root / "llm_engine" / "config.json").write_text(json.dumps({
-        "version": "1.2.0",
-        "pretrained_config": {"architecture": "Qwen3ForCausalLM", "dtype": dtype, "vocab_size": ENGINE_VOCAB,
-                              "hidden_size": manifest.model["hidden_size"]},
-        "build_config": {"max_batch_size": max_batch, "max_input_len": 600, "max_seq_len": 728,
-                         "max_prompt_embedding_table_size": max_batch * 500},
-    }))
+    (root / "llm_engine" / "config.json").write_text(
+        json.dumps(
+            {
+                "version": "1.2.0",
+                "pretrained_config": {
+                    "architecture": "Qwen3ForCausalLM",
+                    "dtype": dtype,
+                    "vocab_size": ENGINE_VOCAB,
+                    "hidden_size": manifest.model["hidden_size"],
+                },
+                "build_config": {
+                    "max_batch_size": max_batch,
+                    "max_input_len": 600,
+                    "max_seq_len": 728,
+                    "max_prompt_embedding_table_size": max_batch * 500,
+                },
+            }
+        )
+    )
     return root
 
 
@@ -54,8 +66,9 @@ def write_engines(root, manifest, *, max_batch=8, dtype="bfloat16"):
 def trt_repo(export_dir, tmp_path_factory):
     manifest = read_manifest(export_dir)
     write_engines(export_dir / "trt", manifest)
-    return trt_flavor.generate_trt_repo(export_dir, tmp_path_factory.mktemp("trt") / "repo", max_batch=MAX_BATCH,
-                                        max_audio_s=8.0)
+    return trt_flavor.generate_trt_repo(
+        export_dir, tmp_path_factory.mktemp("trt") / "repo", max_batch=MAX_BATCH, max_audio_s=8.0
+    )
 
 
 def configs(repo):
@@ -74,18 +87,24 @@ def test_every_config_parses_and_the_ensemble_is_wired(trt_repo, export_dir):
     assert steps == ["preprocessing", "encoder", "prompt_table", "tensorrt_llm", "postprocessing"]
     # same public interface as the onnx flavour
     ens = cfgs["canary_qwen"]
-    assert [i.name for i in ens.input] == ["AUDIO", "PROMPT", "MAX_NEW_TOKENS"] and [o.name for o in ens.output] == ["TEXT", "OUTPUT_IDS"]
+    assert [i.name for i in ens.input] == ["AUDIO", "PROMPT", "MAX_NEW_TOKENS"] and [o.name for o in ens.output] == [
+        "TEXT",
+        "OUTPUT_IDS",
+    ]
     # engines linked in; tensorrt_llm finds its engine by absolute path
     assert os.path.samefile(trt_repo / "encoder/1/model.plan", export_dir / "trt/encoder.plan")
     assert os.path.samefile(trt_repo / "tensorrt_llm/1/rank0.engine", export_dir / "trt/llm_engine/rank0.engine")
-    assert cfgs["tensorrt_llm"].parameters["gpt_model_path"].string_value == str((trt_repo / "tensorrt_llm/1").resolve())
+    assert cfgs["tensorrt_llm"].parameters["gpt_model_path"].string_value == str(
+        (trt_repo / "tensorrt_llm/1").resolve()
+    )
     info = json.loads((trt_repo / "canary_qwen_repo.json").read_text())
     assert info["flavor"] == "trt" and info["settings"]["engine_dtype"] == "bfloat16"
 
 
 def test_without_streaming_nothing_is_decoupled(export_dir, tmp_path):
-    repo = trt_flavor.generate_trt_repo(export_dir, tmp_path / "repo", decoupled_streaming=False,
-                                        served_llm_engine_dir="/models/tensorrt_llm/1")
+    repo = trt_flavor.generate_trt_repo(
+        export_dir, tmp_path / "repo", decoupled_streaming=False, served_llm_engine_dir="/models/tensorrt_llm/1"
+    )
     cfgs = configs(repo)
     assert "canary_qwen_stream" not in cfgs and not cfgs["tensorrt_llm"].model_transaction_policy.decoupled
     assert cfgs["canary_qwen"].max_batch_size == 8  # the engine's
@@ -99,19 +118,34 @@ def test_prompt_table_outputs_are_what_tensorrt_llm_takes(trt_repo, export_dir):
     info = read_manifest(export_dir).model
     prompt = np.array([[1, 2, info["placeholder_id"], 3]], dtype=np.int64)
     frames = np.random.default_rng(0).standard_normal((1, 6, info["hidden_size"])).astype(np.float32)
-    arrays = tensorrt_llm_inputs(prompt, frames, np.array([5]), [16], placeholder_id=info["placeholder_id"],
-                                 vocab_size=ENGINE_VOCAB, table_dtype="bfloat16", end_id=info["eos_id"], pad_id=info["pad_id"])
+    arrays = tensorrt_llm_inputs(
+        prompt,
+        frames,
+        np.array([5]),
+        [16],
+        placeholder_id=info["placeholder_id"],
+        vocab_size=ENGINE_VOCAB,
+        table_dtype="bfloat16",
+        end_id=info["eos_id"],
+        pad_id=info["pad_id"],
+    )
     assert set(arrays) == set(table_out)
     for name, array in arrays.items():
         want = pb2.DataType.Name(table_out[name].data_type)
-        got = "TYPE_BF16" if array.dtype == ml_dtypes.bfloat16 else "TYPE_" + {"int32": "INT32", "uint64": "UINT64", "bool": "BOOL"}[array.dtype.name]
+        got = (
+            "TYPE_BF16"
+            if array.dtype == ml_dtypes.bfloat16
+            else "TYPE_" + {"int32": "INT32", "uint64": "UINT64", "bool": "BOOL"}[array.dtype.name]
+        )
         assert got == want == pb2.DataType.Name(llm_in[name].data_type), name
         assert array.shape[0] == 1 and len(array.shape) - 1 == len(table_out[name].dims), name
     # only the 5 valid frames become the table, addressed by fake ids from the engine's vocab size on
     assert arrays["input_ids"].tolist() == [[1, 2, *range(ENGINE_VOCAB, ENGINE_VOCAB + 5), 3]]
     np.testing.assert_array_equal(arrays["prompt_embedding_table"][0], frames[0, :5].astype(ml_dtypes.bfloat16))
     assert arrays["prompt_vocab_size"].tolist() == [[5]] and arrays["request_output_len"].tolist() == [[16]]
-    assert (arrays["prompt_table_extra_ids"][0, 2:7] > 0).all() and arrays["prompt_table_extra_ids"][0, [0, 1, 7]].sum() == 0
+    assert (arrays["prompt_table_extra_ids"][0, 2:7] > 0).all() and arrays["prompt_table_extra_ids"][
+        0, [0, 1, 7]
+    ].sum() == 0
     assert arrays["streaming"].tolist() == [[False]]
 
 
@@ -120,8 +154,17 @@ def test_rows_with_different_frame_counts_are_refused(export_dir):
     prompt = np.array([[info["placeholder_id"]]] * 2)
     frames = np.zeros((2, 6, info["hidden_size"]), np.float32)
     with pytest.raises(InputError, match="same number of audio frames"):
-        tensorrt_llm_inputs(prompt, frames, np.array([6, 4]), [8, 8], placeholder_id=info["placeholder_id"],
-                            vocab_size=ENGINE_VOCAB, table_dtype="bfloat16", end_id=0, pad_id=0)
+        tensorrt_llm_inputs(
+            prompt,
+            frames,
+            np.array([6, 4]),
+            [8, 8],
+            placeholder_id=info["placeholder_id"],
+            vocab_size=ENGINE_VOCAB,
+            table_dtype="bfloat16",
+            end_id=0,
+            pad_id=0,
+        )
 
 
 def test_generated_rows_cut_at_length_and_eos():
@@ -131,7 +174,7 @@ def test_generated_rows_cut_at_length_and_eos():
 
 
 def test_missing_engines_and_too_large_batches_are_clear_errors(export_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="canary-qwen build-engines"):
+    with pytest.raises(ArtifactError, match="canary-qwen build-engines"):
         trt_flavor.generate_trt_repo(export_dir, tmp_path / "a", engines_dir=tmp_path / "none")
     with pytest.raises(ValueError, match=r"max_batch must be in 1\.\.8"):
         trt_flavor.generate_trt_repo(export_dir, tmp_path / "b", max_batch=9)
@@ -171,22 +214,37 @@ def infer(server, model, arrays: dict, outputs):
 def test_served_preprocessing_and_prompt_table_build_the_protocol(python_models_server, export_dir):
     info = read_manifest(export_dir).model
     clip = make_clip(1.3, 5)[None]
-    pre = infer(python_models_server, "preprocessing", {"AUDIO": (clip, None)}, ["PROMPT_IDS", "SAMPLES", "AUDIO_LENGTH"])
+    pre = infer(
+        python_models_server, "preprocessing", {"AUDIO": (clip, None)}, ["PROMPT_IDS", "SAMPLES", "AUDIO_LENGTH"]
+    )
     assert pre["AUDIO_LENGTH"].tolist() == [[clip.shape[1]]]
     np.testing.assert_array_equal(pre["SAMPLES"], clip)
     frames = np.random.default_rng(1).standard_normal((1, 7, info["hidden_size"])).astype(np.float32)
     names = [n for n, _, _ in trt_flavor.TABLE_OUTPUTS]
-    out = infer(python_models_server, "prompt_table", {
-        "PROMPT_IDS": (pre["PROMPT_IDS"], None), "EMBEDDINGS": (frames, None),
-        "EMBEDDING_LENGTH": (np.array([[7]], np.int64), None), "MAX_NEW_TOKENS": (np.array([[12]], np.int32), None),
-    }, names)
-    want = prompt_table.build_request(pre["PROMPT_IDS"][0].tolist(), frames[0], placeholder_id=info["placeholder_id"],
-                                      vocab_size=ENGINE_VOCAB, dtype="bfloat16")
+    out = infer(
+        python_models_server,
+        "prompt_table",
+        {
+            "PROMPT_IDS": (pre["PROMPT_IDS"], None),
+            "EMBEDDINGS": (frames, None),
+            "EMBEDDING_LENGTH": (np.array([[7]], np.int64), None),
+            "MAX_NEW_TOKENS": (np.array([[12]], np.int32), None),
+        },
+        names,
+    )
+    want = prompt_table.build_request(
+        pre["PROMPT_IDS"][0].tolist(),
+        frames[0],
+        placeholder_id=info["placeholder_id"],
+        vocab_size=ENGINE_VOCAB,
+        dtype="bfloat16",
+    )
     assert out["input_ids"][0].tolist() == want.input_ids.tolist()
     np.testing.assert_array_equal(out["prompt_table_extra_ids"][0], want.prompt_table_extra_ids)
     # bf16 crossed the python backend through DLPack and came back as the same values
-    np.testing.assert_array_equal(np.asarray(out["prompt_embedding_table"][0], np.float32),
-                                  want.prompt_embedding_table.astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(out["prompt_embedding_table"][0], np.float32), want.prompt_embedding_table.astype(np.float32)
+    )
     assert out["prompt_vocab_size"].tolist() == [[7]] and out["request_output_len"].tolist() == [[12]]
     assert out["end_id"].tolist() == [[info["eos_id"]]] and out["pad_id"].tolist() == [[info["pad_id"]]]
 
@@ -197,8 +255,12 @@ def test_served_postprocessing_reads_tensorrt_llm_outputs(python_models_server, 
     tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
     eos = manifest.model["eos_id"]
     ids = np.array([[[40, 41, 42, eos, 43]]], np.int32)
-    out = infer(python_models_server, "postprocessing", {"OUTPUT_IDS": (ids, None), "SEQUENCE_LENGTH": (np.array([[5]], np.int32), None)},
-                ["TEXT", "TOKEN_IDS"])
+    out = infer(
+        python_models_server,
+        "postprocessing",
+        {"OUTPUT_IDS": (ids, None), "SEQUENCE_LENGTH": (np.array([[5]], np.int32), None)},
+        ["TEXT", "TOKEN_IDS"],
+    )
     assert out["TOKEN_IDS"].tolist() == [[40, 41, 42]]
     assert out["TEXT"][0][0].decode() == tokenizer.decode([40, 41, 42]).strip()
 
@@ -209,8 +271,13 @@ def test_served_prompt_table_refuses_a_prompt_without_placeholder(python_models_
 
     info = read_manifest(export_dir).model
     with pytest.raises(InferenceServerException, match="placeholder"):
-        infer(python_models_server, "prompt_table", {
-            "PROMPT_IDS": (np.array([[1, 2]], np.int64), None),
-            "EMBEDDINGS": (np.zeros((1, 3, info["hidden_size"]), np.float32), None),
-            "EMBEDDING_LENGTH": (np.array([[3]], np.int64), None),
-        }, ["input_ids"])
+        infer(
+            python_models_server,
+            "prompt_table",
+            {
+                "PROMPT_IDS": (np.array([[1, 2]], np.int64), None),
+                "EMBEDDINGS": (np.zeros((1, 3, info["hidden_size"]), np.float32), None),
+                "EMBEDDING_LENGTH": (np.array([[3]], np.int64), None),
+            },
+            ["input_ids"],
+        )

@@ -1,6 +1,7 @@
 """TensorRT / TensorRT-LLM paths: build command lines, Triton trt-flavour configs, and (where TensorRT and
 a GPU exist) engine builds and runs. TensorRT 10.14 and TensorRT-LLM 1.2.x cannot be installed on most
 machines: the build/run tests skip with the MissingDependencyError that names what is missing."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from canary_qwen.engines.base import pad_waveforms
-from canary_qwen.engines.errors import MissingDependencyError, import_tensorrt, import_tensorrt_llm
-from canary_qwen.engines.prompt_table import TRITON_INPUT_DTYPES, build_request, triton_request_inputs
-from canary_qwen.engines.trtllm import (
+from canary_qwen.backends.base import pad_waveforms
+from canary_qwen.errors import MissingDependencyError
+from canary_qwen.export.tensorrt import import_tensorrt, import_tensorrt_llm
+from canary_qwen.export.tensorrt.llm_engine import (
     CONVERT_SCRIPT_PATHS,
     EXAMPLES_ENV,
     engine_limits,
@@ -21,13 +22,28 @@ from canary_qwen.engines.trtllm import (
     find_convert_script,
     trtllm_build_commands,
 )
-from canary_qwen.triton_repo import trt_flavor
+from canary_qwen.protocol.prompt_table import build_request, triton_request_inputs
+from canary_qwen.serving import trt_flavor
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import text_format  # noqa: E402
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
+
+# The tensorrt_llm inputs a Canary-Qwen request fills (TensorRT-LLM 1.2 template
+# triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt names them; the rest stay unset).
+REQUEST_INPUTS = (
+    "input_ids",
+    "input_lengths",
+    "request_output_len",
+    "end_id",
+    "pad_id",
+    "streaming",
+    "prompt_embedding_table",
+    "prompt_vocab_size",
+    "prompt_table_extra_ids",
+)
 
 
 def option(command: list[str], flag: str) -> str:
@@ -50,8 +66,12 @@ def script(tmp_path):
 
 def test_build_commands_carry_derived_sizes(script, tmp_path):
     convert, build = trtllm_build_commands(
-        tmp_path / "llm_merged", tmp_path / "engine", max_batch=192, max_audio_frames=500,
-        convert_script=script, python="python3",
+        tmp_path / "llm_merged",
+        tmp_path / "engine",
+        max_batch=192,
+        max_audio_frames=500,
+        convert_script=script,
+        python="python3",
     )
     assert convert[:2] == ["python3", str(script)]
     assert option(convert, "--model_dir") == str(tmp_path / "llm_merged")
@@ -77,17 +97,38 @@ def test_build_commands_carry_derived_sizes(script, tmp_path):
     assert "--paged_kv_cache" not in build  # deprecated in 1.x for --kv_cache_type
     flags = {a for a in build if a.startswith("--")}
     assert flags == {
-        "--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_input_len", "--max_seq_len", "--max_num_tokens",
-        "--max_beam_width", "--max_prompt_embedding_table_size", "--kv_cache_type", "--remove_input_padding",
-        "--context_fmha", "--use_paged_context_fmha", "--gemm_plugin", "--gpt_attention_plugin", "--workers",
+        "--checkpoint_dir",
+        "--output_dir",
+        "--max_batch_size",
+        "--max_input_len",
+        "--max_seq_len",
+        "--max_num_tokens",
+        "--max_beam_width",
+        "--max_prompt_embedding_table_size",
+        "--kv_cache_type",
+        "--remove_input_padding",
+        "--context_fmha",
+        "--use_paged_context_fmha",
+        "--gemm_plugin",
+        "--gpt_attention_plugin",
+        "--workers",
     }
 
 
 def test_build_commands_options(script, tmp_path):
     convert, build = trtllm_build_commands(
-        "m", tmp_path / "e", max_batch=4, max_audio_frames=100, max_prompt_text_tokens=32, max_new_tokens=16,
-        dtype="float16", checkpoint_dir=tmp_path / "ck", convert_script=script, timing_cache=tmp_path / "t.cache",
-        max_num_tokens=999, workers=2,
+        "m",
+        tmp_path / "e",
+        max_batch=4,
+        max_audio_frames=100,
+        max_prompt_text_tokens=32,
+        max_new_tokens=16,
+        dtype="float16",
+        checkpoint_dir=tmp_path / "ck",
+        convert_script=script,
+        timing_cache=tmp_path / "t.cache",
+        max_num_tokens=999,
+        workers=2,
     )
     assert option(convert, "--dtype") == "float16" and option(convert, "--output_dir") == str(tmp_path / "ck")
     assert option(build, "--max_prompt_embedding_table_size") == "400"
@@ -121,14 +162,26 @@ def test_convert_script_missing_names_what_to_get(tmp_path, monkeypatch):
     monkeypatch.delenv(EXAMPLES_ENV, raising=False)
     if HAVE_TRTLLM or Path("/app/tensorrt_llm/examples").is_dir():
         pytest.skip("a TensorRT-LLM examples folder exists here")
-    with pytest.raises(MissingDependencyError, match=r"TensorRT-LLM 1\.2\.x's examples/models/core/qwen/convert_checkpoint\.py"):
+    with pytest.raises(
+        MissingDependencyError, match=r"TensorRT-LLM 1\.2\.x's examples/models/core/qwen/convert_checkpoint\.py"
+    ):
         trtllm_build_commands("m", tmp_path / "e", max_batch=2, max_audio_frames=10, examples_dir=tmp_path)
 
 
 def test_engine_limits_from_engine_config():
     config = {
-        "pretrained_config": {"vocab_size": 151936, "hidden_size": 2048, "dtype": "bfloat16", "architecture": "Qwen3ForCausalLM"},
-        "build_config": {"max_batch_size": 192, "max_input_len": 564, "max_seq_len": 692, "max_prompt_embedding_table_size": 96000},
+        "pretrained_config": {
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "dtype": "bfloat16",
+            "architecture": "Qwen3ForCausalLM",
+        },
+        "build_config": {
+            "max_batch_size": 192,
+            "max_input_len": 564,
+            "max_seq_len": 692,
+            "max_prompt_embedding_table_size": 96000,
+        },
     }
     limits = engine_limits(config)
     assert limits.vocab_size == 151936 and limits.max_prompt_vocab_size == 500 and limits.dtype == "bfloat16"
@@ -139,8 +192,13 @@ TYPE_TO_NUMPY = {"TYPE_INT32": np.int32, "TYPE_UINT64": np.uint64, "TYPE_BOOL": 
 
 
 def test_tensorrt_llm_config_parses_with_the_real_inputs():
-    text = trt_flavor.tensorrt_llm_config(engine_dir="/models/llm_engine", max_batch=64, engine_dtype="bfloat16",
-                                          queue_delay_us=100, kv_cache_free_gpu_mem_fraction=0.85)
+    text = trt_flavor.tensorrt_llm_config(
+        engine_dir="/models/llm_engine",
+        max_batch=64,
+        engine_dtype="bfloat16",
+        queue_delay_us=100,
+        kv_cache_free_gpu_mem_fraction=0.85,
+    )
     cfg = parse(text)
     assert cfg.name == "tensorrt_llm" and cfg.backend == "tensorrtllm" and cfg.max_batch_size == 64
     assert not cfg.model_transaction_policy.decoupled
@@ -148,7 +206,7 @@ def test_tensorrt_llm_config_parses_with_the_real_inputs():
     assert list(cfg.dynamic_batching.preferred_batch_size) == [64]
     inputs = {t.name: t for t in cfg.input}
     assert list(inputs) == [row[0] for row in trt_flavor.TENSORRT_LLM_INPUTS]
-    for name in trt_flavor.REQUEST_INPUTS:
+    for name in REQUEST_INPUTS:
         assert name in inputs
     dt = pb2.DataType.Name
     assert dt(inputs["input_ids"].data_type) == "TYPE_INT32" and list(inputs["input_ids"].dims) == [-1]
@@ -157,8 +215,12 @@ def test_tensorrt_llm_config_parses_with_the_real_inputs():
     assert inputs["input_lengths"].HasField("reshape")
     assert not inputs["request_output_len"].optional
     assert dt(inputs["prompt_embedding_table"].data_type) == "TYPE_BF16"
-    assert list(inputs["prompt_embedding_table"].dims) == [-1, -1] and inputs["prompt_embedding_table"].allow_ragged_batch
-    assert dt(inputs["prompt_table_extra_ids"].data_type) == "TYPE_UINT64" and list(inputs["prompt_table_extra_ids"].dims) == [-1]
+    assert (
+        list(inputs["prompt_embedding_table"].dims) == [-1, -1] and inputs["prompt_embedding_table"].allow_ragged_batch
+    )
+    assert dt(inputs["prompt_table_extra_ids"].data_type) == "TYPE_UINT64" and list(
+        inputs["prompt_table_extra_ids"].dims
+    ) == [-1]
     assert dt(inputs["prompt_vocab_size"].data_type) == "TYPE_INT32" and inputs["prompt_vocab_size"].HasField("reshape")
     assert dt(inputs["streaming"].data_type) == "TYPE_BOOL"
     assert dt(inputs["draft_logits"].data_type) == "TYPE_FP32"
@@ -174,13 +236,24 @@ def test_tensorrt_llm_config_parses_with_the_real_inputs():
     assert params["enable_kv_cache_reuse"] == "true"
     assert params["max_beam_width"] == "1" and params["exclude_input_in_output"] == "true"
     assert params["batch_scheduler_policy"] == "max_utilization"
-    assert cfg.instance_group[0].count == 1 and pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_CPU"
+    assert (
+        cfg.instance_group[0].count == 1 and pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_CPU"
+    )
 
 
 def test_tensorrt_llm_config_streaming_and_options():
-    cfg = parse(trt_flavor.tensorrt_llm_config(engine_dir="e", max_batch=8, decoupled=True, engine_dtype="float16",
-                                               enable_kv_cache_reuse=False, max_tokens_in_paged_kv_cache=4096,
-                                               gpu_device_ids="0", batch_scheduler_policy="guaranteed_no_evict"))
+    cfg = parse(
+        trt_flavor.tensorrt_llm_config(
+            engine_dir="e",
+            max_batch=8,
+            decoupled=True,
+            engine_dtype="float16",
+            enable_kv_cache_reuse=False,
+            max_tokens_in_paged_kv_cache=4096,
+            gpu_device_ids="0",
+            batch_scheduler_policy="guaranteed_no_evict",
+        )
+    )
     assert cfg.model_transaction_policy.decoupled
     inputs = {t.name: t for t in cfg.input}
     assert pb2.DataType.Name(inputs["prompt_embedding_table"].data_type) == "TYPE_FP16"
@@ -200,7 +273,7 @@ def test_request_tensors_fit_the_tensorrt_llm_config():
     emb = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     req = build_request([1, 2, 99, 3], emb, placeholder_id=99, vocab_size=151936, dtype="float16")
     tensors = triton_request_inputs(req, max_new_tokens=32, end_id=151645, pad_id=151643, streaming=True)
-    assert set(tensors) == set(trt_flavor.REQUEST_INPUTS) == set(TRITON_INPUT_DTYPES)
+    assert set(tensors) == set(REQUEST_INPUTS)
     for name, array in tensors.items():
         declared = inputs[name]
         assert array.dtype == TYPE_TO_NUMPY[pb2.DataType.Name(declared.data_type)], name
@@ -210,8 +283,9 @@ def test_request_tensors_fit_the_tensorrt_llm_config():
 
 
 def test_encoder_config_parses():
-    cfg = parse(trt_flavor.encoder_config(max_batch=32, instances=2, queue_delay_us=500, embeddings_dtype="bfloat16",
-                                          gpus=[0]))
+    cfg = parse(
+        trt_flavor.encoder_config(max_batch=32, instances=2, queue_delay_us=500, embeddings_dtype="bfloat16", gpus=[0])
+    )
     assert cfg.name == "encoder" and cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
     assert cfg.max_batch_size == 32 and cfg.dynamic_batching.max_queue_delay_microseconds == 500
     inputs = {t.name: t for t in cfg.input}
@@ -221,21 +295,13 @@ def test_encoder_config_parses():
     assert dt(inputs["audio"].data_type) == "TYPE_FP32" and list(inputs["audio"].dims) == [-1]
     assert dt(inputs["audio_lengths"].data_type) == "TYPE_INT64" and inputs["audio_lengths"].HasField("reshape")
     assert dt(outputs["embeddings"].data_type) == "TYPE_BF16" and list(outputs["embeddings"].dims) == [-1, 2048]
-    assert dt(outputs["embedding_lengths"].data_type) == "TYPE_INT64" and outputs["embedding_lengths"].HasField("reshape")
+    assert dt(outputs["embedding_lengths"].data_type) == "TYPE_INT64" and outputs["embedding_lengths"].HasField(
+        "reshape"
+    )
     group = cfg.instance_group[0]
     assert group.count == 2 and pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU" and list(group.gpus) == [0]
     with pytest.raises(ValueError, match="dtype"):
         trt_flavor.encoder_config(max_batch=1, embeddings_dtype="int8")
-
-
-def test_model_configs_parse_with_the_repo_checker():
-    from canary_qwen.triton_repo.config_check import parse_model_config
-
-    configs = trt_flavor.model_configs(llm_engine_dir="/m/llm", max_batch=16, decoupled_streaming=True)
-    assert set(configs) == {"encoder", "tensorrt_llm"}
-    for name, text in configs.items():
-        assert parse_model_config(text).name == name
-    assert parse_model_config(configs["tensorrt_llm"]).model_transaction_policy.decoupled
 
 
 # -- engines (TensorRT / TensorRT-LLM and a GPU) -------------------------------------------------------
@@ -249,7 +315,8 @@ def require(importer):
 def test_missing_tensorrt_is_a_clear_error(tmp_path):
     if HAVE_TRT:
         pytest.skip("tensorrt is installed here")
-    from canary_qwen.engines.trt_encoder import TrtEncoder, build_encoder_engine
+    from canary_qwen.backends.trt import TrtEncoder
+    from canary_qwen.export.tensorrt.encoder_engine import build_encoder_engine
 
     with pytest.raises(MissingDependencyError, match=r"TensorRT 10\.14.*NVIDIA GPU") as err:
         build_encoder_engine(tmp_path / "encoder.onnx", tmp_path / "encoder.plan")
@@ -261,7 +328,8 @@ def test_missing_tensorrt_is_a_clear_error(tmp_path):
 def test_missing_tensorrt_llm_is_a_clear_error(script, tmp_path):
     if HAVE_TRTLLM:
         pytest.skip("tensorrt_llm is installed here")
-    from canary_qwen.engines.trtllm import TrtLlmBackend, build_llm_engine
+    from canary_qwen.backends.trt import TrtLlmBackend
+    from canary_qwen.export.tensorrt.llm_engine import build_llm_engine
 
     with pytest.raises(MissingDependencyError, match=r"TensorRT-LLM 1\.2\.x.*NVIDIA GPU") as err:
         build_llm_engine(tmp_path / "m", tmp_path / "e", max_batch=2, max_audio_frames=10, convert_script=script)
@@ -299,12 +367,19 @@ def bf16_export(tensorrt_gpu, tiny_checkpoint, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("graph, tol", [("encoder", 1e-3), ("encoder_bf16", 3e-2)])  # TF32 / bf16 against fp32
 def test_encoder_engine_matches_onnx(bf16_export, clips, tmp_path, graph, tol):
-    from canary_qwen.engines.onnx_backend import OnnxEncoder
-    from canary_qwen.engines.trt_encoder import TrtEncoder, build_encoder_engine
+    from canary_qwen.backends.onnx_runtime import OnnxEncoder
+    from canary_qwen.backends.trt import TrtEncoder
+    from canary_qwen.export.tensorrt.encoder_engine import build_encoder_engine
 
     cache = tmp_path / "timing.cache"
-    plan = build_encoder_engine(bf16_export.artifact(graph), tmp_path / "encoder.plan", max_batch=4,
-                                max_samples=4 * 16000, opt_samples=3 * 16000, timing_cache_path=cache)
+    plan = build_encoder_engine(
+        bf16_export.artifact(graph),
+        tmp_path / "encoder.plan",
+        max_batch=4,
+        max_samples=4 * 16000,
+        opt_samples=3 * 16000,
+        timing_cache_path=cache,
+    )
     assert cache.stat().st_size > 0
     encoder = TrtEncoder(plan)
     got = encoder(clips)
@@ -326,13 +401,20 @@ def fp32_export(tensorrt_llm_gpu, tiny_checkpoint, tmp_path_factory):
 
 @pytest.mark.slow
 def test_trtllm_tokens_match_torch_reference(fp32_export, tiny_checkpoint, clips):
-    from canary_qwen.engines.torch_backend import TorchBackend
-    from canary_qwen.engines.trtllm import TrtLlmBackend, build_llm_engine, default_engine_paths
+    from canary_qwen.backends.torch_ref import TorchBackend
+    from canary_qwen.backends.trt import TrtLlmBackend
+    from canary_qwen.export.tensorrt.llm_engine import build_llm_engine, default_engine_paths
 
     paths = default_engine_paths(fp32_export.root)
     try:
-        build_llm_engine(fp32_export.artifact("llm_merged"), paths["llm_engine"], max_batch=4,
-                         max_audio_frames=fp32_export.model["max_audio_frames"], max_new_tokens=24, dtype="float32")
+        build_llm_engine(
+            fp32_export.artifact("llm_merged"),
+            paths["llm_engine"],
+            max_batch=4,
+            max_audio_frames=fp32_export.model["max_audio_frames"],
+            max_new_tokens=24,
+            dtype="float32",
+        )
     except MissingDependencyError as e:  # e.g. no convert_checkpoint.py (not in the wheel)
         pytest.skip(str(e))
     backend = TrtLlmBackend(fp32_export.root, device="cuda")
@@ -360,8 +442,14 @@ class FakeExecutor:
             n = self.eos_after[len(self.requests)]
             tokens = [10 + k for k in range(min(n, r.max_tokens))] + ([self.eos_id] if n < r.max_tokens else [])
             self.requests.append(r)
-            self.pending.append(_Obj(request_id=rid, has_error=lambda: False, error_msg="",
-                                     result=_Obj(is_final=True, output_token_ids=[tokens])))
+            self.pending.append(
+                _Obj(
+                    request_id=rid,
+                    has_error=lambda: False,
+                    error_msg="",
+                    result=_Obj(is_final=True, output_token_ids=[tokens]),
+                )
+            )
             ids.append(rid)
         return ids
 
@@ -402,17 +490,32 @@ def fake_trtllm(monkeypatch, fp32_plain_export):
     runtime.ModelRunnerCpp = Runner
     root = types.ModuleType("tensorrt_llm")
     root.__version__ = "1.2.0"
-    for name, module in (("tensorrt_llm", root), ("tensorrt_llm.runtime", runtime),
-                         ("tensorrt_llm.bindings", bindings), ("tensorrt_llm.bindings.executor", executor)):
+    for name, module in (
+        ("tensorrt_llm", root),
+        ("tensorrt_llm.runtime", runtime),
+        ("tensorrt_llm.bindings", bindings),
+        ("tensorrt_llm.bindings.executor", executor),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     engine = fp32_plain_export.root / "trt" / "llm_engine"
     engine.mkdir(parents=True, exist_ok=True)
-    (engine / "config.json").write_text(json.dumps({
-        "pretrained_config": {"vocab_size": info["vocab_size"], "hidden_size": info["hidden_size"], "dtype": "float32"},
-        "build_config": {"max_batch_size": 4, "max_input_len": info["max_audio_frames"] + 64,
-                         "max_seq_len": info["max_audio_frames"] + 64 + 128,
-                         "max_prompt_embedding_table_size": 4 * info["max_audio_frames"]},
-    }))
+    (engine / "config.json").write_text(
+        json.dumps(
+            {
+                "pretrained_config": {
+                    "vocab_size": info["vocab_size"],
+                    "hidden_size": info["hidden_size"],
+                    "dtype": "float32",
+                },
+                "build_config": {
+                    "max_batch_size": 4,
+                    "max_input_len": info["max_audio_frames"] + 64,
+                    "max_seq_len": info["max_audio_frames"] + 64 + 128,
+                    "max_prompt_embedding_table_size": 4 * info["max_audio_frames"],
+                },
+            }
+        )
+    )
     return state
 
 
@@ -424,8 +527,8 @@ def fp32_plain_export(tiny_checkpoint, tmp_path_factory):
 
 
 def test_backend_drives_the_executor_with_the_protocol(fake_trtllm, fp32_plain_export, clips):
-    from canary_qwen.engines.onnx_backend import OnnxEncoder
-    from canary_qwen.engines.trtllm import TrtLlmBackend
+    from canary_qwen.backends.onnx_runtime import OnnxEncoder
+    from canary_qwen.backends.trt import TrtLlmBackend
     from canary_qwen.model.prompt import prompt_ids
 
     fake_trtllm["eos_after"] = [3, 50, 0, 50]
@@ -460,8 +563,8 @@ def test_backend_drives_the_executor_with_the_protocol(fake_trtllm, fp32_plain_e
 
 
 def test_backend_refuses_clips_longer_than_the_engine_allows(fake_trtllm, fp32_plain_export, clips):
-    from canary_qwen.engines.prompt_table import PromptTableError
-    from canary_qwen.engines.trtllm import TrtLlmBackend
+    from canary_qwen.backends.trt import TrtLlmBackend
+    from canary_qwen.protocol.prompt_table import PromptTableError
 
     config_path = fp32_plain_export.root / "trt" / "llm_engine" / "config.json"
     config = json.loads(config_path.read_text())
@@ -478,7 +581,9 @@ def test_backend_refuses_clips_longer_than_the_engine_allows(fake_trtllm, fp32_p
 
 def test_build_engines_sizes_both_engines_from_the_manifest(fp32_plain_export, monkeypatch, tmp_path):
     """`canary-qwen build-engines` wiring, with the two builders (which need TensorRT) recorded instead of run."""
-    from canary_qwen.engines import build, trt_encoder, trtllm
+    from canary_qwen.export.tensorrt import build
+    from canary_qwen.export.tensorrt import encoder_engine as trt_encoder
+    from canary_qwen.export.tensorrt import llm_engine as trtllm
 
     calls = {}
 
@@ -486,6 +591,7 @@ def test_build_engines_sizes_both_engines_from_the_manifest(fp32_plain_export, m
         def builder(source, out, **options):
             calls[name] = (Path(source), Path(out), options)
             return Path(out)
+
         return builder
 
     monkeypatch.setattr(build, "import_tensorrt", lambda: None)
@@ -498,11 +604,15 @@ def test_build_engines_sizes_both_engines_from_the_manifest(fp32_plain_export, m
     assert built == {"encoder": trt / "encoder.plan", "llm": trt / "llm_engine"}
     onnx_path, _, enc = calls["encoder"]
     assert onnx_path == manifest.artifact("encoder")  # fp32 export: the fp32 graph
-    assert enc["max_batch"] == manifest.data["max_batch"] and enc["max_samples"] == int(manifest.data["max_audio_s"] * 16000)
+    assert enc["max_batch"] == manifest.data["max_batch"] and enc["max_samples"] == int(
+        manifest.data["max_audio_s"] * 16000
+    )
     assert enc["timing_cache_path"] == tmp_path / "cache"
     merged, _, llm = calls["llm"]
     assert merged == manifest.artifact("llm_merged") and llm["dtype"] == "float32"
-    assert llm["max_batch"] == manifest.data["max_batch"] and llm["max_audio_frames"] == manifest.model["max_audio_frames"]
+    assert (
+        llm["max_batch"] == manifest.data["max_batch"] and llm["max_audio_frames"] == manifest.model["max_audio_frames"]
+    )
     assert llm["checkpoint_dir"] == trt / "llm_checkpoint" and llm["timing_cache"] == f"{tmp_path / 'cache'}.llm"
     calls.clear()
     assert set(build.build_engines(manifest.root, only="llm", max_batch=2, log=lambda *_: None)) == {"llm"}

@@ -1,10 +1,11 @@
 """Long-audio windows: contiguous cover, length limit, cuts at quiet frames, texts joined in order."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from canary_qwen.engines.base import Transcription
-from canary_qwen.windowing import plan_windows, split_points
+from canary_qwen.backends.base import Transcription
+from canary_qwen.pipeline.windowing import plan_windows, split_points
 
 
 def test_windows_cover_the_clip_within_the_limit():

@@ -8,17 +8,34 @@ Public API::
     write_results(results, "bench/")          # results.json, results.md, rtfx.png, hypotheses.jsonl
     write_docs(results, "docs/benchmarks.md")
 
-The CLI (``canary-qwen bench``) is registered with :func:`add_bench_parser`.
+The command line is ``canary-qwen bench`` (``canary_qwen.cli.bench``).
 """
-from .backends import REGISTRY, BackendOptions, BackendUnavailable, BenchBackend, create_backend, register
-from .cli import add_bench_parser, run_bench
+
+from .backends import BackendOptions, BenchBackend, create_backend
 from .data import BenchSet, Clip, ManifestError, load_set, parse_synthetic_spec, read_manifest, synthetic_set
 from .report import load_results, markdown_table, plot_rtfx, results_markdown, write_docs, write_results
 from .runner import RUN_FIELDS, BenchConfig, environment, run_benchmark, word_error_rate
 
 __all__ = [
-    "REGISTRY", "RUN_FIELDS", "BackendOptions", "BackendUnavailable", "BenchBackend", "BenchConfig", "BenchSet",
-    "Clip", "ManifestError", "add_bench_parser", "create_backend", "environment", "load_results", "load_set",
-    "markdown_table", "parse_synthetic_spec", "plot_rtfx", "read_manifest", "register", "results_markdown",
-    "run_bench", "run_benchmark", "synthetic_set", "word_error_rate", "write_docs", "write_results",
+    "RUN_FIELDS",
+    "BackendOptions",
+    "BenchBackend",
+    "BenchConfig",
+    "BenchSet",
+    "Clip",
+    "ManifestError",
+    "create_backend",
+    "environment",
+    "load_results",
+    "load_set",
+    "markdown_table",
+    "parse_synthetic_spec",
+    "plot_rtfx",
+    "read_manifest",
+    "results_markdown",
+    "synthetic_set",
+    "word_error_rate",
+    "write_docs",
+    "write_results",
+    "run_benchmark",
 ]

@@ -5,21 +5,23 @@ least padding per batch, and the largest batch first, so an out-of-memory shows 
 Manifest audio is read from disk inside the timed pass (data loading is part of the leaderboard's
 measurement); synthetic audio is generated up front and only handed over in the timed pass.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from ..engines.base import SAMPLE_RATE
+from ..defaults import SAMPLE_RATE
+from ..errors import CanaryQwenError, UsageError
 
 
-class ManifestError(ValueError):
+class ManifestError(CanaryQwenError, ValueError):
     """A manifest that cannot be benchmarked; the message names the file and line."""
 
 
@@ -50,7 +52,7 @@ class BenchSet:
         """16 kHz float32 waveforms of the given clips (read from disk for manifests)."""
         if self.audio is not None:
             return [self.audio[i] for i in indices]
-        from ..audio import load_audio
+        from ..pipeline.audio import load_audio
 
         return [load_audio(self.clips[i].path) for i in indices]
 
@@ -104,8 +106,14 @@ def read_manifest(path) -> BenchSet:
             if not math.isfinite(duration) or duration < 0:
                 raise ManifestError(f"{where}: 'duration' must be a non-negative number of seconds, got {duration!r}")
             text = entry.get("text")
-            clips.append(Clip(id=str(entry.get("id", audio_path.stem)), duration=duration, path=str(audio_path),
-                              text=None if text is None else str(text)))
+            clips.append(
+                Clip(
+                    id=str(entry.get("id", audio_path.stem)),
+                    duration=duration,
+                    path=str(audio_path),
+                    text=None if text is None else str(text),
+                )
+            )
     if not clips:
         raise ManifestError(f"manifest {manifest} has no entries")
     return BenchSet(name=str(manifest), clips=_sorted(clips)[0])
@@ -135,13 +143,13 @@ def parse_synthetic_spec(spec: str) -> tuple[float, float, int]:
     else:
         m = re.fullmatch(rf"uniform:{_NUMBER}:(\d+)", text)
         if not m:
-            raise ValueError(f"bad synthetic set {spec!r}: {_SPEC_HELP}")
+            raise UsageError(f"bad synthetic set {spec!r}: {_SPEC_HELP}")
         low = high = float(m.group(1))
         n = int(m.group(2))
     if n < 1:
-        raise ValueError(f"bad synthetic set {spec!r}: need at least one clip")
+        raise UsageError(f"bad synthetic set {spec!r}: need at least one clip")
     if low <= 0 or high < low:
-        raise ValueError(f"bad synthetic set {spec!r}: durations must be positive and MIN <= MAX")
+        raise UsageError(f"bad synthetic set {spec!r}: durations must be positive and MIN <= MAX")
     return low, high, n
 
 
@@ -176,5 +184,5 @@ def synthetic_set(spec: str, seed: int = 0) -> BenchSet:
 
 def load_set(*, manifest=None, synthetic: str | None = None, seed: int = 0) -> BenchSet:
     if (manifest is None) == (synthetic is None):
-        raise ValueError("give exactly one of a manifest or a synthetic set spec")
+        raise UsageError("give exactly one of a manifest or a synthetic set spec")
     return read_manifest(manifest) if manifest is not None else synthetic_set(synthetic, seed)

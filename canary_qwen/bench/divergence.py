@@ -11,6 +11,7 @@ a rounding near-tie, not a bug.
 
     python -m canary_qwen.bench.divergence --model CKPT --dtype bf16 --device cuda [--nemo]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..engines.fast_torch import FastTorchBackend
-from ..engines.torch_backend import DTYPES, TorchBackend
-from ..model.errors import CheckpointError
+from ..backends.registry import create_backend
+from ..backends.torch_ref import TorchBackend
+from ..errors import CanaryQwenError
 from ..model.generate import splice_audio
 from ..model.prompt import prompt_ids
-from .backends import BackendUnavailable, NemoBackend
+from ..precision import Precision
 from .data import synthetic_set
 
 
@@ -60,24 +61,22 @@ def forced_logits(backend: TorchBackend, audio: np.ndarray, prefix: list[int]) -
     if prefix:
         rows = torch.cat((rows, model.embed_tokens(torch.tensor([prefix], device=model.device))), dim=1)
     length = rows.shape[1]
-    hidden = model.llm(rows, torch.arange(length, device=model.device)[None],
-                       torch.ones(1, length, dtype=torch.bool, device=model.device))
+    hidden = model.llm(
+        rows,
+        torch.arange(length, device=model.device)[None],
+        torch.ones(1, length, dtype=torch.bool, device=model.device),
+    )
     return model.logits(hidden[0, -1]).float()
 
 
 def run_paths(model: str, clips, budget: int, dtype: str, device: str, nemo: bool) -> dict[str, list[list[int]]]:
     """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits)."""
-    factories = {
-        "reference": lambda: TorchBackend(model, device=device, dtype=dtype),
-        "torch-fast": lambda: FastTorchBackend(model, device=device, dtype=dtype),
-    }
-    if nemo:
-        factories["nemo"] = lambda: NemoBackend(model, device=device, dtype=dtype)
+    paths = {"reference": "torch", "torch-fast": "torch-fast", **({"nemo": "nemo"} if nemo else {})}
     tokens = {}
-    for name, make in factories.items():
-        engine = make()
+    for name, backend in paths.items():
+        engine = create_backend(backend, model, device=device, dtype=dtype)
         if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
-            out = [engine.transcribe([c], [budget])[0] for c in clips]
+            out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in clips]
         else:
             out = engine.transcribe(list(clips), max_new_tokens=budget)
         tokens[name] = [t.token_ids for t in out]
@@ -93,7 +92,9 @@ def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, d
     reference = tokens["reference"]
     found = [
         Divergence(clip=i, path=name, step=first_difference(reference[i], path[i]))
-        for name, path in tokens.items() if name != "reference" for i in range(len(clips))
+        for name, path in tokens.items()
+        if name != "reference"
+        for i in range(len(clips))
     ]
     if not any(d.step is not None for d in found):
         return found
@@ -132,21 +133,32 @@ def summary(found: list[Divergence]) -> str:
         line = f"{name}: {len(rows) - len(parted)} of {len(rows)} clips token-identical to the reference"
         if parted:
             ratio = [_tie_ratio(d) for d in parted]
-            line += (f"; {len(parted)} part at steps {sorted(d.step for d in parted)}, "
-                     f"{sum(r <= 1 for r in ratio)} of them where the fp32 logits of the two tokens differ by no more "
-                     f"than the rounding error of the logits there (gap / error at most {max(ratio):.2f})")
+            line += (
+                f"; {len(parted)} part at steps {sorted(d.step for d in parted)}, "
+                f"{sum(r <= 1 for r in ratio)} of them where the fp32 logits of the two tokens differ by no more "
+                f"than the rounding error of the logits there (gap / error at most {max(ratio):.2f})"
+            )
         lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m canary_qwen.bench.divergence", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m canary_qwen.bench.divergence",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="precision of every path (default: bf16)")
+    p.add_argument(
+        "--dtype", default="bf16", choices=Precision.choices(), help="precision of every path (default: bf16)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--synthetic", default="mixed:1-10:8", metavar="SPEC",
-                   help="test set, as for `canary-qwen bench` (default: mixed:1-10:8)")
+    p.add_argument(
+        "--synthetic",
+        default="mixed:1-10:8",
+        metavar="SPEC",
+        help="test set, as for `canary-qwen bench` (default: mixed:1-10:8)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per clip (default: 24)")
     p.add_argument("--nemo", action="store_true", help="also run NeMo's SALM.generate (needs nemo-toolkit)")
     p.add_argument("--out", metavar="PATH", help="write the records as JSON here")
@@ -154,7 +166,7 @@ def main(argv=None) -> int:
     clips = synthetic_set(args.synthetic).audio
     try:
         tokens = run_paths(args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo)
-    except (BackendUnavailable, CheckpointError, RuntimeError) as e:
+    except CanaryQwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     found = explain(args.model, clips, tokens, args.dtype, args.device)

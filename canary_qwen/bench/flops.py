@@ -10,6 +10,7 @@ every backend is charged the same work for the same transcripts.
 ``RTFx limit = peak FLOP/s / work per audio second``: the speed at which the device would finish if
 it did nothing but this arithmetic at its datasheet peak (dense tensor-core throughput).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,10 +54,10 @@ class Work:
     def total(self) -> float:
         return self.encoder + self.prefill + self.decode
 
-    def __add__(self, other: "Work") -> "Work":
+    def __add__(self, other: Work) -> Work:
         return Work(self.encoder + other.encoder, self.prefill + other.prefill, self.decode + other.decode)
 
-    def scaled(self, factor: float) -> "Work":
+    def scaled(self, factor: float) -> Work:
         return Work(self.encoder * factor, self.prefill * factor, self.decode * factor)
 
 
@@ -89,8 +90,12 @@ def encoder_macs(samples: int, pre: PreprocessorConfig, enc: EncoderConfig, outp
         2 * 2 * t * d * enc.d_ff  # two half-step feed-forward modules, two linears each
         + 4 * t * d * d  # q, k, v, out
         + positions * d * d  # relative position projection
-        + t * t * d + t * positions * d + t * t * d  # content scores, position scores, weighted values
-        + t * d * 2 * d + t * d * enc.conv_kernel_size + t * d * d  # conv module: pointwise, depthwise, pointwise
+        + t * t * d
+        + t * positions * d
+        + t * t * d  # content scores, position scores, weighted values
+        + t * d * 2 * d
+        + t * d * enc.conv_kernel_size
+        + t * d * d  # conv module: pointwise, depthwise, pointwise
     )
     return macs + enc.n_layers * per_layer + t * d * output_dim
 
@@ -127,7 +132,7 @@ class WorkModel:
         self.pre, self.enc, self.output_dim, self.llm, self.text_tokens = pre, enc, output_dim, llm, text_tokens
 
     @classmethod
-    def from_checkpoint(cls, source: str) -> "WorkModel":
+    def from_checkpoint(cls, source: str) -> WorkModel:
         """Configs and tokenizer only (no weights are read)."""
         files = resolve_checkpoint(source)
         cfg = files.config
@@ -146,8 +151,12 @@ def roofline_fields(work: Work, audio_s: float, wall_s: float, rtfx: float, peak
     per_audio_s = work.scaled(1e-9 / audio_s)
     limit = peak * 1e3 / per_audio_s.total if peak else None  # TFLOP/s over GFLOP per audio second
     return {
-        "gflop_per_audio_s": {"encoder": per_audio_s.encoder, "prefill": per_audio_s.prefill,
-                              "decode": per_audio_s.decode, "total": per_audio_s.total},
+        "gflop_per_audio_s": {
+            "encoder": per_audio_s.encoder,
+            "prefill": per_audio_s.prefill,
+            "decode": per_audio_s.decode,
+            "total": per_audio_s.total,
+        },
         "model_tflops": work.total * 1e-12 / wall_s,
         "peak_tflops": peak,
         "rtfx_limit": limit,

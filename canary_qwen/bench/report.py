@@ -1,9 +1,12 @@
 """Benchmark output: results.json, results.md (table), rtfx.png (bar chart), hypotheses.jsonl, docs page."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+from ..errors import UsageError
 
 METHOD = (
     "Open ASR leaderboard method (open_asr_leaderboard nemo_asr/run_eval_salm.py): clips sorted longest "
@@ -16,8 +19,22 @@ METHOD = (
     "only when the manifest has reference texts."
 )
 
-TABLE_HEADER = ("backend", "batch", "dtype", "device", "clips", "audio (s)", "wall (s)", "RTFx", "vs best NeMo",
-                "WER", "tokens", "TFLOP/s", "of limit", "note")
+TABLE_HEADER = (
+    "backend",
+    "batch",
+    "dtype",
+    "device",
+    "clips",
+    "audio (s)",
+    "wall (s)",
+    "RTFx",
+    "vs best NeMo",
+    "WER",
+    "tokens",
+    "TFLOP/s",
+    "of limit",
+    "note",
+)
 
 
 def _num(x, digits: int = 2) -> str:
@@ -48,22 +65,24 @@ def table_rows(results: dict) -> list[list[str]]:
             note = f"skipped: {r['reason']}"
         else:
             note = _stages(r)
-        rows.append([
-            r["backend"],
-            "—" if r["batch_size"] is None else str(r["batch_size"]),
-            r["dtype"] or "—",
-            r["device"] or "—",
-            _num(r["n_clips"]),
-            _num(r["audio_s"], 1),
-            _num(r["wall_s"]),
-            _num(r["rtfx"]),
-            "—" if r["rtfx_vs_nemo"] is None else f"{r['rtfx_vs_nemo']:.2f}x",
-            "—" if r["wer"] is None else f"{100 * r['wer']:.2f} %",
-            _num(r["tokens_generated"]),
-            _num(r.get("model_tflops"), 3),
-            "—" if r.get("of_limit") is None else f"{100 * r['of_limit']:.1f} %",
-            note,
-        ])
+        rows.append(
+            [
+                r["backend"],
+                "—" if r["batch_size"] is None else str(r["batch_size"]),
+                r["dtype"] or "—",
+                r["device"] or "—",
+                _num(r["n_clips"]),
+                _num(r["audio_s"], 1),
+                _num(r["wall_s"]),
+                _num(r["rtfx"]),
+                "—" if r["rtfx_vs_nemo"] is None else f"{r['rtfx_vs_nemo']:.2f}x",
+                "—" if r["wer"] is None else f"{100 * r['wer']:.2f} %",
+                _num(r["tokens_generated"]),
+                _num(r.get("model_tflops"), 3),
+                "—" if r.get("of_limit") is None else f"{100 * r['of_limit']:.1f} %",
+                note,
+            ]
+        )
     return rows
 
 
@@ -76,11 +95,16 @@ def markdown_table(results: dict) -> str:
 def _dataset_line(results: dict) -> str:
     d = results["dataset"]
     cfg = results["config"]
-    budget = (f"{cfg['tokens_per_second']} tokens per audio second" if cfg.get("tokens_per_second") is not None
-              else f"max_new_tokens {cfg.get('max_new_tokens', 128)}")
+    budget = (
+        f"{cfg['tokens_per_second']} tokens per audio second"
+        if cfg.get("tokens_per_second") is not None
+        else f"max_new_tokens {cfg.get('max_new_tokens', 128)}"
+    )
     refs = f", {d['references']} with reference text" if d.get("references") else ", no reference text (WER n/a)"
-    return (f"{d['kind']} set `{d['name']}`: {d['n_clips']} clips, {d['audio_s']:.1f} s of audio "
-            f"({d['min_s']:.2f}-{d['max_s']:.2f} s){refs}; budget: {budget}.")
+    return (
+        f"{d['kind']} set `{d['name']}`: {d['n_clips']} clips, {d['audio_s']:.1f} s of audio "
+        f"({d['min_s']:.2f}-{d['max_s']:.2f} s){refs}; budget: {budget}."
+    )
 
 
 def _work_line(results: dict) -> str | None:
@@ -89,33 +113,39 @@ def _work_line(results: dict) -> str | None:
     if run is None:
         return None
     g = run["gflop_per_audio_s"]
-    line = (f"Work (matmul/conv FLOPs from the checkpoint's configs, canary_qwen/bench/flops.py): "
-            f"{g['total']:.3g} GFLOP per audio second = encoder {g['encoder']:.3g} + prefill {g['prefill']:.3g} "
-            f"+ decode {g['decode']:.3g}. TFLOP/s = that work over the wall time.")
+    line = (
+        f"Work (matmul/conv FLOPs from the checkpoint's configs, canary_qwen/bench/flops.py): "
+        f"{g['total']:.3g} GFLOP per audio second = encoder {g['encoder']:.3g} + prefill {g['prefill']:.3g} "
+        f"+ decode {g['decode']:.3g}. TFLOP/s = that work over the wall time."
+    )
     limited = next((r for r in results["runs"] if r.get("rtfx_limit")), None)
     if limited:
-        line += (f" At the GPU's datasheet peak ({limited['peak_tflops']:g} dense {limited['dtype']} TFLOP/s) the work "
-                 f"caps RTFx at {limited['rtfx_limit']:,.0f}; 'of limit' = RTFx over that cap.")
+        line += (
+            f" At the GPU's datasheet peak ({limited['peak_tflops']:g} dense {limited['dtype']} TFLOP/s) the work "
+            f"caps RTFx at {limited['rtfx_limit']:,.0f}; 'of limit' = RTFx over that cap."
+        )
     return line
 
 
 def results_markdown(results: dict) -> str:
     env = results["environment"]
-    return "\n".join([
-        "# canary-qwen bench results",
-        "",
-        f"`{env.get('command') or ' '.join(env.get('argv', []))}`",
-        "",
-        _dataset_line(results),
-        f"Hardware: {_hardware(env)}. Run at {env['timestamp']}.",
-        *filter(None, [_work_line(results)]),
-        "",
-        markdown_table(results),
-        "",
-        "RTFx = audio seconds / wall seconds of one timed pass (after one untimed warm-up); "
-        "'vs best NeMo' = the run's RTFx over the best NeMo RTFx of this benchmark.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# canary-qwen bench results",
+            "",
+            f"`{env.get('command') or ' '.join(env.get('argv', []))}`",
+            "",
+            _dataset_line(results),
+            f"Hardware: {_hardware(env)}. Run at {env['timestamp']}.",
+            *filter(None, [_work_line(results)]),
+            "",
+            markdown_table(results),
+            "",
+            "RTFx = audio seconds / wall seconds of one timed pass (after one untimed warm-up); "
+            "'vs best NeMo' = the run's RTFx over the best NeMo RTFx of this benchmark.",
+            "",
+        ]
+    )
 
 
 def _hardware(env: dict) -> str:
@@ -163,7 +193,12 @@ def write_results(results: dict, out_dir) -> dict[str, Path]:
     """results.json, results.md, rtfx.png and hypotheses.jsonl (texts of each timed pass) under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "rtfx.png", "hypotheses": out / "hypotheses.jsonl"}
+    paths = {
+        "json": out / "results.json",
+        "md": out / "results.md",
+        "png": out / "rtfx.png",
+        "hypotheses": out / "hypotheses.jsonl",
+    }
     record = {k: v for k, v in results.items() if k not in ("hypotheses", "clip_ids")}
     paths["json"].write_text(json.dumps(record, indent=2) + "\n")
     paths["md"].write_text(results_markdown(results))
@@ -185,7 +220,7 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
     """Render docs/benchmarks.md from one or more benchmark results (one section per benchmark)."""
     all_results = [results] if isinstance(results, dict) else list(results)
     if not all_results:
-        raise ValueError("write_docs needs at least one benchmark result")
+        raise UsageError("write_docs needs at least one benchmark result")
     lines = [
         "# Benchmarks",
         "",
@@ -214,16 +249,22 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
         lines += [_dataset_line(res), ""]
         if work := _work_line(res):
             lines += [work, ""]
-        lines += ["| | |", "| --- | --- |", f"| hardware | {_cell(_hardware(env))} |",
-                  f"| platform | {_cell(env.get('platform'))}, Python {env.get('python')} |"]
+        lines += [
+            "| | |",
+            "| --- | --- |",
+            f"| hardware | {_cell(_hardware(env))} |",
+            f"| platform | {_cell(env.get('platform'))}, Python {env.get('python')} |",
+        ]
         versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
         lines += [f"| versions | {_cell(versions)} |", f"| date | {env['timestamp']} |", ""]
         lines += [markdown_table(res), ""]
         skipped = [r for r in res["runs"] if r["skipped"]]
         if skipped:
             lines += ["Skipped:", ""]
-            lines += [f"- `{r['backend']}`" + (f" (batch {r['batch_size']})" if r["batch_size"] else "") + f": {r['reason']}"
-                      for r in skipped]
+            lines += [
+                f"- `{r['backend']}`" + (f" (batch {r['batch_size']})" if r["batch_size"] else "") + f": {r['reason']}"
+                for r in skipped
+            ]
             lines.append("")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

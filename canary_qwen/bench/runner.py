@@ -6,6 +6,7 @@ manifests), ``generate`` and bringing the tokens back to the CPU and decoding th
 ``RTFx = total audio seconds / wall seconds`` of that pass. WER (whisper's English normaliser +
 jiwer) is computed from the timed pass's texts when the set has references.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -16,22 +17,46 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from tqdm import tqdm
 
-from ..engines.base import SAMPLE_RATE
-from .backends import PER_BATCH, BackendOptions, BackendUnavailable, BenchBackend, create_backend, release_memory
+from ..defaults import SAMPLE_RATE
+from ..errors import BackendUnavailable, MissingDependencyError, UsageError
+from .backends import PER_BATCH, BackendOptions, BenchBackend, create_backend, release_memory
 from .data import BenchSet
 from .flops import Work, WorkModel, peak_tflops, roofline_fields
 
 DEFAULT_MAX_NEW_TOKENS = 128  # model card and leaderboard
 RUN_FIELDS = (
-    "backend", "batch_size", "dtype", "device", "n_clips", "audio_s", "wall_s", "rtfx", "rtfx_vs_nemo", "wer",
-    "n_references", "tokens_generated", "tokens_per_s", "budget", "tokens_per_second", "max_new_tokens",
-    "n_batches", "warmup_batches", "warmup_s", "stages", "gflop_per_audio_s", "model_tflops", "peak_tflops",
-    "rtfx_limit", "of_limit", "skipped", "reason",
+    "backend",
+    "batch_size",
+    "dtype",
+    "device",
+    "n_clips",
+    "audio_s",
+    "wall_s",
+    "rtfx",
+    "rtfx_vs_nemo",
+    "wer",
+    "n_references",
+    "tokens_generated",
+    "tokens_per_s",
+    "budget",
+    "tokens_per_second",
+    "max_new_tokens",
+    "n_batches",
+    "warmup_batches",
+    "warmup_s",
+    "stages",
+    "gflop_per_audio_s",
+    "model_tflops",
+    "peak_tflops",
+    "rtfx_limit",
+    "of_limit",
+    "skipped",
+    "reason",
 )
 
 
@@ -72,8 +97,12 @@ def clip_budget(seconds: float, tokens_per_second: float | None, max_new_tokens:
     return max(1, math.ceil(tokens_per_second * seconds))
 
 
-def batch_budgets(durations: Sequence[float], policy: str, tokens_per_second: float | None,
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[int]:
+def batch_budgets(
+    durations: Sequence[float],
+    policy: str,
+    tokens_per_second: float | None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> list[int]:
     """One budget per clip; with the per-batch policy all clips get the longest clip's budget."""
     budgets = [clip_budget(d, tokens_per_second, max_new_tokens) for d in durations]
     return [max(budgets)] * len(budgets) if policy == PER_BATCH and budgets else budgets
@@ -89,7 +118,7 @@ def normalize(text: str) -> str:
         try:
             from whisper_normalizer.english import EnglishTextNormalizer
         except ImportError:
-            raise RuntimeError("WER needs whisper-normalizer: pip install 'canary-qwen[bench]'") from None
+            raise MissingDependencyError("whisper_normalizer", "pip install 'canary-qwen[bench]' (WER)") from None
         _normalizer = EnglishTextNormalizer()
     return _normalizer(text)
 
@@ -103,7 +132,7 @@ def word_error_rate(references: Sequence[str | None], hypotheses: Sequence[str])
     try:
         import jiwer
     except ImportError:
-        raise RuntimeError("WER needs jiwer: pip install 'canary-qwen[bench]'") from None
+        raise MissingDependencyError("jiwer", "pip install 'canary-qwen[bench]' (WER)") from None
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])), len(pairs)
 
 
@@ -139,9 +168,15 @@ def environment(command: str | None = None) -> dict:
         "versions": {
             name: _version(dist)
             for name, dist in (
-                ("canary-qwen", "canary-qwen"), ("torch", "torch"), ("nemo", "nemo-toolkit"),
-                ("onnxruntime", "onnxruntime"), ("onnxruntime-gpu", "onnxruntime-gpu"), ("numpy", "numpy"),
-                ("transformers", "transformers"), ("tritonclient", "tritonclient"), ("tensorrt_llm", "tensorrt_llm"),
+                ("canary-qwen", "canary-qwen"),
+                ("torch", "torch"),
+                ("nemo", "nemo-toolkit"),
+                ("onnxruntime", "onnxruntime"),
+                ("onnxruntime-gpu", "onnxruntime-gpu"),
+                ("numpy", "numpy"),
+                ("transformers", "transformers"),
+                ("tritonclient", "tritonclient"),
+                ("tensorrt_llm", "tensorrt_llm"),
             )
         },
         "cpu": _cpu_model(),
@@ -177,7 +212,9 @@ def skipped_run(backend: str, batch_size: int | None, reason: str, **fields) -> 
     return empty_run(backend, batch_size, skipped=True, reason=reason, **fields)
 
 
-def timed_run(backend: BenchBackend, data: BenchSet, batch_size: int, config: BenchConfig, *, progress: bool = True) -> dict:
+def timed_run(
+    backend: BenchBackend, data: BenchSet, batch_size: int, config: BenchConfig, *, progress: bool = True
+) -> dict:
     """Warm-up, then one timed pass over ``data``; returns the run record (texts under ``_hypotheses``)."""
     n = len(data)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
@@ -200,7 +237,9 @@ def timed_run(backend: BenchBackend, data: BenchSet, batch_size: int, config: Be
     tokens = 0
     audio_samples = 0
     load_s = transcribe_s = 0.0
-    bar = tqdm(batches, desc=f"{backend.name} bs={batch_size}", unit="batch", disable=not progress, file=sys.stderr, leave=True)
+    bar = tqdm(
+        batches, desc=f"{backend.name} bs={batch_size}", unit="batch", disable=not progress, file=sys.stderr, leave=True
+    )
     start = time.perf_counter()
     for indices in bar:
         t0 = time.perf_counter()
@@ -288,15 +327,17 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
-        raise ValueError("batch sizes must be at least 1")
+        raise UsageError("batch sizes must be at least 1")
     if config.tokens_per_second is not None and config.tokens_per_second <= 0:
-        raise ValueError("--tokens-per-second must be positive")
+        raise UsageError("--tokens-per-second must be positive")
     if data is None:
         data = load_set(manifest=config.manifest, synthetic=config.synthetic, seed=config.seed)
     if data.has_references:
         normalize("")  # fail before loading any model if the WER dependencies are missing
     device, dtype = config.resolved_device(), config.resolved_dtype()
-    options = BackendOptions(model=config.model, export_dir=config.export_dir, device=device, dtype=dtype, url=config.url)
+    options = BackendOptions(
+        model=config.model, export_dir=config.export_dir, device=device, dtype=dtype, url=config.url
+    )
 
     work = work_model(config, log)
     env = environment(config.command)
@@ -315,9 +356,19 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
                 try:
                     runs.append(timed_run(backend, data, batch_size, config, progress=progress))
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: record, go on
-                    log(f"{name} at batch size {batch_size} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
-                    runs.append(skipped_run(name, batch_size, f"failed: {type(e).__name__}: {e}",
-                                            dtype=backend.dtype, device=backend.device, n_clips=len(data)))
+                    log(
+                        f"{name} at batch size {batch_size} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+                    )
+                    runs.append(
+                        skipped_run(
+                            name,
+                            batch_size,
+                            f"failed: {type(e).__name__}: {e}",
+                            dtype=backend.dtype,
+                            device=backend.device,
+                            n_clips=len(data),
+                        )
+                    )
                     release_memory()
         finally:
             backend.close()

@@ -6,6 +6,7 @@
 - ``embed_tokens.npy``: the token embedding table the decoder's inputs are built from
 - ``tokenizer/``: tokenizer files; ``llm_merged/``: Hugging Face Qwen3 checkpoint for TensorRT-LLM
 """
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import UsageError
 from ..model.prompt import DEFAULT_PROMPT, prompt_ids
 from ..model.salm import load_model
 from ..model.tokenizer import TOKENIZER_FILES
@@ -58,9 +60,9 @@ def export_all(
     progress: bool = True,
 ) -> Manifest:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}")
     if max_batch < 1 or max_audio_s <= 0:
-        raise ValueError("--max-batch must be >= 1 and --max-audio-s > 0")
+        raise UsageError("--max-batch must be >= 1 and --max-audio-s > 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, files = load_model(source)

@@ -6,6 +6,7 @@ Inputs: ``inputs_embeds`` [B, t, H], ``attention_mask`` [B, past + t] (int64, 0 
 more, and the vocab projection over the whole prompt would dominate prefill) and the ``present_*``
 caches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,5 +44,8 @@ class DecoderGraph(nn.Module):
         embeds = torch.randn(batch, steps, cfg.hidden_size, dtype=dtype)
         mask = torch.ones(batch, past + steps, dtype=torch.int64)
         positions = torch.arange(past, past + steps).expand(batch, steps).contiguous()
-        kv = [torch.zeros(batch, cfg.num_key_value_heads, past, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_hidden_layers)]
+        kv = [
+            torch.zeros(batch, cfg.num_key_value_heads, past, cfg.head_dim, dtype=dtype)
+            for _ in range(2 * cfg.num_hidden_layers)
+        ]
         return (embeds, mask, positions, *kv)

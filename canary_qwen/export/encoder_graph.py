@@ -5,6 +5,7 @@ windowed DFT basis (cos and -sin rows). Everything after the frontend reuses the
 modules; for reduced precision the frontend, LayerNorms, BatchNorms, softmax and the (small) spatial
 convolutions stay fp32, and kernel-1 convolutions become MatMuls so the heavy work is bf16.
 """
+
 from __future__ import annotations
 
 import copy

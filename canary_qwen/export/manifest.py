@@ -1,5 +1,6 @@
 """``manifest.json``: what an export directory holds, so later steps (engines, Triton, clients) read
 shapes, ids and file hashes instead of guessing them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,12 +11,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArtifactError
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class ArtifactError(RuntimeError):
-    """An export directory is missing, incomplete or from an incompatible version."""
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -80,5 +79,7 @@ def read_manifest(root) -> Manifest:
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
     if data.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format_version {data.get('format_version')}, this toolkit reads {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{path} has format_version {data.get('format_version')}, this toolkit reads {FORMAT_VERSION}"
+        )
     return Manifest(root, data)

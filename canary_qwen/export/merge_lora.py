@@ -27,6 +27,7 @@ Checked against TensorRT-LLM's TensorRT-engine flow, 1.2-era sources of NVIDIA/T
 - Legacy converter (``TRTLLM_DISABLE_UNIFIED_CONVERTER``): loads the HF model and copies
   ``embed_tokens`` into ``lm_head`` when ``tie_word_embeddings``; also fine with this layout.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import CheckpointError, UsageError
 from ..model.checkpoint import checkpoint_key, resolve_checkpoint
-from ..model.errors import CheckpointError
 from ..model.qwen3 import Qwen3
 from ..model.tokenizer import QwenTokenizer
 
@@ -76,7 +77,11 @@ def _write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[i
     header, offset = {}, 0
     for name, dtype, shape in entries:
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPE[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -106,7 +111,9 @@ def _copy_tokenizer(src: Path, out: Path, placeholder: str) -> None:
             data["added_tokens_decoder"] = {k: v for k, v in decoder.items() if v.get("content") != placeholder}
             for key in ("additional_special_tokens", "extra_special_tokens"):
                 if isinstance(data.get(key), list):
-                    data[key] = [t for t in data[key] if (t.get("content") if isinstance(t, dict) else t) != placeholder]
+                    data[key] = [
+                        t for t in data[key] if (t.get("content") if isinstance(t, dict) else t) != placeholder
+                    ]
             (out / name).write_text(json.dumps(data, indent=2, ensure_ascii=False))
         else:
             shutil.copyfile(src / name, out / name)
@@ -119,7 +126,7 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
     than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` plus an index.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES[dtype]
     files = resolve_checkpoint(source)
     tokenizer = QwenTokenizer(files.tokenizer_dir, files.config.audio_locator_tag)
@@ -142,9 +149,9 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
 
     def produce(name: str) -> torch.Tensor:
         base, ab = sources[name]
-        w = src.get_tensor(base)
+        w = src.get_tensor(base)  # noqa: F821 - deleted only after the last call
         if ab:
-            a, b = (src.get_tensor(k).float() for k in ab)
+            a, b = (src.get_tensor(k).float() for k in ab)  # noqa: F821
             w = w.float() + (b @ a) * lora.scaling
         return w.to(out_dtype)
 
@@ -162,7 +169,7 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
 
     out = Path(out_dir)
     if out.resolve() == files.root.resolve():
-        raise ValueError(f"out_dir {out} is the checkpoint directory itself; pick another")
+        raise UsageError(f"out_dir {out} is the checkpoint directory itself; pick another")
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.safetensors"), out / INDEX_NAME]:  # TRT-LLM's loader globs *.safetensors
         stale.unlink(missing_ok=True)
@@ -175,7 +182,9 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
             _write_safetensors(out / fname, shard, produce)
             weight_map.update({name: fname for name, _, _ in shard})
         total = sum(torch.Size(s).numel() * item for _, _, s in entries)
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     del src
 
     config = {k: v for k, v in llm.raw.items() if k != "_name_or_path"}
@@ -191,7 +200,12 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
         pad_token_id=tokenizer.pad_id,
     )
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"do_sample": False, "num_beams": 1, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    generation = {
+        "do_sample": False,
+        "num_beams": 1,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
     if llm.raw.get("bos_token_id") is not None:
         generation["bos_token_id"] = llm.raw["bos_token_id"]
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))

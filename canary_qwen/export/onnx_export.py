@@ -1,4 +1,5 @@
 """Export the encoder and decoder graphs to ONNX (opset 17, dynamic batch and length)."""
+
 from __future__ import annotations
 
 import tempfile
@@ -6,8 +7,8 @@ import warnings
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
 import torch
+from onnx import external_data_helper
 
 from ..model.salm import CanaryQwen
 from .decoder_graph import DecoderGraph, cache_names

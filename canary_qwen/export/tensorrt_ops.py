@@ -4,6 +4,7 @@ From onnx-tensorrt ``docs/operators.md`` (the opset-17 table, every operator mar
 plus LayerNormalization, which the parser gained in TensorRT 8.6. STFT, DFT and the window/mel
 operators are absent on purpose: TensorRT cannot parse them.
 """
+
 from __future__ import annotations
 
 TENSORRT_ONNX_OPS = frozenset(

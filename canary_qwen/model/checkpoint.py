@@ -5,6 +5,7 @@ Layout (the real ``nvidia/canary-qwen-2.5b``): ``config.json`` (NeMo SALM config
 tokenizer files beside ``config.json`` when present (NeMo's offline layout), otherwise from the
 hub repository named by ``pretrained_llm``.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,13 +13,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CheckpointError
 from .config import LlmConfig, SalmConfig, parse_llm_config, parse_salm_config, read_json
-from .errors import CheckpointError
 from .tokenizer import TOKENIZER_FILES
 
 WEIGHTS_FILE = "model.safetensors"
 LLM_BACKBONE_DIR = "llm_backbone"
-HUB_PATTERNS = ["config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json", f"{LLM_BACKBONE_DIR}/config.json"]
+HUB_PATTERNS = [
+    "config.json",
+    WEIGHTS_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    f"{LLM_BACKBONE_DIR}/config.json",
+]
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,13 @@ def _llm_source(root: Path, salm: SalmConfig) -> tuple[Path, Path]:
     llm_dir = _first_dir_with([root / LLM_BACKBONE_DIR, llm], ["config.json"])
     if tokenizer_dir and llm_dir:
         return llm_dir, tokenizer_dir
-    missing = ([] if tokenizer_dir else list(TOKENIZER_FILES)) + ([] if llm_dir else [f"{LLM_BACKBONE_DIR}/config.json"])
+    missing = ([] if tokenizer_dir else list(TOKENIZER_FILES)) + (
+        [] if llm_dir else [f"{LLM_BACKBONE_DIR}/config.json"]
+    )
     try:
-        fetched = _hub_download(salm.pretrained_llm, ["config.json", *TOKENIZER_FILES], "the Qwen3 config and tokenizer")
+        fetched = _hub_download(
+            salm.pretrained_llm, ["config.json", *TOKENIZER_FILES], "the Qwen3 config and tokenizer"
+        )
     except CheckpointError as e:
         raise CheckpointError(
             f"{root} lacks {', '.join(missing)} and {e} "
@@ -102,18 +113,22 @@ def llm_prefix(has_lora: bool) -> str:
 def checkpoint_key(our_key: str, lora_targets: tuple[str, ...]) -> str:
     """Map a parameter name of ``CanaryQwen`` to its name in NeMo's ``model.safetensors``."""
     if our_key.startswith("mel."):
-        return "perception.preprocessor.featurizer." + our_key[len("mel."):]
+        return "perception.preprocessor.featurizer." + our_key[len("mel.") :]
     if our_key.startswith(("encoder.", "proj.")):
         return "perception." + our_key
     if our_key == "lm_head.weight":
         return ("llm.base_model.model." if lora_targets else "llm.") + "lm_head.weight"
     if our_key.startswith("llm."):
-        rest = our_key[len("llm."):]
+        rest = our_key[len("llm.") :]
         for target in lora_targets:
             marker = f".{target}."
             if marker in rest:
                 head, tail = rest.split(marker)
-                tail = {"weight": "base_layer.weight", "lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}[tail]
+                tail = {
+                    "weight": "base_layer.weight",
+                    "lora_A": "lora_A.default.weight",
+                    "lora_B": "lora_B.default.weight",
+                }[tail]
                 rest = f"{head}{marker}{tail}"
         return llm_prefix(bool(lora_targets)) + rest
     return our_key

@@ -3,6 +3,7 @@
 Only the fields that change the computation are read; NeMo's defaults apply where the
 checkpoint leaves a field out, so a config written by NeMo and one written by hand agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SALM_REQUIRED_KEYS = ("pretrained_llm", "audio_locator_tag", "prompt_format", "perception")
 
@@ -122,7 +123,11 @@ def parse_salm_config(cfg: dict[str, Any], source: str = "config.json") -> SalmC
         if key not in perception:
             raise CheckpointError(f"{source}: perception.{key} is missing")
     enc = perception["encoder"]
-    for key, want in (("self_attention_model", "rel_pos"), ("subsampling", "dw_striding"), ("conv_norm_type", "batch_norm")):
+    for key, want in (
+        ("self_attention_model", "rel_pos"),
+        ("subsampling", "dw_striding"),
+        ("conv_norm_type", "batch_norm"),
+    ):
         if enc.get(key, want) != want:
             raise CheckpointError(f"{source}: encoder {key}={enc[key]!r} is not supported (expected {want!r})")
     if list(enc.get("att_context_size", [-1, -1])) != [-1, -1]:
@@ -133,7 +138,9 @@ def parse_salm_config(cfg: dict[str, Any], source: str = "config.json") -> SalmC
     lora = None
     if cfg.get("lora"):
         lc = cfg["lora"]
-        lora = LoraConfig(r=int(lc["r"]), lora_alpha=float(lc["lora_alpha"]), target_modules=tuple(lc["target_modules"]))
+        lora = LoraConfig(
+            r=int(lc["r"]), lora_alpha=float(lc["lora_alpha"]), target_modules=tuple(lc["target_modules"])
+        )
     adapter = perception.get("modality_adapter", {})
     output_dim = perception.get("output_dim", adapter.get("d_model"))
     return SalmConfig(

@@ -4,6 +4,7 @@ Module and parameter names mirror NeMo's so checkpoint keys load without renamin
 Padded frames never influence valid ones: attention masks padded keys, the convolution
 module zeroes padded frames before its depthwise conv, everything else is per-frame.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ class ConvSubsampling(nn.Module):
         x = x.unsqueeze(1)
         for i, layer in enumerate(self.conv):
             if i in self.strided:
-                x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None])[:, None, :, None].to(x.dtype)
+                x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None])[:, None, :, None].to(
+                    x.dtype
+                )
                 lengths = subsampled_lengths(lengths, 1)
             x = layer(x)
         x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None])[:, None, :, None].to(x.dtype)

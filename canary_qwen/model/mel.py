@@ -1,4 +1,5 @@
 """Log-mel frontend, numerically identical to NeMo's ``FilterbankFeatures`` in eval mode."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,8 @@
 """NeMo's ``qwen`` prompt format for one user turn followed by the assistant prefix."""
+
 from __future__ import annotations
+
+from ..errors import UsageError
 
 DEFAULT_PROMPT = "Transcribe the following:"
 
@@ -24,5 +27,5 @@ def prompt_ids(tokenizer, prompt: str | None) -> list[int]:
     ids = tokenizer.encode(user_turn_text(prompt, tokenizer.audio_locator_tag)) + tokenizer.encode(ASSISTANT_PREFIX)
     count = ids.count(tokenizer.placeholder_id)
     if count != 1:
-        raise ValueError(f"the prompt must hold exactly one audio placeholder, found {count}")
+        raise UsageError(f"the prompt must hold exactly one audio placeholder, found {count}")
     return ids

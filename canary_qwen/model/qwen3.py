@@ -1,5 +1,6 @@
 """Qwen3 decoder with optional (unmerged) LoRA on its projections, matching HF ``Qwen3ForCausalLM``
 plus PEFT numerically, with a KV cache for greedy decoding."""
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,9 @@ class LoraLinear(nn.Linear):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+    )
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -1,14 +1,15 @@
 """The whole Canary-Qwen model in plain PyTorch: mel -> FastConformer -> projection -> Qwen3 (+LoRA)."""
+
 from __future__ import annotations
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..errors import CheckpointError
 from .checkpoint import CheckpointFiles, checkpoint_key, resolve_checkpoint
 from .config import LlmConfig, SalmConfig
 from .conformer import ConformerEncoder
-from .errors import CheckpointError
 from .mel import MelFrontend
 from .qwen3 import Qwen3
 from .tokenizer import QwenTokenizer
@@ -90,7 +91,9 @@ def load_state(model: CanaryQwen, weights, source: str, skip: tuple[str, ...] = 
             try:
                 own[name].copy_(weights.get_tensor(ckpt_name))
             except (SafetensorError, RuntimeError) as e:
-                raise CheckpointError(f"{source}: tensor {ckpt_name} could not be read (truncated file?): {e}") from None
+                raise CheckpointError(
+                    f"{source}: tensor {ckpt_name} could not be read (truncated file?): {e}"
+                ) from None
 
 
 def load_model(
@@ -117,5 +120,7 @@ def load_model(
             module.to(dtype=dtype)
     tokenizer = QwenTokenizer(files.tokenizer_dir, files.config.audio_locator_tag)
     if len(tokenizer) > files.llm_config.vocab_size:
-        raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocab is {files.llm_config.vocab_size}")
+        raise CheckpointError(
+            f"tokenizer has {len(tokenizer)} tokens but the LLM vocab is {files.llm_config.vocab_size}"
+        )
     return model, tokenizer, files

@@ -4,6 +4,7 @@
 and vocabulary (for speed work). Both add NeMo's offline extras (tokenizer files at the root and
 ``llm_backbone/config.json``) so NeMo's ``SALM.from_pretrained`` and this package load them offline.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..errors import UsageError
 from .checkpoint import LLM_BACKBONE_DIR, WEIGHTS_FILE, checkpoint_key
 from .config import parse_llm_config, parse_salm_config
 from .salm import CanaryQwen
@@ -22,15 +24,27 @@ from .synthetic_tokenizer import QWEN_ADDED_TOKENS, QWEN_BASE_VOCAB, build_token
 SIZES = {
     "tiny": dict(
         encoder=dict(n_layers=2, d_model=64, n_heads=4, subsampling_conv_channels=16),
-        llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
+        llm=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
         lora=dict(r=8, lora_alpha=16),
         base_vocab=None,
     ),
     "full": dict(
         encoder=dict(n_layers=32, d_model=1024, n_heads=8, subsampling_conv_channels=256),
-        llm=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128),
+        llm=dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+        ),
         lora=dict(r=128, lora_alpha=256),
         base_vocab=QWEN_BASE_VOCAB,
     ),
@@ -86,19 +100,43 @@ def salm_config(size: str, xscaling: bool = False, lora_targets: tuple[str, ...]
             },
             "preprocessor": {
                 "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-                "dither": 1e-05, "features": 128, "frame_splicing": 1, "log": True, "n_fft": 512,
-                "normalize": "per_feature", "pad_to": 0, "pad_value": 0.0, "sample_rate": 16000,
-                "window": "hann", "window_size": 0.025, "window_stride": 0.01,
+                "dither": 1e-05,
+                "features": 128,
+                "frame_splicing": 1,
+                "log": True,
+                "n_fft": 512,
+                "normalize": "per_feature",
+                "pad_to": 0,
+                "pad_value": 0.0,
+                "sample_rate": 16000,
+                "window": "hann",
+                "window_size": 0.025,
+                "window_stride": 0.01,
             },
             "encoder": {
                 "_target_": "nemo.collections.asr.modules.ConformerEncoder",
-                "att_context_size": [-1, -1], "causal_downsampling": False, "conv_context_size": None,
-                "conv_kernel_size": 9, "conv_norm_type": "batch_norm", "d_model": enc["d_model"],
-                "dropout": 0.1, "dropout_att": 0.1, "dropout_emb": 0.0, "dropout_pre_encoder": 0.1,
-                "feat_in": 128, "feat_out": -1, "ff_expansion_factor": 4, "n_heads": enc["n_heads"],
-                "n_layers": enc["n_layers"], "pos_emb_max_len": 5000, "self_attention_model": "rel_pos",
-                "subsampling": "dw_striding", "subsampling_conv_channels": enc["subsampling_conv_channels"],
-                "subsampling_factor": 8, "untie_biases": True, "xscaling": xscaling,
+                "att_context_size": [-1, -1],
+                "causal_downsampling": False,
+                "conv_context_size": None,
+                "conv_kernel_size": 9,
+                "conv_norm_type": "batch_norm",
+                "d_model": enc["d_model"],
+                "dropout": 0.1,
+                "dropout_att": 0.1,
+                "dropout_emb": 0.0,
+                "dropout_pre_encoder": 0.1,
+                "feat_in": 128,
+                "feat_out": -1,
+                "ff_expansion_factor": 4,
+                "n_heads": enc["n_heads"],
+                "n_layers": enc["n_layers"],
+                "pos_emb_max_len": 5000,
+                "self_attention_model": "rel_pos",
+                "subsampling": "dw_striding",
+                "subsampling_conv_channels": enc["subsampling_conv_channels"],
+                "subsampling_factor": 8,
+                "untie_biases": True,
+                "xscaling": xscaling,
             },
         },
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-4},
@@ -108,17 +146,32 @@ def salm_config(size: str, xscaling: bool = False, lora_targets: tuple[str, ...]
 def qwen3_config(size: str, vocab_size: int, bos_id: int, eos_id: int) -> dict:
     llm = SIZES[size]["llm"]
     return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": vocab_size,
-        "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "rope_scaling": None, "tie_word_embeddings": True, "attention_bias": False, "attention_dropout": 0.0,
-        "use_sliding_window": False, "sliding_window": None, "max_window_layers": llm["num_hidden_layers"],
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "initializer_range": 0.02, "use_cache": True,
-        "torch_dtype": "bfloat16", **llm,
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": vocab_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": llm["num_hidden_layers"],
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "bfloat16",
+        **llm,
     }
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Values with the scale a trained model has, so activations stay O(1) through every layer."""
+
     def normal(std):
         return torch.randn(shape, generator=gen) * std
 
@@ -153,14 +206,17 @@ def make_checkpoint(
     ``xscaling`` and ``lora_targets`` vary the architecture so tests cover more than one config.
     """
     if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}")
+        raise UsageError(f"size must be one of {', '.join(SIZES)}")
     dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = build_tokenizer(out, base_vocab=SIZES[size]["base_vocab"])
     vocab = QWEN3_VOCAB if size == "full" else (n_tokens + 1 + 63) // 64 * 64  # room for the placeholder
     first_added = n_tokens - len(QWEN_ADDED_TOKENS)  # <|endoftext|>, <|im_start|>, <|im_end|>, ...
-    cfg, llm_cfg = salm_config(size, xscaling, lora_targets), qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2)
+    cfg, llm_cfg = (
+        salm_config(size, xscaling, lora_targets),
+        qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2),
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / LLM_BACKBONE_DIR).mkdir(exist_ok=True)
     (out / LLM_BACKBONE_DIR / "config.json").write_text(json.dumps(llm_cfg, indent=2))

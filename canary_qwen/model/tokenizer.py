@@ -1,5 +1,6 @@
 """Qwen tokenizer from ``tokenizer.json`` + ``tokenizer_config.json`` (the ``tokenizers`` library only),
 with the audio placeholder added as a special token the way NeMo's SALM adds it."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -68,6 +69,6 @@ class QwenTokenizer:
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
                 pieces.append("")
                 continue
-            pieces.append(text[len(previous):])
+            pieces.append(text[len(previous) :])
             previous = text
         return pieces

@@ -1,0 +1,1 @@
+"""Inference backends behind one ``Transcriber`` interface, made by name through ``registry``."""

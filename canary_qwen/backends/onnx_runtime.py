@@ -1,0 +1,125 @@
+"""ONNX Runtime backend: the embedded default (CPU provider; CUDA where onnxruntime-gpu is installed).
+
+Torch-free (numpy + onnxruntime + tokenizers), so the Triton python models reuse these sessions without
+paying torch's import time and memory in every stub.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..decoding import greedy_decode, splice_and_pad, token_budgets
+from ..decoding.greedy import TokenCallback
+from ..defaults import MAX_NEW_TOKENS
+from ..errors import BackendUnavailable
+from ..export.manifest import read_manifest
+from ..model.prompt import prompt_ids
+from ..model.tokenizer import QwenTokenizer
+from .base import Transcription, pad_waveforms
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "--device cuda needs onnxruntime-gpu (this onnxruntime offers "
+                f"{', '.join(ort.get_available_providers())})"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise BackendUnavailable(f"unknown device {device!r} (cpu or cuda)")
+
+
+def session(path, device: str, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers_for(device))
+
+
+class OnnxEncoder:
+    """``encoder.onnx`` as a callable: waveforms of any lengths -> per-clip embeddings [T_i, H], in one run."""
+
+    def __init__(self, path, device: str = "cpu", threads: int | None = None):
+        self.session = session(path, device, threads)
+
+    def __call__(self, audios) -> list[np.ndarray]:
+        audio, lengths = pad_waveforms(audios)
+        embeds, lens = self.session.run(None, {"audio": audio, "audio_lengths": lengths})
+        return [embeds[i, : int(n)] for i, n in enumerate(lens)]
+
+
+class OnnxDecoder:
+    """``decoder.onnx`` (one merged-LoRA Qwen3 step with a KV cache) and greedy decoding over it; the cache
+    input names are read from the graph."""
+
+    def __init__(self, path, model_info: dict, device: str = "cpu", threads: int | None = None):
+        self.session = session(path, device, threads)
+        self.info = model_info
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+
+    def empty_caches(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.info["num_key_value_heads"], 0, self.info["head_dim"])
+        return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
+
+    def __call__(self, embeds, mask, positions, caches):
+        """One step: embeds [B, t, H], mask [B, past + t] int64, positions [B, t] -> (last logits [B, V], caches)."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        feeds.update(zip(self.past_names, caches))
+        logits, *caches = self.session.run(None, feeds)
+        return logits, caches
+
+    def generate(
+        self,
+        embed_table: np.ndarray,
+        embeds: np.ndarray,
+        valid: np.ndarray,
+        budgets,
+        *,
+        on_token: TokenCallback | None = None,
+    ) -> list[list[int]]:
+        """Greedy tokens per row (eos excluded) for left-padded ``embeds`` [B, L, H] with validity ``valid`` [B, L]."""
+        mask = valid.astype(np.int64)
+        positions = np.where(valid, np.cumsum(mask, axis=1) - 1, 0)
+        state = {"mask": mask, "next": positions[:, -1:] + 1, "caches": self.empty_caches(len(embeds))}
+
+        def prefill() -> list[int]:
+            logits, state["caches"] = self(embeds, mask, positions, state["caches"])
+            return logits.argmax(-1).tolist()
+
+        def step(tokens: list[int]) -> list[int]:
+            state["mask"] = np.concatenate((state["mask"], np.ones((len(tokens), 1), dtype=np.int64)), axis=1)
+            fed = np.asarray(embed_table[np.asarray(tokens, dtype=np.int64)])[:, None]
+            logits, state["caches"] = self(fed, state["mask"], state["next"], state["caches"])
+            state["next"] = state["next"] + 1
+            return logits.argmax(-1).tolist()
+
+        return greedy_decode(prefill, step, budgets, self.info["eos_id"], self.info["pad_id"], on_token)
+
+
+class OnnxBackend:
+    name = "onnx"
+    dtype = "fp32"  # the graphs ONNX Runtime runs are fp32 whatever the export's TensorRT precision
+
+    def __init__(self, export_dir, *, device: str = "cpu", threads: int | None = None):
+        self.manifest = read_manifest(export_dir)
+        info = self.manifest.model
+        self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device, threads)
+        self.decoder = OnnxDecoder(self.manifest.artifact("decoder"), info, device, threads)
+        self.embed_table = np.load(self.manifest.artifact("embed_tokens"), mmap_mode="r")
+        self.tokenizer = QwenTokenizer(self.manifest.artifact("tokenizer"), info["audio_locator_tag"])
+
+    def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
+        if not len(audios):
+            return []
+        tok = self.tokenizer
+        embeds, valid = splice_and_pad(
+            [prompt_ids(tok, prompt)] * len(audios),
+            self.encoder(audios),
+            self.embed_table.__getitem__,
+            tok.placeholder_id,
+        )
+        tokens = self.decoder.generate(self.embed_table, embeds, valid, token_budgets(max_new_tokens, len(audios)))
+        return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]

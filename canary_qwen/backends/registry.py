@@ -1,0 +1,86 @@
+"""Backend name -> how to make it: the one list every command (transcribe, bench, divergence) uses.
+
+Each factory imports its engine only when called, so a missing optional package costs nothing until
+that backend is asked for, and then says what to install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import BackendUnavailable
+from .base import Transcriber
+
+CHECKPOINT, EXPORT, SERVER = "checkpoint", "export", "server"  # what a backend's source is
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    source: str  # CHECKPOINT (directory or hub id), EXPORT (`canary-qwen export` output) or SERVER (host:port)
+    help: str
+    make: Callable[[str, str, str], Transcriber]  # (source, device, dtype) -> backend
+
+
+def _torch(source: str, device: str, dtype: str) -> Transcriber:
+    from .torch_ref import TorchBackend
+
+    return TorchBackend(source, device=device, dtype=dtype)
+
+
+def _torch_fast(source: str, device: str, dtype: str) -> Transcriber:
+    from .fast_torch import FastTorchBackend
+
+    return FastTorchBackend(source, device=device, dtype=dtype)
+
+
+def _onnx(source: str, device: str, dtype: str) -> Transcriber:
+    from .onnx_runtime import OnnxBackend
+
+    return OnnxBackend(source, device=device)
+
+
+def _trt(source: str, device: str, dtype: str) -> Transcriber:
+    from .trt import TrtLlmBackend
+
+    return TrtLlmBackend(source, device=device)
+
+
+def _nemo(source: str, device: str, dtype: str) -> Transcriber:
+    from .nemo import NemoBackend
+
+    return NemoBackend(source, device=device, dtype=dtype)
+
+
+def _triton(source: str, device: str, dtype: str) -> Transcriber:
+    from ..client.triton import TritonBackend
+
+    return TritonBackend(source)
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch),
+        BackendSpec(
+            "torch-fast", CHECKPOINT, "static KV cache, continuous batching, CUDA-graph decode on a GPU", _torch_fast
+        ),
+        BackendSpec("onnx", EXPORT, "ONNX Runtime on an export (CPU; CUDA with onnxruntime-gpu)", _onnx),
+        BackendSpec("trt", EXPORT, "TensorRT encoder + TensorRT-LLM engines of an export (NVIDIA GPU)", _trt),
+        BackendSpec("nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo),
+        BackendSpec("triton", SERVER, "a Triton server running this project's model repository", _triton),
+    )
+}
+
+
+def backend_spec(name: str) -> BackendSpec:
+    """The spec of ``name``; an unknown name is refused with the list of known ones."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise BackendUnavailable(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
+
+
+def create_backend(name: str, source: str, *, device: str = "cpu", dtype: str = "fp32") -> Transcriber:
+    return backend_spec(name).make(source, device, dtype)

@@ -1,0 +1,52 @@
+"""The reference PyTorch backend: NeMo-exact transcription without NeMo."""
+
+from __future__ import annotations
+
+import torch
+
+from ..decoding import token_budgets
+from ..defaults import MAX_NEW_TOKENS
+from ..errors import BackendUnavailable
+from ..model.generate import greedy_tokens, splice_audio
+from ..model.prompt import prompt_ids
+from ..model.salm import load_model
+from ..precision import Precision
+from .base import Transcription, pad_waveforms
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "--device cuda was asked for but PyTorch sees no CUDA GPU (is this a CPU-only torch build?)"
+        )
+    return torch.device(device)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: str, *, device: str = "cpu", dtype: str = "fp32", merge_lora: bool = False):
+        self.device = resolve_device(device)
+        self.dtype = Precision.parse(dtype).value
+        self.model, self.tokenizer, self.files = load_model(
+            model, dtype=Precision.parse(dtype).torch_dtype, device=self.device, merge_lora=merge_lora
+        )
+
+    @torch.inference_mode()
+    def encode(self, audios) -> list[torch.Tensor]:
+        """Per-clip LLM embeddings [T_i, H] (padding frames dropped)."""
+        audio, lengths = (torch.from_numpy(a).to(self.device) for a in pad_waveforms(audios))
+        embeds, lens = self.model.encode(audio, lengths)
+        return [embeds[i, : int(lens[i])] for i in range(len(audios))]
+
+    @torch.inference_mode()
+    def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
+        if not len(audios):
+            return []
+        tok = self.tokenizer
+        ids = prompt_ids(tok, prompt)
+        embeds, valid = splice_audio(self.model, [ids] * len(audios), self.encode(audios), tok.placeholder_id)
+        tokens = greedy_tokens(
+            self.model, embeds, valid, token_budgets(max_new_tokens, len(audios)), tok.eos_id, tok.pad_id
+        )
+        return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]

@@ -1,0 +1,46 @@
+"""``canary-qwen``: one command line for every step, from checkpoint to served model; one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import CanaryQwenError
+from . import bench, build_engines, client, demo, export, make_checkpoint, serve, transcribe, triton_repo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canary-qwen",
+        description="Deploy Canary-Qwen-2.5B: NeMo-exact transcription, ONNX/TensorRT export, Triton serving, benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        transcribe.add_transcribe,
+        make_checkpoint.add_make_checkpoint,
+        export.add_export,
+        build_engines.add_build_engines_parser,
+        triton_repo.add_triton_repo_parser,
+        serve.add_serve,
+        client.add_client_parser,
+        bench.add_bench_parser,
+        demo.add_demo_parser,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CanaryQwenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

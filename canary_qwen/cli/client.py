@@ -1,0 +1,247 @@
+"""``canary-qwen client transcribe``: send audio files to a running Canary-Qwen Triton server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..defaults import SAMPLE_RATE
+
+DESCRIPTION = """\
+Transcribe audio files with a Canary-Qwen Triton server (`canary-qwen serve`, or the NGC container).
+Files are read and resampled to 16 kHz mono here; clips longer than --max-window-s are cut into
+windows at quiet points and their texts joined. Each file prints as `PATH<TAB>TEXT`; with --stream
+the text is printed piece by piece as the server produces it (gRPC streaming, or HTTP server-sent
+events). Unreadable files and requests the server refuses are reported one by one on stderr while
+the others go on; the exit code is 1 if any failed.
+
+With --via-embeddings the client does the ensemble's work itself: it gets each clip's embeddings
+(from the server's encoder model, or --local-encoder with ONNX Runtime), tokenizes the prompt with
+the export's tokenizer (--artifacts), and sends both to the LLM model: `llm` (onnx flavour) or
+`tensorrt_llm` (trt flavour: fake token ids + prompt embedding table, as TensorRT-LLM expects).
+"""
+
+
+def add_client_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "client",
+        help="talk to a running Canary-Qwen Triton server",
+        description="Client commands for a Canary-Qwen Triton server.",
+    )
+    actions = p.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    t = actions.add_parser(
+        "transcribe",
+        help="transcribe audio files through a Triton server",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, ...; any sample rate and channel count)")
+    t.add_argument(
+        "--url", required=True, help="HOST:PORT of the server's HTTP endpoint (its gRPC one with --protocol grpc)"
+    )
+    t.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
+    t.add_argument(
+        "--stream", action="store_true", help="print text pieces as they are produced (model canary_qwen_stream)"
+    )
+    t.add_argument("--prompt", default=None, help="user prompt (default 'Transcribe the following:')")
+    t.add_argument(
+        "--max-new-tokens", type=int, default=None, help="decoding budget per clip (default: the server's, 128)"
+    )
+    t.add_argument("--model", default="canary_qwen", help="model to send requests to (default: canary_qwen)")
+    t.add_argument(
+        "--stream-model", default="canary_qwen_stream", help="model for --stream (default: canary_qwen_stream)"
+    )
+    t.add_argument("--concurrency", type=int, default=4, help="requests in flight without --stream (default: 4)")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a response (default: 120)")
+    t.add_argument(
+        "--max-window-s",
+        type=float,
+        default=40.0,
+        help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: 40)",
+    )
+    t.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, duration_s")
+    t.add_argument("--via-embeddings", action="store_true", help="send embeddings to the LLM model (needs --artifacts)")
+    t.add_argument(
+        "--artifacts", default=None, help="with --via-embeddings: the export the server's repository was made from"
+    )
+    t.add_argument(
+        "--local-encoder", action="store_true", help="with --via-embeddings: run the encoder here (ONNX Runtime)"
+    )
+    t.add_argument(
+        "--llm-model",
+        default=None,
+        help="with --via-embeddings: LLM model name (default: tensorrt_llm or llm, whichever the server has)",
+    )
+    t.set_defaults(run=run_client_transcribe)
+
+
+def _emit(args, path: str, text: str, seconds: float, out) -> None:
+    if args.json:
+        print(
+            json.dumps({"audio": path, "text": text, "duration_s": round(seconds, 3)}, ensure_ascii=False),
+            file=out,
+            flush=True,
+        )
+    else:
+        print(f"{path}\t{text}", file=out, flush=True)
+
+
+def run_client_transcribe(args, out=None, err=None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if args.concurrency < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.timeout <= 0:
+        print("error: --concurrency and --max-new-tokens must be at least 1, --timeout > 0", file=err)
+        return 2
+    if args.stream and args.json:
+        print("error: --stream prints text as it arrives; use it without --json", file=err)
+        return 2
+    if args.via_embeddings:
+        return _run_via_embeddings(args, out, err)
+    if args.stream:
+        return _run_streaming(args, out, err)
+    from ..client.triton import TritonBackend, TritonClientError
+    from ..pipeline.batching import transcribe_files
+
+    try:
+        backend = TritonBackend(
+            args.url, args.protocol, args.model, concurrency=args.concurrency, timeout_s=args.timeout
+        )
+    except TritonClientError as e:
+        print(f"error: {e}", file=err)
+        return 1
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=err)
+        return 2
+    failed, audio_s, start = 0, 0.0, time.perf_counter()
+    try:
+        # Each batch's windows go out as concurrent requests (the server's dynamic batcher groups them).
+        for result in transcribe_files(
+            backend,
+            args.files,
+            batch_size=8 * args.concurrency,
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            max_window_s=args.max_window_s or None,
+        ):
+            if result.error:
+                failed += 1
+                print(f"error: {result.error}", file=err, flush=True)
+                continue
+            audio_s += result.duration_s
+            _emit(args, result.path, result.transcription.text, result.duration_s, out)
+    finally:
+        backend.close()
+    return _summary(args, audio_s, time.perf_counter() - start, failed, err)
+
+
+def _run_streaming(args, out, err) -> int:
+    from ..client.triton import InferenceError, TritonClient, TritonClientError
+    from ..errors import AudioError
+    from ..pipeline.audio import load_audio
+    from ..pipeline.windowing import plan_windows
+
+    try:
+        client = TritonClient(
+            args.url, args.protocol, args.model, stream_model=args.stream_model, timeout_s=args.timeout
+        )
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=err)
+        return 2
+    failed = 0
+    audio_s = 0.0
+    start = time.perf_counter()
+    try:
+        try:
+            client.check(args.stream_model)
+        except TritonClientError as e:
+            print(f"error: {e}", file=err)
+            return 1
+        loaded = []
+        for path in args.files:
+            try:
+                loaded.append((path, load_audio(path)))
+            except AudioError as e:
+                failed += 1
+                print(f"error: {e}", file=err, flush=True)
+        window = args.max_window_s or None
+        for n, (path, audio) in enumerate(loaded):
+            plan = plan_windows([audio], window)
+            print(f"{path}\t", end="", file=out, flush=True)
+            try:
+                printed = False
+                for w in plan.windows:
+                    first = True
+                    for piece in client.stream(w, args.prompt, max_new_tokens=args.max_new_tokens):
+                        if first and printed:
+                            piece = " " + piece  # windows' texts are joined with one space
+                        first = False
+                        printed = True
+                        print(piece, end="", file=out, flush=True)
+                print(file=out, flush=True)
+                audio_s += len(audio) / SAMPLE_RATE
+            except TritonClientError as e:
+                print(file=out, flush=True)
+                failed += 1
+                print(f"error: {path}: {e}", file=err, flush=True)
+                if not isinstance(e, InferenceError):
+                    failed += len(loaded) - n - 1
+                    break  # the server is gone: the rest would fail the same way
+    finally:
+        client.close()
+    return _summary(args, audio_s, time.perf_counter() - start, failed, err)
+
+
+def _summary(args, audio_s: float, wall: float, failed: int, err) -> int:
+    """The closing lines on stderr (RTFx of what was transcribed, how many files failed) and the exit code."""
+    if audio_s:
+        print(f"{audio_s:.1f} s of audio in {wall:.2f} s (RTFx {audio_s / wall:.1f})", file=err)
+    if failed:
+        print(f"{failed} of {len(args.files)} files failed", file=err)
+    return 1 if failed else 0
+
+
+def _run_via_embeddings(args, out, err) -> int:
+    from ..client.embeddings import EmbeddingsClient
+    from ..client.triton import TritonClientError
+    from ..errors import ArtifactError, AudioError
+    from ..pipeline.audio import load_audio
+    from ..pipeline.windowing import plan_windows
+
+    if args.artifacts is None or args.stream:
+        print("error: --via-embeddings needs --artifacts EXPORT_DIR and does not stream", file=err)
+        return 2
+    try:
+        client = EmbeddingsClient(
+            args.url,
+            args.protocol,
+            export_dir=args.artifacts,
+            local_encoder=args.local_encoder,
+            llm_model=args.llm_model,
+            timeout_s=args.timeout,
+        )
+    except (TritonClientError, ArtifactError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=err)
+        return 1
+    failed = 0
+    audio_s = 0.0
+    start = time.perf_counter()
+    budget = args.max_new_tokens or 128
+    with client:
+        for path in args.files:
+            try:
+                audio = load_audio(path)
+                texts = [
+                    client.transcribe(w, args.prompt, max_new_tokens=budget).text
+                    for w in plan_windows([audio], args.max_window_s or None).windows
+                ]
+            except (AudioError, TritonClientError) as e:
+                failed += 1
+                print(
+                    f"error: {path}: {e}" if isinstance(e, TritonClientError) else f"error: {e}", file=err, flush=True
+                )
+                continue
+            audio_s += len(audio) / SAMPLE_RATE
+            _emit(args, path, " ".join(t for t in texts if t).strip(), len(audio) / SAMPLE_RATE, out)
+    return _summary(args, audio_s, time.perf_counter() - start, failed, err)

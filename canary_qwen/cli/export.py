@@ -1,0 +1,43 @@
+"""``canary-qwen export``: ONNX graphs, the merged Qwen3 checkpoint and a manifest."""
+
+from __future__ import annotations
+
+from ..defaults import MAX_WINDOW_S
+from ..precision import Precision
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write ONNX graphs, the merged Qwen3 checkpoint and a manifest",
+        description="Export a checkpoint for deployment: encoder.onnx (waveform -> LLM embeddings, one graph, no "
+        "STFT op), decoder.onnx (merged-LoRA Qwen3 step with KV cache), embed_tokens.npy, tokenizer/, llm_merged/ "
+        "(Hugging Face Qwen3 with explicit lm_head for TensorRT-LLM) and manifest.json (versions, shapes, hashes). "
+        "With --precision bf16 a bf16 encoder graph for TensorRT is added and llm_merged is bf16.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--precision",
+        choices=Precision.choices(Precision.FP32, Precision.BF16),
+        default="fp32",
+        help="TensorRT/TensorRT-LLM precision (default: fp32)",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines are built for (default: 8)")
+    p.add_argument(
+        "--max-audio-s",
+        type=float,
+        default=MAX_WINDOW_S,
+        help="longest clip the engines are built for (default: %(default)s)",
+    )
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    from ..export.artifacts import export_all
+
+    manifest = export_all(
+        args.model, args.out, precision=args.precision, max_batch=args.max_batch, max_audio_s=args.max_audio_s
+    )
+    print(f"wrote {', '.join(manifest.data['artifacts'])} and manifest.json to {manifest.root}")
+    return 0

@@ -1,0 +1,24 @@
+"""``canary-qwen make-checkpoint``: a random-weight checkpoint in the real layout."""
+
+from __future__ import annotations
+
+
+def add_make_checkpoint(sub) -> None:
+    p = sub.add_parser(
+        "make-checkpoint",
+        help="write a random-weight checkpoint in the real layout",
+        description="Write config.json + model.safetensors (+ tokenizer files and llm_backbone/config.json for "
+        "offline loading) with random weights: 'tiny' for tests, 'full' for the real 2.5B architecture.",
+    )
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_make_checkpoint)
+
+
+def run_make_checkpoint(args) -> int:
+    from ..model.synthetic import make_checkpoint
+
+    out = make_checkpoint(args.out, args.size, args.seed)
+    print(f"wrote {args.size} checkpoint to {out}")
+    return 0

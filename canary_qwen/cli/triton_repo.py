@@ -1,0 +1,106 @@
+"""``canary-qwen triton-repo``: write a Triton model repository for an export, in either flavour."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Write a Triton model repository for an export (`canary-qwen export`). Both flavours serve the same
+public interface: the `canary_qwen` ensemble takes AUDIO (float32 16 kHz samples) and optional PROMPT
+and MAX_NEW_TOKENS and returns TEXT and OUTPUT_IDS; `canary_qwen_stream` (decoupled) streams TEXT pieces.
+
+  onnx  python-backend models running ONNX Runtime: serves on a CPU with `canary-qwen serve`
+        (the Triton binary bundled in nvidia-pytriton), or on a GPU with onnxruntime-gpu (--device cuda).
+  trt   the TensorRT encoder plan and the TensorRT-LLM engine (`canary-qwen build-engines` first) for
+        NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container; audio frames reach the LLM as a
+        prompt embedding table addressed by fake token ids. With streaming the ensemble is decoupled:
+        Triton serves it over gRPC streaming and HTTP generate_stream (canary-qwen client does that).
+"""
+
+
+def add_triton_repo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "triton-repo",
+        help="write a Triton model repository (onnx or trt flavour)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--artifacts", required=True, help="export directory (from `canary-qwen export`)")
+    p.add_argument("--flavor", choices=("onnx", "trt"), default="onnx", help="default: onnx")
+    p.add_argument("--out", required=True, help="repository directory (its canary-qwen model folders are replaced)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="largest batch per model (default: 8 for onnx, the LLM engine's for trt)",
+    )
+    p.add_argument("--instances", type=int, default=1, help="instances of the encoder and LLM models (default: 1)")
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="how long dynamic batchers wait to fill a batch (default: 2000 onnx, 1000 trt)",
+    )
+    p.add_argument("--no-streaming", action="store_true", help="leave out the decoupled streaming models")
+    p.add_argument("--max-audio-s", type=float, default=None, help="longest clip accepted (default: the export's)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default decoding budget per request (default: 128)")
+    p.add_argument(
+        "--device", default="cpu", help="onnx: cpu, or cuda with onnxruntime-gpu in the server's Python (default: cpu)"
+    )
+    p.add_argument(
+        "--engines", default=None, help="trt: folder with encoder.plan and llm_engine/ (default: ARTIFACTS/trt)"
+    )
+    p.add_argument(
+        "--served-llm-engine-dir",
+        default=None,
+        help="trt: the LLM engine folder as the server sees it, e.g. /models/tensorrt_llm/1 in a container "
+        "(default: where this command links it)",
+    )
+    p.add_argument(
+        "--kv-cache-free-gpu-mem-fraction",
+        type=float,
+        default=0.9,
+        help="trt: GPU memory for the KV cache (default: 0.9)",
+    )
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    streaming = not args.no_streaming
+    if args.flavor == "onnx":
+        from ..serving.onnx_flavor import generate_onnx_repo
+
+        repo = generate_onnx_repo(
+            args.artifacts,
+            args.out,
+            max_batch=args.max_batch or 8,
+            instances=args.instances,
+            queue_delay_us=2000 if args.queue_delay_us is None else args.queue_delay_us,
+            decoupled_streaming=streaming,
+            max_audio_s=args.max_audio_s,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+        )
+        serve = f"canary-qwen serve --repo {repo}"
+    else:
+        from ..serving.trt_flavor import generate_trt_repo
+
+        repo = generate_trt_repo(
+            args.artifacts,
+            args.out,
+            engines_dir=args.engines,
+            max_batch=args.max_batch,
+            encoder_instances=args.instances,
+            llm_instances=args.instances,
+            queue_delay_us=1000 if args.queue_delay_us is None else args.queue_delay_us,
+            decoupled_streaming=streaming,
+            max_audio_s=args.max_audio_s,
+            max_new_tokens=args.max_new_tokens,
+            kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+            served_llm_engine_dir=args.served_llm_engine_dir,
+        )
+        serve = f"tritonserver --model-repository {repo}  (inside the Triton + TensorRT-LLM container, with canary-qwen installed)"
+    models = sorted(d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file())
+    print(f"wrote the {args.flavor} repository {repo}: {', '.join(models)}")
+    print(f"serve it: {serve}")
+    return 0

@@ -1,0 +1,1 @@
+"""Talking to a Triton server running this project's repository: the client and its embeddings mode."""

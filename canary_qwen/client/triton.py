@@ -1,0 +1,615 @@
+"""Client for a Canary-Qwen Triton server (the onnx flavour, or any repository with the same interface).
+
+``TritonClient`` sends 16 kHz mono float32 waveforms to the ``canary_qwen`` ensemble (HTTP or gRPC)
+and streams text pieces from the decoupled ``canary_qwen_stream`` model (gRPC bidirectional
+streaming, or HTTP server-sent events through Triton's generate_stream endpoint).
+``TritonBackend`` wraps it in the ``Transcriber`` interface the benchmark and ``batching`` drive.
+``TritonClient.call`` / ``stream_results`` reach any other model of the server (the embeddings mode,
+``canary_qwen.client.embeddings``, uses them to talk to the LLM model directly).
+
+Errors are one of three kinds, each naming the server: :class:`ServerUnreachableError`,
+:class:`ModelNotReadyError`, and :class:`InferenceError` (the model's own message, e.g. an audio
+clip that is empty or too long).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..backends.base import Transcription
+from ..decoding import token_budgets
+from ..errors import CanaryQwenError, UsageError
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_MODEL = "canary_qwen"
+DEFAULT_STREAM_MODEL = "canary_qwen_stream"
+INSTALL_HINT = "pip install 'tritonclient[all]'  (or: pip install 'canary-qwen[serve]')"
+
+
+class TritonClientError(CanaryQwenError):
+    """Base class of the client's errors; ``url`` is the server's address."""
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+
+class ServerUnreachableError(TritonClientError):
+    """Nothing answers at the URL (wrong address or port, server not started, or it went away)."""
+
+
+class ModelNotReadyError(TritonClientError):
+    """The server answers but the model is not loaded (not in the repository, or failed to load)."""
+
+
+class InferenceError(TritonClientError):
+    """The server refused or failed a request; the message is the server's (the model's) own."""
+
+
+def split_url(url: str, protocol: str) -> str:
+    """``host:port`` from ``host:port``, ``http://host:port/`` or ``grpc://host:port``."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    address = url.strip()
+    for scheme in ("http://", "https://", "grpc://"):
+        if address.lower().startswith(scheme):
+            if scheme == "https://":
+                raise UsageError("https is not supported by this client; use host:port of a plain HTTP endpoint")
+            address = address[len(scheme) :]
+    address = address.rstrip("/")
+    if not address or "/" in address:
+        raise UsageError(f"Triton URL must be host:port, got {url!r}")
+    return address
+
+
+def as_samples(audio) -> np.ndarray:
+    """One waveform as a contiguous 1-D float32 array; refuses what is not already 16 kHz mono samples."""
+    a = np.asarray(audio)
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.reshape(-1)
+    if a.ndim != 1:
+        raise UsageError(
+            f"audio must be one 1-D 16 kHz mono waveform, got shape {list(a.shape)} "
+            "(use canary_qwen.audio.to_mono_16k to downmix and resample)"
+        )
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(
+            f"audio must be float samples in [-1, 1], got {a.dtype} (use canary_qwen.audio.to_mono_16k to convert PCM)"
+        )
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _modules(protocol: str):
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        from tritonclient.utils import InferenceServerException
+    except ImportError as e:
+        raise ImportError(f"the Triton client needs tritonclient: {INSTALL_HINT}") from e
+    return module, InferenceServerException
+
+
+class TritonClient:
+    """Transcribe through a Triton server. One object may be used from many threads.
+
+    ``url`` is ``host:port`` of the HTTP endpoint (protocol "http") or the gRPC one ("grpc").
+    ``timeout_s`` bounds each request (and each wait for the next streamed piece).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "http",
+        model: str = DEFAULT_MODEL,
+        *,
+        stream_model: str = DEFAULT_STREAM_MODEL,
+        timeout_s: float = 120.0,
+    ):
+        self.protocol = protocol
+        self.url = split_url(url, protocol)
+        self.model = model
+        self.stream_model = stream_model
+        self.timeout_s = float(timeout_s)
+        self._module, self._server_exception = _modules(protocol)
+        self._clients: dict = {}  # thread (None for the shared gRPC client) -> tritonclient object
+        self._lock = threading.Lock()
+        self._ready: set[str] = set()
+        self._decoupled: dict[str, bool] = {}
+        self._closed = False
+
+    # -- connections -------------------------------------------------------------------------------
+    # gRPC: one tritonclient object shared by all threads (gRPC channels are thread-safe).
+    # HTTP: one per thread. tritonclient's HTTP client runs on gevent, whose sockets belong to the thread
+    # that made them ("Cannot switch to a different thread" otherwise); those of finished threads are closed.
+    def _new_client(self, concurrency: int = 1):
+        if self.protocol == "http":
+            # connection_timeout bounds connecting, network_timeout a whole request
+            return self._module.InferenceServerClient(
+                self.url,
+                concurrency=concurrency,
+                connection_timeout=min(self.timeout_s, 10.0),
+                network_timeout=self.timeout_s,
+            )
+        return self._module.InferenceServerClient(self.url)
+
+    def _conn(self):
+        if self._closed:
+            raise TritonClientError("this TritonClient is closed", self.url)
+        key = None if self.protocol == "grpc" else threading.current_thread()
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                for thread in [t for t in self._clients if t is not None and not t.is_alive()]:
+                    _close_quietly(self._clients.pop(thread))
+                client = self._clients[key] = self._new_client()
+            return client
+
+    def _drop(self, client) -> None:
+        """Forget a connection that failed (the next request makes a new one)."""
+        with self._lock:
+            for key in [k for k, c in self._clients.items() if c is client]:
+                del self._clients[key]
+        _close_quietly(client)
+
+    def close(self) -> None:
+        """Close every connection (do this before stopping a server: open HTTP keep-alives delay its exit)."""
+        self._closed = True
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            _close_quietly(client)
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unreachable(self, error) -> ServerUnreachableError:
+        return ServerUnreachableError(
+            f"cannot reach the Triton server at {self.url} over {self.protocol} ({error}); "
+            "is it running, and is this its " + ("HTTP" if self.protocol == "http" else "gRPC") + " port?",
+            self.url,
+        )
+
+    def _is_timeout(self, error) -> bool:
+        if isinstance(error, TimeoutError) or type(error).__name__ == "Timeout":  # socket / gevent timeouts
+            return True
+        return isinstance(error, self._server_exception) and "DEADLINE_EXCEEDED" in str(error.status() or "")
+
+    def _is_connection_error(self, error) -> bool:
+        if self._is_timeout(error):
+            return False
+        if isinstance(error, (OSError, ConnectionError)) or _stale_connection(error):
+            return True
+        if isinstance(error, self._server_exception):
+            status = str(error.status() or "")
+            return "UNAVAILABLE" in status
+        return False
+
+    def check(self, model: str | None = None) -> None:
+        """Raise ServerUnreachableError / ModelNotReadyError unless ``model`` (default: this client's) can serve."""
+        model = model or self.model
+        if model in self._ready:
+            return
+        client = self._conn()
+        try:
+            live = client.is_server_live()
+        except Exception as e:
+            self._drop(client)
+            raise self._unreachable(e) from None
+        if not live:
+            raise ServerUnreachableError(f"the Triton server at {self.url} is not live (shutting down?)", self.url)
+        try:
+            ready = client.is_model_ready(model)
+        except Exception as e:
+            if self._is_connection_error(e):
+                self._drop(client)
+                raise self._unreachable(e) from None
+            ready = False
+        if not ready:
+            raise ModelNotReadyError(
+                f"model '{model}' is not ready on the Triton server at {self.url}; {self._models_note(client)}",
+                self.url,
+            )
+        self._ready.add(model)
+
+    def _models_note(self, client) -> str:
+        try:
+            index = client.get_model_repository_index()
+            if self.protocol == "grpc":
+                index = [{"name": m.name, "state": m.state, "reason": m.reason} for m in index.models]
+        except Exception:
+            return "its model list could not be read"
+        if not index:
+            return "it serves no models"
+        parts = []
+        for m in index:
+            state = m.get("state") or "not loaded"
+            reason = f": {m['reason']}" if m.get("reason") else ""
+            parts.append(f"{m.get('name')} ({state}{reason})")
+        return "it has: " + ", ".join(parts)
+
+    # -- requests ----------------------------------------------------------------------------------
+    @staticmethod
+    def _arrays(audio, prompt, max_new_tokens) -> dict[str, np.ndarray]:
+        arrays = {"AUDIO": as_samples(audio)[None]}
+        if prompt is not None:
+            arrays["PROMPT"] = np.array([[str(prompt).encode("utf-8")]], dtype=object)
+        if max_new_tokens is not None:
+            arrays["MAX_NEW_TOKENS"] = np.array([[int(max_new_tokens)]], dtype=np.int32)
+        return arrays
+
+    def _infer_inputs(self, arrays: dict[str, np.ndarray]) -> list:
+        """InferInputs by name (bf16 arrays are ml_dtypes.bfloat16, as tritonclient >= 2.71 takes them)."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        inputs = []
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            inp = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            inp.set_data_from_numpy(array)
+            inputs.append(inp)
+        return inputs
+
+    def _outputs(self, with_ids: bool):
+        return [self._module.InferRequestedOutput(n) for n in (["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"])]
+
+    @staticmethod
+    def _parse(result, with_ids: bool) -> tuple[str, list[int]]:
+        """(text, ids) from a result object or a dict of arrays."""
+        get = result.get if isinstance(result, dict) else result.as_numpy
+        text = get("TEXT").reshape(-1)[0]
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        ids = [int(i) for i in get("OUTPUT_IDS").reshape(-1)] if with_ids else []
+        return text, ids
+
+    def call(self, model: str, arrays: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One request to any model of the server: input arrays by name (batch dimension included) ->
+        the requested outputs by name."""
+        inputs = self._infer_inputs(arrays)
+        requested = [self._module.InferRequestedOutput(n) for n in outputs]
+        self.check(model)
+        for attempt in range(2):
+            client = self._conn()
+            try:
+                if self.protocol == "grpc":
+                    result = client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+                else:
+                    result = client.infer(model, inputs, outputs=requested)
+                return {n: result.as_numpy(n) for n in outputs}
+            except Exception as e:
+                if self._is_connection_error(e):
+                    self._drop(client)
+                # The server may close a kept-alive HTTP connection between requests, and geventhttpclient does
+                # not retry a POST on its own; inference is idempotent, so try once more on a new connection.
+                if attempt == 0 and self.protocol == "http" and _stale_connection(e):
+                    continue
+                raise self._request_error(e, model) from None
+        raise AssertionError("unreachable")
+
+    def is_decoupled(self, model: str) -> bool:
+        """Whether ``model`` answers a request with a stream of responses (read once from its config)."""
+        if model not in self._decoupled:
+            policy = self.model_config(model).get("model_transaction_policy", {})
+            self._decoupled[model] = bool(policy.get("decoupled", False))
+        return self._decoupled[model]
+
+    def infer(
+        self, audio, prompt: str | None = None, *, max_new_tokens: int | None = None, with_ids: bool = False
+    ) -> tuple[str, list[int]]:
+        """One clip through this client's model: (text, token ids; the ids only ``with_ids``).
+
+        A decoupled model (the trt flavour's ensemble when it streams, or ``canary_qwen_stream``) is read
+        to its final response and its TEXT pieces and OUTPUT_IDS joined.
+        """
+        arrays = self._arrays(audio, prompt, max_new_tokens)
+        if self.is_decoupled(self.model):
+            return self._joined(self.model, arrays, with_ids)
+        outputs = ["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"]
+        return self._parse(self.call(self.model, arrays, outputs), with_ids)
+
+    def _joined(self, model: str, arrays: dict[str, np.ndarray], with_ids: bool) -> tuple[str, list[int]]:
+        pieces, ids = [], []
+        if self.protocol == "grpc":
+            for result in self.stream_results(model, arrays):
+                for name, out in (("TEXT", pieces), ("OUTPUT_IDS", ids)):
+                    value = result.as_numpy(name)
+                    if value is not None and value.size:
+                        out.extend(value.reshape(-1).tolist())
+        else:
+            for event in self._events_http(model, arrays):
+                for name, out in (("TEXT", pieces), ("OUTPUT_IDS", ids)):
+                    value = event.get(name)
+                    if value not in (None, "", []):
+                        out.extend(value if isinstance(value, list) else [value])
+        text = "".join(p.decode("utf-8", errors="replace") if isinstance(p, bytes) else str(p) for p in pieces)
+        return text.strip(), [int(i) for i in ids] if with_ids else []
+
+    def infer_many(
+        self, audios, prompt: str | None = None, *, max_new_tokens=None, with_ids: bool = False, concurrency: int = 8
+    ) -> list:
+        """``infer`` for many clips, up to ``concurrency`` requests in flight (the server batches them).
+
+        ``max_new_tokens``: None, one budget, or one per clip. Returns, in order, (text, ids) or the
+        exception of that clip.
+        """
+        if concurrency < 1:
+            raise UsageError("concurrency must be >= 1")
+        n = len(audios)
+        if not n:
+            return []
+        budgets = [None] * n if max_new_tokens is None else token_budgets(max_new_tokens, n)
+        self.check()
+        # gRPC: the client is shared by the worker threads; a decoupled model is read response by response
+        if self.protocol == "grpc" or n == 1 or self.is_decoupled(self.model):
+
+            def one(i):
+                try:
+                    return self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
+                except Exception as e:
+                    return e
+
+            if n == 1:
+                return [one(0)]
+            with ThreadPoolExecutor(min(concurrency, n), thread_name_prefix="triton-client") as pool:
+                return list(pool.map(one, range(n)))
+        # HTTP: tritonclient's own greenlet pool in this thread (its sockets cannot move between threads)
+        results: list = [None] * n
+        pending = []
+        client = self._new_client(concurrency=min(concurrency, n))
+        try:
+            for i in range(n):
+                try:
+                    inputs = self._infer_inputs(self._arrays(audios[i], prompt, budgets[i]))
+                    pending.append((i, client.async_infer(self.model, inputs, outputs=self._outputs(with_ids))))
+                except Exception as e:
+                    results[i] = e
+            for i, request in pending:
+                try:
+                    results[i] = self._parse(request.get_result(timeout=self.timeout_s), with_ids)
+                except Exception as e:
+                    if _stale_connection(e):  # retried once, alone, on a connection of its own
+                        try:
+                            results[i] = self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
+                        except Exception as again:
+                            results[i] = again
+                    else:
+                        results[i] = self._request_error(e)
+        finally:
+            _close_quietly(client)
+        return results
+
+    def _request_error(self, error, model: str | None = None) -> TritonClientError:
+        model = model or self.model
+        if self._is_timeout(error):
+            return TritonClientError(
+                f"no answer from Triton at {self.url} ({model}) within {self.timeout_s:g} s "
+                "(raise timeout_s for long clips or a busy server)",
+                self.url,
+            )
+        if self._is_connection_error(error):
+            self._ready.clear()
+            return self._unreachable(error)
+        if isinstance(error, self._server_exception):
+            return InferenceError(f"Triton at {self.url} ({model}): {error.message()}", self.url)
+        return TritonClientError(f"request to Triton at {self.url} failed: {error}", self.url)
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str:
+        """Text of one 16 kHz mono float32 clip (``prompt``: the user turn; None: the model's default)."""
+        return self.infer(audio, prompt, max_new_tokens=max_new_tokens)[0]
+
+    def transcribe_many(
+        self,
+        audios: Sequence[np.ndarray],
+        prompt: str | None = None,
+        *,
+        concurrency: int = 8,
+        max_new_tokens: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list:
+        """Texts of many clips, in order, with up to ``concurrency`` requests in flight (the server batches them).
+
+        With ``return_exceptions`` a failed clip's entry is its exception instead of raising the first one.
+        """
+        out = []
+        for r in self.infer_many(audios, prompt, max_new_tokens=max_new_tokens, concurrency=concurrency):
+            if isinstance(r, Exception):
+                if not return_exceptions:
+                    raise r
+                out.append(r)
+            else:
+                out.append(r[0])
+        return out
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def stream(
+        self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``."""
+        if self.protocol == "grpc":
+            return self._stream_grpc(audio, prompt, max_new_tokens)
+        return self._stream_http(audio, prompt, max_new_tokens)
+
+    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+        for result in self.stream_results(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
+            text = result.as_numpy("TEXT")
+            if text is not None and text.size:
+                piece = text.reshape(-1)[0]
+                yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
+
+    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator:
+        """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they come,
+        up to the one with the final flag."""
+        if self.protocol != "grpc":
+            raise TritonClientError(
+                f"{model} is decoupled: Triton serves it over gRPC streaming (use protocol grpc)", self.url
+            )
+        inputs = self._infer_inputs(arrays)
+        self.check(model)
+        results: queue.Queue = queue.Queue()
+        client = self._new_client()  # one bidirectional stream per client object: never share it
+        finished = False
+        try:
+            client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=None)
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = results.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise TritonClientError(
+                        f"no streamed response from {model} at {self.url} within {self.timeout_s:g} s", self.url
+                    ) from None
+                if error is not None:
+                    if self._is_connection_error(error):
+                        raise self._unreachable(error)
+                    message = error.message() if isinstance(error, self._server_exception) else str(error)
+                    raise InferenceError(f"Triton at {self.url} ({model}): {message}", self.url)
+                yield result
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    finished = True
+                    return
+        finally:
+            try:
+                # Cancel only a request still running (the caller stopped reading, or an error): cancelling a
+                # finished one can leave the decoupled model unable to unload at shutdown (Triton 2.51, measured).
+                client.stop_stream(cancel_requests=not finished)
+            except Exception:
+                pass
+            client.close()
+
+    def model_config(self, model: str) -> dict:
+        """The model's configuration as Triton reports it (JSON form, the same for HTTP and gRPC)."""
+        self.check(model)
+        client = self._conn()
+        try:
+            if self.protocol == "grpc":
+                return client.get_model_config(model, as_json=True)["config"]
+            return client.get_model_config(model)
+        except Exception as e:
+            raise self._request_error(e, model) from None
+
+    def _stream_http(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+        for event in self._events_http(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
+            piece = event.get("TEXT")
+            if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar
+                piece = piece[0] if piece else ""
+            if piece:
+                yield piece
+
+    def _events_http(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator[dict]:
+        """One request to a decoupled model through Triton's generate_stream extension: JSON fields become
+        inputs (a list gets the batch dimension added); each response comes back as one server-sent event."""
+        body = {}
+        for name, array in arrays.items():  # one clip: drop the batch dimension
+            value = np.asarray(array)[0]
+            if value.dtype == object:
+                value = value.reshape(-1)[0]
+                body[name] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            else:
+                body[name] = value.reshape(-1)[0].item() if value.size == 1 and name != "AUDIO" else value.tolist()
+        self.check(model)
+        request = urllib.request.Request(
+            f"http://{self.url}/v2/models/{model}/generate_stream",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as e:
+            raise InferenceError(f"Triton at {self.url} ({model}): {_http_error_text(e)}", self.url) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise self._unreachable(getattr(e, "reason", e)) from None
+        with response:
+            for line in response:
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:].strip())
+                if "error" in event:
+                    raise InferenceError(f"Triton at {self.url} ({model}): {event['error']}", self.url)
+                yield event
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:
+        pass
+
+
+def _stale_connection(error) -> bool:
+    return isinstance(error, (ConnectionResetError, BrokenPipeError)) or type(error).__name__ == "HTTPConnectionClosed"
+
+
+def _http_error_text(error: urllib.error.HTTPError) -> str:
+    """The server's message from an error reply: plain JSON, or (generate_stream) one server-sent event."""
+    try:
+        body = error.read().strip()
+        if body.startswith(b"data:"):
+            body = body[5:].strip()
+        return json.loads(body).get("error", str(error))
+    except Exception:
+        return str(error)
+
+
+class TritonBackend:
+    """The ``Transcriber`` interface over a Triton server, so ``batching`` and the benchmark can drive it.
+
+    Each call sends its clips as concurrent single-clip requests (up to ``concurrency``); the
+    server's dynamic batchers put them together. ``token_ids`` come from the ensemble's OUTPUT_IDS.
+    The server is checked at construction: an unreachable server or a missing model fails here.
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "http",
+        model: str = DEFAULT_MODEL,
+        *,
+        concurrency: int = 8,
+        timeout_s: float = 300.0,
+    ):
+        self.client = TritonClient(url, protocol, model, timeout_s=timeout_s)
+        self.concurrency = concurrency
+        self.device = f"triton {protocol}://{self.client.url}"
+        try:
+            self.client.check()
+        except BaseException:
+            self.client.close()
+            raise
+
+    def transcribe(
+        self,
+        audios: Sequence[np.ndarray],
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int | Sequence[int] | None = None,
+    ) -> list[Transcription]:
+        """``max_new_tokens`` None: the server's configured budget."""
+        if not len(audios):
+            return []
+        budgets = None if max_new_tokens is None else token_budgets(max_new_tokens, len(audios))
+        results = self.client.infer_many(
+            list(audios), prompt, max_new_tokens=budgets, with_ids=True, concurrency=self.concurrency
+        )
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return [Transcription(text=text, token_ids=ids) for text, ids in results]
+
+    def close(self) -> None:
+        self.client.close()

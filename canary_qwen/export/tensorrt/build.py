@@ -1,0 +1,79 @@
+"""``canary-qwen build-engines``: the TensorRT encoder plan and the TensorRT-LLM engine of an export.
+
+Reads the export's manifest (its precision, max batch and max clip length) and writes the layout the
+trt backend and the trt-flavour Triton repository read: ``EXPORT/trt/encoder.plan`` (from the export's
+TensorRT encoder graph, bf16 when exported with ``--precision bf16``) and ``EXPORT/trt/llm_engine/``
+(from ``llm_merged/``, sized for max batch x max audio frames). Needs TensorRT 10.14 and TensorRT-LLM
+1.2.x on an NVIDIA GPU; without them it stops before doing anything and says what is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...defaults import MAX_NEW_TOKENS, SAMPLE_RATE
+from ...errors import UsageError
+from ..manifest import read_manifest
+from . import import_tensorrt, import_tensorrt_llm
+from .llm_engine import default_engine_paths
+
+
+def build_engines(
+    export_dir,
+    *,
+    max_batch: int | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_prompt_text_tokens: int = 64,
+    only: str | None = None,
+    timing_cache=None,
+    log=print,
+) -> dict[str, Path]:
+    """Build what ``only`` names ("encoder", "llm") or both; returns the paths written."""
+    from .encoder_engine import build_encoder_engine
+    from .llm_engine import build_llm_engine
+
+    if only not in (None, "encoder", "llm"):
+        raise UsageError(f"only must be encoder or llm, got {only!r}")
+    manifest = read_manifest(export_dir)
+    # fail on a missing package before minutes of work, not after the first engine
+    if only in (None, "encoder"):
+        import_tensorrt()
+    if only in (None, "llm"):
+        import_tensorrt_llm()
+    max_batch = int(manifest.data["max_batch"]) if max_batch is None else max_batch
+    if max_batch < 1:
+        raise UsageError(f"max_batch must be >= 1, got {max_batch}")
+    paths = default_engine_paths(export_dir)
+    built = {}
+    if only in (None, "encoder"):
+        onnx_path = manifest.artifact(manifest.data.get("trt_encoder", "encoder"))
+        log(
+            f"building the TensorRT encoder from {onnx_path.name} (batch <= {max_batch}, clips <= {manifest.data['max_audio_s']} s)"
+        )
+        built["encoder"] = build_encoder_engine(
+            onnx_path,
+            paths["encoder"],
+            opt_batch=max(1, max_batch // 2),
+            max_batch=max_batch,
+            opt_samples=min(10 * SAMPLE_RATE, int(manifest.data["max_audio_s"] * SAMPLE_RATE)),
+            max_samples=int(manifest.data["max_audio_s"] * SAMPLE_RATE),
+            timing_cache_path=timing_cache,
+        )
+    if only in (None, "llm"):
+        dtype = "bfloat16" if manifest.data["precision"] == "bf16" else "float32"
+        log(
+            f"building the TensorRT-LLM engine ({dtype}, batch <= {max_batch}, {manifest.model['max_audio_frames']} audio frames per clip)"
+        )
+        built["llm"] = build_llm_engine(
+            manifest.artifact("llm_merged"),
+            paths["llm_engine"],
+            max_batch=max_batch,
+            max_audio_frames=int(manifest.model["max_audio_frames"]),
+            max_prompt_text_tokens=max_prompt_text_tokens,
+            max_new_tokens=max_new_tokens,
+            dtype=dtype,
+            checkpoint_dir=paths["llm_checkpoint"],
+            timing_cache=None if timing_cache is None else f"{timing_cache}.llm",
+            log=log,
+        )
+    return built

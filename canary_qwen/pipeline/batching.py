@@ -1,0 +1,77 @@
+"""Run audio through any backend: load, window, sort by length, batch, join, report per file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ..backends.base import Transcriber, Transcription
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S, SAMPLE_RATE
+from ..errors import AudioError, CanaryQwenError
+from .audio import load_many
+from .windowing import plan_windows
+
+
+@dataclass
+class FileResult:
+    path: str
+    duration_s: float
+    transcription: Transcription | None = None
+    error: str | None = None
+
+
+def _transcribe_batch(backend: Transcriber, windows, prompt, **budget) -> list[Transcription | Exception]:
+    """The batch's results; when the backend refuses the batch, each window alone, so one bad clip fails alone."""
+    try:
+        return list(backend.transcribe(windows, prompt=prompt, **budget))
+    except CanaryQwenError as e:
+        if len(windows) == 1:
+            return [e]
+        return [r for w in windows for r in _transcribe_batch(backend, [w], prompt, **budget)]
+
+
+def transcribe_arrays(
+    backend: Transcriber,
+    audios: Sequence[np.ndarray],
+    *,
+    batch_size: int = 8,
+    prompt: str | None = None,
+    max_new_tokens: int | None = MAX_NEW_TOKENS,
+    max_window_s: float | None = MAX_WINDOW_S,
+    progress: bool = False,
+) -> list[Transcription | Exception]:
+    """Longest windows first (least padding per batch); results (or a clip's error) come back in input order.
+
+    ``max_new_tokens`` None: the backend's own default (a server's configured budget)."""
+    plan = plan_windows(audios, max_window_s)
+    order = sorted(range(len(plan.windows)), key=lambda i: -len(plan.windows[i]))
+    results: list[Transcription | Exception | None] = [None] * len(plan.windows)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="transcribing", unit="batch", disable=not progress or len(batches) < 2):
+        budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        out = _transcribe_batch(backend, [plan.windows[i] for i in batch], prompt, **budget)
+        for i, r in zip(batch, out):
+            results[i] = r
+    return plan.join(results, len(audios))
+
+
+def transcribe_files(backend: Transcriber, paths: Sequence[str], **kwargs) -> Iterator[FileResult]:
+    """One result per path, in order; unreadable files and refused clips carry their error, the rest go on."""
+    loaded = load_many(paths)
+    good = [i for i, a in enumerate(loaded) if not isinstance(a, AudioError)]
+    texts = transcribe_arrays(backend, [loaded[i] for i in good], **kwargs) if good else []
+    by_index = dict(zip(good, texts))
+    for i, path in enumerate(paths):
+        item = loaded[i]
+        if isinstance(item, AudioError):
+            yield FileResult(path=str(path), duration_s=0.0, error=str(item))
+            continue
+        duration = len(item) / SAMPLE_RATE
+        result = by_index[i]
+        if isinstance(result, Exception):
+            yield FileResult(path=str(path), duration_s=duration, error=f"{path}: {result}")
+        else:
+            yield FileResult(path=str(path), duration_s=duration, transcription=result)

@@ -1,0 +1,76 @@
+"""What the trt flavour's python models do to tensors, without any Triton import (unit-testable here).
+
+``prompt_table`` turns the encoder's frames into a ``tensorrt_llm`` request with the prompt-table
+protocol (``canary_qwen.protocol.prompt_table``); ``postprocessing`` reads ``tensorrt_llm``'s
+``output_ids`` / ``sequence_length`` back into token lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..decoding import until_eos
+from ..errors import InputError
+from ..protocol import prompt_table
+from ..serving.checks import check_prompt_ids
+
+
+def tensorrt_llm_inputs(
+    prompt_ids: np.ndarray,
+    embeddings: np.ndarray,
+    lengths: np.ndarray,
+    budgets: Sequence[int],
+    *,
+    placeholder_id: int,
+    vocab_size: int,
+    table_dtype: str,
+    end_id: int,
+    pad_id: int,
+    streaming: bool = False,
+) -> dict[str, np.ndarray]:
+    """One Triton request's rows -> the ``tensorrt_llm`` inputs by name, stacked on the batch axis.
+
+    ``prompt_ids`` [B, L] (one placeholder per row), ``embeddings`` [B, T, H] (the encoder's padded
+    frames, any float dtype), ``lengths`` [B] valid frames per row, ``budgets`` new tokens per row.
+    Rows of one Triton request share their tensor shapes, so their frame counts must be equal.
+    """
+    prompt_ids = np.asarray(prompt_ids).reshape(len(budgets), -1)
+    lengths = np.asarray(lengths).reshape(-1)
+    if len({int(n) for n in lengths}) != 1:
+        raise InputError(
+            f"rows of one request must have the same number of audio frames, got {sorted(set(lengths.tolist()))}; "
+            "send clips of different lengths as separate requests"
+        )
+    rows = []
+    for ids, frames, n, budget in zip(prompt_ids, np.asarray(embeddings), lengths, budgets):
+        check_prompt_ids(ids, placeholder_id, vocab_size)
+        try:
+            request = prompt_table.build_request(
+                ids.tolist(),
+                frames[: int(n)].astype(np.float32),
+                placeholder_id=placeholder_id,
+                vocab_size=vocab_size,
+                dtype=table_dtype,
+            )
+        except prompt_table.PromptTableError as e:
+            raise InputError(str(e)) from None
+        rows.append(
+            prompt_table.triton_request_inputs(
+                request, max_new_tokens=budget, end_id=end_id, pad_id=pad_id, streaming=streaming
+            )
+        )
+    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+
+
+def generated_rows(output_ids: np.ndarray, sequence_length: np.ndarray | None, end_id: int) -> list[list[int]]:
+    """``tensorrt_llm`` outputs (``output_ids`` [B, beams, N], ``sequence_length`` [B, beams]; the model runs
+    with exclude_input_in_output) -> the new tokens of beam 0 per row, cut at ``end_id`` as NeMo's are."""
+    ids = np.asarray(output_ids)
+    ids = ids.reshape(ids.shape[0], -1, ids.shape[-1])[:, 0]
+    if sequence_length is None:
+        counts = [ids.shape[1]] * len(ids)
+    else:
+        counts = [int(n) for n in np.asarray(sequence_length).reshape(len(ids), -1)[:, 0]]
+    return [until_eos(row[:n], end_id) for row, n in zip(ids, counts)]

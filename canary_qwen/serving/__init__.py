@@ -1,0 +1,1 @@
+"""Triton serving: the model repository generator (onnx and trt flavours), its python models, the bundled server."""

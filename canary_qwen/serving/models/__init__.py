@@ -1,0 +1,20 @@
+"""Python-backend model files of both flavours.
+
+The repository generators copy each model module here to ``<repo>/<model>/1/model.py``. They import
+``triton_python_backend_utils``, which exists only inside Triton's python stub: never import them
+directly. The logic they share, testable without a server, lives in ``canary_qwen.serving.checks``
+and ``canary_qwen.protocol.trt_requests``; ``responses.py`` is their common per-request error handling.
+
+| file | model | what |
+| --- | --- | --- |
+| preprocessing.py | preprocessing | AUDIO + PROMPT -> SAMPLES (the audio, checked) + PROMPT_IDS |
+| encoder.py | encoder | AUDIO -> EMBEDDINGS; dynamic ragged batching, one ONNX Runtime run per batch |
+| llm.py | llm, llm_stream | PROMPT_IDS + EMBEDDINGS (+ MAX_NEW_TOKENS) -> OUTPUT_IDS; one greedy decode per batch; streams tokens when decoupled |
+| postprocessing.py | postprocessing | OUTPUT_IDS -> TEXT (+ the ids again as TOKEN_IDS) |
+| stream.py | canary_qwen_stream | decoupled BLS: encoder + llm_stream, TEXT pieces as tokens arrive |
+| prompt_table.py | prompt_table (trt) | PROMPT_IDS + EMBEDDINGS -> the tensorrt_llm request: fake ids, prompt embedding table, extra ids |
+| trt_stream.py | canary_qwen_stream (trt) | stream.py over the TensorRT encoder, prompt_table and a decoupled tensorrt_llm |
+
+postprocessing.py and preprocessing.py serve both flavours (the trt flavour's configs add
+AUDIO_LENGTH and SEQUENCE_LENGTH).
+"""

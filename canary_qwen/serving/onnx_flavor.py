@@ -1,0 +1,247 @@
+"""The ``onnx`` flavour of the Triton model repository: every model is a python-backend model running
+ONNX Runtime (or plain Python), so it serves on a CPU with the tritonserver bundled in nvidia-pytriton.
+
+Models (tensor names; shapes without the batch dimension, every model has max_batch_size > 0):
+
+| model | inputs | outputs |
+| --- | --- | --- |
+| ``preprocessing`` | AUDIO fp32 [-1], PROMPT string [1] (optional) | PROMPT_IDS int64 [-1], SAMPLES fp32 [-1] (AUDIO, checked) |
+| ``encoder`` | AUDIO fp32 [-1] (ragged, dynamic batching) | EMBEDDINGS fp32 [-1, H] |
+| ``llm`` | PROMPT_IDS int64 [-1], EMBEDDINGS fp32 [-1, H] (ragged, dynamic batching), MAX_NEW_TOKENS int32 [1] (optional) | OUTPUT_IDS int64 [-1] |
+| ``postprocessing`` | OUTPUT_IDS int64 [-1] | TEXT string [1], TOKEN_IDS int64 [-1] (the ids again) |
+| ``canary_qwen`` (ensemble) | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1], OUTPUT_IDS int64 [-1] |
+| ``llm_stream`` | as ``llm``, decoupled: one OUTPUT_IDS [1] response per token | OUTPUT_IDS int64 [-1] |
+| ``canary_qwen_stream`` (decoupled BLS) | as ``canary_qwen`` | TEXT string [1] pieces, then an empty final response |
+
+The last two exist with ``decoupled_streaming=True``. ``llm_stream`` is the llm again with a decoupled
+config: an ensemble that contains a decoupled step counts as decoupled, and Triton's HTTP endpoint and
+gRPC ModelInfer refuse decoupled models, so the ensemble needs a non-decoupled ``llm`` of its own.
+
+Every artifact a model reads is hard-linked (copied across file systems) into its version folder with
+a ``manifest.json`` of its own, so the repository can be moved or copied as a whole. The model code is
+``canary_qwen.serving.models.*``, copied as ``model.py``; it imports ``canary_qwen``, so the server's
+Python (the one its python stub runs) must have this package installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+from ..export.manifest import read_manifest
+from .config_check import check_ensemble
+from .repo_files import (
+    ENSEMBLE,
+    POSTPROCESSING,
+    PREPROCESSING,
+    STREAM,
+    audio_inputs,
+    ensemble_outputs,
+    ensemble_step,
+    io_block,
+    max_new_tokens_input,
+    python_model,
+    replace_model_dirs,
+    tensor,
+    write_models,
+    write_repo_info,
+)
+
+ENCODER, LLM, LLM_STREAM = "encoder", "llm", "llm_stream"
+MODEL_NAMES = (PREPROCESSING, ENCODER, LLM, POSTPROCESSING, ENSEMBLE, LLM_STREAM, STREAM)
+
+# model -> (code file in canary_qwen.serving.models, artifacts it reads)
+_MODEL_FILES = {
+    PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
+    ENCODER: ("encoder.py", ("encoder",)),
+    LLM: ("llm.py", ("decoder", "embed_tokens")),
+    LLM_STREAM: ("llm.py", ("decoder", "embed_tokens")),
+    POSTPROCESSING: ("postprocessing.py", ("tokenizer",)),
+    STREAM: ("stream.py", ("tokenizer",)),
+}
+
+
+def _llm_tensors(hidden: int) -> tuple[list[str], list[str]]:
+    inputs = [
+        tensor("PROMPT_IDS", "TYPE_INT64", [-1], ragged=True),
+        tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden], ragged=True),
+        max_new_tokens_input(),
+    ]
+    return inputs, [tensor("OUTPUT_IDS", "TYPE_INT64", [-1])]
+
+
+def ensemble_config(max_batch: int) -> str:
+    inputs = audio_inputs() + [max_new_tokens_input()]
+    outputs = ensemble_outputs()
+    steps = [
+        # A chain, not preprocessing and encoder side by side: when two parallel steps of one request both
+        # fail, Triton 2.51's gRPC endpoint can stop answering later ensemble requests (measured; HTTP is
+        # unaffected). preprocessing checks the audio and hands the checked samples on.
+        ensemble_step(
+            PREPROCESSING, {"AUDIO": "AUDIO", "PROMPT": "PROMPT"}, {"PROMPT_IDS": "prompt_ids", "SAMPLES": "samples"}
+        ),
+        ensemble_step(ENCODER, {"AUDIO": "samples"}, {"EMBEDDINGS": "embeddings"}),
+        ensemble_step(
+            LLM,
+            {"PROMPT_IDS": "prompt_ids", "EMBEDDINGS": "embeddings", "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"},
+            {"OUTPUT_IDS": "output_ids"},
+        ),
+        # OUTPUT_IDS comes back from postprocessing, not straight from llm: Triton 2.51 prunes an ensemble
+        # output the client did not ask for even when a later step reads it ("unexpected deadlock").
+        ensemble_step(POSTPROCESSING, {"OUTPUT_IDS": "output_ids"}, {"TEXT": "TEXT", "TOKEN_IDS": "OUTPUT_IDS"}),
+    ]
+    return (
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+        + io_block("input", inputs)
+        + io_block("output", outputs)
+        + "ensemble_scheduling {\n  step [\n"
+        + ",\n".join(steps)
+        + "\n  ]\n}\n"
+    )
+
+
+def model_configs(
+    model: dict,
+    *,
+    max_batch: int,
+    instances: int,
+    queue_delay_us: int,
+    decoupled_streaming: bool,
+    max_audio_s: float,
+    max_new_tokens: int,
+    device: str,
+    ort_threads: int,
+) -> dict[str, str]:
+    """config.pbtxt text for every model of the repository, by model name."""
+    hidden = model["hidden_size"]
+    runtime = {"device": device, "ort_threads": ort_threads}
+    llm_in, llm_out = _llm_tensors(hidden)
+    configs = {
+        PREPROCESSING: python_model(
+            PREPROCESSING,
+            max_batch,
+            audio_inputs(),
+            [tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("SAMPLES", "TYPE_FP32", [-1])],
+            params={"max_audio_s": max_audio_s},
+        ),
+        ENCODER: python_model(
+            ENCODER,
+            max_batch,
+            [tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)],
+            [tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden])],
+            instances=instances,
+            queue_delay_us=queue_delay_us,
+            params={"max_audio_s": max_audio_s, **runtime},
+        ),
+        LLM: python_model(
+            LLM,
+            max_batch,
+            llm_in,
+            llm_out,
+            instances=instances,
+            queue_delay_us=queue_delay_us,
+            params={"max_new_tokens": max_new_tokens, **runtime},
+        ),
+        POSTPROCESSING: python_model(
+            POSTPROCESSING,
+            max_batch,
+            [tensor("OUTPUT_IDS", "TYPE_INT64", [-1])],
+            [tensor("TEXT", "TYPE_STRING", [1]), tensor("TOKEN_IDS", "TYPE_INT64", [-1])],
+        ),
+        ENSEMBLE: ensemble_config(max_batch),
+    }
+    if decoupled_streaming:
+        configs[LLM_STREAM] = python_model(
+            LLM_STREAM,
+            max_batch,
+            llm_in,
+            llm_out,
+            instances=instances,
+            queue_delay_us=queue_delay_us,
+            decoupled=True,
+            params={"max_new_tokens": max_new_tokens, **runtime},
+        )
+        stream_in = audio_inputs() + [max_new_tokens_input()]
+        configs[STREAM] = python_model(
+            STREAM,
+            max_batch,
+            stream_in,
+            [tensor("TEXT", "TYPE_STRING", [1])],
+            decoupled=True,
+            params={
+                "max_audio_s": max_audio_s,
+                "max_new_tokens": max_new_tokens,
+                "encoder_model": ENCODER,
+                "llm_model": LLM_STREAM,
+                "max_streams": 4 * max_batch,
+            },
+        )
+    return configs
+
+
+def generate_onnx_repo(
+    export_dir,
+    out_dir,
+    *,
+    max_batch: int = 8,
+    instances: int = 1,
+    queue_delay_us: int = 2000,
+    decoupled_streaming: bool = True,
+    max_audio_s: float | None = None,
+    max_new_tokens: int = 128,
+    device: str = "cpu",
+    ort_threads: int = 0,
+) -> Path:
+    """Write the onnx-flavour model repository for the export in ``export_dir`` to ``out_dir``; returns it.
+
+    ``max_batch``: largest batch each model takes (and the ensemble's max_batch_size); ``instances``:
+    instances of encoder / llm / llm_stream; ``queue_delay_us``: how long their dynamic batchers wait to
+    fill a batch; ``max_audio_s``: longest clip accepted (default: the export's max_audio_s);
+    ``max_new_tokens``: default decoding budget (requests may send MAX_NEW_TOKENS); ``device``: cpu, or
+    cuda with onnxruntime-gpu in the server's Python; ``ort_threads``: intra-op threads per session (0:
+    ONNX Runtime's default). Folders of this repository's model names in ``out_dir`` are replaced;
+    anything else there is left alone.
+    """
+    if max_batch < 1 or instances < 1 or queue_delay_us < 0 or max_new_tokens < 1 or ort_threads < 0:
+        raise UsageError("max_batch, instances and max_new_tokens must be >= 1; queue_delay_us and ort_threads >= 0")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"device must be cpu or cuda, got {device!r}")
+    manifest = read_manifest(export_dir)
+    if max_audio_s is None:
+        max_audio_s = float(manifest.data.get("max_audio_s", 40.0))
+    if not max_audio_s > 0:
+        raise UsageError(f"max_audio_s must be > 0, got {max_audio_s}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = model_configs(
+        manifest.model,
+        max_batch=max_batch,
+        instances=instances,
+        queue_delay_us=queue_delay_us,
+        decoupled_streaming=decoupled_streaming,
+        max_audio_s=max_audio_s,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        ort_threads=ort_threads,
+    )
+    replace_model_dirs(out, MODEL_NAMES)  # a stale llm_stream / canary_qwen_stream from an earlier run must go too
+    counts = write_models(out, manifest, configs, _MODEL_FILES)
+    write_repo_info(
+        out,
+        "onnx",
+        manifest.root,
+        configs,
+        {
+            "max_batch": max_batch,
+            "instances": instances,
+            "queue_delay_us": queue_delay_us,
+            "decoupled_streaming": decoupled_streaming,
+            "max_audio_s": max_audio_s,
+            "max_new_tokens": max_new_tokens,
+            "device": device,
+            "ort_threads": ort_threads,
+        },
+        counts,
+    )
+    check_ensemble(out, raise_on_problems=True)
+    return out

@@ -1,0 +1,546 @@
+"""config.pbtxt texts of the ``trt`` flavour of the Triton model repository, for NVIDIA's NGC Triton +
+TensorRT-LLM containers (``tritonserver:<yy.mm>-trtllm-python-py3``, TensorRT-LLM 1.2.x inside).
+
+- ``encoder``: the audio encoder as a TensorRT plan (``platform: "tensorrt_plan"``, file ``model.plan``
+  built by :func:`canary_qwen.export.tensorrt.encoder_engine.build_encoder_engine`), dynamic batching. Triton
+  batches only requests of equal sample counts into one execution (TensorRT inputs are not ragged).
+- ``tensorrt_llm``: the C++ ``tensorrtllm`` backend serving the Qwen3 engine (built by
+  :func:`canary_qwen.export.tensorrt.llm_engine.build_llm_engine`). Its inputs and outputs are those of
+  TensorRT-LLM's own template, ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt``
+  (NVIDIA/TensorRT-LLM; the backend moved there from triton-inference-server/tensorrtllm_backend, whose
+  v1.2.0rc7 release pins TensorRT-LLM commit a65b0d4e). Copied from the newest stored version of that
+  file (commit 2a9abd95, the 1.x line with ``enable_trt_overlap`` retired; the exact 1.2.x tag could not be
+  fetched): names, data types, dims, ``reshape``, ``optional`` and ``allow_ragged_batch`` are
+  unchanged; the template's ``${...}`` fields are filled here (``prompt_embedding_table`` takes the
+  engine dtype, logits fp32). Audio goes in through ``prompt_embedding_table`` [T, H],
+  ``prompt_vocab_size`` and ``prompt_table_extra_ids`` (see ``canary_qwen.protocol.prompt_table``;
+  ``prompt_table.triton_request_inputs`` builds such a request). Streaming needs
+  ``model_transaction_policy { decoupled: true }``.
+
+Every text parses as ``tritonclient.grpc.model_config_pb2.ModelConfig``.
+
+:func:`generate_trt_repo` writes the whole repository around those two: ``preprocessing`` (checks AUDIO,
+tokenizes PROMPT; the onnx flavour's model plus AUDIO_LENGTH), ``prompt_table`` (frames -> fake ids +
+prompt embedding table, python), ``postprocessing`` (ids -> TEXT), the ``canary_qwen`` ensemble
+preprocessing -> encoder -> prompt_table -> tensorrt_llm -> postprocessing, and the ``canary_qwen_stream``
+BLS model, with the onnx flavour's public interface. With streaming, ``tensorrt_llm`` is decoupled
+(streaming needs it, and one engine serves both models), which makes the ensemble decoupled too:
+Triton then serves it over gRPC streaming and HTTP generate_stream, not plain infer calls
+(``TritonClient`` reads a decoupled model to its final response by itself); ``decoupled_streaming=False``
+keeps it callable by plain HTTP/gRPC infer, without ``canary_qwen_stream``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..backends.trt import default_engine_paths, engine_limits, read_engine_config
+from ..errors import ArtifactError, UsageError
+from ..export.manifest import read_manifest
+from .config_check import check_ensemble
+from .repo_files import (
+    ENSEMBLE,
+    POSTPROCESSING,
+    PREPROCESSING,
+    STREAM,
+    VERSION,
+    audio_inputs,
+    ensemble_outputs,
+    ensemble_step,
+    io_block,
+    link_or_copy,
+    max_new_tokens_input,
+    params_block,
+    python_model,
+    replace_model_dirs,
+    tensor,
+    write_models,
+    write_repo_info,
+)
+
+ENCODER, TENSORRT_LLM, PROMPT_TABLE = "encoder", "tensorrt_llm", "prompt_table"
+MODEL_NAMES = (PREPROCESSING, ENCODER, PROMPT_TABLE, TENSORRT_LLM, POSTPROCESSING, ENSEMBLE, STREAM)
+ENCODER_PLAN = "model.plan"
+TRITON_DTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
+EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # as in the template
+
+# (name, data_type, dims, reshape_to_scalar, optional, allow_ragged_batch), in the template's order.
+# "${...}" data types are filled by tensorrt_llm_config().
+TENSORRT_LLM_INPUTS = (
+    ("input_ids", "TYPE_INT32", (-1,), False, True, True),
+    ("encoder_input_features", "${encoder_input_features_data_type}", (-1, -1), False, True, True),
+    ("encoder_output_lengths", "TYPE_INT32", (1,), True, True, False),
+    ("input_lengths", "TYPE_INT32", (1,), True, False, False),
+    ("request_output_len", "TYPE_INT32", (1,), True, False, False),
+    ("num_return_sequences", "TYPE_INT32", (1,), True, True, False),
+    ("draft_input_ids", "TYPE_INT32", (-1,), False, True, True),
+    ("decoder_input_ids", "TYPE_INT32", (-1,), False, True, True),
+    ("decoder_input_lengths", "TYPE_INT32", (1,), True, True, False),
+    ("draft_logits", "${logits_datatype}", (-1, -1), False, True, True),
+    ("draft_acceptance_threshold", "TYPE_FP32", (1,), True, True, False),
+    ("end_id", "TYPE_INT32", (1,), True, True, False),
+    ("pad_id", "TYPE_INT32", (1,), True, True, False),
+    ("stop_words_list", "TYPE_INT32", (2, -1), False, True, True),
+    ("bad_words_list", "TYPE_INT32", (2, -1), False, True, True),
+    ("embedding_bias", "TYPE_FP32", (-1,), False, True, True),
+    ("beam_width", "TYPE_INT32", (1,), True, True, False),
+    ("temperature", "TYPE_FP32", (1,), True, True, False),
+    ("runtime_top_k", "TYPE_INT32", (1,), True, True, False),
+    ("runtime_top_p", "TYPE_FP32", (1,), True, True, False),
+    ("runtime_top_p_min", "TYPE_FP32", (1,), True, True, False),
+    ("runtime_top_p_decay", "TYPE_FP32", (1,), True, True, False),
+    ("runtime_top_p_reset_ids", "TYPE_INT32", (1,), True, True, False),
+    ("len_penalty", "TYPE_FP32", (1,), True, True, False),
+    ("early_stopping", "TYPE_BOOL", (1,), True, True, False),
+    ("repetition_penalty", "TYPE_FP32", (1,), True, True, False),
+    ("min_tokens", "TYPE_INT32", (1,), True, True, False),
+    ("beam_search_diversity_rate", "TYPE_FP32", (1,), True, True, False),
+    ("presence_penalty", "TYPE_FP32", (1,), True, True, False),
+    ("frequency_penalty", "TYPE_FP32", (1,), True, True, False),
+    ("seed", "TYPE_UINT64", (1,), True, True, False),
+    ("return_log_probs", "TYPE_BOOL", (1,), True, True, False),
+    ("return_context_logits", "TYPE_BOOL", (1,), True, True, False),
+    ("return_generation_logits", "TYPE_BOOL", (1,), True, True, False),
+    ("return_perf_metrics", "TYPE_BOOL", (1,), True, True, False),
+    ("return_num_input_tokens", "TYPE_BOOL", (1,), True, True, False),
+    ("return_num_output_tokens", "TYPE_BOOL", (1,), True, True, False),
+    ("exclude_input_in_output", "TYPE_BOOL", (1,), True, True, False),
+    ("stop", "TYPE_BOOL", (1,), True, True, False),
+    ("streaming", "TYPE_BOOL", (1,), True, True, False),
+    ("prompt_embedding_table", "${prompt_embedding_table_data_type}", (-1, -1), False, True, True),
+    ("prompt_table_extra_ids", "TYPE_UINT64", (-1,), False, True, True),
+    ("prompt_vocab_size", "TYPE_INT32", (1,), True, True, False),
+    ("cross_attention_mask", "TYPE_BOOL", (-1, -1), False, True, True),
+    ("mrope_rotary_cos_sin", "TYPE_FP32", (-1,), False, True, False),
+    ("mrope_position_deltas", "TYPE_INT64", (1,), False, True, False),
+    ("lora_task_id", "TYPE_UINT64", (1,), True, True, False),
+    ("lora_weights", "TYPE_FP16", (-1, -1), False, True, True),
+    ("lora_config", "TYPE_INT32", (-1, 3), False, True, True),
+    ("context_phase_params", "TYPE_UINT8", (-1,), False, True, True),
+    ("skip_cross_attn_blocks", "TYPE_BOOL", (1,), False, True, True),
+    ("retention_token_range_starts", "TYPE_INT32", (-1,), False, True, True),
+    ("retention_token_range_ends", "TYPE_INT32", (-1,), False, True, True),
+    ("retention_token_range_priorities", "TYPE_INT32", (-1,), False, True, True),
+    ("retention_token_range_durations_ms", "TYPE_INT32", (-1,), False, True, True),
+    ("retention_decode_priority", "TYPE_INT32", (1,), False, True, True),
+    ("retention_decode_duration_ms", "TYPE_INT32", (1,), False, True, True),
+    ("guided_decoding_guide_type", "TYPE_STRING", (1,), False, True, True),
+    ("guided_decoding_guide", "TYPE_STRING", (1,), False, True, True),
+    ("lookahead_window_size", "TYPE_INT32", (1,), False, True, True),
+    ("lookahead_ngram_size", "TYPE_INT32", (1,), False, True, True),
+    ("lookahead_verification_set_size", "TYPE_INT32", (1,), False, True, True),
+)
+
+# (name, data_type, dims), in the template's order.
+TENSORRT_LLM_OUTPUTS = (
+    ("output_ids", "TYPE_INT32", (-1, -1)),
+    ("sequence_length", "TYPE_INT32", (-1,)),
+    ("cum_log_probs", "TYPE_FP32", (-1,)),
+    ("output_log_probs", "TYPE_FP32", (-1, -1)),
+    ("context_logits", "${logits_datatype}", (-1, -1)),
+    ("generation_logits", "${logits_datatype}", (-1, -1, -1)),
+    ("batch_index", "TYPE_INT32", (1,)),
+    ("sequence_index", "TYPE_INT32", (1,)),
+    ("context_phase_params", "TYPE_UINT8", (-1,)),
+    ("kv_cache_alloc_new_blocks", "TYPE_INT32", (1,)),
+    ("kv_cache_reused_blocks", "TYPE_INT32", (1,)),
+    ("kv_cache_alloc_total_blocks", "TYPE_INT32", (1,)),
+    ("arrival_time_ns", "TYPE_INT64", (1,)),
+    ("first_scheduled_time_ns", "TYPE_INT64", (1,)),
+    ("first_token_time_ns", "TYPE_INT64", (1,)),
+    ("last_token_time_ns", "TYPE_INT64", (1,)),
+    ("acceptance_rate", "TYPE_FP32", (1,)),
+    ("total_accepted_draft_tokens", "TYPE_INT32", (1,)),
+    ("total_draft_tokens", "TYPE_INT32", (1,)),
+    ("num_input_tokens", "TYPE_INT32", (1,)),
+    ("num_output_tokens", "TYPE_INT32", (1,)),
+)
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _triton_dtype(dtype: str) -> str:
+    if dtype in TRITON_DTYPES.values():
+        return dtype
+    if dtype not in TRITON_DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(TRITON_DTYPES)}, got {dtype!r}")
+    return TRITON_DTYPES[dtype]
+
+
+def encoder_config(
+    *,
+    max_batch: int,
+    instances: int = 1,
+    queue_delay_us: int = 1000,
+    hidden_size: int = 2048,
+    embeddings_dtype: str = "float32",
+    name: str = ENCODER,
+    gpus: list[int] | None = None,
+) -> str:
+    """The TensorRT-plan encoder: ``audio`` [B, S] fp32 + ``audio_lengths`` [B] int64 ->
+    ``embeddings`` [B, T, H] (the plan's output dtype: fp32, or bf16 for the bf16 graph) + ``embedding_lengths`` [B].
+
+    ``max_batch`` must not exceed the plan's profile maximum. ``[B]`` tensors are ``dims: [1]`` with
+    ``reshape: { shape: [ ] }`` (the engine sees [B]).
+    """
+    if max_batch < 1 or instances < 1:
+        raise UsageError("max_batch and instances must be >= 1")
+    gpu_list = f" gpus: [ {', '.join(str(g) for g in gpus)} ]" if gpus else ""
+    text = (
+        f'name: "{name}"\nplatform: "tensorrt_plan"\ndefault_model_filename: "{ENCODER_PLAN}"\n'
+        f"max_batch_size: {max_batch}\n"
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+    )
+    text += io_block(
+        "input",
+        [
+            tensor("audio", "TYPE_FP32", (-1,)),
+            tensor("audio_lengths", "TYPE_INT64", (1,), scalar=True),
+        ],
+    )
+    text += io_block(
+        "output",
+        [
+            tensor("embeddings", _triton_dtype(embeddings_dtype), (-1, hidden_size)),
+            tensor("embedding_lengths", "TYPE_INT64", (1,), scalar=True),
+        ],
+    )
+    text += f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_GPU{gpu_list}\n  }}\n]\n"
+    return text
+
+
+def tensorrt_llm_config(
+    *,
+    engine_dir: str,
+    max_batch: int,
+    engine_dtype: str = "bfloat16",
+    decoupled: bool = False,
+    instances: int = 1,
+    queue_delay_us: int = 0,
+    max_queue_size: int = 0,
+    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    enable_kv_cache_reuse: bool = True,
+    batching_strategy: str = "inflight_fused_batching",
+    batch_scheduler_policy: str = "max_utilization",
+    enable_chunked_context: bool = False,
+    exclude_input_in_output: bool = True,
+    max_tokens_in_paged_kv_cache: int | None = None,
+    logits_datatype: str = "TYPE_FP32",
+    encoder_input_features_data_type: str = "TYPE_FP16",
+    gpu_device_ids: str | None = None,
+    name: str = TENSORRT_LLM,
+) -> str:
+    """The ``tensorrtllm`` C++ backend model (TensorRT-LLM 1.2.x template, ``${...}`` filled).
+
+    ``engine_dir`` is the engine folder as the server sees it (``gpt_model_path``). ``decoupled``: one
+    response per token for requests with ``streaming`` true (required for streaming). ``instances``: the
+    template runs one CPU-kind instance that owns the GPU(s); more instances mean more executors (use
+    ``gpu_device_ids``, ';'-separated per instance). ``enable_kv_cache_reuse`` needs an engine with paged
+    context FMHA, and every request with a prompt table must then send ``prompt_table_extra_ids``.
+    """
+    if batching_strategy not in ("inflight_fused_batching", "inflight_batching", "V1"):
+        raise UsageError(
+            f"batching_strategy must be inflight_fused_batching, inflight_batching or V1, got {batching_strategy!r}"
+        )
+    if batch_scheduler_policy not in ("max_utilization", "guaranteed_no_evict"):
+        raise UsageError(
+            f"batch_scheduler_policy must be max_utilization or guaranteed_no_evict, got {batch_scheduler_policy!r}"
+        )
+    if not 0.0 < kv_cache_free_gpu_mem_fraction <= 1.0:
+        raise UsageError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {kv_cache_free_gpu_mem_fraction}")
+    if max_batch < 1 or instances < 1:
+        raise UsageError("max_batch and instances must be >= 1")
+    fill = {
+        "${prompt_embedding_table_data_type}": _triton_dtype(engine_dtype),
+        "${logits_datatype}": _triton_dtype(logits_datatype),
+        "${encoder_input_features_data_type}": _triton_dtype(encoder_input_features_data_type),
+    }
+    text = (
+        f'name: "{name}"\nbackend: "tensorrtllm"\nmax_batch_size: {max_batch}\n\n'
+        f"model_transaction_policy {{\n  decoupled: {_flag(decoupled)}\n}}\n\n"
+        "dynamic_batching {\n"
+        f"    preferred_batch_size: [ {max_batch} ]\n"
+        f"    max_queue_delay_microseconds: {queue_delay_us}\n"
+        f"    default_queue_policy: {{ max_queue_size: {max_queue_size} }}\n"
+        "}\n\n"
+    )
+    text += io_block(
+        "input",
+        [tensor(n, fill.get(t, t), d, scalar=s, optional=o, ragged=r) for n, t, d, s, o, r in TENSORRT_LLM_INPUTS],
+    )
+    text += io_block("output", [tensor(n, fill.get(t, t), d) for n, t, d in TENSORRT_LLM_OUTPUTS])
+    text += f"instance_group [\n  {{\n    count: {instances}\n    kind : KIND_CPU\n  }}\n]\n"
+    params = {
+        "max_beam_width": 1,
+        "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+        "gpt_model_type": batching_strategy,
+        "gpt_model_path": engine_dir,
+        "batch_scheduler_policy": batch_scheduler_policy,
+        "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
+        "enable_kv_cache_reuse": _flag(enable_kv_cache_reuse),
+        "enable_chunked_context": _flag(enable_chunked_context),
+        "exclude_input_in_output": _flag(exclude_input_in_output),
+        "executor_worker_path": EXECUTOR_WORKER,
+    }
+    if max_tokens_in_paged_kv_cache is not None:
+        params["max_tokens_in_paged_kv_cache"] = int(max_tokens_in_paged_kv_cache)
+    if gpu_device_ids is not None:
+        params["gpu_device_ids"] = gpu_device_ids
+    return text + params_block(params)
+
+
+# -- the whole repository --------------------------------------------------------------------------------
+_MODEL_FILES = {
+    PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
+    PROMPT_TABLE: ("prompt_table.py", ()),
+    POSTPROCESSING: ("postprocessing.py", ("tokenizer",)),
+    STREAM: ("trt_stream.py", ("tokenizer",)),
+}
+# tensorrt_llm inputs the prompt_table model fills, with their data types ("table": the engine's dtype)
+TABLE_OUTPUTS = (
+    ("input_ids", "TYPE_INT32", [-1]),
+    ("input_lengths", "TYPE_INT32", [1]),
+    ("request_output_len", "TYPE_INT32", [1]),
+    ("end_id", "TYPE_INT32", [1]),
+    ("pad_id", "TYPE_INT32", [1]),
+    ("prompt_embedding_table", "table", [-1, "H"]),
+    ("prompt_vocab_size", "TYPE_INT32", [1]),
+    ("prompt_table_extra_ids", "TYPE_UINT64", [-1]),
+    ("streaming", "TYPE_BOOL", [1]),
+)
+
+
+def _python_configs(
+    *,
+    max_batch,
+    hidden,
+    embeddings_type,
+    table_type,
+    vocab_size,
+    table_dtype,
+    max_audio_s,
+    max_new_tokens,
+    decoupled_streaming,
+) -> dict[str, str]:
+    table_outputs = [
+        tensor(n, table_type if t == "table" else t, [hidden if d == "H" else d for d in dims])
+        for n, t, dims in TABLE_OUTPUTS
+    ]
+    configs = {
+        PREPROCESSING: python_model(
+            PREPROCESSING,
+            max_batch,
+            audio_inputs(),
+            [
+                tensor("PROMPT_IDS", "TYPE_INT64", [-1]),
+                tensor("SAMPLES", "TYPE_FP32", [-1]),
+                tensor("AUDIO_LENGTH", "TYPE_INT64", [1]),
+            ],
+            params={"max_audio_s": max_audio_s},
+        ),
+        PROMPT_TABLE: python_model(
+            PROMPT_TABLE,
+            max_batch,
+            [
+                tensor("PROMPT_IDS", "TYPE_INT64", [-1]),
+                tensor("EMBEDDINGS", embeddings_type, [-1, hidden]),
+                tensor("EMBEDDING_LENGTH", "TYPE_INT64", [1]),
+                max_new_tokens_input(),
+            ],
+            table_outputs,
+            params={"vocab_size": vocab_size, "table_dtype": table_dtype, "max_new_tokens": max_new_tokens},
+        ),
+        POSTPROCESSING: python_model(
+            POSTPROCESSING,
+            max_batch,
+            [
+                tensor("OUTPUT_IDS", "TYPE_INT32", [-1, -1]),
+                tensor("SEQUENCE_LENGTH", "TYPE_INT32", [-1]),
+            ],
+            [tensor("TEXT", "TYPE_STRING", [1]), tensor("TOKEN_IDS", "TYPE_INT64", [-1])],
+        ),
+        ENSEMBLE: _ensemble_config(max_batch),
+    }
+    if decoupled_streaming:
+        configs[STREAM] = python_model(
+            STREAM,
+            max_batch,
+            audio_inputs() + [max_new_tokens_input()],
+            [tensor("TEXT", "TYPE_STRING", [1])],
+            decoupled=True,
+            params={
+                "max_audio_s": max_audio_s,
+                "max_new_tokens": max_new_tokens,
+                "encoder_model": ENCODER,
+                "llm_model": TENSORRT_LLM,
+                "prompt_table_model": PROMPT_TABLE,
+                "max_streams": 4 * max_batch,
+            },
+        )
+    return configs
+
+
+def _ensemble_config(max_batch: int) -> str:
+    table = {name: name for name, _, _ in TABLE_OUTPUTS}
+    steps = [
+        ensemble_step(
+            PREPROCESSING,
+            {"AUDIO": "AUDIO", "PROMPT": "PROMPT"},
+            {"PROMPT_IDS": "prompt_ids", "SAMPLES": "samples", "AUDIO_LENGTH": "audio_length"},
+        ),
+        ensemble_step(
+            ENCODER,
+            {"audio": "samples", "audio_lengths": "audio_length"},
+            {"embeddings": "embeddings", "embedding_lengths": "embedding_lengths"},
+        ),
+        ensemble_step(
+            PROMPT_TABLE,
+            {
+                "PROMPT_IDS": "prompt_ids",
+                "EMBEDDINGS": "embeddings",
+                "EMBEDDING_LENGTH": "embedding_lengths",
+                "MAX_NEW_TOKENS": "MAX_NEW_TOKENS",
+            },
+            table,
+        ),
+        ensemble_step(TENSORRT_LLM, table, {"output_ids": "output_ids", "sequence_length": "sequence_length"}),
+        ensemble_step(
+            POSTPROCESSING,
+            {"OUTPUT_IDS": "output_ids", "SEQUENCE_LENGTH": "sequence_length"},
+            {"TEXT": "TEXT", "TOKEN_IDS": "OUTPUT_IDS"},
+        ),
+    ]
+    return (
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+        + io_block("input", audio_inputs() + [max_new_tokens_input()])
+        + io_block("output", ensemble_outputs())
+        + "ensemble_scheduling {\n  step [\n"
+        + ",\n".join(steps)
+        + "\n  ]\n}\n"
+    )
+
+
+def _engines(export_dir, engines_dir) -> tuple[Path, Path]:
+    paths = default_engine_paths(export_dir, engines_dir)
+    plan, llm = paths["encoder"], paths["llm_engine"]
+    missing = [str(p) for p in (plan, llm / "config.json") if not p.is_file()]
+    if missing:
+        raise ArtifactError(
+            f"the trt flavour needs built engines; missing {', '.join(missing)}. Build them with "
+            "`canary-qwen build-engines --artifacts EXPORT_DIR` (TensorRT 10.14 and TensorRT-LLM 1.2 on a GPU)"
+        )
+    return plan, llm
+
+
+def generate_trt_repo(
+    export_dir,
+    out_dir,
+    *,
+    engines_dir=None,
+    max_batch: int | None = None,
+    encoder_instances: int = 1,
+    llm_instances: int = 1,
+    queue_delay_us: int = 1000,
+    decoupled_streaming: bool = True,
+    max_audio_s: float | None = None,
+    max_new_tokens: int = 128,
+    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    enable_kv_cache_reuse: bool = True,
+    served_llm_engine_dir: str | None = None,
+) -> Path:
+    """Write the trt-flavour model repository for ``export_dir`` (with engines from ``canary-qwen
+    build-engines``: ``EXPORT/trt/encoder.plan`` and ``EXPORT/trt/llm_engine/``, or ``engines_dir``
+    holding the same names) to ``out_dir``; returns it.
+
+    The engines are hard-linked (copied across file systems) into the repository: the plan as
+    ``encoder/1/model.plan``, the LLM engine into ``tensorrt_llm/1/``. ``tensorrt_llm`` finds its engine
+    by absolute path (``gpt_model_path``): by default where it was written; pass
+    ``served_llm_engine_dir`` for where the server sees it (e.g. ``/models/tensorrt_llm/1`` in a container).
+    ``max_batch`` defaults to, and may not exceed, the LLM engine's max batch size.
+    """
+    manifest = read_manifest(export_dir)
+    plan, llm = _engines(export_dir, engines_dir)
+    limits = engine_limits(read_engine_config(llm))
+    max_batch = limits.max_batch_size if max_batch is None else max_batch
+    if not 1 <= max_batch <= limits.max_batch_size:
+        raise UsageError(
+            f"max_batch must be in 1..{limits.max_batch_size} (the LLM engine's max batch size), got {max_batch}"
+        )
+    if encoder_instances < 1 or llm_instances < 1 or queue_delay_us < 0 or max_new_tokens < 1:
+        raise UsageError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
+    max_audio_s = float(manifest.data.get("max_audio_s", 40.0)) if max_audio_s is None else float(max_audio_s)
+    frames = math.ceil(max_audio_s * manifest.model["frames_per_second"])
+    if frames > limits.max_prompt_vocab_size:
+        raise UsageError(
+            f"clips of {max_audio_s:g} s give {frames} audio frames, but the LLM engine takes at most "
+            f"{limits.max_prompt_vocab_size} per request (max_prompt_embedding_table_size / max_batch_size): "
+            "lower max_audio_s or rebuild the engine"
+        )
+    hidden = manifest.model["hidden_size"]
+    if hidden != limits.hidden_size:
+        raise UsageError(
+            f"the LLM engine has hidden size {limits.hidden_size}, the export {hidden}: they come from different models"
+        )
+    embeddings_dtype = "bfloat16" if manifest.data.get("trt_encoder", "encoder").endswith("bf16") else "float32"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    replace_model_dirs(out, MODEL_NAMES)
+    engine_home = out / TENSORRT_LLM / VERSION
+    configs = _python_configs(
+        max_batch=max_batch,
+        hidden=hidden,
+        embeddings_type=_triton_dtype(embeddings_dtype),
+        table_type=_triton_dtype(limits.dtype),
+        vocab_size=limits.vocab_size,
+        table_dtype=limits.dtype,
+        max_audio_s=max_audio_s,
+        max_new_tokens=max_new_tokens,
+        decoupled_streaming=decoupled_streaming,
+    )
+    configs[ENCODER] = encoder_config(
+        max_batch=max_batch,
+        instances=encoder_instances,
+        queue_delay_us=queue_delay_us,
+        hidden_size=hidden,
+        embeddings_dtype=embeddings_dtype,
+    )
+    configs[TENSORRT_LLM] = tensorrt_llm_config(
+        engine_dir=served_llm_engine_dir or str(engine_home.resolve()),
+        max_batch=max_batch,
+        engine_dtype=limits.dtype,
+        decoupled=decoupled_streaming,
+        instances=llm_instances,
+        kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+        enable_kv_cache_reuse=enable_kv_cache_reuse,
+    )
+    counts = write_models(out, manifest, configs, _MODEL_FILES)
+    engine_files = [(plan, out / ENCODER / VERSION / ENCODER_PLAN)]
+    engine_files += [(f, engine_home / f.name) for f in sorted(llm.iterdir()) if f.is_file()]
+    for src, dst in engine_files:
+        counts[link_or_copy(src, dst)] += 1
+    write_repo_info(
+        out,
+        "trt",
+        manifest.root,
+        configs,
+        {
+            "max_batch": max_batch,
+            "encoder_instances": encoder_instances,
+            "llm_instances": llm_instances,
+            "queue_delay_us": queue_delay_us,
+            "decoupled_streaming": decoupled_streaming,
+            "max_audio_s": max_audio_s,
+            "max_new_tokens": max_new_tokens,
+            "engine_dtype": limits.dtype,
+            "embeddings_dtype": embeddings_dtype,
+            "vocab_size": limits.vocab_size,
+            "llm_engine": str(llm.resolve()),
+            "encoder_plan": str(plan.resolve()),
+        },
+        counts,
+    )
+    check_ensemble(out, raise_on_problems=True)
+    return out
