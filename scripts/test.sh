@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the whole test suite (NeMo parity, ONNX Runtime, real Triton server) on the CPU.
+# Run the whole test suite (lint, type check, NeMo parity, ONNX Runtime, real Triton server) on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/system_deps.sh
+.venv/bin/ruff check canary_qwen tests scripts
+.venv/bin/ruff format --check canary_qwen tests scripts
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

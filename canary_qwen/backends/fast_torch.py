@@ -144,13 +144,13 @@ class FastTorchBackend:
     @torch.inference_mode()
     def encode(self, audios) -> list[torch.Tensor]:
         """Clips batched by length (see ``length_buckets``); results in input order."""
-        out: list[torch.Tensor | None] = [None] * len(audios)
+        out: dict[int, torch.Tensor] = {}
         for chunk in length_buckets([len(a) for a in audios], self.encoder_batch):
             audio, lengths = (torch.from_numpy(a).to(self.device) for a in pad_waveforms([audios[i] for i in chunk]))
             embeds, lens = self.model.encode(audio, lengths)
             for j, i in enumerate(chunk):
                 out[i] = embeds[j, : int(lens[j])]
-        return out
+        return [out[i] for i in range(len(audios))]
 
     # -- decoder pieces --------------------------------------------------------------------------
     def _qkv(self, attn, x: torch.Tensor, positions: torch.Tensor):

@@ -23,6 +23,7 @@ from ..export.tensorrt.encoder_engine import INPUTS, OUTPUTS
 from ..export.tensorrt.llm_engine import default_engine_paths, engine_limits, read_engine_config
 from ..protocol.prompt_table import PromptTableError, build_request, check_distinct_extra_ids
 from .base import Transcription, pad_waveforms
+from .onnx_runtime import OnnxEncoder
 
 
 def _torch_dtype(trt, dtype):
@@ -171,12 +172,11 @@ class TrtLlmBackend:
         self.torch_dtype = self.runner.dtype
         self.table_device = device  # where prompt tables are handed to the executor (GPU memory)
         encoder_path = Path(encoder_engine) if encoder_engine is not None else paths["encoder"]
+        self.encoder: TrtEncoder | OnnxEncoder
         if encoder_path.is_file():
             self.encoder = TrtEncoder(encoder_path, device=device)
         else:  # the ONNX graph: on the GPU with onnxruntime-gpu, else on the CPU
             import onnxruntime as ort
-
-            from .onnx_runtime import OnnxEncoder
 
             ort_device = device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
             self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device=ort_device)
@@ -240,21 +240,21 @@ class TrtLlmBackend:
                     ),
                 )
             )
-        out: list[list[int] | None] = [[] for _ in requests]
+        out: list[list[int]] = [[] for _ in requests]
         if enqueue:
             index = dict(zip(self.runner.executor.enqueue_requests(enqueue), slots))
-            for i in slots:
-                out[i] = None
-            while any(o is None for o in out):
+            pending = set(slots)
+            while pending:
                 for response in self.runner.executor.await_responses():
-                    i = index.get(response.request_id)
-                    if i is None:
+                    clip = index.get(response.request_id)
+                    if clip is None:
                         continue
                     if response.has_error():
-                        raise ExternalToolError(f"TensorRT-LLM request for clip {i} failed: {response.error_msg}")
+                        raise ExternalToolError(f"TensorRT-LLM request for clip {clip} failed: {response.error_msg}")
                     if response.result.is_final:
-                        out[i] = list(response.result.output_token_ids[0])
-        return [until_eos(list(o)[: int(b)], tok.eos_id) for o, b in zip(out, budgets)]
+                        out[clip] = list(response.result.output_token_ids[0])
+                        pending.discard(clip)
+        return [until_eos(o[: int(b)], tok.eos_id) for o, b in zip(out, budgets)]
 
     def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
         from ..model.prompt import prompt_ids

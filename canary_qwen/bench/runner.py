@@ -202,7 +202,7 @@ def environment(command: str | None = None) -> dict:
 
 
 def empty_run(backend: str, batch_size: int | None, **fields) -> dict:
-    run = {name: None for name in RUN_FIELDS}
+    run: dict = dict.fromkeys(RUN_FIELDS)
     run.update(backend=backend, batch_size=batch_size, skipped=False, reason=None)
     run.update(fields)
     return run

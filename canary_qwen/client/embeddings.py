@@ -100,7 +100,7 @@ class EmbeddingsClient:
             self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
             inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
             self.trt = "prompt_embedding_table" in inputs
-            self.table_dtype = _TABLE_DTYPES.get(inputs.get("prompt_embedding_table"), "bfloat16")
+            self.table_dtype = _TABLE_DTYPES.get(inputs.get("prompt_embedding_table", ""), "bfloat16")
         except BaseException:
             self.client.close()
             raise

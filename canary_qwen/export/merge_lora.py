@@ -55,7 +55,7 @@ def _plan(files, lora_targets) -> list[tuple[str, str, list[str]]]:
     """(HF name, checkpoint base key, [lora_A key, lora_B key] or []) for every output tensor."""
     with torch.device("meta"):
         names = list(Qwen3(files.llm_config, files.config.lora).state_dict())
-    plan = [("model.embed_tokens.weight", "embed_tokens.weight", [])]
+    plan: list[tuple[str, str, list[str]]] = [("model.embed_tokens.weight", "embed_tokens.weight", [])]
     for name in names:
         if name.endswith((".lora_A", ".lora_B")):
             continue
@@ -147,12 +147,14 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
         raise CheckpointError(f"{files.weights} lacks {len(missing)} LLM tensors, e.g. {', '.join(missing[:4])}")
     sources = {name: (base, ab) for name, base, ab in plan}
 
+    scaling = lora.scaling if lora else 0.0
+
     def produce(name: str) -> torch.Tensor:
         base, ab = sources[name]
         w = src.get_tensor(base)  # noqa: F821 - deleted only after the last call
         if ab:
             a, b = (src.get_tensor(k).float() for k in ab)  # noqa: F821
-            w = w.float() + (b @ a) * lora.scaling
+            w = w.float() + (b @ a) * scaling
         return w.to(out_dtype)
 
     item = torch.empty((), dtype=out_dtype).element_size()
