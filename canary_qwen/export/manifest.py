@@ -59,9 +59,6 @@ class Manifest:
             raise ArtifactError(f"{path} is listed in {MANIFEST} but missing: re-run `canary-qwen export`")
         return path
 
-    def has(self, name: str) -> bool:
-        return name in self.data["artifacts"]
-
 
 def write_manifest(root: Path, data: dict[str, Any]) -> Path:
     path = Path(root) / MANIFEST

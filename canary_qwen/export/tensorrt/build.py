@@ -9,6 +9,7 @@ TensorRT encoder graph, bf16 when exported with ``--precision bf16``) and ``EXPO
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ...defaults import MAX_NEW_TOKENS, SAMPLE_RATE
@@ -16,6 +17,8 @@ from ...errors import UsageError
 from ..manifest import read_manifest
 from . import import_tensorrt, import_tensorrt_llm
 from .llm_engine import default_engine_paths
+
+logger = logging.getLogger(__name__)
 
 
 def build_engines(
@@ -26,9 +29,10 @@ def build_engines(
     max_prompt_text_tokens: int = 64,
     only: str | None = None,
     timing_cache=None,
-    log=print,
+    log=None,
 ) -> dict[str, Path]:
     """Build what ``only`` names ("encoder", "llm") or both; returns the paths written."""
+    log = log or logger.info
     from .encoder_engine import build_encoder_engine
     from .llm_engine import build_llm_engine
 

@@ -6,6 +6,7 @@ audio frames per request. docs/tensorrt-llm.md lists the TensorRT-LLM sources ea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 from ...defaults import MAX_NEW_TOKENS
 from ...errors import ArtifactError, ExternalToolError, MissingDependencyError, UsageError
 from . import TENSORRT_LLM_REQUIREMENT, import_tensorrt_llm
+
+logger = logging.getLogger(__name__)
 
 TRTLLM_VERSION = "1.2"
 ENGINE_DTYPES = ("bfloat16", "float16", "float32")
@@ -204,7 +207,7 @@ def build_llm_engine(
     out_dir: str | os.PathLike,
     *,
     keep_checkpoint: bool = False,
-    log=print,
+    log=None,
     **options,
 ) -> Path:
     """Run :func:`trtllm_build_commands` (needs TensorRT-LLM 1.2.x and a GPU); returns the engine directory.
@@ -212,6 +215,7 @@ def build_llm_engine(
     ``options`` are :func:`trtllm_build_commands`' keywords (max_batch and max_audio_frames required;
     dtype, checkpoint_dir, convert_script, examples_dir, max_num_tokens, timing_cache, workers, ...).
     """
+    log = log or logger.info
     tllm = import_tensorrt_llm()
     version = getattr(tllm, "__version__", "?")
     if not str(version).startswith(TRTLLM_VERSION):
