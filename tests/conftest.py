@@ -4,12 +4,14 @@ bundled Triton server."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from safetensors.torch import load_file, save_file
 
+import canary_qwen
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.server import TritonNotFoundError, TritonServer, find_bundled_triton
@@ -98,5 +100,11 @@ def running_server(repo, work_dir, startup_timeout: float = 120.0):
     """The bundled Triton server on ``repo``, stopped afterwards; the test skips where it is not installed."""
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
+    # The python stubs ignore PYTHONPATH but search their working directory first: link the package the tests
+    # import there, so a worktree's server runs the worktree's models, not the editable install's.
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    link = Path(work_dir) / "canary_qwen"
+    if not link.exists():
+        link.symlink_to(Path(canary_qwen.__file__).parent, target_is_directory=True)
     with TritonServer(repo, startup_timeout=startup_timeout, work_dir=work_dir) as server:
         yield server
