@@ -40,26 +40,35 @@ def export_dir(tiny_checkpoint, tmp_path_factory):
 
 
 def tensorrt_llm_configs(export_dir, tmp_path):
-    """Every tensorrt_llm config the generator writes, across its options."""
+    """Every tensorrt_llm config the generator writes, across its options and the engine dtypes, with the dtype."""
+    manifest = read_manifest(export_dir)
+    engines = {"float32": None}  # the export's own trt/ (the module fixture's fp32 engine)
+    for dtype in ("bfloat16", "float16"):
+        engines[dtype] = write_engines(
+            tmp_path / dtype, manifest, max_batch=4, dtype=dtype, vocab_size=manifest.model["vocab_size"]
+        )
     variants = [
         dict(),
         dict(decoupled_streaming=False),
         dict(enable_kv_cache_reuse=False, max_batch=2),
         dict(kv_cache_free_gpu_mem_fraction=0.3, engine_dir_in_server="/opt/repo/tensorrt_llm/1"),
     ]
-    configs = [
-        parse_model_config(
-            trt_flavor.generate_trt_repo(export_dir, tmp_path / str(i), **v) / "tensorrt_llm/config.pbtxt"
-        )
-        for i, v in enumerate(variants)
-    ]
-    configs.append(parse_model_config(trt_flavor.tensorrt_llm_config(engine_dir="/m/llm", max_batch=16)))
+    configs = []
+    for i, options in enumerate(variants):
+        for dtype, engines_dir in engines.items():
+            repo = trt_flavor.generate_trt_repo(
+                export_dir, tmp_path / f"{i}-{dtype}", engines_dir=engines_dir, **options
+            )
+            configs.append((parse_model_config(repo / "tensorrt_llm/config.pbtxt"), dtype))
+    for dtype in engines:
+        text = trt_flavor.tensorrt_llm_config(engine_dir="/m/llm", max_batch=16, engine_dtype=dtype)
+        configs.append((parse_model_config(text), dtype))
     return configs
 
 
 def test_every_generated_tensorrt_llm_config_loads_in_the_1_2_backend(export_dir, tmp_path):
-    for cfg in tensorrt_llm_configs(export_dir, tmp_path):
-        assert trtllm_contract.config_problems(cfg) == []
+    for cfg, engine_dtype in tensorrt_llm_configs(export_dir, tmp_path):
+        assert trtllm_contract.config_problems(cfg, engine_dtype) == []
         # the backend's own template declares these inputs; the ones we send must all be declared
         declared = {i.name for i in cfg.input}
         assert set(trtllm_contract.INPUTS_EVERY_REQUEST_MUST_SEND) <= declared

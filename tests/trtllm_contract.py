@@ -80,6 +80,10 @@ SCHEDULER_POLICIES = frozenset({"max_utilization", "guaranteed_no_evict"})
 # (no resolution against the model repository); a failed check leaves the path empty and the load fails with
 # "Both encoder and decoder model paths are empty".
 ENGINE_PATH_PARAMETER = "gpt_model_path"
+# batch_manager promptTuningBuffers.cpp: the engine's table buffer is allocated in modelConfig.getDataType() and
+# each request's prompt_embedding_table is copied into it, so the declared input type must be the engine's dtype
+# (pretrained_config.dtype of the engine's config.json, in Triton's type names).
+TABLE_TYPE_FOR_ENGINE_DTYPE = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 
 # fillTritonResponse(): "%s tensor must be present in list of output tensors" for output_ids and for
 # sequence_length: every response to a request that does not ask for both is an error.
@@ -110,9 +114,17 @@ def kv_cache_reuse(cfg) -> bool:
     return KV_CACHE_REUSE_DEFAULT if value not in BOOL_STRINGS else value in TRUE_STRINGS
 
 
-def config_problems(cfg) -> list[str]:
-    """What would make the 1.2 backend refuse to load ``cfg`` (a ``ModelConfig``) or silently ignore a setting."""
+def config_problems(cfg, engine_dtype: str | None = None) -> list[str]:
+    """What would make the 1.2 backend refuse to load ``cfg`` (a ``ModelConfig``) or silently ignore a setting;
+    ``engine_dtype``: the engine's (``pretrained_config.dtype``), to check the prompt table's declared type."""
     problems = []
+    if engine_dtype is not None:
+        from tritonclient.grpc.model_config_pb2 import DataType
+
+        table = next((i for i in cfg.input if i.name == "prompt_embedding_table"), None)
+        declared = None if table is None else DataType.Name(table.data_type)
+        if declared != TABLE_TYPE_FOR_ENGINE_DTYPE[engine_dtype]:
+            problems.append(f"prompt_embedding_table is declared {declared}, the engine is {engine_dtype}")
     if cfg.backend != "tensorrtllm":
         problems.append(f"backend is {cfg.backend!r}, not tensorrtllm")
     for name in sorted(PARAMETERS_READ_WITHOUT_FALLBACK - set(cfg.parameters)):
