@@ -25,12 +25,12 @@ from ..export.manifest import ENGINE_BUILD, read_manifest
 from ..export.tensorrt.encoder_engine import pad_to_min_samples
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
+from ..precision import Precision
 from ..protocol import prompt_table
 from ..protocol.trt_requests import generated_rows
 from .triton import ModelNotReadyError, TritonClient, as_samples
 
 LLM_MODELS = ("tensorrt_llm", "llm")  # looked for in this order
-_TABLE_DTYPES = {"TYPE_BF16": "bfloat16", "TYPE_FP16": "float16", "TYPE_FP32": "float32"}
 
 
 def trtllm_request_arrays(
@@ -103,7 +103,7 @@ class EmbeddingsClient:
             self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
             inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
             self.trt = "prompt_embedding_table" in inputs
-            self.table_dtype = _TABLE_DTYPES.get(inputs.get("prompt_embedding_table", ""), "bfloat16")
+            self.table_dtype = Precision.parse(inputs.get("prompt_embedding_table", "TYPE_BF16")).long_name
         except BaseException:
             self.client.close()
             raise

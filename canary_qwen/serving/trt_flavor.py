@@ -35,10 +35,11 @@ from __future__ import annotations
 import math
 from pathlib import Path, PurePosixPath
 
-from ..backends.trt import default_engine_paths, engine_limits, read_engine_config
 from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
+from ..export.tensorrt.llm_engine import default_engine_paths, engine_limits, read_engine_config
+from ..precision import Precision
 from .config_check import check_ensemble
 from .repo_files import (
     ENSEMBLE,
@@ -63,7 +64,6 @@ from .repo_files import (
 ENCODER, TENSORRT_LLM, PROMPT_TABLE = "encoder", "tensorrt_llm", "prompt_table"
 MODEL_NAMES = (PREPROCESSING, ENCODER, PROMPT_TABLE, TENSORRT_LLM, POSTPROCESSING, ENSEMBLE, STREAM)
 ENCODER_PLAN = "model.plan"
-TRITON_DTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # as in the template
 
 # (name, data_type, dims, reshape_to_scalar, optional, allow_ragged_batch), in the template's order.
@@ -164,11 +164,7 @@ def _flag(value: bool) -> str:
 
 
 def _triton_dtype(dtype: str) -> str:
-    if dtype in TRITON_DTYPES.values():
-        return dtype
-    if dtype not in TRITON_DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(TRITON_DTYPES)}, got {dtype!r}")
-    return TRITON_DTYPES[dtype]
+    return Precision.parse(dtype).triton_type
 
 
 def encoder_config(
