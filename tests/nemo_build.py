@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from conftest import make_clip
 
 from canary_qwen.model.synthetic import _random_tensor, salm_config
 from canary_qwen.model.synthetic_tokenizer import QWEN_ADDED_TOKENS, build_tokenizer
@@ -33,6 +34,53 @@ class Shape:
     use_rslora: bool = False
     llm: dict = field(default_factory=dict)  # Qwen3Config overrides (layers, heads, kv heads, head_dim, rope)
     legacy_rope: bool = False
+
+
+# name -> (shape, prompt); the released architecture first, with a transformers-5 written Qwen3 config.
+CASES = {
+    "released-shape": (Shape(), None),
+    "tied-biases-xscaling": (
+        Shape(
+            n_layers=3,
+            n_heads=2,
+            conv_kernel_size=5,
+            xscaling=True,
+            untie_biases=False,
+            lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+            lora_r=4,
+            legacy_rope=True,
+            llm={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+        ),
+        "Écris ce que tu entends :",
+    ),
+    "wide-heads-no-lora": (
+        Shape(
+            n_layers=1,
+            d_model=32,
+            n_heads=8,
+            conv_kernel_size=3,
+            xscaling=True,
+            lora_targets=None,
+            llm={
+                "num_key_value_heads": 1,
+                "head_dim": 32,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+            },
+        ),
+        "以下の音声を書き起こしてください：",
+    ),
+    "mlp-rslora-tied": (
+        Shape(
+            conv_kernel_size=15,
+            untie_biases=False,
+            lora_targets=("q_proj", "gate_proj", "up_proj", "down_proj"),
+            lora_r=2,
+            use_rslora=True,
+            llm={"num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8},
+        ),
+        "Repeat after me:",
+    ),
+}
 
 
 def _qwen_dir(out: Path, shape: Shape) -> tuple[Path, int]:
@@ -102,6 +150,11 @@ class Mismatch:
     seconds: float
     nemo: list[int]
     ours: list[int]
+
+
+def sweep_clip(seconds: float, seed: int):
+    """The test clip of one length for one seed: the same wherever it appears, so a failure replays."""
+    return make_clip(seconds, seed * 100_000 + round(seconds * 1000))
 
 
 def compare_with_nemo(nemo, backends, clips, seconds, prompt, max_new_tokens) -> tuple[list[list[int]], list[Mismatch]]:
