@@ -46,6 +46,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported (ONNX graphs, tokenizer, manifest): what the served repositories are made of."""
+    from canary_qwen.export.artifacts import export_all
+
+    return export_all(tiny_checkpoint, tmp_path_factory.mktemp("export"), progress=False).root
+
+
+@pytest.fixture(scope="session")
 def eos_prone_checkpoint(tmp_path_factory):
     """Seed 3 with <|im_end|> boosted x2: of six clips some stop at eos after 0-18 tokens, one runs to 24."""
     return boost_token(make_checkpoint(tmp_path_factory.mktemp("eos") / "ckpt", "tiny", seed=3), "<|im_end|>", 2.0)
@@ -97,6 +105,17 @@ except TritonNotFoundError:
     HAVE_TRITON = False
 NO_TRITON = "nvidia-pytriton (bundled tritonserver) not installed"
 needs_server = pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
+
+
+def stubs_import_this_package(work_dir) -> Path:
+    """Triton's python stubs ignore PYTHONPATH and put their working directory (the server's ``work_dir``) first
+    on sys.path: link the canary_qwen under test there, so a checkout's models run its own code."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    link = work_dir / "canary_qwen"
+    if not link.exists():
+        link.symlink_to(Path(canary_qwen.__file__).parent, target_is_directory=True)
+    return work_dir
 
 
 @contextmanager
