@@ -230,7 +230,9 @@ class ServerClient:
             live = client.is_server_live(**self._check_kwargs())
         except Exception as e:
             self._drop(client)
-            raise self._unreachable(e) from None
+            raise (
+                self._timed_out(model, self._check_timeout) if self._is_timeout(e) else self._unreachable(e)
+            ) from None
         if not live:
             raise ServerUnreachableError(f"the Triton server at {self.url} is not live (shutting down?)", self.url)
         try:
@@ -382,9 +384,9 @@ class ServerClient:
             return ModelNotReadyError(f"Triton at {self.url} ({model}) lost a model process: {message}", self.url)
         return InferenceError(f"Triton at {self.url} ({model}): {message}", self.url)
 
-    def _timed_out(self, model: str) -> RequestTimeoutError:
+    def _timed_out(self, model: str, seconds: float | None = None) -> RequestTimeoutError:
         return RequestTimeoutError(
-            f"no answer from Triton at {self.url} ({model}) within {self.timeout_s:g} s "
+            f"no answer from Triton at {self.url} ({model}) within {seconds or self.timeout_s:g} s "
             "(raise the timeout for long clips or a busy server)",
             self.url,
         )
@@ -429,6 +431,7 @@ class ServerClient:
                 except queue.Empty:
                     raise self._timed_out(model) from None
                 if error is not None:
+                    finished = True  # an error response ends the request: nothing left to cancel
                     raise self._request_error(error, model)
                 yield result
                 final = result.get_response().parameters.get("triton_final_response")

@@ -64,11 +64,21 @@ class _Row:
             response = pb_utils.InferenceResponse(
                 [pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object))]
             )
-        self.closed = self.closed or final
         try:
             self.sender.send(response, flags=FINAL if final else 0)
         except Exception:  # the client went away between our checks: nothing more goes to it
-            self.closed = True
+            self.end()
+            return
+        self.closed = self.closed or final
+
+    def end(self) -> None:
+        """Close the request without more text (its client cancelled or went away). The final flag must go out
+        all the same: Triton 2.51 does not unload a decoupled model while a request of it has had none."""
+        self.closed = True
+        try:
+            self.sender.send(flags=FINAL)
+        except Exception:
+            pass
 
 
 def _fail(sender, message: str) -> None:
@@ -129,7 +139,7 @@ class TritonPythonModel:
         def on_token(i, token, finished):
             row = rows[i]
             if not row.closed and row.cancelled():
-                row.closed = True
+                row.end()
             if not row.closed:
                 piece = "" if token is None else row.text.push(token)
                 if finished:
