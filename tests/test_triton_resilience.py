@@ -4,6 +4,7 @@ bounded queues and limits, the load test. About 90 s on 2 cores (a server start 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import HAVE_TRITON, NO_TRITON, make_clip, needs_server, running_server, stubs_import_this_package
 
 import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
-from canary_qwen.client.loadtest import run_load
+from canary_qwen.cli import main
 from canary_qwen.client.triton import InferenceError, RequestTimeoutError, ServerBusyError, TritonClient
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 from canary_qwen.serving.server import DEAD_STUB_EXIT, python_stubs
@@ -255,12 +257,15 @@ def test_a_killed_serve_leaves_no_server_and_no_shared_memory(repo, tmp_path):
 
 
 @needs_server
-def test_load_command_reports_latencies(server, clips):
-    with TritonClient(server.grpc_url, "grpc") as client:
-        report = run_load(client, clips[:4], concurrency=4, duration_s=2.0, stream_share=0.5)
-    d = report.as_dict()
-    assert d["errors"] == {} and d["ok"] >= 4 and d["streams"] >= 2
-    assert 0 < d["latency_ms"]["p50"] <= d["latency_ms"]["p99"] and d["first_piece_ms"]["p50"] > 0
+def test_load_command_reports_latencies(server, clips, tmp_path, capsys):
+    files = [str(tmp_path / f"{i}.wav") for i in range(4)]
+    for path, clip in zip(files, clips):
+        sf.write(path, clip, 16000, subtype="FLOAT")
+    argv = ["client", "loadtest", "--url", server.grpc_url, "--concurrency", "4", "--duration", "2", "--json"]
+    assert main([*argv, *files]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["errors"] == {} and report["ok"] >= 4 and report["streams"] >= 2
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] and report["first_piece_ms"]["p50"] > 0
 
 
 def _stat(pid) -> list[str]:
