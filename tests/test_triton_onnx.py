@@ -30,6 +30,7 @@ from canary_qwen.cli.client import add_client_parser
 from canary_qwen.client.triton import (
     InferenceError,
     ModelNotReadyError,
+    ServerClient,
     ServerUnreachableError,
     TritonBackend,
     TritonClient,
@@ -578,7 +579,7 @@ def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     arrays, request = trtllm_request_arrays(
         prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643, vocab_size=151936, max_new_tokens=64
     )
-    inputs = TritonClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
+    inputs = ServerClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
     by_name = {i.name(): i for i in inputs}
     required = {n for n, i in spec.items() if not i.optional}
     assert required <= set(by_name), f"missing required inputs {required - set(by_name)}"
