@@ -13,7 +13,6 @@ import pytest
 import soundfile as sf
 from safetensors.torch import load_file, save_file
 
-import canary_qwen
 from canary_qwen.export.manifest import record_engine_build
 from canary_qwen.export.tensorrt.encoder_engine import EncoderProfile
 from canary_qwen.model.synthetic import make_checkpoint
@@ -107,28 +106,11 @@ NO_TRITON = "nvidia-pytriton (bundled tritonserver) not installed"
 needs_server = pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
 
 
-def stubs_import_this_package(work_dir) -> Path:
-    """Triton's python stubs ignore PYTHONPATH and put their working directory (the server's ``work_dir``) first
-    on sys.path: link the canary_qwen under test there, so a checkout's models run its own code."""
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    link = work_dir / "canary_qwen"
-    if not link.exists():
-        link.symlink_to(Path(canary_qwen.__file__).parent, target_is_directory=True)
-    return work_dir
-
-
 @contextmanager
 def running_server(repo, work_dir, startup_timeout: float = 120.0):
     """The bundled Triton server on ``repo``, stopped afterwards; the test skips where it is not installed."""
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
-    # The python stubs ignore PYTHONPATH but search their working directory first: link the package the tests
-    # import there, so a worktree's server runs the worktree's models, not the editable install's.
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    link = Path(work_dir) / "canary_qwen"
-    if not link.exists():
-        link.symlink_to(Path(canary_qwen.__file__).parent, target_is_directory=True)
     with TritonServer(repo, startup_timeout=startup_timeout, work_dir=work_dir) as server:
         yield server
 

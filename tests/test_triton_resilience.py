@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import HAVE_TRITON, NO_TRITON, make_clip, needs_server, running_server, stubs_import_this_package
+from conftest import HAVE_TRITON, NO_TRITON, make_clip, needs_server, running_server
 
 import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
@@ -177,7 +177,6 @@ def _serve(repo, work_dir):
     """`serve` (serve_forever) in a process of its own, started: (process, HTTP address, gRPC address)."""
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
-    work_dir = stubs_import_this_package(work_dir)
     code = (
         "import sys; from canary_qwen.serving.server import serve_forever; "
         f"sys.exit(serve_forever({str(repo)!r}, work_dir={str(work_dir)!r}))"
