@@ -38,7 +38,7 @@ from canary_qwen.client.triton import (
 from canary_qwen.errors import InputError
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving import onnx_flavor
-from canary_qwen.serving.checks import TextStream, check_audio
+from canary_qwen.serving.checks import TextStream, check_audio, encode_prompt
 from canary_qwen.serving.config_check import check_ensemble, parse_model_config
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 from canary_qwen.serving.repo_files import REPO_INFO
@@ -224,9 +224,17 @@ def test_check_audio_messages():
         (np.zeros(16001, np.float32), r"1\.0 s long.*over this server's 1 s limit"),
         (np.array([0, np.nan, np.inf], np.float32), "2 NaN/inf samples"),
         (np.zeros(10, np.float64), "must be float32"),
+        (np.zeros(319, np.float32), r"319 samples long; send at least 320 \(20 ms"),
+        (np.full(1600, 3e4, np.float32), r"samples up to 30000; send float32 audio in \[-1, 1\]"),
     ]:
         with pytest.raises(InputError, match=message):
             check_audio(bad, 1.0)
+    assert check_audio(np.full(320, 1.5, np.float32), 1.0).shape == (1, 320)  # 20 ms, a little over 1: accepted
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized():
+    with pytest.raises(InputError, match="70000 characters long, far over the 1024-token limit"):
+        encode_prompt(None, "x" * 70_000)  # no tokenizer: it must not be reached
 
 
 # -- the running server ------------------------------------------------------------------------------
