@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,8 @@ def test_two_servers_one_killed_mid_run_every_clip_gets_its_answer(repo, local, 
             want = local.transcribe([clips[2]], max_new_tokens=budget)[0].text
             stream = client.stream(clips[2], max_new_tokens=budget)  # the first request goes to server a
             got = next(stream) + next(stream)
+            assert client.transcribe_many(clips[:4], concurrency=2) == expected[:4]
+            assert _answered(a) > 0 and _answered(b) > 0  # requests are spread over both
             many = []
             worker = threading.Thread(target=lambda: many.extend(client.transcribe_many(clips, concurrency=6)))
             worker.start()
@@ -205,16 +208,15 @@ def test_serve_exits_when_a_model_process_dies_and_in_flight_callers_hear_at_onc
         outcome = {}
 
         def in_flight(kind):
-            start = time.monotonic()
             try:
                 with TritonClient(grpc, "grpc", timeout_s=60) as client:
                     if kind == "stream":
                         "".join(client.stream(clips[5], max_new_tokens=TOKEN_LIMIT))
                     else:
                         client.transcribe(clips[5], max_new_tokens=TOKEN_LIMIT)
-                outcome[kind] = ("answered", time.monotonic() - start)
+                outcome[kind] = ("answered", time.monotonic())
             except Exception as e:
-                outcome[kind] = (type(e).__name__, time.monotonic() - start)
+                outcome[kind] = (type(e).__name__, time.monotonic())
 
         threads = [threading.Thread(target=in_flight, args=(k,)) for k in ("stream", "infer")]
         for t in threads:
@@ -229,8 +231,8 @@ def test_serve_exits_when_a_model_process_dies_and_in_flight_callers_hear_at_onc
         assert "python process of model instance" in proc.stderr.read()
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2)
-        for kind, (result, at) in outcome.items():
-            assert result != "answered" and at - 1.0 < 20, (kind, result, at)
+        for kind, (result, at) in outcome.items():  # a 4096-token decode takes far longer than this
+            assert result != "answered" and at - killed < 10, (kind, result, at - killed)
         assert time.monotonic() - killed < 30
     finally:
         if proc.poll() is None:
@@ -265,6 +267,13 @@ def test_load_command_reports_latencies(server, clips, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["errors"] == {} and report["ok"] >= 4 and report["streams"] >= 2
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] and report["first_piece_ms"]["p50"] > 0
+
+
+def _answered(server) -> float:
+    """Requests the ensemble has answered (Triton's metrics)."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    return float(re.search(r'^nv_inference_count\{model="canary_qwen",version="1"\} (\S+)$', text, re.M).group(1))
 
 
 def _stat(pid) -> list[str]:
