@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import TypeVar
@@ -394,20 +394,20 @@ class ServerClient:
     # -- streaming ---------------------------------------------------------------------------------
     def stream(
         self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``."""
         if self.protocol == "grpc":
             return self._stream_grpc(audio, prompt, max_new_tokens)
         return self._stream_http(audio, prompt, max_new_tokens)
 
-    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Generator[str, None, None]:
         for result in self.stream_results(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
             text = result.as_numpy("TEXT")
             if text is not None and text.size:
                 piece = text.reshape(-1)[0]
                 yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
 
-    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator:
+    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Generator:
         """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they come,
         up to the one with the final flag."""
         if self.protocol != "grpc":
@@ -458,7 +458,7 @@ class ServerClient:
         except Exception as e:
             raise self._request_error(e, model) from None
 
-    def _stream_http(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+    def _stream_http(self, audio, prompt, max_new_tokens) -> Generator[str, None, None]:
         for event in self._events_http(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
             piece = event.get("TEXT")
             if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar

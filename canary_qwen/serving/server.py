@@ -335,7 +335,7 @@ class TritonServer:
     def dead_stubs(self) -> list[Stub]:
         """The python model processes that died since the last call while their model is still reported ready
         (a model unloaded on purpose is not ready any more). Every request to such a model fails."""
-        if not self.is_alive():
+        if self.process is None or self.process.poll() is not None:
             return []
         running = python_stubs(self.process.pid)
         gone = [s for s in self._stubs if s not in running]
