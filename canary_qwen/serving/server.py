@@ -277,9 +277,11 @@ class TritonServer:
             prepare_backend_dir(self.backend_dir, self.triton)
         # The python stubs ignore PYTHONPATH and put their working directory (work_dir) first on sys.path: link
         # the canary_qwen this process runs there, so the models run the same code (a checkout's, say).
-        package = self.work_dir / "canary_qwen"
+        package, ours = self.work_dir / "canary_qwen", Path(__file__).resolve().parent.parent
+        if package.is_symlink() and package.resolve() != ours:  # a work_dir used before by another copy
+            package.unlink()
         if not package.exists():
-            package.symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+            package.symlink_to(ours, target_is_directory=True)
         auto_ports = None in self._ports
         try:
             for attempt in range(3 if auto_ports else 1):
