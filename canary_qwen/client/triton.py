@@ -156,12 +156,11 @@ class ServerClient:
     # gRPC: one tritonclient object shared by all threads (gRPC channels are thread-safe).
     # HTTP: one per thread. tritonclient's HTTP client runs on gevent, whose sockets belong to the thread
     # that made them ("Cannot switch to a different thread" otherwise); those of finished threads are closed.
-    def _new_client(self, concurrency: int = 1):
+    def _new_client(self):
         if self.protocol == "http":
             # connection_timeout bounds connecting, network_timeout a whole request
             return self._module.InferenceServerClient(
                 self.url,
-                concurrency=concurrency,
                 connection_timeout=min(self.timeout_s, 10.0),
                 network_timeout=self.timeout_s,
             )
@@ -169,7 +168,7 @@ class ServerClient:
 
     def _conn(self):
         if self._closed:
-            raise TritonClientError("this TritonClient is closed", self.url)
+            raise TritonClientError("this client is closed", self.url)
         key = None if self.protocol == "grpc" else threading.current_thread()
         with self._lock:
             client = self._clients.get(key)
@@ -286,9 +285,6 @@ class ServerClient:
             inp.set_data_from_numpy(array)
             inputs.append(inp)
         return inputs
-
-    def _outputs(self, with_ids: bool):
-        return [self._module.InferRequestedOutput(n) for n in (["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"])]
 
     @staticmethod
     def _parse(result, with_ids: bool) -> tuple[str, list[int]]:
