@@ -13,7 +13,6 @@ import pytest
 import soundfile as sf
 from safetensors.torch import load_file, save_file
 
-import canary_qwen
 from canary_qwen.export.manifest import record_engine_build
 from canary_qwen.export.tensorrt.encoder_engine import EncoderProfile
 from canary_qwen.model.synthetic import make_checkpoint
@@ -43,6 +42,14 @@ def boost_token(checkpoint, token: str, factor: float):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported (ONNX graphs, tokenizer, manifest): what the served repositories are made of."""
+    from canary_qwen.export.artifacts import export_all
+
+    return export_all(tiny_checkpoint, tmp_path_factory.mktemp("export"), progress=False).root
 
 
 @pytest.fixture(scope="session")
@@ -104,12 +111,6 @@ def running_server(repo, work_dir, startup_timeout: float = 120.0):
     """The bundled Triton server on ``repo``, stopped afterwards; the test skips where it is not installed."""
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
-    # The python stubs ignore PYTHONPATH but search their working directory first: link the package the tests
-    # import there, so a worktree's server runs the worktree's models, not the editable install's.
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    link = Path(work_dir) / "canary_qwen"
-    if not link.exists():
-        link.symlink_to(Path(canary_qwen.__file__).parent, target_is_directory=True)
     with TritonServer(repo, startup_timeout=startup_timeout, work_dir=work_dir) as server:
         yield server
 

@@ -48,6 +48,25 @@ def add_triton_repo_parser(subparsers) -> None:
     p.add_argument("--max-audio-s", type=float, default=None, help="longest clip accepted (default: the export's)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default decoding budget per request (default: 128)")
     p.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=512,
+        help="onnx: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="onnx: requests each model keeps queued before refusing more as busy (default: 64)",
+    )
+    p.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=60.0,
+        help="onnx: a request that waited this long in a queue is refused, its client has likely given up "
+        "(default: 60; 0: no limit)",
+    )
+    p.add_argument(
         "--device", default="cpu", help="onnx: cpu, or cuda with onnxruntime-gpu in the server's Python (default: cpu)"
     )
     p.add_argument(
@@ -83,6 +102,9 @@ def _run(args) -> int:
             decoupled_streaming=streaming,
             max_audio_s=args.max_audio_s,
             max_new_tokens=args.max_new_tokens,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout_s,
             device=args.device,
         )
         serve = f"canary-qwen serve --repo {repo}"

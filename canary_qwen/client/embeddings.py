@@ -3,7 +3,7 @@
 The clip's projected encoder frames come from the server's ``encoder`` model or a local ONNX Runtime
 encoder; the prompt is tokenized here (from the export's tokenizer). Then, by flavour:
 
-- onnx: the ``llm`` model (or the decoupled ``llm_stream``) takes PROMPT_IDS with the audio placeholder
+- onnx: the ``llm`` model takes PROMPT_IDS with the audio placeholder
   + EMBEDDINGS [T, H] -> OUTPUT_IDS.
 - trt: the ``tensorrt_llm`` model takes the prompt with the placeholder replaced by T fake ids
   (``vocab_size .. vocab_size + T - 1``) + the frames as ``prompt_embedding_table`` in the engine's
