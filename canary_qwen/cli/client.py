@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ..defaults import SAMPLE_RATE
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S, SAMPLE_RATE
 
 DESCRIPTION = """\
 Transcribe audio files with a Canary-Qwen Triton server (`canary-qwen serve`, or the NGC container).
@@ -57,7 +57,10 @@ def add_client_parser(subparsers) -> None:
     )
     t.add_argument("--prompt", default=None, help="user prompt (default 'Transcribe the following:')")
     t.add_argument(
-        "--max-new-tokens", type=int, default=None, help="decoding budget per clip (default: the server's, 128)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"decoding budget per clip (default: the server's, {MAX_NEW_TOKENS} unless configured)",
     )
     t.add_argument("--model", default="canary_qwen", help="model to send requests to (default: canary_qwen)")
     t.add_argument(
@@ -68,8 +71,8 @@ def add_client_parser(subparsers) -> None:
     t.add_argument(
         "--max-window-s",
         type=float,
-        default=40.0,
-        help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: 40)",
+        default=MAX_WINDOW_S,
+        help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: %(default)s)",
     )
     t.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, duration_s")
     t.add_argument("--via-embeddings", action="store_true", help="send embeddings to the LLM model (needs --artifacts)")
@@ -279,7 +282,7 @@ def _run_via_embeddings(args, out, err) -> int:
     failed = 0
     audio_s = 0.0
     start = time.perf_counter()
-    budget = args.max_new_tokens or 128
+    budget = args.max_new_tokens or MAX_NEW_TOKENS
     with client:
         for path in args.files:
             try:

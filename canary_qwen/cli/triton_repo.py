@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION
+from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS
 
 DESCRIPTION = """\
 Write a Triton model repository for an export (`canary-qwen export`). Both flavours serve the same
@@ -46,7 +46,12 @@ def add_triton_repo_parser(subparsers) -> None:
     )
     p.add_argument("--no-streaming", action="store_true", help="leave out the decoupled streaming models")
     p.add_argument("--max-audio-s", type=float, default=None, help="longest clip accepted (default: the export's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default decoding budget per request (default: 128)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help="default decoding budget per request (default: %(default)s)",
+    )
     p.add_argument(
         "--max-new-tokens-limit",
         type=int,

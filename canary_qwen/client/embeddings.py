@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backends.base import Transcription
 from ..decoding import until_eos
+from ..defaults import MAX_NEW_TOKENS
 from ..export.manifest import ENGINE_BUILD, read_manifest
 from ..export.tensorrt.encoder_engine import pad_to_min_samples
 from ..model.prompt import prompt_ids
@@ -42,7 +43,7 @@ def trtllm_request_arrays(
     pad_id: int,
     vocab_size: int,
     table_dtype: str = "bfloat16",
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     streaming: bool | None = None,
 ) -> tuple[dict[str, np.ndarray], prompt_table.PromptTableRequest]:
     """The trt flavour's ``tensorrt_llm`` inputs for one clip (batch dimension 1), and the request they encode.
@@ -139,7 +140,9 @@ class EmbeddingsClient:
             return np.asarray(out["embeddings"][0, : int(out["embedding_lengths"].reshape(-1)[0])], dtype=np.float32)
         return self.client.call(self.encoder_model, {"AUDIO": samples[None]}, ["EMBEDDINGS"])["EMBEDDINGS"][0]
 
-    def generate(self, embeddings: np.ndarray, prompt: str | None = None, *, max_new_tokens: int = 128) -> list[int]:
+    def generate(
+        self, embeddings: np.ndarray, prompt: str | None = None, *, max_new_tokens: int = MAX_NEW_TOKENS
+    ) -> list[int]:
         """Greedy token ids (eos not included) for one clip's embeddings [T, H]."""
         ids = prompt_ids(self.tokenizer, prompt)
         info = self.info
@@ -174,7 +177,7 @@ class EmbeddingsClient:
                 tokens += [int(t) for t in result.as_numpy("OUTPUT_IDS").reshape(-1)]
         return until_eos(tokens, info["eos_id"])
 
-    def transcribe(self, audio, prompt: str | None = None, *, max_new_tokens: int = 128) -> Transcription:
+    def transcribe(self, audio, prompt: str | None = None, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Transcription:
         tokens = self.generate(self.embed(audio), prompt, max_new_tokens=max_new_tokens)
         return Transcription(text=self.tokenizer.decode(tokens).strip(), token_ids=tokens)
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import SAMPLE_RATE
+from ..defaults import MAX_NEW_TOKENS, SAMPLE_RATE
 from ..errors import InputError
 
-DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 4096  # a sanity bound on what one request may ask for (repositories may set less)
 MAX_PROMPT_TOKENS = 1024
 MAX_PROMPT_BYTES = 64 * MAX_PROMPT_TOKENS  # refused before tokenizing: no 1,024-token prompt is this long
@@ -81,7 +80,7 @@ def read_strings(values: np.ndarray | None, rows: int, name: str = "PROMPT") -> 
 
 
 def read_budgets(
-    values: np.ndarray | None, rows: int, default: int = DEFAULT_MAX_NEW_TOKENS, limit: int = MAX_NEW_TOKENS_LIMIT
+    values: np.ndarray | None, rows: int, default: int = MAX_NEW_TOKENS, limit: int = MAX_NEW_TOKENS_LIMIT
 ) -> list[int]:
     """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row, each in 1..``limit``."""
     if values is None:

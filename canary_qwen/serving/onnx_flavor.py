@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
@@ -189,7 +190,7 @@ def generate_onnx_repo(
     queue_delay_us: int = 2000,
     decoupled_streaming: bool = True,
     max_audio_s: float | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     max_new_tokens_limit: int = 512,
     max_queue: int = 64,
     queue_timeout_s: float = 60.0,
@@ -223,7 +224,7 @@ def generate_onnx_repo(
         raise UsageError(f"device must be cpu or cuda, got {device!r}")
     manifest = read_manifest(export_dir)
     if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", 40.0))
+        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
     if not max_audio_s > 0:
         raise UsageError(f"max_audio_s must be > 0, got {max_audio_s}")
     out = Path(out_dir)

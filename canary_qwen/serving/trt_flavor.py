@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from pathlib import Path, PurePosixPath
 
-from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION
+from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
 from ..export.tensorrt.llm_engine import default_engine_paths, engine_limits, read_engine_config
@@ -455,7 +455,7 @@ def generate_trt_repo(
     queue_delay_us: int = 1000,
     decoupled_streaming: bool = True,
     max_audio_s: float | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FRACTION,
     enable_kv_cache_reuse: bool = True,
     engine_dir_in_server: str = ENGINE_DIR_IN_SERVER,
@@ -483,7 +483,7 @@ def generate_trt_repo(
         )
     if encoder_instances < 1 or llm_instances < 1 or queue_delay_us < 0 or max_new_tokens < 1:
         raise UsageError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
-    max_audio_s = float(manifest.data.get("max_audio_s", 40.0)) if max_audio_s is None else float(max_audio_s)
+    max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S)) if max_audio_s is None else float(max_audio_s)
     frames = math.ceil(max_audio_s * manifest.model["frames_per_second"])
     if frames > limits.max_prompt_vocab_size:
         raise UsageError(

@@ -13,9 +13,9 @@ import triton_python_backend_utils as pb_utils
 
 from canary_qwen.backends.onnx_runtime import OnnxDecoder
 from canary_qwen.decoding import splice_and_pad
+from canary_qwen.defaults import MAX_NEW_TOKENS
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.checks import (
-    DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_LIMIT,
     InputError,
     check_embeddings,
@@ -36,7 +36,7 @@ class TritonPythonModel:
             manifest.artifact("decoder"), info, params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0)
         )
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
-        self.default_budget = int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
         self.budget_limit = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
         self.logger = pb_utils.Logger
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.defaults import MAX_NEW_TOKENS
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.checks import (
@@ -50,7 +51,7 @@ class TritonPythonModel:
         self.max_audio_s = float(params["max_audio_s"])
         self.encoder_model = params.get("encoder_model", "encoder")
         self.llm_model = params.get("llm_model", "llm_stream")
-        self.default_budget = int(params.get("max_new_tokens", "128"))
+        self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_streams", "32")), thread_name_prefix="stream")
         self.logger = pb_utils.Logger
 
