@@ -6,22 +6,27 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import make_clip
+from conftest import make_clip, needs_server, running_server
 
 from canary_qwen.cli import main
 from canary_qwen.corpus.inputs import list_audio
 from canary_qwen.corpus.job import ClusterOptions, DecodeOptions, transcribe_corpus
-from canary_qwen.corpus.results import model_identity
+from canary_qwen.corpus.results import ResultStore, model_identity
+from canary_qwen.errors import UsageError
+from canary_qwen.export.artifacts import export_all
 from canary_qwen.model.synthetic import make_checkpoint
+from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'canary-qwen[ray]')")
 psutil = pytest.importorskip("psutil")
@@ -31,19 +36,25 @@ DECODE = dict(max_new_tokens=int(TOKENS), max_window_s=float(WINDOW_S))
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A fresh 2-CPU Ray cluster in this process; afterwards none of its processes may be left."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    started = {p.pid for p in psutil.Process().children(recursive=True)}
-    assert started, "ray.init started no processes"
+def ray_cluster(tmp_path_factory):
+    """A fresh 2-CPU Ray cluster in this process (its session files in a temporary folder); afterwards none of
+    its processes (the cluster's, and the workers it started, which Ray may leave to init) may be left."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield
+    ours = psutil.Process().children(recursive=True)
+    assert any("raylet" in " ".join(p.cmdline()) for p in ours)
     ray.shutdown()
     deadline = time.monotonic() + 30
-    while (left := [p for p in psutil.Process().children(recursive=True) if p.pid in started]) and (
-        time.monotonic() < deadline
-    ):
+    while (left := [p for p in ours if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, f"Ray processes left after shutdown: {[p.pid for p in left]}"
+    assert not left, f"processes left after ray.shutdown(): {[p.cmdline()[:1] for p in left]}"
+
+
+def alive(process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +93,17 @@ def corpus(tmp_path_factory):
     return root, sorted(good), bad_files
 
 
+def transcribe_json(*argv) -> dict[str, dict]:
+    """What `canary-qwen transcribe --json` prints, by file."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        main(["transcribe", "--json", "--max-new-tokens", TOKENS, "--max-window-s", WINDOW_S, *argv])
+    return {r["audio"]: r for r in map(json.loads, out.getvalue().splitlines())}
+
+
 @pytest.fixture(scope="module")
 def expected(tiny_checkpoint, corpus):
-    """What `canary-qwen transcribe --json` prints for the good files."""
-    _, good, _ = corpus
-    out = io.StringIO()
-    argv = ["transcribe", "--model", str(tiny_checkpoint), "--json", "--max-new-tokens", TOKENS]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert main([*argv, "--max-window-s", WINDOW_S, *good]) == 0
-    return {r["audio"]: r for r in map(json.loads, out.getvalue().splitlines())}
+    return transcribe_json("--model", str(tiny_checkpoint), *corpus[1])
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -132,6 +145,29 @@ def test_model_identity_follows_contents_not_place(tmp_path, tiny_checkpoint):
     other = make_checkpoint(tmp_path / "other", "tiny", seed=1)  # same files and sizes, other weights
     assert model_identity(str(tmp_path / "copy")) == model_identity(str(tiny_checkpoint))
     assert model_identity(str(other)) != model_identity(str(tiny_checkpoint))
+
+
+def test_store_folds_what_a_killed_driver_left(tmp_path):
+    def rows(paths, text, error=None):
+        keys = dict(duration_s=1.0, token_ids=[1], backend="torch", model="m", fingerprint="f")
+        return [dict(audio=p, text=text, error=error, **keys) for p in paths]
+
+    with ResultStore(tmp_path) as store:
+        with pytest.raises(UsageError, match="another transcribe-corpus run"):
+            ResultStore(tmp_path).__enter__()
+        store.commit(rows(["a", "b"], "old"))
+        store.commit(rows(["b", "c"], "new"))  # b twice: a batch delivered again, or a file redone
+        store.commit(rows(["d"], None, error="d: corrupt"))
+        (store.parts / ".half.jsonl.1234.tmp").write_text('{"audio": "e", "te')  # a driver killed mid-write
+    with ResultStore(tmp_path) as store:  # the next run folds first
+        assert not any(store.parts.iterdir())
+        merged = read_rows(tmp_path)
+        assert [(r["audio"], r["text"]) for r in merged] == [("a", "old"), ("b", "new"), ("c", "new"), ("d", None)]
+        assert store.done("f") == {"a", "b", "c", "d"} and store.done("f", retry_failed=True) == {"a", "b", "c"}
+        assert store.done("other") == set()
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "transcripts.parquet").to_pylist() == merged
 
 
 def test_one_row_per_file_equal_to_transcribe_then_resume(
@@ -217,3 +253,36 @@ def test_killed_worker_loses_nothing(ray_cluster, tiny_checkpoint, corpus, expec
     assert result["summary"].transcribed == len(good + bad)
     check_complete(read_rows(out), corpus, expected)
     assert victims[0] not in worker_pids()
+
+
+def served(server) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r'^nv_inference_request_success\{model="canary_qwen",version="1"\} (\S+)$', text, re.M)
+    assert m, "no request count for canary_qwen in the metrics"
+    return float(m.group(1))
+
+
+@needs_server
+@pytest.mark.triton
+def test_triton_servers_share_the_files(ray_cluster, tiny_checkpoint, corpus, tmp_path):
+    _, good, bad = corpus
+    files = sorted(good[:10] + bad[:2])
+    export = export_all(tiny_checkpoint, tmp_path / "export", progress=False).root
+    repo = generate_onnx_repo(export, tmp_path / "repo", max_batch=4, decoupled_streaming=False)
+    local = transcribe_json("--backend", "onnx", "--model", str(export), *files)
+    with running_server(repo, tmp_path / "a") as a, running_server(repo, tmp_path / "b") as b:
+        summary = transcribe_corpus(
+            files,
+            str(tmp_path / "out"),
+            DecodeOptions("triton", "tiny-onnx", urls=(a.http_url, b.http_url), **DECODE),
+            ClusterOptions(workers=2, files_per_task=2),
+            log=lambda line: None,
+        )
+        counts = [served(a), served(b)]
+    assert all(n > 0 for n in counts), counts  # each worker had its own server
+    assert summary.transcribed == len(files) and len(summary.failed) == 2
+    rows = {r["audio"]: r for r in read_rows(tmp_path / "out")}
+    assert sorted(rows) == files
+    for path in good[:10]:
+        assert (rows[path]["text"], rows[path]["token_ids"]) == (local[path]["text"], local[path]["token_ids"])
