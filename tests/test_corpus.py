@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 from conftest import make_clip, needs_server, running_server
@@ -28,9 +29,6 @@ from canary_qwen.export.artifacts import export_all
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'canary-qwen[ray]')")
-psutil = pytest.importorskip("psutil")
-
 TOKENS, WINDOW_S = "6", "3"  # short decoding; a 3 s window so the 7 s clip is cut in three
 DECODE = dict(max_new_tokens=int(TOKENS), max_window_s=float(WINDOW_S))
 
@@ -39,6 +37,7 @@ DECODE = dict(max_new_tokens=int(TOKENS), max_window_s=float(WINDOW_S))
 def ray_cluster(tmp_path_factory):
     """A fresh 2-CPU Ray cluster in this process (its session files in a temporary folder); afterwards none of
     its processes (the cluster's, and the workers it started, which Ray may leave to init) may be left."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'canary-qwen[ray]')")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield
     ours = psutil.Process().children(recursive=True)

@@ -214,6 +214,7 @@ def transcribe_corpus(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> Summary:
     """Transcribe ``paths`` not yet in ``out`` with these options; returns the closing summary's numbers."""
+    ray = import_optional("ray", RAY_REQUIREMENT)
     identity = options.identity()
     fp = fingerprint(identity)
     with ResultStore(out) as store:
@@ -223,7 +224,6 @@ def transcribe_corpus(
         log(f"{len(paths)} files: {len(paths) - len(todo)} already done (fingerprint {fp}), {len(todo)} to transcribe")
         progress = None
         if todo:
-            ray = import_optional("ray", RAY_REQUIREMENT)
             with _ray_connected(ray, cluster.address):
                 pipeline = _results(ray, todo, options, cluster, fp)
                 progress = Progress(len(todo), log)  # RTFx counts from here: starting workers and models counts
