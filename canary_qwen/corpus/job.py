@@ -58,7 +58,8 @@ class DecodeOptions:
         """What decides the text: a rerun with the same identity skips the files it already did."""
         fields = asdict(self)
         del fields["urls"], fields["batch_size"]  # which server, or how clips are grouped, does not change text
-        fields["model"] = model_identity(self.model)
+        if not self.urls:  # a Triton label is only a name, even where a folder of that name exists
+            fields["model"] = model_identity(self.model)
         return fields
 
 
@@ -251,7 +252,9 @@ def _results(ray, todo: list[str], options: DecodeOptions, cluster: ClusterOptio
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver prints its own progress lines
     dealer = ray.remote(num_cpus=0)(UrlDealer).remote(options.urls) if options.urls else None
-    return ray.data.from_items([{"audio": p} for p in todo]).map_batches(
+    # Blocks of at most files_per_task files, each one worker call (batch_size=None) and one committed part.
+    blocks = -(-len(todo) // cluster.files_per_task)
+    return ray.data.from_items([{"audio": p} for p in todo], override_num_blocks=blocks).map_batches(
         TranscribeWorker,
         fn_constructor_kwargs={
             "options": options,
@@ -259,7 +262,7 @@ def _results(ray, todo: list[str], options: DecodeOptions, cluster: ClusterOptio
             "device": "cuda" if cluster.gpus_per_worker > 0 else "cpu",
             "dealer": dealer,
         },
-        batch_size=cluster.files_per_task,
+        batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=_worker_count(ray, cluster, options.urls)),
         num_cpus=cluster.cpus_per_worker,
