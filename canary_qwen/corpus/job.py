@@ -49,7 +49,7 @@ class DecodeOptions:
         server = backend_spec(self.backend).source == SERVER
         if server != bool(self.urls):
             raise UsageError(
-                "--url is for --backend triton, which needs it" if server else "--url needs --backend triton"
+                "--backend triton needs --url HOST:PORT[,...]" if server else "--url needs --backend triton"
             )
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise UsageError("--batch-size and --max-new-tokens must be at least 1")
