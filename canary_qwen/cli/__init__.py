@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import CanaryQwenError
-from . import bench, build_engines, client, demo, export, make_checkpoint, serve, transcribe, triton_repo
+from . import ask, bench, build_engines, client, demo, export, make_checkpoint, serve, transcribe, triton_repo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         transcribe.add_transcribe,
+        ask.add_ask,
         make_checkpoint.add_make_checkpoint,
         export.add_export,
         build_engines.add_build_engines_parser,
