@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import boost_token
+from conftest import CHECKPOINT_VARIANTS, boost_token
 
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.decoding import until_eos
@@ -81,6 +81,21 @@ class TestOneEngineForBothModes:
         assert [t.token_ids for t in lora_engine.chat(messages, max_new_tokens=16)] == want
         # the merged model (adapter on) answers the first differently: LLM mode really has the adapter off
         assert _hf_greedy(manifest.artifact("llm_merged"), text_prompt_ids(tok, messages[0]), tok, 16) != want[0]
+
+
+@pytest.mark.parametrize("variant", [v for v in CHECKPOINT_VARIANTS if v != "qv-lora"])  # qv-lora: above
+def test_nemo_parity_variants_identical_to_reference(variant, clips, tmp_path):
+    """The other checkpoint variants of the NeMo parity tests (the torch reference equals NeMo on them): LoRA
+    on all four attention projections as a vLLM adapter, and xscaling without a LoRA (merged path)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", head_dim=VLLM_HEAD_DIM, **CHECKPOINT_VARIANTS[variant])
+    manifest = export_all(ckpt, tmp_path / "export", progress=False, lora_adapter=True)
+    want = [t.token_ids for t in TorchBackend(str(ckpt)).transcribe(clips, max_new_tokens=BUDGET)]
+    engine = _engine(manifest.root)
+    try:
+        assert (engine.engine.lora is None) == (variant == "xscaling-no-lora")
+        assert [t.token_ids for t in engine.transcribe(clips, max_new_tokens=BUDGET)] == want
+    finally:
+        engine.close()
 
 
 @pytest.fixture(scope="module")
