@@ -53,6 +53,9 @@ class VllmEngine:
             # The engine core in this process: 5 s to start instead of 30 s for two more processes, nothing left
             # running, and callers need no `if __name__ == "__main__"` guard. vLLM reads it when the engine is made.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # No vLLM plugins unless asked for: NeMo 3.0 registers one (its own SALM path) that imports NeMo into the
+        # engine, and vLLM 0.32's CPU kernel set-up then fails on a module numba brings ('_lib_fn_wrapper').
+        os.environ.setdefault("VLLM_PLUGINS", "")
         vllm = import_optional("vllm", REQUIREMENT)
         self._torch = import_optional("torch", REQUIREMENT)
         self._params = vllm.SamplingParams
