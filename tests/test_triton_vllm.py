@@ -23,6 +23,7 @@ from canary_qwen.serving.vllm_flavor import generate_vllm_repo  # noqa: E402
 
 pytestmark = pytest.mark.triton
 BUDGET = 20
+MAX_MODEL_LEN = 256  # positions per request: a 20 s clip (250 frames) + the prompt does not fit
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def repo(checkpoint, tmp_path_factory):
         tmp_path_factory.mktemp("tvllm-repo") / "repo",
         max_new_tokens=BUDGET,
         kv_cache_gib=0.0625,
-        max_model_len=512,
+        max_model_len=MAX_MODEL_LEN,
     )
 
 
@@ -97,4 +98,6 @@ def test_budget_and_bad_audio_get_answers_and_the_server_keeps_serving(server, c
         assert ids == expected[2].token_ids[:3]
         with pytest.raises(Exception, match="AUDIO"):
             client.infer(clips[0][:0])
+        with pytest.raises(Exception, match="positions .* the engine holds 256"):
+            client.infer(make_clip(20.0, 5))
         assert client.infer(clips[1])[0] == expected[1].text

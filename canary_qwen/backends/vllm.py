@@ -18,7 +18,7 @@ import numpy as np
 
 from ..decoding import splice_row, token_budgets, until_eos
 from ..defaults import MAX_NEW_TOKENS
-from ..errors import BackendUnavailable, import_optional
+from ..errors import BackendUnavailable, InputError, import_optional
 from ..export.manifest import Manifest, read_manifest
 from ..model.prompt import prompt_ids, text_prompt_ids
 from ..model.tokenizer import QwenTokenizer
@@ -63,6 +63,7 @@ class VllmEngine:
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
         self.dtype = Precision.parse(dtype)
+        self.max_model_len = max_model_len
         args = dict(
             dtype=self.dtype.long_name,
             skip_tokenizer_init=True,  # we tokenize and decode; the placeholder is not in llm_*'s tokenizer
@@ -97,8 +98,18 @@ class VllmEngine:
         row = splice_row(ids, frames, lambda t: np.asarray(self.embed_table[t]), self.tokenizer.placeholder_id)
         return {"prompt_embeds": self._torch.from_numpy(np.ascontiguousarray(row)).to(self.dtype.torch_dtype)}
 
+    def check_length(self, prompt: dict) -> None:
+        """An InputError when the prompt leaves no room for an answer in the engine's ``max_model_len``."""
+        n = len(prompt["prompt_embeds"]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])
+        if n >= self.max_model_len:
+            raise InputError(
+                f"the prompt takes {n} positions (text tokens + audio frames), the engine holds {self.max_model_len}: "
+                "send shorter audio or raise max_model_len"
+            )
+
     def add(self, request_id: str, prompt: dict, budget: int, *, adapter: bool = True) -> None:
         """Queue one request (``budget`` >= 1); ``adapter=False`` leaves the LoRA out (LLM mode)."""
+        self.check_length(prompt)
         params = self._params(
             temperature=0.0,
             max_tokens=budget,

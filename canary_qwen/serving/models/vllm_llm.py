@@ -91,12 +91,13 @@ class TritonPythonModel:
                 embeds = check_embeddings(
                     pb_utils.get_input_tensor_by_name(request, "EMBEDDINGS").as_numpy(), self.hidden
                 )
-                if len(embeds) != 1 or np.asarray(ids).reshape(len(embeds), -1).shape[0] != 1:
+                if len(embeds) != 1:
                     raise InputError(f"{self.name} takes one clip per request, got a batch of {len(embeds)}")
                 ids = check_prompt_ids(ids, self.tokenizer.placeholder_id, len(self.engine.embed_table))
                 budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
                 budget = read_budgets(None if budget is None else budget.as_numpy(), 1, self.default_budget)[0]
                 prompt = self.engine.audio_prompt(ids, embeds[0])
+                self.engine.check_length(prompt)
             except InputError as e:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
                 continue
