@@ -73,6 +73,15 @@ class TestOneEngineForBothModes:
         assert [t.token_ids for t in got] == [t.token_ids for t in want]
         assert [t.text for t in got] == [t.text for t in want]
 
+    def test_a_clip_too_long_for_the_engine_is_refused_and_nothing_is_left_running(self, lora_engine, clips):
+        from conftest import make_clip
+
+        from canary_qwen.errors import InputError
+
+        with pytest.raises(InputError, match="positions .* the engine holds 2048"):
+            lora_engine.transcribe([clips[0], make_clip(170.0, 1)], max_new_tokens=4)  # 2125 frames
+        assert not lora_engine.engine.busy
+
     def test_llm_mode_equals_transformers_greedy_on_base(self, lora_export, lora_engine):
         messages = ["Summarise: the cat sat on the mat.", "hello", "What is 2 + 2?"]
         tok = lora_engine.tokenizer

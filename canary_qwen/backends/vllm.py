@@ -138,6 +138,8 @@ class VllmEngine:
     def run(self, prompts: Sequence[dict], budgets: Sequence[int], *, adapter: bool = True) -> list[list[int]]:
         """Greedy ids per prompt, eos excluded: all prompts queued at once, stepped until every one ended."""
         tokens: list[list[int]] = [[] for _ in prompts]
+        for prompt in prompts:  # all checked before any is queued: a refused call leaves nothing running
+            self.check_length(prompt)
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             if budget > 0:
                 self.add(str(i), prompt, budget, adapter=adapter)
