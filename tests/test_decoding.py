@@ -1,4 +1,5 @@
 """The decoding core every path calls: the stop rule and the prompt splicer, on numpy and torch alike."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from canary_qwen.backends.base import pad_waveforms
-from canary_qwen.errors import CheckpointError
+from canary_qwen.errors import CheckpointError, UsageError
 from canary_qwen.export.merge_lora import merge_lora_checkpoint
 from canary_qwen.model.generate import greedy_tokens, splice_audio
 from canary_qwen.model.prompt import prompt_ids
@@ -248,7 +248,7 @@ def test_missing_source_is_a_checkpoint_error(tmp_path):
 
 
 def test_bad_dtype_is_rejected(tiny_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(UsageError, match="unknown precision .int8."):
         merge_lora_checkpoint(tiny_checkpoint, tmp_path / "out", dtype="int8")
 
 

@@ -97,9 +97,8 @@ class FastTorchBackend:
         *,
         device: str = "cpu",
         dtype: str = "bf16",
-        # A decode step reads every weight once whatever the slot count, and on an H100 a bf16 matmul
-        # stays memory-bound up to ~300 rows (989 TFLOP/s over 3.35 TB/s): 256 slots make nearly twice
-        # the tokens of 128 per step at about the same cost. A call never opens more slots than clips.
+        # A decode step reads every weight once whatever the slot count, so more slots cost little until
+        # the step turns compute-bound (docs/fast-path.md). A call never opens more slots than clips.
         max_slots: int = 256,
         encoder_batch: int = 64,
         cuda_graphs: bool = True,
@@ -116,13 +115,9 @@ class FastTorchBackend:
             self._prepack_for_cpu()
 
     def _prepack_for_cpu(self) -> None:
-        """The encoder's and the LLM's linears and the output layer with oneDNN-reordered weights.
-
-        A decode step reads every weight once. On the 2-core test machine a full-size decode step of
-        4 slots took 0.94 s with plain weights and 0.40 s with the decoder layers packed; one
-        6144x2048 matmul took 6.8 / 16.1 / 81.7 ms plain and 1.3 / 7.9 / 61.7 ms packed at 4 / 64 /
-        512 rows; the encoder took 6.4 s plain and 5.1 s packed on 8 clips of 2-8 s.
-        """
+        """The encoder's and the LLM's linears and the output layer with oneDNN-reordered weights: a decode
+        step reads every weight once, and reordered weights are read at well over twice the speed on a CPU
+        (measurements in docs/fast-path.md)."""
         PackedLinear.pack_all(self.model.encoder)
         PackedLinear.pack_all(self.model.llm)
         # Tied to the embeddings, which stay dense for lookups: the packed copy is extra memory.
@@ -144,13 +139,13 @@ class FastTorchBackend:
     @torch.inference_mode()
     def encode(self, audios) -> list[torch.Tensor]:
         """Clips batched by length (see ``length_buckets``); results in input order."""
-        out: list[torch.Tensor | None] = [None] * len(audios)
+        out: dict[int, torch.Tensor] = {}
         for chunk in length_buckets([len(a) for a in audios], self.encoder_batch):
             audio, lengths = (torch.from_numpy(a).to(self.device) for a in pad_waveforms([audios[i] for i in chunk]))
             embeds, lens = self.model.encode(audio, lengths)
             for j, i in enumerate(chunk):
                 out[i] = embeds[j, : int(lens[j])]
-        return out
+        return [out[i] for i in range(len(audios))]
 
     # -- decoder pieces --------------------------------------------------------------------------
     def _qkv(self, attn, x: torch.Tensor, positions: torch.Tensor):

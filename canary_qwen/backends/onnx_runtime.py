@@ -83,17 +83,20 @@ class OnnxDecoder:
         """Greedy tokens per row (eos excluded) for left-padded ``embeds`` [B, L, H] with validity ``valid`` [B, L]."""
         mask = valid.astype(np.int64)
         positions = np.where(valid, np.cumsum(mask, axis=1) - 1, 0)
-        state = {"mask": mask, "next": positions[:, -1:] + 1, "caches": self.empty_caches(len(embeds))}
+        next_position = positions[:, -1:] + 1
+        caches = self.empty_caches(len(embeds))
 
         def prefill() -> list[int]:
-            logits, state["caches"] = self(embeds, mask, positions, state["caches"])
+            nonlocal caches
+            logits, caches = self(embeds, mask, positions, caches)
             return logits.argmax(-1).tolist()
 
         def step(tokens: list[int]) -> list[int]:
-            state["mask"] = np.concatenate((state["mask"], np.ones((len(tokens), 1), dtype=np.int64)), axis=1)
+            nonlocal mask, caches, next_position
+            mask = np.concatenate((mask, np.ones((len(tokens), 1), dtype=np.int64)), axis=1)
             fed = np.asarray(embed_table[np.asarray(tokens, dtype=np.int64)])[:, None]
-            logits, state["caches"] = self(fed, state["mask"], state["next"], state["caches"])
-            state["next"] = state["next"] + 1
+            logits, caches = self(fed, mask, next_position, caches)
+            next_position = next_position + 1
             return logits.argmax(-1).tolist()
 
         return greedy_decode(prefill, step, budgets, self.info["eos_id"], self.info["pad_id"], on_token)

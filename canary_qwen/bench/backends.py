@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backends.base import Transcriber, Transcription
 from ..backends.registry import CHECKPOINT, EXPORT, backend_spec
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, UsageError
 
 PER_CLIP = "per-clip"
 PER_BATCH = "per-batch"
@@ -39,13 +39,15 @@ class BackendOptions:
 class BenchBackend:
     """Adapter: ``transcribe(audios, budgets)``, the engine's precision, device and stage timings."""
 
-    def __init__(self, engine: Transcriber, *, name: str, device: str | None):
+    def __init__(self, engine: Transcriber | None, *, name: str, device: str | None):
         self.engine, self.name = engine, name
         self.budget = getattr(engine, "budget_scope", PER_CLIP)
         self.dtype = getattr(engine, "dtype", None)  # None: whatever the server's repository was built with
         self.device = getattr(engine, "device", None) if name == "triton" else device
 
     def transcribe(self, audios: Sequence[np.ndarray], budgets: Sequence[int]) -> list[Transcription]:
+        if self.engine is None:
+            raise UsageError(f"the {self.name} backend was closed")
         return self.engine.transcribe(list(audios), max_new_tokens=[int(b) for b in budgets])
 
     def stage_timings(self) -> dict[str, float] | None:

@@ -54,7 +54,7 @@ class BenchSet:
             return [self.audio[i] for i in indices]
         from ..pipeline.audio import load_audio
 
-        return [load_audio(self.clips[i].path) for i in indices]
+        return [load_audio(str(self.clips[i].path)) for i in indices]
 
 
 def _sorted(clips: list[Clip], audio: list[np.ndarray] | None = None) -> tuple[list[Clip], list[np.ndarray] | None]:
@@ -178,11 +178,11 @@ def synthetic_set(spec: str, seed: int = 0) -> BenchSet:
     lengths = np.maximum(np.rint(seconds * SAMPLE_RATE).astype(np.int64), 1)
     audio = [speech_like(int(s), np.random.default_rng([seed, i])) for i, s in enumerate(lengths)]
     clips = [Clip(id=f"synthetic-{i:05d}", duration=int(s) / SAMPLE_RATE) for i, s in enumerate(lengths)]
-    clips, audio = _sorted(clips, audio)
-    return BenchSet(name=spec.strip(), clips=clips, audio=audio)
+    ordered, ordered_audio = _sorted(clips, audio)
+    return BenchSet(name=spec.strip(), clips=ordered, audio=ordered_audio)
 
 
 def load_set(*, manifest=None, synthetic: str | None = None, seed: int = 0) -> BenchSet:
     if (manifest is None) == (synthetic is None):
         raise UsageError("give exactly one of a manifest or a synthetic set spec")
-    return read_manifest(manifest) if manifest is not None else synthetic_set(synthetic, seed)
+    return read_manifest(manifest) if synthetic is None else synthetic_set(synthetic, seed)

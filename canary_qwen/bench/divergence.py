@@ -79,14 +79,16 @@ def run_paths(
         paths["vllm"] = "vllm"
     tokens = {}
     for name, backend in paths.items():
-        engine = create_backend(backend, vllm_export if name == "vllm" else model, device=device, dtype=dtype)
+        source = vllm_export if name == "vllm" and vllm_export else model
+        engine = create_backend(backend, source, device=device, dtype=dtype)
         if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
             out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in clips]
         else:
             out = engine.transcribe(list(clips), max_new_tokens=budget)
         tokens[name] = [t.token_ids for t in out]
-        if name == "vllm":
-            engine.close()  # vLLM's in-process engine state is global: released before anything else runs
+        close = getattr(engine, "close", None)
+        if callable(close):  # vLLM's in-process engine state is global: released before anything else runs
+            close()
         del engine
         gc.collect()
         if torch.cuda.is_available():
@@ -127,9 +129,10 @@ def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, d
 
 def _tie_ratio(d: Divergence) -> float:
     """fp32 gap over rounding error: at most 1 means rounding alone can swap the two tokens."""
-    if d.logit_error > 0:
-        return abs(d.fp32_gap) / d.logit_error
-    return 0.0 if d.fp32_gap == 0 else math.inf
+    gap, error = d.fp32_gap or 0.0, d.logit_error or 0.0
+    if error > 0:
+        return abs(gap) / error
+    return 0.0 if gap == 0 else math.inf
 
 
 def summary(found: list[Divergence]) -> str:
@@ -141,7 +144,7 @@ def summary(found: list[Divergence]) -> str:
         if parted:
             ratio = [_tie_ratio(d) for d in parted]
             line += (
-                f"; {len(parted)} part at steps {sorted(d.step for d in parted)}, "
+                f"; {len(parted)} part at steps {sorted(d.step for d in parted if d.step is not None)}, "
                 f"{sum(r <= 1 for r in ratio)} of them where the fp32 logits of the two tokens differ by no more "
                 f"than the rounding error of the logits there (gap / error at most {max(ratio):.2f})"
             )

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..defaults import MAX_NEW_TOKENS
 from ..errors import UsageError
 
 METHOD = (
@@ -98,7 +99,7 @@ def _dataset_line(results: dict) -> str:
     budget = (
         f"{cfg['tokens_per_second']} tokens per audio second"
         if cfg.get("tokens_per_second") is not None
-        else f"max_new_tokens {cfg.get('max_new_tokens', 128)}"
+        else f"max_new_tokens {cfg.get('max_new_tokens', MAX_NEW_TOKENS)}"
     )
     refs = f", {d['references']} with reference text" if d.get("references") else ", no reference text (WER n/a)"
     return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import logging
 import math
 import os
 import platform
@@ -22,13 +23,14 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from ..defaults import SAMPLE_RATE
+from ..defaults import MAX_NEW_TOKENS, SAMPLE_RATE
 from ..errors import BackendUnavailable, MissingDependencyError, UsageError
 from .backends import PER_BATCH, BackendOptions, BenchBackend, create_backend, release_memory
 from .data import BenchSet
 from .flops import Work, WorkModel, peak_tflops, roofline_fields
 
-DEFAULT_MAX_NEW_TOKENS = 128  # model card and leaderboard
+logger = logging.getLogger(__name__)
+
 RUN_FIELDS = (
     "backend",
     "batch_size",
@@ -69,7 +71,7 @@ class BenchConfig:
     manifest: str | None = None
     synthetic: str | None = None
     tokens_per_second: float | None = None  # None: a fixed max_new_tokens budget
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = MAX_NEW_TOKENS
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
     url: str | None = None
@@ -91,7 +93,7 @@ class BenchConfig:
 # -- budgets and WER -------------------------------------------------------------------------------
 
 
-def clip_budget(seconds: float, tokens_per_second: float | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+def clip_budget(seconds: float, tokens_per_second: float | None, max_new_tokens: int = MAX_NEW_TOKENS) -> int:
     if tokens_per_second is None:
         return max_new_tokens
     return max(1, math.ceil(tokens_per_second * seconds))
@@ -101,7 +103,7 @@ def batch_budgets(
     durations: Sequence[float],
     policy: str,
     tokens_per_second: float | None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[int]:
     """One budget per clip; with the per-batch policy all clips get the longest clip's budget."""
     budgets = [clip_budget(d, tokens_per_second, max_new_tokens) for d in durations]
@@ -204,7 +206,7 @@ def environment(command: str | None = None) -> dict:
 
 
 def empty_run(backend: str, batch_size: int | None, **fields) -> dict:
-    run = {name: None for name in RUN_FIELDS}
+    run: dict = dict.fromkeys(RUN_FIELDS)
     run.update(backend=backend, batch_size=batch_size, skipped=False, reason=None)
     run.update(fields)
     return run
@@ -327,7 +329,7 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
     """
     from .data import load_set
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
         raise UsageError("batch sizes must be at least 1")
     if config.tokens_per_second is not None and config.tokens_per_second <= 0:

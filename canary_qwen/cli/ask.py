@@ -34,8 +34,8 @@ def run_ask(args) -> int:
     question = args.question
     if args.about:
         (heard,) = transcribe_files(backend, [args.about])
-        if heard.error:
-            raise CanaryQwenError(heard.error)
+        if heard.transcription is None:
+            raise CanaryQwenError(heard.error or f"{args.about}: not transcribed")
         question = f"{question}\n\n{heard.transcription.text}"
     print(backend.chat([question], max_new_tokens=args.max_new_tokens)[0].text)
     return 0

@@ -125,7 +125,7 @@ def run_client_transcribe(args, out=None, err=None) -> int:
             max_new_tokens=args.max_new_tokens,
             max_window_s=args.max_window_s or None,
         ):
-            if result.error:
+            if result.transcription is None:
                 failed += 1
                 print(f"error: {result.error}", file=err, flush=True)
                 continue

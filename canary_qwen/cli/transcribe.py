@@ -86,12 +86,12 @@ def run_transcribe(args) -> int:
         max_window_s=args.max_window_s or None,
         progress=True,
     ):
-        if result.error:
+        t = result.transcription
+        if t is None:
             failed += 1
             print(f"error: {result.error}", file=sys.stderr)
             continue
         audio_s += result.duration_s
-        t = result.transcription
         if args.json:
             print(
                 json.dumps(

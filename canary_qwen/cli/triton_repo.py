@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION
 from ..errors import UsageError
 
 DESCRIPTION = """\
@@ -56,16 +58,17 @@ def add_triton_repo_parser(subparsers) -> None:
         "--engines", default=None, help="trt: folder with encoder.plan and llm_engine/ (default: ARTIFACTS/trt)"
     )
     p.add_argument(
-        "--served-llm-engine-dir",
-        default=None,
-        help="trt: the LLM engine folder as the server sees it, e.g. /models/tensorrt_llm/1 in a container "
-        "(default: where this command links it)",
+        "--engine-dir-in-server",
+        default=ENGINE_DIR_IN_SERVER,
+        help="trt: absolute path of OUT/tensorrt_llm/1 as the server will see it "
+        f"(default: {ENGINE_DIR_IN_SERVER}, the repository mounted at /models)",
     )
     p.add_argument(
         "--kv-cache-free-gpu-mem-fraction",
         type=float,
-        default=0.9,
-        help="trt: GPU memory for the KV cache (default: 0.9)",
+        default=KV_CACHE_FRACTION,
+        help="trt: share of the GPU memory free after the LLM engine loads that its KV cache takes; leave room "
+        f"for the encoder plan (default: {KV_CACHE_FRACTION})",
     )
     p.add_argument(
         "--kv-cache-gib",
@@ -124,9 +127,13 @@ def _run(args) -> int:
             max_audio_s=args.max_audio_s,
             max_new_tokens=args.max_new_tokens,
             kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-            served_llm_engine_dir=args.served_llm_engine_dir,
+            engine_dir_in_server=args.engine_dir_in_server,
         )
-        serve = f"tritonserver --model-repository {repo}  (inside the Triton + TensorRT-LLM container, with canary-qwen installed)"
+        served_repo = str(Path(args.engine_dir_in_server).parent.parent)  # tensorrt_llm/1 sits at the repository root
+        serve = (
+            f"tritonserver --model-repository {served_repo} inside the Triton + TensorRT-LLM 1.2 container with "
+            f"canary-qwen installed and {repo} at {served_repo} (docs/deployment.md)"
+        )
     models = sorted(d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file())
     print(f"wrote the {args.flavor} repository {repo}: {', '.join(models)}")
     print(f"serve it: {serve}")

@@ -21,15 +21,16 @@ import numpy as np
 
 from ..backends.base import Transcription
 from ..decoding import until_eos
-from ..export.manifest import read_manifest
+from ..export.manifest import ENGINE_BUILD, read_manifest
+from ..export.tensorrt.encoder_engine import pad_to_min_samples
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
+from ..precision import Precision
 from ..protocol import prompt_table
 from ..protocol.trt_requests import generated_rows
 from .triton import ModelNotReadyError, TritonClient, as_samples
 
 LLM_MODELS = ("tensorrt_llm", "llm")  # looked for in this order
-_TABLE_DTYPES = {"TYPE_BF16": "bfloat16", "TYPE_FP16": "float16", "TYPE_FP32": "float32"}
 
 
 def trtllm_request_arrays(
@@ -85,6 +86,8 @@ class EmbeddingsClient:
     ):
         manifest = read_manifest(export_dir)
         self.info = manifest.model
+        # a TensorRT encoder plan refuses clips under its profile minimum (which build-engines records)
+        self.min_samples = int(manifest.data.get(ENGINE_BUILD, {}).get("encoder_profile", {}).get("min_samples", 0))
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), self.info["audio_locator_tag"])
         self.client = TritonClient(url, protocol, timeout_s=timeout_s)
         try:
@@ -100,7 +103,7 @@ class EmbeddingsClient:
             self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
             inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
             self.trt = "prompt_embedding_table" in inputs
-            self.table_dtype = _TABLE_DTYPES.get(inputs.get("prompt_embedding_table"), "bfloat16")
+            self.table_dtype = Precision.parse(inputs.get("prompt_embedding_table", "TYPE_BF16")).long_name
         except BaseException:
             self.client.close()
             raise
@@ -127,7 +130,10 @@ class EmbeddingsClient:
         if self._plan_encoder:
             out = self.client.call(
                 self.encoder_model,
-                {"audio": samples[None], "audio_lengths": np.array([[len(samples)]], dtype=np.int64)},
+                {
+                    "audio": pad_to_min_samples(samples[None], self.min_samples),
+                    "audio_lengths": np.array([[len(samples)]], dtype=np.int64),
+                },
                 ["embeddings", "embedding_lengths"],
             )
             return np.asarray(out["embeddings"][0, : int(out["embedding_lengths"].reshape(-1)[0])], dtype=np.float32)

@@ -268,7 +268,7 @@ class TritonClient:
     @staticmethod
     def _parse(result, with_ids: bool) -> tuple[str, list[int]]:
         """(text, ids) from a result object or a dict of arrays."""
-        get = result.get if isinstance(result, dict) else result.as_numpy
+        get = result.__getitem__ if isinstance(result, dict) else result.as_numpy
         text = get("TEXT").reshape(-1)[0]
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
         ids = [int(i) for i in get("OUTPUT_IDS").reshape(-1)] if with_ids else []
@@ -320,7 +320,8 @@ class TritonClient:
         return self._parse(self.call(self.model, arrays, outputs), with_ids)
 
     def _joined(self, model: str, arrays: dict[str, np.ndarray], with_ids: bool) -> tuple[str, list[int]]:
-        pieces, ids = [], []
+        pieces: list = []
+        ids: list = []
         if self.protocol == "grpc":
             for result in self.stream_results(model, arrays):
                 for name, out in (("TEXT", pieces), ("OUTPUT_IDS", ids)):

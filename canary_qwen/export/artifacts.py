@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from ..defaults import MAX_WINDOW_S
 from ..errors import UsageError
 from ..model.prompt import DEFAULT_PROMPT, prompt_ids
 from ..model.salm import load_model
 from ..model.tokenizer import TOKENIZER_FILES
+from ..precision import Precision
 from .manifest import Manifest, describe, read_manifest, versions, write_manifest
 from .onnx_export import export_decoder, export_encoder
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def model_info(model, tokenizer, max_audio_s: float) -> dict:
@@ -57,12 +56,13 @@ def export_all(
     *,
     precision: str = "fp32",
     max_batch: int = 8,
-    max_audio_s: float = 40.0,
+    max_audio_s: float = MAX_WINDOW_S,
     progress: bool = True,
     lora_adapter: bool = False,
 ) -> Manifest:
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if Precision.parse(precision) not in (Precision.FP32, Precision.BF16):
+        raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
+    precision = Precision.parse(precision).value
     if max_batch < 1 or max_audio_s <= 0:
         raise UsageError("--max-batch must be >= 1 and --max-audio-s > 0")
     out = Path(out)
@@ -83,7 +83,7 @@ def export_all(
         if name == "encoder.onnx":
             written = export_encoder(model, path)
         elif name.startswith("encoder_"):
-            written = export_encoder(model, path, PRECISIONS[precision])
+            written = export_encoder(model, path, Precision.parse(precision).torch_dtype)
         elif name == "decoder.onnx":
             written = export_decoder(model, path)
         elif name == "embed_tokens.npy":
@@ -95,11 +95,11 @@ def export_all(
         elif name == "llm_merged":
             from .merge_lora import merge_lora_checkpoint
 
-            merge_lora_checkpoint(source, path, dtype="bfloat16" if precision == "bf16" else "float32")
+            merge_lora_checkpoint(source, path, dtype=precision)
         elif name == "llm_base":
             from .merge_lora import merge_lora_checkpoint
 
-            merge_lora_checkpoint(source, path, dtype="bfloat16" if precision == "bf16" else "float32", merge=False)
+            merge_lora_checkpoint(source, path, dtype=precision, merge=False)
         elif name == "lora":
             from .merge_lora import write_lora_adapter
 

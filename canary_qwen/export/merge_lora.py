@@ -5,27 +5,9 @@ The merge is ``W + (lora_alpha / r) * B @ A`` in fp32, cast to the output dtype 
 are read one at a time from the memory-mapped source and streamed into the safetensors file(s), so
 memory holds one tensor (in fp32) at a time, never a second copy of the model.
 
-Checked against TensorRT-LLM's TensorRT-engine flow, 1.2-era sources of NVIDIA/TensorRT-LLM (version.py
-1.2.0rc2, requirements pinning transformers 4.57.1; exact commit per file not pinned):
-``tensorrt_llm/models/qwen/{config,model,convert}.py``, ``tensorrt_llm/models/model_weights_loader.py``.
-
-- ``QWenConfig.from_hugging_face`` goes through ``AutoConfig``: needs ``architectures[0]`` and
-  ``model_type`` ``qwen3`` (its valid types include ``qwen3``), reads ``num_key_value_heads``,
-  ``head_dim`` (else hidden/heads; ``kv_channels`` overrides), ``rms_norm_eps``, ``rope_theta``
-  (attribute, default 1e5 when missing, so it is written at top level), ``rope_scaling``,
-  ``max_position_embeddings``, ``torch_dtype`` (dtype 'auto') and ``tie_word_embeddings``; qwen3 means
-  no attention bias.
-- Default (unified) converter: ``ModelWeightsLoader`` maps TRT names onto HF names (``model.``,
-  ``embed_tokens``, ``norm``, ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
-  ``input_layernorm``, ``post_attention_layernorm``, ``lm_head``); for qwen3 the model adds only
-  ``q_layernorm -> q_norm`` and ``k_layernorm -> k_norm`` (``qk_layernorm`` is on for qwen3, RMSNorm
-  over head_dim). The ``lm_head -> model.embed_tokens`` redirect for tied embeddings exists only for
-  qwen2/qwen2_vl, and ``fill()`` indexes every parameter, so a tied qwen3 checkpoint without an
-  explicit ``lm_head.weight`` fails to convert (some versions auto-tie a missing lm_head instead;
-  not relied on): it is written here. The loader globs ``*.safetensors``
-  in the directory, so stale shards are removed before writing.
-- Legacy converter (``TRTLLM_DISABLE_UNIFIED_CONVERTER``): loads the HF model and copies
-  ``embed_tokens`` into ``lm_head`` when ``tie_word_embeddings``; also fine with this layout.
+TensorRT-LLM's qwen converter needs an explicit ``lm_head.weight`` for a tied qwen3 checkpoint and globs
+every ``*.safetensors`` in the directory, so the head is written out and stale shards are removed first
+(docs/tensorrt-llm.md, "Merged checkpoint", gives the sources).
 """
 
 from __future__ import annotations
@@ -42,8 +24,8 @@ from ..errors import CheckpointError, UsageError
 from ..model.checkpoint import checkpoint_key, resolve_checkpoint
 from ..model.qwen3 import Qwen3
 from ..model.tokenizer import QwenTokenizer
+from ..precision import Precision
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 MAX_SHARD_BYTES = 4 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +37,7 @@ def _plan(files, lora_targets) -> list[tuple[str, str, list[str]]]:
     """(HF name, checkpoint base key, [lora_A key, lora_B key] or []) for every output tensor."""
     with torch.device("meta"):
         names = list(Qwen3(files.llm_config, files.config.lora).state_dict())
-    plan = [("model.embed_tokens.weight", "embed_tokens.weight", [])]
+    plan: list[tuple[str, str, list[str]]] = [("model.embed_tokens.weight", "embed_tokens.weight", [])]
     for name in names:
         if name.endswith((".lora_A", ".lora_B")):
             continue
@@ -129,9 +111,8 @@ def merge_lora_checkpoint(
     ``dtype``: "bfloat16", "float32" or "float16" (the merge itself is always fp32). Weights larger
     than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` plus an index.
     """
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out_dtype = DTYPES[dtype]
+    precision = Precision.parse(dtype)
+    out_dtype = precision.torch_dtype
     files = resolve_checkpoint(source)
     tokenizer = QwenTokenizer(files.tokenizer_dir, files.config.audio_locator_tag)
     lora = files.config.lora
@@ -151,12 +132,14 @@ def merge_lora_checkpoint(
         raise CheckpointError(f"{files.weights} lacks {len(missing)} LLM tensors, e.g. {', '.join(missing[:4])}")
     sources = {name: (base, ab) for name, base, ab in plan}
 
+    scaling = lora.scaling if lora else 0.0
+
     def produce(name: str) -> torch.Tensor:
         base, ab = sources[name]
         w = src.get_tensor(base)  # noqa: F821 - deleted only after the last call
         if ab and merge:
             a, b = (src.get_tensor(k).float() for k in ab)  # noqa: F821
-            w = w.float() + (b @ a) * lora.scaling
+            w = w.float() + (b @ a) * scaling
         return w.to(out_dtype)
 
     item = torch.empty((), dtype=out_dtype).element_size()
@@ -195,8 +178,8 @@ def merge_lora_checkpoint(
     config.update(
         architectures=["Qwen3ForCausalLM"],
         model_type="qwen3",
-        torch_dtype=dtype,
-        dtype=dtype,
+        torch_dtype=precision.long_name,
+        dtype=precision.long_name,
         head_dim=llm.head_dim,
         rope_theta=llm.rope_theta,
         tie_word_embeddings=not untied,

@@ -35,7 +35,7 @@ def greedy_tokens(
     """Greedy tokens per row (eos excluded) from spliced ``embeds`` with a KV cache; stop rule: the core's."""
     position = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
     caches: list[list] = [[] for _ in model.llm.layers]
-    state = {"valid": valid, "position": position[:, -1:]}
+    seen, last = valid, position[:, -1:]
 
     def argmax(hidden: torch.Tensor) -> list[int]:
         return model.logits(hidden[:, -1]).argmax(-1).tolist()
@@ -44,10 +44,10 @@ def greedy_tokens(
         return argmax(model.llm(embeds, position, valid, caches))
 
     def step(tokens: list[int]) -> list[int]:
-        state["position"] = state["position"] + 1
-        ones = torch.ones(len(tokens), 1, dtype=torch.bool, device=valid.device)
-        state["valid"] = torch.cat((state["valid"], ones), dim=1)
+        nonlocal seen, last
+        last = last + 1
+        seen = torch.cat((seen, torch.ones(len(tokens), 1, dtype=torch.bool, device=seen.device)), dim=1)
         fed = model.embed_tokens(torch.from_numpy(np.asarray(tokens, dtype=np.int64)[:, None]).to(model.device))
-        return argmax(model.llm(fed, state["position"], state["valid"], caches))
+        return argmax(model.llm(fed, last, seen, caches))
 
     return greedy_decode(prefill, step, max_new_tokens, eos_id, pad_id, on_token)

@@ -21,7 +21,7 @@ from .config import parse_llm_config, parse_salm_config
 from .salm import CanaryQwen
 from .synthetic_tokenizer import QWEN_ADDED_TOKENS, QWEN_BASE_VOCAB, build_tokenizer
 
-SIZES = {
+SIZES: dict[str, dict] = {
     "tiny": dict(
         encoder=dict(n_layers=2, d_model=64, n_heads=4, subsampling_conv_channels=16),
         llm=dict(

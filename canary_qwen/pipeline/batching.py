@@ -48,21 +48,21 @@ def transcribe_arrays(
     ``max_new_tokens`` None: the backend's own default (a server's configured budget)."""
     plan = plan_windows(audios, max_window_s)
     order = sorted(range(len(plan.windows)), key=lambda i: -len(plan.windows[i]))
-    results: list[Transcription | Exception | None] = [None] * len(plan.windows)
+    results: dict[int, Transcription | Exception] = {}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     for batch in tqdm(batches, desc="transcribing", unit="batch", disable=not progress or len(batches) < 2):
-        budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         out = _transcribe_batch(backend, [plan.windows[i] for i in batch], prompt, **budget)
-        for i, r in zip(batch, out):
-            results[i] = r
-    return plan.join(results, len(audios))
+        results.update(zip(batch, out))
+    return plan.join([results[i] for i in range(len(plan.windows))], len(audios))
 
 
 def transcribe_files(backend: Transcriber, paths: Sequence[str], **kwargs) -> Iterator[FileResult]:
     """One result per path, in order; unreadable files and refused clips carry their error, the rest go on."""
     loaded = load_many(paths)
     good = [i for i, a in enumerate(loaded) if not isinstance(a, AudioError)]
-    texts = transcribe_arrays(backend, [loaded[i] for i in good], **kwargs) if good else []
+    audios = [a for a in loaded if not isinstance(a, AudioError)]
+    texts = transcribe_arrays(backend, audios, **kwargs) if audios else []
     by_index = dict(zip(good, texts))
     for i, path in enumerate(paths):
         item = loaded[i]

@@ -19,7 +19,9 @@ from ..defaults import SAMPLE_RATE
 from ..errors import ExternalToolError, MissingDependencyError, UsageError
 from .audio import load_audio
 
-ESPEAK_REQUIREMENT = "the espeak-ng program (`sudo apt-get install espeak-ng` on Debian/Ubuntu, `brew install espeak-ng` on macOS)"
+ESPEAK_REQUIREMENT = (
+    "the espeak-ng program (`sudo apt-get install espeak-ng` on Debian/Ubuntu, `brew install espeak-ng` on macOS)"
+)
 
 
 def ensure_espeak() -> str | None:

@@ -59,7 +59,7 @@ def read_strings(values: np.ndarray | None, rows: int, name: str = "PROMPT") -> 
         flat = np.repeat(flat, rows)
     if flat.size != rows:
         raise InputError(f"{name} has {flat.size} values for {rows} audio rows (send one per row)")
-    out = []
+    out: list[str | None] = []
     for v in flat:
         if isinstance(v, (bytes, np.bytes_)):
             try:
@@ -103,15 +103,15 @@ def encode_prompt(tokenizer, prompt: str | None) -> list[int]:
 
 def check_prompt_ids(ids: np.ndarray, placeholder_id: int, vocab_rows: int) -> list[int]:
     """One row of ``PROMPT_IDS`` (as the llm model receives it) checked: exactly one placeholder, ids in range."""
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    if ids.count(placeholder_id) != 1:
+    row = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if row.count(placeholder_id) != 1:
         raise InputError(
-            f"PROMPT_IDS must hold the audio placeholder id {placeholder_id} exactly once, found {ids.count(placeholder_id)}"
+            f"PROMPT_IDS must hold the audio placeholder id {placeholder_id} exactly once, found {row.count(placeholder_id)}"
         )
-    bad = [i for i in ids if i != placeholder_id and not 0 <= i < vocab_rows]
+    bad = [i for i in row if i != placeholder_id and not 0 <= i < vocab_rows]
     if bad:
         raise InputError(f"PROMPT_IDS has ids outside the vocabulary (0..{vocab_rows - 1}): {bad[:5]}")
-    return ids
+    return row
 
 
 def check_embeddings(embeds: np.ndarray, hidden_size: int) -> np.ndarray:

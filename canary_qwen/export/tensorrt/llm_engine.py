@@ -6,6 +6,7 @@ audio frames per request. docs/tensorrt-llm.md lists the TensorRT-LLM sources ea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,10 +16,12 @@ from pathlib import Path
 
 from ...defaults import MAX_NEW_TOKENS
 from ...errors import ArtifactError, ExternalToolError, MissingDependencyError, UsageError
+from ...precision import Precision
 from . import TENSORRT_LLM_REQUIREMENT, import_tensorrt_llm
 
+logger = logging.getLogger(__name__)
+
 TRTLLM_VERSION = "1.2"
-ENGINE_DTYPES = ("bfloat16", "float16", "float32")
 # Where convert_checkpoint.py for qwen sits under an examples/ folder: 1.x layout, then the pre-0.19 one.
 CONVERT_SCRIPT_PATHS = ("models/core/qwen/convert_checkpoint.py", "qwen/convert_checkpoint.py")
 NGC_EXAMPLES_DIR = Path("/app/tensorrt_llm/examples")  # NGC tensorrt-llm release containers
@@ -133,8 +136,7 @@ def trtllm_build_commands(
     engine is paged-KV, input-padding-free, with paged context FMHA (needed for KV-cache block reuse and
     chunked context) and the GEMM plugin in the model dtype.
     """
-    if dtype not in ENGINE_DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(ENGINE_DTYPES)}, got {dtype!r}")
+    dtype = Precision.parse(dtype).long_name  # trtllm-build and convert_checkpoint.py take the long names
     sizes = engine_sizes(
         max_batch=max_batch,
         max_audio_frames=max_audio_frames,
@@ -204,7 +206,7 @@ def build_llm_engine(
     out_dir: str | os.PathLike,
     *,
     keep_checkpoint: bool = False,
-    log=print,
+    log=None,
     **options,
 ) -> Path:
     """Run :func:`trtllm_build_commands` (needs TensorRT-LLM 1.2.x and a GPU); returns the engine directory.
@@ -212,6 +214,7 @@ def build_llm_engine(
     ``options`` are :func:`trtllm_build_commands`' keywords (max_batch and max_audio_frames required;
     dtype, checkpoint_dir, convert_script, examples_dir, max_num_tokens, timing_cache, workers, ...).
     """
+    log = log or logger.info
     tllm = import_tensorrt_llm()
     version = getattr(tllm, "__version__", "?")
     if not str(version).startswith(TRTLLM_VERSION):
