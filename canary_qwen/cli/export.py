@@ -30,6 +30,12 @@ def add_export(sub) -> None:
         default=MAX_WINDOW_S,
         help="longest clip the engines are built for (default: %(default)s)",
     )
+    p.add_argument(
+        "--lora-adapter",
+        action="store_true",
+        help="also write llm_base/ (Qwen3 without the LoRA) and lora/ (the LoRA as a PEFT adapter): vLLM then "
+        "transcribes through the adapter and answers text prompts without it (`canary-qwen ask`)",
+    )
     p.set_defaults(run=run_export)
 
 
@@ -37,7 +43,12 @@ def run_export(args) -> int:
     from ..export.artifacts import export_all
 
     manifest = export_all(
-        args.model, args.out, precision=args.precision, max_batch=args.max_batch, max_audio_s=args.max_audio_s
+        args.model,
+        args.out,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        max_audio_s=args.max_audio_s,
+        lora_adapter=args.lora_adapter,
     )
     print(f"wrote {', '.join(manifest.data['artifacts'])} and manifest.json to {manifest.root}")
     return 0

@@ -26,7 +26,7 @@ def add_transcribe(sub) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="checkpoint directory or Hugging Face id (torch, torch-fast) / export directory (onnx, trt)",
+        help="checkpoint directory or Hugging Face id (torch, torch-fast) / export directory (onnx, vllm, trt)",
     )
     p.add_argument(
         "--backend",
@@ -37,9 +37,9 @@ def add_transcribe(sub) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=8,
-        help="clips per batch (default: 8); torch-fast schedules a batch continuously over up to 256 "
-        "cache slots, so on a GPU give it hundreds",
+        default=None,
+        help="clips per batch (default: 8; vllm: every clip at once, its engine batches continuously); torch-fast "
+        "schedules a batch continuously over up to 256 cache slots, so on a GPU give it hundreds",
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="decoding budget per clip (default: %(default)s)"
@@ -49,7 +49,7 @@ def add_transcribe(sub) -> None:
         "--dtype",
         choices=Precision.choices(Precision.FP32, Precision.BF16),
         default="fp32",
-        help="torch / torch-fast / nemo precision (default: fp32)",
+        help="torch / torch-fast / vllm / nemo precision (default: fp32)",
     )
     p.add_argument(
         "--prompt",
@@ -69,6 +69,8 @@ def add_transcribe(sub) -> None:
 def run_transcribe(args) -> int:
     from ..pipeline.batching import transcribe_files
 
+    if args.batch_size is None:
+        args.batch_size = sys.maxsize if BACKENDS[args.backend].continuous else 8
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be at least 1")
     backend = create_backend(args.backend, args.model, device=args.device, dtype=args.dtype)

@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS
+from ..errors import UsageError
 
 DESCRIPTION = """\
-Write a Triton model repository for an export (`canary-qwen export`). Both flavours serve the same
+Write a Triton model repository for an export (`canary-qwen export`). The flavours serve the same
 public interface: the `canary_qwen` ensemble takes AUDIO (float32 16 kHz samples) and optional PROMPT
 and MAX_NEW_TOKENS and returns TEXT and OUTPUT_IDS; `canary_qwen_stream` (decoupled) streams TEXT pieces.
 
@@ -18,18 +19,21 @@ and MAX_NEW_TOKENS and returns TEXT and OUTPUT_IDS; `canary_qwen_stream` (decoup
         NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container; audio frames reach the LLM as a
         prompt embedding table addressed by fake token ids. With streaming the ensemble is decoupled:
         Triton serves it over gRPC streaming and HTTP generate_stream (canary-qwen client does that).
+  vllm  preprocessing and encoder as in onnx, then one python model owning a vLLM engine (continuous
+        batching across requests, tokens streamed): both ensembles are decoupled. Serve it from a Python
+        with vLLM and numpy<2 (.venv-vllm from scripts/setup.sh): .venv-vllm/bin/canary-qwen serve.
 """
 
 
 def add_triton_repo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "triton-repo",
-        help="write a Triton model repository (onnx or trt flavour)",
+        help="write a Triton model repository (onnx, trt or vllm flavour)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--artifacts", required=True, help="export directory (from `canary-qwen export`)")
-    p.add_argument("--flavor", choices=("onnx", "trt"), default="onnx", help="default: onnx")
+    p.add_argument("--flavor", choices=("onnx", "trt", "vllm"), default="onnx", help="default: onnx")
     p.add_argument("--out", required=True, help="repository directory (its canary-qwen model folders are replaced)")
     p.add_argument(
         "--max-batch",
@@ -90,6 +94,12 @@ def add_triton_repo_parser(subparsers) -> None:
         help="trt: share of the GPU memory free after the LLM engine loads that its KV cache takes; leave room "
         f"for the encoder plan (default: {KV_CACHE_FRACTION})",
     )
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=1.0,
+        help="vllm on a CPU: memory vLLM reserves for its KV cache (default: 1; on a GPU vLLM sizes it)",
+    )
     p.set_defaults(run=_run)
 
 
@@ -113,6 +123,22 @@ def _run(args) -> int:
             device=args.device,
         )
         serve = f"canary-qwen serve --repo {repo}"
+    elif args.flavor == "vllm":
+        from ..serving.vllm_flavor import generate_vllm_repo
+
+        if args.no_streaming or args.instances != 1:
+            raise UsageError("the vllm flavour has one engine and always streams (no --no-streaming, --instances)")
+
+        repo = generate_vllm_repo(
+            args.artifacts,
+            args.out,
+            max_batch=args.max_batch or 8,
+            max_audio_s=args.max_audio_s,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            kv_cache_gib=args.kv_cache_gib,
+        )
+        serve = f".venv-vllm/bin/canary-qwen serve --repo {repo}  (a Python with vLLM and numpy<2)"
     else:
         from ..serving.trt_flavor import generate_trt_repo
 

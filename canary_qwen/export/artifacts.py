@@ -4,7 +4,8 @@
 - ``encoder_bf16.onnx``: the same in bf16 with fp32 norms/softmax/frontend (TensorRT, strongly typed), when asked
 - ``decoder.onnx``: merged-LoRA Qwen3 step with KV cache, fp32 (ONNX Runtime)
 - ``embed_tokens.npy``: the token embedding table the decoder's inputs are built from
-- ``tokenizer/``: tokenizer files; ``llm_merged/``: Hugging Face Qwen3 checkpoint for TensorRT-LLM
+- ``tokenizer/``: tokenizer files; ``llm_merged/``: Hugging Face Qwen3 checkpoint for TensorRT-LLM and vLLM
+- ``llm_base/`` + ``lora/``: the Qwen3 without the LoRA and the LoRA as a PEFT adapter, when asked (vLLM's LLM mode)
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def export_all(
     max_batch: int = 8,
     max_audio_s: float = MAX_WINDOW_S,
     progress: bool = True,
+    lora_adapter: bool = False,
 ) -> Manifest:
     if Precision.parse(precision) not in (Precision.FP32, Precision.BF16):
         raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -70,6 +72,8 @@ def export_all(
     steps = ["encoder.onnx", "embed_tokens.npy", "decoder.onnx", "tokenizer", "llm_merged"]
     if precision != "fp32":
         steps.insert(1, f"encoder_{precision}.onnx")
+    if lora_adapter and files.config.lora is not None:
+        steps += ["llm_base", "lora"]
     artifacts = {}
     bar = tqdm(steps, desc="export", unit="artifact", disable=not progress)
     for name in bar:
@@ -92,6 +96,14 @@ def export_all(
             from .merge_lora import merge_lora_checkpoint
 
             merge_lora_checkpoint(source, path, dtype=precision)
+        elif name == "llm_base":
+            from .merge_lora import merge_lora_checkpoint
+
+            merge_lora_checkpoint(source, path, dtype=precision, merge=False)
+        elif name == "lora":
+            from .merge_lora import write_lora_adapter
+
+            write_lora_adapter(source, path)
         artifacts[name.split(".")[0]] = describe(written, out)
     write_manifest(
         out,

