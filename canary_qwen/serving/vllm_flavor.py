@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
@@ -129,7 +130,7 @@ def generate_vllm_repo(
     *,
     max_batch: int = 8,
     max_audio_s: float | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     device: str = "cpu",
     kv_cache_gib: float = 1.0,
     max_model_len: int = 2048,
@@ -143,7 +144,7 @@ def generate_vllm_repo(
         raise UsageError("max_batch, max_new_tokens and max_model_len must be >= 1, kv_cache_gib > 0")
     manifest = read_manifest(export_dir)
     if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", 40.0))
+        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = model_configs(

@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.backends.vllm import VllmEngine
+from canary_qwen.defaults import MAX_NEW_TOKENS
 from canary_qwen.errors import InputError
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.checks import (
@@ -73,7 +74,7 @@ class TritonPythonModel:
             max_model_len=int(params.get("max_model_len", "2048")),
         )
         self.tokenizer = self.engine.tokenizer
-        self.default_budget = int(params.get("max_new_tokens", "128"))
+        self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
         self.hidden = int(self.engine.embed_table.shape[1])
         self.arrivals = queue.Queue()
         self.streams = {}
