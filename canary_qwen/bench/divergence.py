@@ -118,7 +118,7 @@ def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, d
     return found
 
 
-def _tie_ratio(d: Divergence) -> float:
+def tie_ratio(d: Divergence) -> float:
     """fp32 gap over rounding error: at most 1 means rounding alone can swap the two tokens."""
     gap, error = d.fp32_gap or 0.0, d.logit_error or 0.0
     if error > 0:
@@ -133,7 +133,7 @@ def summary(found: list[Divergence]) -> str:
         parted = [d for d in rows if d.step is not None]
         line = f"{name}: {len(rows) - len(parted)} of {len(rows)} clips token-identical to the reference"
         if parted:
-            ratio = [_tie_ratio(d) for d in parted]
+            ratio = [tie_ratio(d) for d in parted]
             line += (
                 f"; {len(parted)} part at steps {sorted(d.step for d in parted if d.step is not None)}, "
                 f"{sum(r <= 1 for r in ratio)} of them where the fp32 logits of the two tokens differ by no more "
