@@ -179,7 +179,7 @@ class TrtLlmBackend:
             import onnxruntime as ort
 
             ort_device = device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-            self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device=ort_device)
+            self.encoder = OnnxEncoder(self.manifest.onnx_graph("encoder"), device=ort_device)
         self.timings: dict[str, float] = {}
 
     def _table(self, embeddings):

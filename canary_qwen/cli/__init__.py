@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ..errors import CanaryQwenError
-from . import bench, build_engines, client, demo, export, make_checkpoint, serve, transcribe, triton_repo
+from . import bench, build_engines, client, demo, export, make_checkpoint, quantize, serve, transcribe, triton_repo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         transcribe.add_transcribe,
         make_checkpoint.add_make_checkpoint,
         export.add_export,
+        quantize.add_quantize,
         build_engines.add_build_engines_parser,
         triton_repo.add_triton_repo_parser,
         serve.add_serve,

@@ -59,6 +59,11 @@ class Manifest:
             raise ArtifactError(f"{path} is listed in {MANIFEST} but missing: re-run `canary-qwen export`")
         return path
 
+    def onnx_graph(self, role: str) -> Path:
+        """The ``encoder`` or ``decoder`` graph ONNX Runtime runs: a quantized or fp16 one where the export
+        chose it, else the fp32 graph (also for exports written before the choice was recorded)."""
+        return self.artifact(self.data.get("onnx", {}).get(role, role))
+
 
 def write_manifest(root: Path, data: dict[str, Any]) -> Path:
     path = Path(root) / MANIFEST
