@@ -108,6 +108,16 @@ def test_jetson_profile_runs_fp16_encoder_and_int4_decoder(jetson_export, clips,
     print(f"jetson (fp16 encoder, int4 decoder): {agreement(tokens, fp32_tokens):.2f} of the fp32 tokens kept")
 
 
+def test_triton_onnx_repository_carries_the_graphs_the_export_chose(jetson_export, tmp_path):
+    from canary_qwen.export.manifest import read_manifest
+    from canary_qwen.serving.onnx_flavor import generate_onnx_repo
+
+    repo = generate_onnx_repo(jetson_export.root, tmp_path / "repo")
+    for model, role, name in (("encoder", "encoder", "encoder_fp16"), ("llm", "decoder", "decoder_int4")):
+        served = read_manifest(repo / model / "1")
+        assert served.onnx_graph(role).name == f"{name}.onnx" and list(served.data["artifacts"])[0] == name
+
+
 def test_unknown_quantization_and_target_are_usage_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(UsageError, match="unknown quantization 'int2'"):
         export_all(tiny_checkpoint, tmp_path, quantize="int2", progress=False)

@@ -59,10 +59,13 @@ class Manifest:
             raise ArtifactError(f"{path} is listed in {MANIFEST} but missing: re-run `canary-qwen export`")
         return path
 
+    def onnx_name(self, role: str) -> str:
+        """The artifact ONNX Runtime runs as ``role`` ("encoder" or "decoder"): a quantized or fp16 graph where
+        the export chose one, else the fp32 graph (also for exports written before the choice was recorded)."""
+        return self.data.get("onnx", {}).get(role, role)
+
     def onnx_graph(self, role: str) -> Path:
-        """The ``encoder`` or ``decoder`` graph ONNX Runtime runs: a quantized or fp16 one where the export
-        chose it, else the fp32 graph (also for exports written before the choice was recorded)."""
-        return self.artifact(self.data.get("onnx", {}).get(role, role))
+        return self.artifact(self.onnx_name(role))
 
 
 def write_manifest(root: Path, data: dict[str, Any]) -> Path:

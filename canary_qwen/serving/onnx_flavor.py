@@ -50,7 +50,7 @@ from .repo_files import (
 ENCODER, LLM, LLM_STREAM = "encoder", "llm", "llm_stream"
 MODEL_NAMES = (PREPROCESSING, ENCODER, LLM, POSTPROCESSING, ENSEMBLE, LLM_STREAM, STREAM)
 
-# model -> (code file in canary_qwen.serving.models, artifacts it reads)
+# model -> (code file in canary_qwen.serving.models, artifacts it reads; encoder/decoder: roles, see Manifest.onnx_name)
 _MODEL_FILES = {
     PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
     ENCODER: ("encoder.py", ("encoder",)),
@@ -225,7 +225,12 @@ def generate_onnx_repo(
         ort_threads=ort_threads,
     )
     replace_model_dirs(out, MODEL_NAMES)  # a stale llm_stream / canary_qwen_stream from an earlier run must go too
-    counts = write_models(out, manifest, configs, _MODEL_FILES)
+    # The encoder and decoder the export has ONNX Runtime run (fp16, int8, int4 where it chose one).
+    files = {
+        model: (code, tuple(manifest.onnx_name(a) if a in ("encoder", "decoder") else a for a in artifacts))
+        for model, (code, artifacts) in _MODEL_FILES.items()
+    }
+    counts = write_models(out, manifest, configs, files)
     write_repo_info(
         out,
         "onnx",
