@@ -52,6 +52,9 @@ def test_quantize_writes_tensorrt_llm_and_hf_checkpoints(small_export, clip_file
     manifest = read_manifest(small_export.root)
     record = manifest.data["llm_quantized"][method]
     assert record["calibration"] == "2 files" and record["dtype"] == "bf16"
+    fidelity = record["fidelity_on_calibration"]  # simulated quantization vs fp32, next token after each prompt
+    print(f"{method}: {fidelity}")
+    assert 0 < fidelity["logits_max_rel_error"] < 1 and 0 <= fidelity["top1_agreement"] <= 1
     trtllm = manifest.artifact(record["trtllm_checkpoint"])
     config = json.loads((trtllm / "config.json").read_text())
     merged = json.loads((manifest.artifact("llm_merged") / "config.json").read_text())

@@ -159,18 +159,31 @@ def quantize_llm(
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=work_dtype).eval()
     model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to reads as unbound to mypy
 
-    def forward_loop(m) -> None:
+    def next_token_logits(m) -> torch.Tensor:
+        """The model's logits for the token after each calibration prompt [prompts, V] (left padding: last column)."""
+        out = []
         for embeds, mask in batches:
             positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
             with torch.no_grad():
-                m(
+                logits = m(
                     inputs_embeds=torch.from_numpy(embeds).to(device, work_dtype),
                     attention_mask=torch.from_numpy(mask).to(device),
                     position_ids=torch.from_numpy(positions).to(device),
-                )
+                ).logits
+            out.append(logits[:, -1].float().cpu())
+        return torch.cat(out)
 
-    logger.info(f"calibrating {method} on {source} ({sum(len(b[0]) for b in batches)} prompts)")
-    model = mtq.quantize(model, getattr(mtq, METHODS[method]), forward_loop)
+    reference = next_token_logits(model)
+    logger.info(f"calibrating {method} on {source} ({len(reference)} prompts)")
+    model = mtq.quantize(model, getattr(mtq, METHODS[method]), next_token_logits)
+    # Fidelity on the calibration prompts themselves, with Model Optimizer's simulated quantization (the
+    # engines' kernels round differently): how far the next-token logits moved, and how often the top token held.
+    quantized = next_token_logits(model)
+    fidelity = {
+        "logits_max_rel_error": float((quantized - reference).abs().max() / reference.abs().max()),
+        "top1_agreement": float((quantized.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
+    logger.info(f"{method} on the calibration prompts: {fidelity}")
     out = quantized_dir(manifest.root, method)
     result = QuantizedLlm(method, out / "trtllm_checkpoint", out / "hf")
     with torch.inference_mode():
@@ -183,11 +196,11 @@ def quantize_llm(
         )
     complete_trtllm_config(result.trtllm_checkpoint, llm_config)
     mte.export_hf_checkpoint(model, dtype=out_dtype.torch_dtype, export_dir=result.hf_checkpoint)
-    _record(manifest, result, source, out_dtype.value)
+    _record(manifest, result, source, out_dtype.value, fidelity)
     return result
 
 
-def _record(manifest: Manifest, result: QuantizedLlm, calibration: str, dtype: str) -> None:
+def _record(manifest: Manifest, result: QuantizedLlm, calibration: str, dtype: str, fidelity: dict) -> None:
     from importlib import metadata
 
     data = {k: v for k, v in manifest.data.items() if k != "format_version"}
@@ -199,6 +212,7 @@ def _record(manifest: Manifest, result: QuantizedLlm, calibration: str, dtype: s
         "hf_checkpoint": f"{name}_hf",
         "dtype": dtype,
         "calibration": calibration,
+        "fidelity_on_calibration": fidelity,
         "modelopt": metadata.version("nvidia-modelopt"),
     }
     write_manifest(manifest.root, data)
