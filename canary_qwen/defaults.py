@@ -4,3 +4,10 @@ SAMPLE_RATE = 16000  # Hz; every backend takes 16 kHz mono float32 samples
 MAX_NEW_TOKENS = 128  # decoding budget per clip (model card, Open ASR leaderboard)
 MAX_WINDOW_S = 40.0  # longest clip the model was trained on; longer audio is cut into windows
 MAX_PROMPT_TOKENS = 1024  # longest user prompt a server accepts
+# Share of the GPU memory free after the TensorRT-LLM engine loads that its KV cache takes (TensorRT-LLM's own
+# default is 0.9). 0.5 leaves room for the encoder plan, which Triton may load after the LLM; one Canary request
+# needs at most max_seq_len (~700) tokens x 112 KiB of bf16 KV cache (Qwen3-1.7B).
+KV_CACHE_FRACTION = 0.5
+# Where the trt flavour's tensorrt_llm model finds its engine: the repository mounted at /models (NGC's convention,
+# docker run -v REPO:/models); the backend opens gpt_model_path as given, never relative to the repository.
+ENGINE_DIR_IN_SERVER = "/models/tensorrt_llm/1"

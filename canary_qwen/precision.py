@@ -6,6 +6,8 @@ from enum import Enum
 
 from .errors import UsageError
 
+_ALIASES = {"fp32": ("float",), "fp16": ("half",)}
+
 
 class Precision(str, Enum):
     FP32 = "fp32"
@@ -14,12 +16,12 @@ class Precision(str, Enum):
 
     @classmethod
     def parse(cls, name: str | Precision) -> Precision:
-        """Accepts the short names and the long ones ("bfloat16", "float32", ...)."""
+        """Accepts the short names, the long ones ("bfloat16", "float32", "half", ...) and Triton's (TYPE_BF16)."""
         if isinstance(name, Precision):
             return name
         key = str(name).lower()
         for p in cls:
-            if key in (p.value, p.long_name):
+            if key in (p.value, p.long_name, p.triton_type.lower(), *_ALIASES.get(p.value, ())):
                 return p
         raise UsageError(f"unknown precision {name!r} (one of {', '.join(p.value for p in cls)})")
 

@@ -3,13 +3,18 @@ bundled Triton server."""
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from safetensors.torch import load_file, save_file
 
+from canary_qwen.export.manifest import record_engine_build
+from canary_qwen.export.tensorrt.encoder_engine import EncoderProfile
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.server import TritonNotFoundError, TritonServer, find_bundled_triton
@@ -37,6 +42,14 @@ def boost_token(checkpoint, token: str, factor: float):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported (ONNX graphs, tokenizer, manifest): what the served repositories are made of."""
+    from canary_qwen.export.artifacts import export_all
+
+    return export_all(tiny_checkpoint, tmp_path_factory.mktemp("export"), progress=False).root
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +113,39 @@ def running_server(repo, work_dir, startup_timeout: float = 120.0):
         pytest.skip(NO_TRITON)
     with TritonServer(repo, startup_timeout=startup_timeout, work_dir=work_dir) as server:
         yield server
+
+
+def write_engines(root, manifest, *, vocab_size: int, max_batch: int = 8, dtype: str = "bfloat16"):
+    """What `canary-qwen build-engines` leaves for the trt flavour, without TensorRT: trt/encoder.plan and
+    trt/llm_engine/ with the config.json trtllm-build writes (pretrained_config + build_config), and the
+    manifest's build record. The generator reads only that config and record; the engine bytes are linked,
+    never parsed, so they are placeholders here. ``vocab_size``: the engine's, where fake ids start."""
+    profile = EncoderProfile(opt_samples=4 * 16000, max_samples=8 * 16000)
+    record_engine_build(
+        manifest.root,
+        {
+            "tensorrt": "10.14.1.48",
+            "tensorrt_llm": "1.2.0",
+            "compute_capability": "9.0",
+            "encoder_profile": asdict(profile),
+        },
+    )
+    root = Path(root)
+    (root / "llm_engine").mkdir(parents=True, exist_ok=True)
+    (root / "encoder.plan").write_bytes(b"placeholder for a serialized TensorRT engine")
+    (root / "llm_engine" / "rank0.engine").write_bytes(b"placeholder for a TensorRT-LLM engine")
+    pretrained = {
+        "architecture": "Qwen3ForCausalLM",
+        "dtype": dtype,
+        "vocab_size": vocab_size,
+        "hidden_size": manifest.model["hidden_size"],
+    }
+    build = {
+        "max_batch_size": max_batch,
+        "max_input_len": 600,
+        "max_seq_len": 728,
+        "max_prompt_embedding_table_size": max_batch * 500,
+    }
+    config = {"version": "1.2.0", "pretrained_config": pretrained, "build_config": build}
+    (root / "llm_engine" / "config.json").write_text(json.dumps(config))
+    return root

@@ -333,13 +333,19 @@ def test_bad_synthetic_spec_is_a_usage_error(capsys):
 
 def test_docs_from_several_benchmarks(bench, tmp_path):
     from canary_qwen.bench import load_results, write_docs
+    from canary_qwen.bench.report import HAND_WRITTEN
 
     first = load_results(bench["out"])
     second = json.loads(json.dumps(first))
     second["dataset"]["name"] = "uniform:10:64"
-    docs = write_docs([first, second], tmp_path / "docs" / "benchmarks.md").read_text()
-    assert f"## {SPEC}" in docs and "## uniform:10:64" in docs
+    path = tmp_path / "docs" / "benchmarks.md"
+    path.parent.mkdir()
+    path.write_text(f"# old\n\n## {SPEC}\n\n{HAND_WRITTEN}\n\n## by hand\n")
+    write_docs(first, path)
+    docs = write_docs([first, second], path).read_text()
+    assert f"## {SPEC}" in docs and "## uniform:10:64" in docs and "# old" not in docs
     assert docs.count("| backend | batch |") == 2
+    assert docs.count(HAND_WRITTEN) == 1 and docs.endswith(f"{HAND_WRITTEN}\n\n## by hand\n")
 
 
 def test_triton_without_a_server_is_skipped_with_the_url():

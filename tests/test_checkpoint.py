@@ -109,3 +109,82 @@ def test_hub_id_offline_is_one_clear_error(monkeypatch):
         CheckpointError, match="cannot fetch the checkpoint from the Hugging Face hub repo 'nvidia/canary-qwen-2.5b'"
     ):
         resolve_checkpoint("nvidia/canary-qwen-2.5b")
+
+
+# Qwen3 config.json variants: transformers 5 writes rope_parameters only, transformers 4 (the hub) a top-level
+# rope_theta; some leave fields out. Each must resolve to what transformers itself computes with.
+QWEN3_CONFIG_VARIANTS = [
+    {"rope_theta": 1e6},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    {"rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    {},
+    {"rope_theta": 1e6, "rope_scaling": None},
+]
+
+
+@pytest.mark.parametrize("variant", QWEN3_CONFIG_VARIANTS)
+def test_llm_config_resolves_like_transformers(variant):
+    transformers = pytest.importorskip("transformers")
+    from canary_qwen.model.config import parse_llm_config
+
+    cfg = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, **variant}  # fmt: skip
+    ours = parse_llm_config(cfg)
+    theirs = transformers.Qwen3Config.from_dict(cfg)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert (ours.head_dim, ours.tie_word_embeddings) == (theirs.head_dim, theirs.tie_word_embeddings)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, "yarn"),
+        ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}}, "dynamic"),
+        ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}, "sliding-window"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+    ],
+)
+def test_llm_config_settings_we_do_not_compute_are_refused(tmp_path, tiny_checkpoint, change, message):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    path = ckpt / "llm_backbone" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=message):
+        resolve_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"encoder_chunk_size_seconds": 10.0}, "encoder_chunk_size_seconds"),
+        ({"lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}}, "target_modules"),
+        ({"lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "use_dora": True}}, "use_dora"),
+        ({"lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": {"q": 2}}}, "rank_pattern"),
+    ],
+)
+def test_salm_config_settings_we_do_not_compute_are_refused(tmp_path, tiny_checkpoint, change, message):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    path = ckpt / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=message):
+        resolve_checkpoint(ckpt)
+
+
+def test_shared_position_biases_load_from_the_one_stored_copy(tmp_path, tiny_checkpoint):
+    """untie_biases: false — NeMo's save_pretrained keeps layer 0's pos_bias_u/v only; every layer reads it."""
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["perception"]["encoder"]["untie_biases"] = False
+    (ckpt / "config.json").write_text(json.dumps(config))
+    tensors = load_file(ckpt / "model.safetensors")
+    shared = {k: v for k, v in tensors.items() if "pos_bias" in k and ".layers.0." in k}
+    tensors = {k: v for k, v in tensors.items() if "pos_bias" not in k or ".layers.0." in k}
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    model, _, _ = load_model(ckpt)
+    for layer in model.encoder.layers:
+        for name in ("pos_bias_u", "pos_bias_v"):
+            assert torch.equal(getattr(layer.self_attn, name), shared[f"perception.encoder.layers.0.self_attn.{name}"])
+    config["perception"]["encoder"]["untie_biases"] = True  # the same file with per-layer biases declared
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"missing tensors.*layers\.1\.self_attn\.pos_bias"):
+        load_model(ckpt)

@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import write_engines
 
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.cli import main
+from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.config_check import check_ensemble, parse_model_config
 
 
@@ -113,6 +115,16 @@ def test_export_then_onnx_backend_gives_same_tokens(capsys, tiny_checkpoint, cli
         code, _, err = run(capsys, "build-engines", "--artifacts", str(tmp_path / "exp"))
         assert code == 2 and "tensorrt is not available" in err and "TensorRT 10.14" in err
         assert not (tmp_path / "exp" / "trt").exists()  # stopped before doing anything
+    # with engines (what build-engines leaves) the trt repository names its engine as the server will see it
+    manifest = read_manifest(tmp_path / "exp")
+    write_engines(tmp_path / "exp" / "trt", manifest, vocab_size=manifest.model["vocab_size"])
+    trt_args = ["triton-repo", "--artifacts", str(tmp_path / "exp"), "--flavor", "trt", "--out", str(tmp_path / "trt")]
+    code, _, err = run(capsys, *trt_args, "--engine-dir-in-server", "trt/tensorrt_llm/1")
+    assert code == 2 and "absolute path" in err  # tensorrt_llm would not resolve it against the repository
+    code, out, _ = run(capsys, *trt_args, "--engine-dir-in-server", "/srv/trt/tensorrt_llm/1")
+    assert code == 0 and "--model-repository /srv/trt" in out
+    engine_dir = parse_model_config(tmp_path / "trt" / "tensorrt_llm" / "config.pbtxt").parameters["gpt_model_path"]
+    assert engine_dir.string_value == "/srv/trt/tensorrt_llm/1"
 
 
 def test_onnx_backend_on_a_checkpoint_dir_says_to_export(capsys, tiny_checkpoint, clip_files):

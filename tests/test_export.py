@@ -59,6 +59,17 @@ def test_encoder_uses_only_ops_tensorrt_parses(exported, name):
     assert COMPLEX.isdisjoint(types)
 
 
+@pytest.mark.parametrize("name", ["encoder", "encoder_bf16"])
+def test_encoder_ranges_are_integer(exported, name, tmp_path):
+    """TensorRT's ONNX parser takes Range on integers; a float start/limit derived from shapes goes another path."""
+    inferred = tmp_path / "inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(str(exported.artifact(name)), str(inferred))
+    graph = onnx.load(str(inferred), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    ranges = {n.name: onnx.TensorProto.DataType.Name(types[n.output[0]]) for n in graph.node if n.op_type == "Range"}
+    assert ranges and set(ranges.values()) <= {"INT32", "INT64"}, ranges
+
+
 def test_bf16_encoder_keeps_norms_softmax_and_frontend_in_fp32(exported, tmp_path):
     inferred = tmp_path / "bf16.onnx"
     onnx.shape_inference.infer_shapes_path(str(exported.artifact("encoder_bf16")), str(inferred))

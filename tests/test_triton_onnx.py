@@ -30,15 +30,15 @@ from canary_qwen.cli.client import add_client_parser
 from canary_qwen.client.triton import (
     InferenceError,
     ModelNotReadyError,
+    ServerClient,
     ServerUnreachableError,
     TritonBackend,
     TritonClient,
 )
 from canary_qwen.errors import InputError
-from canary_qwen.export.artifacts import export_all
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving import onnx_flavor
-from canary_qwen.serving.checks import TextStream, check_audio
+from canary_qwen.serving.checks import TextStream, check_audio, encode_prompt
 from canary_qwen.serving.config_check import check_ensemble, parse_model_config
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 from canary_qwen.serving.repo_files import REPO_INFO
@@ -53,8 +53,8 @@ QUEUE_DELAY_US = 20000  # generous so concurrent requests really meet in the bat
 
 
 @pytest.fixture(scope="module")
-def export_dir(tiny_checkpoint, tmp_path_factory):
-    return export_all(tiny_checkpoint, tmp_path_factory.mktemp("export"), progress=False).root
+def export_dir(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +143,18 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
         "MAX_NEW_TOKENS": (False, True),
     }
     assert not llm.model_transaction_policy.decoupled
-    for name in ("llm_stream", "canary_qwen_stream"):
-        assert parse_model_config(repo / name / "config.pbtxt").model_transaction_policy.decoupled
+    for name in names:  # bounded queues everywhere (the defaults of generate_onnx_repo)
+        if name != "canary_qwen":
+            policy = parse_model_config(repo / name / "config.pbtxt").dynamic_batching.default_queue_policy
+            assert (policy.max_queue_size, policy.default_timeout_microseconds) == (64, 60_000_000), name
+    assert llm.parameters["max_new_tokens_limit"].string_value == "512"
     ens = parse_model_config(repo / "canary_qwen" / "config.pbtxt")
     assert ens.platform == "ensemble"
     assert [(i.name, i.optional) for i in ens.input] == [("AUDIO", False), ("PROMPT", True), ("MAX_NEW_TOKENS", True)]
     assert [o.name for o in ens.output] == ["TEXT", "OUTPUT_IDS"]
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocessing", "encoder", "llm", "postprocessing"]
     stream = parse_model_config(repo / "canary_qwen_stream" / "config.pbtxt")
+    assert stream.model_transaction_policy.decoupled and stream.input[0].allow_ragged_batch
     assert [i.name for i in stream.input] == [i.name for i in ens.input] and [o.name for o in stream.output] == ["TEXT"]
     assert stream.parameters["max_audio_s"].string_value == str(MAX_AUDIO_S)
 
@@ -161,7 +165,7 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
     assert enc_file.is_file() and (repo / "encoder" / "1" / "model.py").is_file()
     assert os.path.samefile(enc_file, export_dir / "encoder.onnx")
     assert (repo / "llm" / "1" / "decoder.onnx").stat().st_ino == (
-        repo / "llm_stream" / "1" / "decoder.onnx"
+        repo / "canary_qwen_stream" / "1" / "decoder.onnx"
     ).stat().st_ino
     assert (repo / "postprocessing" / "1" / "tokenizer" / "tokenizer.json").is_file()
     info = json.loads((repo / REPO_INFO).read_text())
@@ -172,6 +176,7 @@ def test_generate_arguments_and_regeneration(export_dir, tmp_path):
     out = generate_onnx_repo(export_dir, tmp_path / "repo")
     assert (out / "canary_qwen_stream").is_dir()
     (out / "unrelated").mkdir()
+    (out / "llm_stream").mkdir()  # a model of an older repository
     out = generate_onnx_repo(export_dir, out, max_batch=4, instances=3, queue_delay_us=500, decoupled_streaming=False)
     assert not (out / "canary_qwen_stream").exists() and not (out / "llm_stream").exists()  # stale ones removed
     assert (out / "unrelated").is_dir()  # folders it does not own are left alone
@@ -183,6 +188,14 @@ def test_generate_arguments_and_regeneration(export_dir, tmp_path):
     assert check_ensemble(out) == []
     with pytest.raises(ValueError, match="max_batch"):
         generate_onnx_repo(export_dir, tmp_path / "bad", max_batch=0)
+    with pytest.raises(ValueError, match="over max_new_tokens_limit 512"):
+        generate_onnx_repo(export_dir, tmp_path / "bad", max_new_tokens=600)
+    out = generate_onnx_repo(
+        export_dir, out, max_queue=3, queue_timeout_s=0, max_new_tokens_limit=40, max_new_tokens=20
+    )
+    for name in ("preprocessing", "encoder", "llm", "postprocessing", "canary_qwen_stream"):
+        policy = parse_model_config(out / name / "config.pbtxt").dynamic_batching.default_queue_policy
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (3, 0), name
     with pytest.raises(Exception, match="not an export directory"):
         generate_onnx_repo(tmp_path, tmp_path / "bad")
 
@@ -211,9 +224,17 @@ def test_check_audio_messages():
         (np.zeros(16001, np.float32), r"1\.0 s long.*over this server's 1 s limit"),
         (np.array([0, np.nan, np.inf], np.float32), "2 NaN/inf samples"),
         (np.zeros(10, np.float64), "must be float32"),
+        (np.zeros(319, np.float32), r"319 samples long; send at least 320 \(20 ms"),
+        (np.full(1600, 3e4, np.float32), r"samples up to 30000; send float32 audio in \[-1, 1\]"),
     ]:
         with pytest.raises(InputError, match=message):
             check_audio(bad, 1.0)
+    assert check_audio(np.full(320, 1.5, np.float32), 1.0).shape == (1, 320)  # 20 ms, a little over 1: accepted
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized():
+    with pytest.raises(InputError, match="70000 characters long, far over the 1024-token limit"):
+        encode_prompt(None, "x" * 70_000)  # no tokenizer: it must not be reached
 
 
 # -- the running server ------------------------------------------------------------------------------
@@ -305,7 +326,7 @@ def test_32_concurrent_clients_get_their_own_answers(server, local):
         for c in clients:
             c.close()
     assert got == [want[i % 8] for i in range(32)]
-    for model, n in (("encoder", 32), ("llm", 28)):  # streams use llm_stream
+    for model, n in (("encoder", 28), ("llm", 28)):  # the 4 streams run whole in canary_qwen_stream
         runs = metric(server, "nv_inference_exec_count", model) - before[model, "nv_inference_exec_count"]
         requests = metric(server, "nv_inference_count", model) - before[model, "nv_inference_count"]
         assert requests == n and runs < requests, f"no dynamic batching: {runs} {model} runs for {requests} requests"
@@ -427,7 +448,7 @@ def test_a_decoupled_model_is_read_to_its_final_response(server, clips, expected
     [
         ("http", False, "llm"),
         ("grpc", False, "llm"),
-        ("grpc", True, "llm_stream"),
+        ("grpc", True, "llm"),
     ],
 )
 def test_embeddings_mode_gives_the_ensembles_tokens(
@@ -439,7 +460,7 @@ def test_embeddings_mode_gives_the_ensembles_tokens(
     with EmbeddingsClient(
         url, protocol, export_dir=export_dir, local_encoder=local_encoder, llm_model=llm_model
     ) as client:
-        assert client.decoupled == (llm_model == "llm_stream") and not client.trt
+        assert not client.decoupled and not client.trt
         for clip, want in zip(clips, expected):
             got = client.transcribe(clip)
             assert got.token_ids == want.token_ids and got.text == want.text
@@ -454,7 +475,8 @@ def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(
 
     with EmbeddingsClient(server.grpc_url, "grpc", export_dir=export_dir) as client:
         assert client.llm_model == "llm"  # no tensorrt_llm on this server
-    with EmbeddingsClient(server.http_url, "http", export_dir=export_dir, llm_model="llm_stream") as client:
+    # any decoupled model (a streaming tensorrt_llm in the trt flavour) is refused over HTTP before a request goes out
+    with EmbeddingsClient(server.http_url, "http", export_dir=export_dir, llm_model="canary_qwen_stream") as client:
         with pytest.raises(TritonClientError, match="gRPC streaming"):
             client.transcribe(clips[0])
     parser = argparse.ArgumentParser(prog="canary-qwen")
@@ -546,7 +568,7 @@ def test_server_stops_cleanly(server, http, grpc):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the server and every python stub are gone
     log = server.log_path.read_text()
-    assert "successfully unloaded 'llm_stream'" in log and "successfully unloaded 'canary_qwen_stream'" in log
+    assert "successfully unloaded 'llm'" in log and "successfully unloaded 'canary_qwen_stream'" in log
 
 
 # -- the trt flavour's request, offline ----------------------------------------------------------------
@@ -565,7 +587,7 @@ def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     arrays, request = trtllm_request_arrays(
         prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643, vocab_size=151936, max_new_tokens=64
     )
-    inputs = TritonClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
+    inputs = ServerClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
     by_name = {i.name(): i for i in inputs}
     required = {n for n, i in spec.items() if not i.optional}
     assert required <= set(by_name), f"missing required inputs {required - set(by_name)}"

@@ -12,9 +12,9 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import make_clip, running_server
+from conftest import make_clip, running_server, write_engines
 
-from canary_qwen.errors import ArtifactError, InputError
+from canary_qwen.errors import ArtifactError, InputError, UsageError
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
@@ -33,39 +33,10 @@ def export_dir(tiny_checkpoint, tmp_path_factory):
     return export_all(tiny_checkpoint, tmp_path_factory.mktemp("export"), progress=False).root
 
 
-def write_engines(root, manifest, *, max_batch=8, dtype="bfloat16"):
-    """The two engine locations build-engines fills: trt/encoder.plan and trt/llm_engine/ with the config.json
-    trtllm-build writes (pretrained_config + build_config). The generator reads only that config; the
-    engine bytes themselves are linked, never parsed, so they are placeholders here."""
-    (root / "llm_engine").mkdir(parents=True, exist_ok=True)
-    (root / "encoder.plan").write_bytes(b"placeholder for a serialized TensorRT engine")
-    (root / "llm_engine" / "rank0.engine").write_bytes(b"placeholder for a TensorRT-LLM engine")
-    (root / "llm_engine" / "config.json").write_text(
-        json.dumps(
-            {
-                "version": "1.2.0",
-                "pretrained_config": {
-                    "architecture": "Qwen3ForCausalLM",
-                    "dtype": dtype,
-                    "vocab_size": ENGINE_VOCAB,
-                    "hidden_size": manifest.model["hidden_size"],
-                },
-                "build_config": {
-                    "max_batch_size": max_batch,
-                    "max_input_len": 600,
-                    "max_seq_len": 728,
-                    "max_prompt_embedding_table_size": max_batch * 500,
-                },
-            }
-        )
-    )
-    return root
-
-
 @pytest.fixture(scope="module")
 def trt_repo(export_dir, tmp_path_factory):
     manifest = read_manifest(export_dir)
-    write_engines(export_dir / "trt", manifest)
+    write_engines(export_dir / "trt", manifest, vocab_size=ENGINE_VOCAB)
     return trt_flavor.generate_trt_repo(
         export_dir, tmp_path_factory.mktemp("trt") / "repo", max_batch=MAX_BATCH, max_audio_s=8.0
     )
@@ -91,24 +62,24 @@ def test_every_config_parses_and_the_ensemble_is_wired(trt_repo, export_dir):
         "TEXT",
         "OUTPUT_IDS",
     ]
-    # engines linked in; tensorrt_llm finds its engine by absolute path
+    # engines linked in; by default tensorrt_llm finds its engine where the repository is mounted at /models
     assert os.path.samefile(trt_repo / "encoder/1/model.plan", export_dir / "trt/encoder.plan")
     assert os.path.samefile(trt_repo / "tensorrt_llm/1/rank0.engine", export_dir / "trt/llm_engine/rank0.engine")
-    assert cfgs["tensorrt_llm"].parameters["gpt_model_path"].string_value == str(
-        (trt_repo / "tensorrt_llm/1").resolve()
-    )
+    assert cfgs["tensorrt_llm"].parameters["gpt_model_path"].string_value == "/models/tensorrt_llm/1"
     info = json.loads((trt_repo / "canary_qwen_repo.json").read_text())
     assert info["flavor"] == "trt" and info["settings"]["engine_dtype"] == "bfloat16"
 
 
 def test_without_streaming_nothing_is_decoupled(export_dir, tmp_path):
     repo = trt_flavor.generate_trt_repo(
-        export_dir, tmp_path / "repo", decoupled_streaming=False, served_llm_engine_dir="/models/tensorrt_llm/1"
+        export_dir, tmp_path / "repo", decoupled_streaming=False, engine_dir_in_server="/srv/repo/tensorrt_llm/1"
     )
     cfgs = configs(repo)
     assert "canary_qwen_stream" not in cfgs and not cfgs["tensorrt_llm"].model_transaction_policy.decoupled
     assert cfgs["canary_qwen"].max_batch_size == 8  # the engine's
-    assert cfgs["tensorrt_llm"].parameters["gpt_model_path"].string_value == "/models/tensorrt_llm/1"
+    assert cfgs["tensorrt_llm"].parameters["gpt_model_path"].string_value == "/srv/repo/tensorrt_llm/1"
+    with pytest.raises(UsageError, match="absolute path"):  # the backend does not resolve it against the repository
+        trt_flavor.generate_trt_repo(export_dir, tmp_path / "rel", engine_dir_in_server="repo/tensorrt_llm/1")
 
 
 def test_prompt_table_outputs_are_what_tensorrt_llm_takes(trt_repo, export_dir):
@@ -149,15 +120,15 @@ def test_prompt_table_outputs_are_what_tensorrt_llm_takes(trt_repo, export_dir):
     assert arrays["streaming"].tolist() == [[False]]
 
 
-def test_rows_with_different_frame_counts_are_refused(export_dir):
+def test_requests_with_more_than_one_row_are_refused(export_dir):
     info = read_manifest(export_dir).model
     prompt = np.array([[info["placeholder_id"]]] * 2)
     frames = np.zeros((2, 6, info["hidden_size"]), np.float32)
-    with pytest.raises(InputError, match="same number of audio frames"):
+    with pytest.raises(InputError, match="one clip per request"):
         tensorrt_llm_inputs(
             prompt,
             frames,
-            np.array([6, 4]),
+            np.array([6, 6]),
             [8, 8],
             placeholder_id=info["placeholder_id"],
             vocab_size=ENGINE_VOCAB,

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from canary_qwen.backends.base import pad_waveforms
-from canary_qwen.errors import MissingDependencyError
-from canary_qwen.export.tensorrt import import_tensorrt, import_tensorrt_llm
+from canary_qwen.errors import ArtifactError, MissingDependencyError
+from canary_qwen.export.manifest import BUILD_KEYS, read_manifest, record_engine_build
+from canary_qwen.export.tensorrt import import_tensorrt, import_tensorrt_llm, tensorrt_environment
+from canary_qwen.export.tensorrt.encoder_engine import EncoderProfile
 from canary_qwen.export.tensorrt.llm_engine import (
     CONVERT_SCRIPT_PATHS,
     EXAMPLES_ENV,
@@ -138,7 +142,7 @@ def test_build_commands_options(script, tmp_path):
     assert option(build, "--workers") == "2" and option(convert, "--workers") == "2"
     # Small batches: every prompt of the batch fits one step.
     assert engine_sizes(max_batch=4, max_audio_frames=100, max_prompt_text_tokens=32).max_num_tokens == 4 * 132
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="unknown precision .int8."):
         trtllm_build_commands("m", "e", max_batch=1, max_audio_frames=1, dtype="int8", convert_script=script)
     with pytest.raises(ValueError, match="max_audio_frames must be >= 1"):
         engine_sizes(max_batch=1, max_audio_frames=0)
@@ -244,7 +248,7 @@ def test_tensorrt_llm_config_parses_with_the_real_inputs():
 def test_tensorrt_llm_config_streaming_and_options():
     cfg = parse(
         trt_flavor.tensorrt_llm_config(
-            engine_dir="e",
+            engine_dir="/e",
             max_batch=8,
             decoupled=True,
             engine_dtype="float16",
@@ -261,14 +265,14 @@ def test_tensorrt_llm_config_streaming_and_options():
     assert params["enable_kv_cache_reuse"] == "false" and params["max_tokens_in_paged_kv_cache"] == "4096"
     assert params["gpu_device_ids"] == "0" and params["batch_scheduler_policy"] == "guaranteed_no_evict"
     with pytest.raises(ValueError, match="batching_strategy"):
-        trt_flavor.tensorrt_llm_config(engine_dir="e", max_batch=8, batching_strategy="static")
+        trt_flavor.tensorrt_llm_config(engine_dir="/e", max_batch=8, batching_strategy="static")
     with pytest.raises(ValueError, match="kv_cache_free_gpu_mem_fraction"):
-        trt_flavor.tensorrt_llm_config(engine_dir="e", max_batch=8, kv_cache_free_gpu_mem_fraction=1.5)
+        trt_flavor.tensorrt_llm_config(engine_dir="/e", max_batch=8, kv_cache_free_gpu_mem_fraction=1.5)
 
 
 def test_request_tensors_fit_the_tensorrt_llm_config():
     """A request built by the prompt-table protocol has exactly the names, dtypes and shapes the config declares."""
-    cfg = parse(trt_flavor.tensorrt_llm_config(engine_dir="e", max_batch=8, engine_dtype="float16", decoupled=True))
+    cfg = parse(trt_flavor.tensorrt_llm_config(engine_dir="/e", max_batch=8, engine_dtype="float16", decoupled=True))
     inputs = {t.name: t for t in cfg.input}
     emb = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     req = build_request([1, 2, 99, 3], emb, placeholder_id=99, vocab_size=151936, dtype="float16")
@@ -300,7 +304,7 @@ def test_encoder_config_parses():
     )
     group = cfg.instance_group[0]
     assert group.count == 2 and pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU" and list(group.gpus) == [0]
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="unknown precision .int8."):
         trt_flavor.encoder_config(max_batch=1, embeddings_dtype="int8")
 
 
@@ -417,6 +421,7 @@ def test_trtllm_tokens_match_torch_reference(fp32_export, tiny_checkpoint, clips
         )
     except MissingDependencyError as e:  # e.g. no convert_checkpoint.py (not in the wheel)
         pytest.skip(str(e))
+    record_engine_build(fp32_export.root, tensorrt_environment())  # what build-engines records
     backend = TrtLlmBackend(fp32_export.root, device="cuda")
     got = backend.transcribe(clips, max_new_tokens=[24, 5, 24, 1])
     want = TorchBackend(str(tiny_checkpoint)).transcribe(clips, max_new_tokens=[24, 5, 24, 1])
@@ -430,32 +435,46 @@ class _Obj:
 
 
 class FakeExecutor:
-    """Answers each request with tokens 10, 11, ... and eos after ``eos_after[len(requests so far)]`` tokens."""
+    """Answers each request with tokens 10, 11, ... and eos after ``eos_after[len(requests so far)]`` tokens.
+
+    Responses wait in one queue per request id under one lock, as in TensorRT-LLM's executor
+    (``cpp/tensorrt_llm/executor/executorImpl.cpp``, 1.2.0rc2; ``executor.h``): ``await_responses()`` without ids
+    blocks until any response is ready and hands over (and removes) the ready responses of every request;
+    ``await_responses(ids)`` blocks until each id has one and returns a list per id, taking only those.
+    ``barrier``: enqueuing callers wait for each other, so both have requests in flight before either awaits."""
 
     def __init__(self, eos_id: int, eos_after: list[int]):
-        self.eos_id, self.eos_after, self.requests, self.pending = eos_id, eos_after, [], []
+        self.eos_id, self.eos_after, self.requests = eos_id, eos_after, []
+        self.ready: dict[int, list] = {}
+        self.cond = threading.Condition()
+        self.barrier: threading.Barrier | None = None
 
     def enqueue_requests(self, requests):
         ids = []
-        for r in requests:
-            rid = 1000 + len(self.requests)
-            n = self.eos_after[len(self.requests)]
-            tokens = [10 + k for k in range(min(n, r.max_tokens))] + ([self.eos_id] if n < r.max_tokens else [])
-            self.requests.append(r)
-            self.pending.append(
-                _Obj(
-                    request_id=rid,
-                    has_error=lambda: False,
-                    error_msg="",
-                    result=_Obj(is_final=True, output_token_ids=[tokens]),
-                )
-            )
-            ids.append(rid)
+        with self.cond:
+            for r in requests:
+                rid = 1000 + len(self.requests)
+                n = self.eos_after[len(self.requests)]
+                tokens = [10 + k for k in range(min(n, r.max_tokens))] + ([self.eos_id] if n < r.max_tokens else [])
+                self.requests.append(r)
+                result = _Obj(is_final=True, output_token_ids=[tokens])
+                self.ready[rid] = [_Obj(request_id=rid, has_error=lambda: False, error_msg="", result=result)]
+                ids.append(rid)
+            self.cond.notify_all()
+        if self.barrier is not None:
+            self.barrier.wait()
         return ids
 
-    def await_responses(self):
-        out, self.pending = self.pending[::-1], []  # any order
-        return out
+    def await_responses(self, ids=None):
+        with self.cond:
+            if ids is None:
+                self.cond.wait_for(lambda: any(self.ready.values()))
+                return [r for rid in list(self.ready) for r in self.ready.pop(rid)][::-1]  # any order
+            self.cond.wait_for(lambda: all(self.ready.get(i) for i in ids))
+            return [self.ready.pop(i) for i in ids]
+
+    def cancel_request(self, request_id):
+        pass
 
 
 @pytest.fixture
@@ -465,8 +484,17 @@ def fake_trtllm(monkeypatch, fp32_plain_export):
 
     import torch
 
+    from canary_qwen.backends import onnx_runtime
+
     info = fp32_plain_export.model
-    state = {}
+    state = {"loaded": []}
+
+    class RecordedEncoder(onnx_runtime.OnnxEncoder):  # notes when the encoder loads, relative to the executor
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            state["loaded"].append("encoder")
+
+    monkeypatch.setattr(onnx_runtime, "OnnxEncoder", RecordedEncoder)
 
     class Runner:
         dtype = torch.float32
@@ -476,6 +504,7 @@ def fake_trtllm(monkeypatch, fp32_plain_export):
             runner = cls()
             runner.kwargs = kwargs
             runner.executor = FakeExecutor(info["eos_id"], state["eos_after"])
+            state["loaded"].append("llm")
             state["runner"] = runner
             return runner
 
@@ -497,6 +526,8 @@ def fake_trtllm(monkeypatch, fp32_plain_export):
         ("tensorrt_llm.bindings.executor", executor),
     ):
         monkeypatch.setitem(sys.modules, name, module)
+    record = {"tensorrt": None, "tensorrt_llm": root.__version__, "compute_capability": None}
+    record_engine_build(fp32_plain_export.root, {**record, "encoder_profile": asdict(EncoderProfile())})
     engine = fp32_plain_export.root / "trt" / "llm_engine"
     engine.mkdir(parents=True, exist_ok=True)
     (engine / "config.json").write_text(
@@ -614,6 +645,56 @@ def test_build_engines_sizes_both_engines_from_the_manifest(fp32_plain_export, m
         llm["max_batch"] == manifest.data["max_batch"] and llm["max_audio_frames"] == manifest.model["max_audio_frames"]
     )
     assert llm["checkpoint_dir"] == trt / "llm_checkpoint" and llm["timing_cache"] == f"{tmp_path / 'cache'}.llm"
+    # what loading needs is recorded: the versions and GPU the engines are tied to, the plan's profile
+    record = read_manifest(manifest.root).engine_build()
+    assert set(BUILD_KEYS) <= set(record)
+    profile_keys = ("min_samples", "max_samples", "max_batch")
+    assert {k: enc[k] for k in profile_keys} == {k: record["encoder_profile"][k] for k in profile_keys}
     calls.clear()
     assert set(build.build_engines(manifest.root, only="llm", max_batch=2, log=lambda *_: None)) == {"llm"}
     assert set(calls) == {"llm"} and calls["llm"][2]["max_batch"] == 2
+
+
+def test_backend_loads_the_encoder_before_sizing_the_kv_cache(fake_trtllm, fp32_plain_export):
+    """The executor takes its KV-cache share of the GPU memory free when it loads: the encoder must be in first,
+    and the default share must leave room for it (TensorRT-LLM's own default is 0.9)."""
+    from canary_qwen.backends.trt import TrtLlmBackend
+
+    fake_trtllm["eos_after"] = []
+    TrtLlmBackend(fp32_plain_export.root, device="cuda")
+    assert fake_trtllm["loaded"] == ["encoder", "llm"]
+    assert fake_trtllm["runner"].kwargs["kv_cache_free_gpu_memory_fraction"] < 0.9
+    TrtLlmBackend(fp32_plain_export.root, device="cuda", kv_cache_free_gpu_memory_fraction=0.3)
+    assert fake_trtllm["runner"].kwargs["kv_cache_free_gpu_memory_fraction"] == 0.3
+
+
+def test_two_callers_on_one_backend_each_get_their_own_tokens(fake_trtllm, fp32_plain_export, clips):
+    """Both callers have requests in flight before either awaits; each must still receive its own responses."""
+    from canary_qwen.backends.trt import TrtLlmBackend
+
+    fake_trtllm["eos_after"] = [2, 5]
+    backend = TrtLlmBackend(fp32_plain_export.root, device="cuda")
+    backend.table_device = "cpu"
+    backend.runner.executor.barrier = threading.Barrier(2)
+    results = {}
+
+    def call(i):
+        results[i] = backend.transcribe([clips[i]], max_new_tokens=8)[0].token_ids
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a caller never got its response"
+    assert sorted(results.values()) == [[10, 11], [10, 11, 12, 13, 14]]
+
+
+def test_backend_refuses_engines_built_for_another_tensorrt_llm(fake_trtllm, fp32_plain_export):
+    from canary_qwen.backends.trt import TrtLlmBackend
+
+    build = read_manifest(fp32_plain_export.root).engine_build()
+    record_engine_build(fp32_plain_export.root, {**build, "tensorrt_llm": "1.1.0"})
+    with pytest.raises(ArtifactError, match=r"TensorRT-LLM 1\.1\.0 \(found 1\.2\.0\).*build-engines"):
+        TrtLlmBackend(fp32_plain_export.root, device="cuda")
+    assert fake_trtllm["loaded"] == []  # refused before loading anything

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ..decoding import token_budgets, until_eos
-from ..defaults import MAX_NEW_TOKENS
+from ..defaults import KV_CACHE_FRACTION, MAX_NEW_TOKENS
 from ..errors import ExternalToolError, MissingDependencyError, UsageError
-from ..export.tensorrt import import_tensorrt, import_tensorrt_llm
-from ..export.tensorrt.encoder_engine import INPUTS, OUTPUTS
+from ..export.tensorrt import import_tensorrt, import_tensorrt_llm, tensorrt_environment
+from ..export.tensorrt.encoder_engine import INPUTS, OUTPUTS, pad_to_min_samples
 from ..export.tensorrt.llm_engine import default_engine_paths, engine_limits, read_engine_config
 from ..protocol.prompt_table import PromptTableError, build_request, check_distinct_extra_ids
+from . import onnx_runtime
 from .base import Transcription, pad_waveforms
-from .onnx_runtime import OnnxEncoder
 
 
 def _torch_dtype(trt, dtype):
@@ -110,9 +110,7 @@ class TrtEncoder:
         for start in range(0, len(audios), self.max_batch):
             chunk = list(audios)[start : start + self.max_batch]
             audio, lengths = pad_waveforms(chunk)
-            if audio.shape[1] < self.min_samples:
-                audio = np.pad(audio, ((0, 0), (0, self.min_samples - audio.shape[1])))
-            embeds, lens = self.run(audio, lengths)
+            embeds, lens = self.run(pad_to_min_samples(audio, self.min_samples), lengths)
             out += [embeds[i, : int(n)] for i, n in enumerate(lens.tolist())]
         return out
 
@@ -122,7 +120,10 @@ class TrtLlmBackend:
 
     ``export_dir``: a ``canary-qwen export`` directory. Engines default to ``<export_dir>/trt/llm_engine``
     and ``<export_dir>/trt/encoder.plan``. Greedy decoding, one request per clip with its own token budget,
-    its own prompt table and its own extra id; output tokens up to the first eos.
+    its own prompt table and its own extra id; output tokens up to the first eos. Several threads may transcribe
+    through one backend at once: each call awaits only its own requests. Loading refuses engines built for
+    another TensorRT / TensorRT-LLM version or GPU (the manifest's build record); the encoder loads before the
+    executor takes ``kv_cache_free_gpu_memory_fraction`` of the GPU memory left.
     """
 
     name = "trt"
@@ -134,20 +135,26 @@ class TrtLlmBackend:
         device: str = "cuda",
         llm_engine_dir=None,
         encoder_engine=None,
-        kv_cache_free_gpu_memory_fraction: float = 0.9,
+        kv_cache_free_gpu_memory_fraction: float = KV_CACHE_FRACTION,
         kv_cache_reuse: bool = True,
     ):
         if not str(device).startswith("cuda"):
             raise UsageError(f"TensorRT-LLM runs on an NVIDIA GPU: device must be cuda, got {device!r}")
-        import_tensorrt_llm()  # a MissingDependencyError naming TensorRT-LLM 1.2.x when absent
+        if not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
+            raise UsageError(
+                f"kv_cache_free_gpu_memory_fraction must be in (0, 1], got {kv_cache_free_gpu_memory_fraction}"
+            )
+        tllm = import_tensorrt_llm()  # a MissingDependencyError naming TensorRT-LLM 1.2.x when absent
         from tensorrt_llm.bindings import executor as trtllm
         from tensorrt_llm.runtime import ModelRunnerCpp
 
-        from ..export.manifest import read_manifest
+        from ..export.manifest import check_engine_build, read_manifest
         from ..model.tokenizer import QwenTokenizer
 
         self._trtllm = trtllm
         self.manifest = read_manifest(export_dir)
+        found = {**tensorrt_environment(device), "tensorrt_llm": getattr(tllm, "__version__", None)}
+        check_engine_build(self.manifest.engine_build(), found)  # before loading anything
         info = self.manifest.model
         paths = default_engine_paths(self.manifest.root)
         self.engine_dir = Path(llm_engine_dir) if llm_engine_dir is not None else paths["llm_engine"]
@@ -163,6 +170,16 @@ class TrtLlmBackend:
             )
         self.tokenizer = QwenTokenizer(self.manifest.artifact("tokenizer"), info["audio_locator_tag"])
         self.kv_cache_reuse = kv_cache_reuse
+        # The encoder first: the executor sizes its KV cache from the GPU memory free when it loads.
+        encoder_path = Path(encoder_engine) if encoder_engine is not None else paths["encoder"]
+        self.encoder: TrtEncoder | onnx_runtime.OnnxEncoder
+        if encoder_path.is_file():
+            self.encoder = TrtEncoder(encoder_path, device=device)
+        else:  # the ONNX graph: on the GPU with onnxruntime-gpu, else on the CPU
+            import onnxruntime as ort
+
+            ort_device = device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+            self.encoder = onnx_runtime.OnnxEncoder(self.manifest.onnx_graph("encoder"), device=ort_device)
         self.runner = ModelRunnerCpp.from_dir(
             str(self.engine_dir),
             kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
@@ -171,15 +188,6 @@ class TrtLlmBackend:
         self.dtype = self.limits.dtype
         self.torch_dtype = self.runner.dtype
         self.table_device = device  # where prompt tables are handed to the executor (GPU memory)
-        encoder_path = Path(encoder_engine) if encoder_engine is not None else paths["encoder"]
-        self.encoder: TrtEncoder | OnnxEncoder
-        if encoder_path.is_file():
-            self.encoder = TrtEncoder(encoder_path, device=device)
-        else:  # the ONNX graph: on the GPU with onnxruntime-gpu, else on the CPU
-            import onnxruntime as ort
-
-            ort_device = device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-            self.encoder = OnnxEncoder(self.manifest.onnx_graph("encoder"), device=ort_device)
         self.timings: dict[str, float] = {}
 
     def _table(self, embeddings):
@@ -241,19 +249,22 @@ class TrtLlmBackend:
                 )
             )
         out: list[list[int]] = [[] for _ in requests]
-        if enqueue:
-            index = dict(zip(self.runner.executor.enqueue_requests(enqueue), slots))
-            pending = set(slots)
-            while pending:
-                for response in self.runner.executor.await_responses():
-                    clip = index.get(response.request_id)
-                    if clip is None:
-                        continue
+        executor = self.runner.executor
+        # Await by request id: the id-less await_responses() hands over (and removes) the responses of every
+        # caller's requests, so concurrent callers on one executor would lose each other's; per-id waits are safe.
+        pending = dict(zip(executor.enqueue_requests(enqueue), slots)) if enqueue else {}
+        while pending:
+            ids = list(pending)
+            for request_id, responses in zip(ids, executor.await_responses(ids)):
+                for response in responses:
+                    i = pending[request_id]
                     if response.has_error():
-                        raise ExternalToolError(f"TensorRT-LLM request for clip {clip} failed: {response.error_msg}")
+                        for other in pending:  # leave none of this call's requests running
+                            executor.cancel_request(other)
+                        raise ExternalToolError(f"TensorRT-LLM request for clip {i} failed: {response.error_msg}")
                     if response.result.is_final:
-                        out[clip] = list(response.result.output_token_ids[0])
-                        pending.discard(clip)
+                        out[i] = list(response.result.output_token_ids[0])
+                        del pending[request_id]
         return [until_eos(o[: int(b)], tok.eos_id) for o, b in zip(out, budgets)]
 
     def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:

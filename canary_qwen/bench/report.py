@@ -219,8 +219,12 @@ def load_results(path) -> dict:
     return json.loads((path / "results.json" if path.is_dir() else path).read_text())
 
 
+HAND_WRITTEN = "<!-- Written by hand below this line (each section gives its command); write_docs keeps it. -->"
+
+
 def write_docs(results: dict | Iterable[dict], path) -> Path:
-    """Render docs/benchmarks.md from one or more benchmark results (one section per benchmark)."""
+    """Render docs/benchmarks.md from one or more benchmark results (one section per benchmark), keeping
+    what follows the ``HAND_WRITTEN`` line (measurements of other tools, such as transcribe-corpus)."""
     all_results = [results] if isinstance(results, dict) else list(results)
     if not all_results:
         raise UsageError("write_docs needs at least one benchmark result")
@@ -271,5 +275,7 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
             lines.append("")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    old = path.read_text() if path.exists() else ""
+    kept = "\n" + old[old.index(HAND_WRITTEN) :] if HAND_WRITTEN in old else ""
+    path.write_text("\n".join(lines).rstrip() + "\n" + kept)
     return path

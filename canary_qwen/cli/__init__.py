@@ -7,7 +7,19 @@ import logging
 import sys
 
 from ..errors import CanaryQwenError
-from . import bench, build_engines, client, demo, export, make_checkpoint, quantize, serve, transcribe, triton_repo
+from . import (
+    bench,
+    build_engines,
+    client,
+    demo,
+    export,
+    make_checkpoint,
+    quantize,
+    serve,
+    transcribe,
+    transcribe_corpus,
+    triton_repo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         transcribe.add_transcribe,
+        transcribe_corpus.add_transcribe_corpus,
         make_checkpoint.add_make_checkpoint,
         export.add_export,
         quantize.add_quantize,

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from ..defaults import SAMPLE_RATE
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S, SAMPLE_RATE
 
 DESCRIPTION = """\
 Transcribe audio files with a Canary-Qwen Triton server (`canary-qwen serve`, or the NGC container).
@@ -21,6 +21,18 @@ With --via-embeddings the client does the ensemble's work itself: it gets each c
 (from the server's encoder model, or --local-encoder with ONNX Runtime), tokenizes the prompt with
 the export's tokenizer (--artifacts), and sends both to the LLM model: `llm` (onnx flavour) or
 `tensorrt_llm` (trt flavour: fake token ids + prompt embedding table, as TensorRT-LLM expects).
+"""
+
+
+URL_HELP = (
+    "HOST:PORT of the server's HTTP endpoint (its gRPC one with --protocol grpc); several servers comma-separated: "
+    "requests are spread over them, and one a server does not answer goes to the next"
+)
+LOADTEST_DESCRIPTION = """\
+Load test running Canary-Qwen Triton servers: --concurrency clients send requests one after another for
+--duration seconds, taking the audio files (cut into windows of at most 40 s) in turn; --stream-share of
+the requests are streams. Prints how many requests were answered, latency percentiles (p50/p90/p99, and
+the time to the first streamed piece), throughput and the errors by kind; exits 1 if any request failed.
 """
 
 
@@ -38,16 +50,17 @@ def add_client_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, ...; any sample rate and channel count)")
-    t.add_argument(
-        "--url", required=True, help="HOST:PORT of the server's HTTP endpoint (its gRPC one with --protocol grpc)"
-    )
+    t.add_argument("--url", required=True, help=URL_HELP)
     t.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
     t.add_argument(
         "--stream", action="store_true", help="print text pieces as they are produced (model canary_qwen_stream)"
     )
     t.add_argument("--prompt", default=None, help="user prompt (default 'Transcribe the following:')")
     t.add_argument(
-        "--max-new-tokens", type=int, default=None, help="decoding budget per clip (default: the server's, 128)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"decoding budget per clip (default: the server's, {MAX_NEW_TOKENS} unless configured)",
     )
     t.add_argument("--model", default="canary_qwen", help="model to send requests to (default: canary_qwen)")
     t.add_argument(
@@ -58,8 +71,8 @@ def add_client_parser(subparsers) -> None:
     t.add_argument(
         "--max-window-s",
         type=float,
-        default=40.0,
-        help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: 40)",
+        default=MAX_WINDOW_S,
+        help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: %(default)s)",
     )
     t.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, duration_s")
     t.add_argument("--via-embeddings", action="store_true", help="send embeddings to the LLM model (needs --artifacts)")
@@ -75,6 +88,24 @@ def add_client_parser(subparsers) -> None:
         help="with --via-embeddings: LLM model name (default: tensorrt_llm or llm, whichever the server has)",
     )
     t.set_defaults(run=run_client_transcribe)
+    load = actions.add_parser(
+        "loadtest",
+        help="load test running servers: concurrent clients, latency percentiles, errors",
+        description=LOADTEST_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    load.add_argument("files", nargs="+", help="audio files to send (any format the transcribe action reads)")
+    load.add_argument("--url", required=True, help=URL_HELP)
+    load.add_argument("--protocol", choices=("http", "grpc"), default="grpc", help="default: grpc")
+    load.add_argument("--concurrency", type=int, default=16, help="clients sending at once (default: 16)")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds to keep sending (default: 30)")
+    load.add_argument("--stream-share", type=float, default=0.5, help="share of requests streamed, 0..1 (default: 0.5)")
+    load.add_argument(
+        "--max-new-tokens", type=int, default=None, help="decoding budget per request (default: the server's)"
+    )
+    load.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a response (default: 120)")
+    load.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    load.set_defaults(run=run_client_loadtest)
 
 
 def _emit(args, path: str, text: str, seconds: float, out) -> None:
@@ -193,6 +224,30 @@ def _run_streaming(args, out, err) -> int:
     return _summary(args, audio_s, time.perf_counter() - start, failed, err)
 
 
+def run_client_loadtest(args, out=None) -> int:
+    from ..client.loadtest import format_report, run_load
+    from ..client.triton import TritonClient
+    from ..pipeline.audio import load_audio
+    from ..pipeline.windowing import plan_windows
+
+    out = out or sys.stdout
+    clips = plan_windows([load_audio(path) for path in args.files]).windows
+    with TritonClient(args.url, args.protocol, timeout_s=args.timeout) as client:
+        client.check()
+        if args.stream_share > 0:
+            client.check(client.stream_model)
+        report = run_load(
+            client,
+            clips,
+            concurrency=args.concurrency,
+            duration_s=args.duration,
+            stream_share=args.stream_share,
+            max_new_tokens=args.max_new_tokens,
+        )
+    print(json.dumps(report.as_dict()) if args.json else format_report(report), file=out, flush=True)
+    return 1 if report.errors else 0
+
+
 def _summary(args, audio_s: float, wall: float, failed: int, err) -> int:
     """The closing lines on stderr (RTFx of what was transcribed, how many files failed) and the exit code."""
     if audio_s:
@@ -227,7 +282,7 @@ def _run_via_embeddings(args, out, err) -> int:
     failed = 0
     audio_s = 0.0
     start = time.perf_counter()
-    budget = args.max_new_tokens or 128
+    budget = args.max_new_tokens or MAX_NEW_TOKENS
     with client:
         for path in args.files:
             try:

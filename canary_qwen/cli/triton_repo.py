@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS
 
 DESCRIPTION = """\
 Write a Triton model repository for an export (`canary-qwen export`). Both flavours serve the same
@@ -43,7 +46,31 @@ def add_triton_repo_parser(subparsers) -> None:
     )
     p.add_argument("--no-streaming", action="store_true", help="leave out the decoupled streaming models")
     p.add_argument("--max-audio-s", type=float, default=None, help="longest clip accepted (default: the export's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default decoding budget per request (default: 128)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help="default decoding budget per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=512,
+        help="onnx: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="onnx: requests each model keeps queued before refusing more as busy (default: 64)",
+    )
+    p.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=60.0,
+        help="onnx: a request that waited this long in a queue is refused, its client has likely given up "
+        "(default: 60; 0: no limit)",
+    )
     p.add_argument(
         "--device", default="cpu", help="onnx: cpu, or cuda with onnxruntime-gpu in the server's Python (default: cpu)"
     )
@@ -51,16 +78,17 @@ def add_triton_repo_parser(subparsers) -> None:
         "--engines", default=None, help="trt: folder with encoder.plan and llm_engine/ (default: ARTIFACTS/trt)"
     )
     p.add_argument(
-        "--served-llm-engine-dir",
-        default=None,
-        help="trt: the LLM engine folder as the server sees it, e.g. /models/tensorrt_llm/1 in a container "
-        "(default: where this command links it)",
+        "--engine-dir-in-server",
+        default=ENGINE_DIR_IN_SERVER,
+        help="trt: absolute path of OUT/tensorrt_llm/1 as the server will see it "
+        f"(default: {ENGINE_DIR_IN_SERVER}, the repository mounted at /models)",
     )
     p.add_argument(
         "--kv-cache-free-gpu-mem-fraction",
         type=float,
-        default=0.9,
-        help="trt: GPU memory for the KV cache (default: 0.9)",
+        default=KV_CACHE_FRACTION,
+        help="trt: share of the GPU memory free after the LLM engine loads that its KV cache takes; leave room "
+        f"for the encoder plan (default: {KV_CACHE_FRACTION})",
     )
     p.set_defaults(run=_run)
 
@@ -79,6 +107,9 @@ def _run(args) -> int:
             decoupled_streaming=streaming,
             max_audio_s=args.max_audio_s,
             max_new_tokens=args.max_new_tokens,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout_s,
             device=args.device,
         )
         serve = f"canary-qwen serve --repo {repo}"
@@ -97,9 +128,13 @@ def _run(args) -> int:
             max_audio_s=args.max_audio_s,
             max_new_tokens=args.max_new_tokens,
             kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
-            served_llm_engine_dir=args.served_llm_engine_dir,
+            engine_dir_in_server=args.engine_dir_in_server,
         )
-        serve = f"tritonserver --model-repository {repo}  (inside the Triton + TensorRT-LLM container, with canary-qwen installed)"
+        served_repo = str(Path(args.engine_dir_in_server).parent.parent)  # tensorrt_llm/1 sits at the repository root
+        serve = (
+            f"tritonserver --model-repository {served_repo} inside the Triton + TensorRT-LLM 1.2 container with "
+            f"canary-qwen installed and {repo} at {served_repo} (docs/deployment.md)"
+        )
     models = sorted(d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file())
     print(f"wrote the {args.flavor} repository {repo}: {', '.join(models)}")
     print(f"serve it: {serve}")

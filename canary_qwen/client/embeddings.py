@@ -3,7 +3,7 @@
 The clip's projected encoder frames come from the server's ``encoder`` model or a local ONNX Runtime
 encoder; the prompt is tokenized here (from the export's tokenizer). Then, by flavour:
 
-- onnx: the ``llm`` model (or the decoupled ``llm_stream``) takes PROMPT_IDS with the audio placeholder
+- onnx: the ``llm`` model takes PROMPT_IDS with the audio placeholder
   + EMBEDDINGS [T, H] -> OUTPUT_IDS.
 - trt: the ``tensorrt_llm`` model takes the prompt with the placeholder replaced by T fake ids
   (``vocab_size .. vocab_size + T - 1``) + the frames as ``prompt_embedding_table`` in the engine's
@@ -21,15 +21,17 @@ import numpy as np
 
 from ..backends.base import Transcription
 from ..decoding import until_eos
-from ..export.manifest import read_manifest
+from ..defaults import MAX_NEW_TOKENS
+from ..export.manifest import ENGINE_BUILD, read_manifest
+from ..export.tensorrt.encoder_engine import pad_to_min_samples
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
+from ..precision import Precision
 from ..protocol import prompt_table
 from ..protocol.trt_requests import generated_rows
 from .triton import ModelNotReadyError, TritonClient, as_samples
 
 LLM_MODELS = ("tensorrt_llm", "llm")  # looked for in this order
-_TABLE_DTYPES = {"TYPE_BF16": "bfloat16", "TYPE_FP16": "float16", "TYPE_FP32": "float32"}
 
 
 def trtllm_request_arrays(
@@ -41,7 +43,7 @@ def trtllm_request_arrays(
     pad_id: int,
     vocab_size: int,
     table_dtype: str = "bfloat16",
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     streaming: bool | None = None,
 ) -> tuple[dict[str, np.ndarray], prompt_table.PromptTableRequest]:
     """The trt flavour's ``tensorrt_llm`` inputs for one clip (batch dimension 1), and the request they encode.
@@ -85,6 +87,8 @@ class EmbeddingsClient:
     ):
         manifest = read_manifest(export_dir)
         self.info = manifest.model
+        # a TensorRT encoder plan refuses clips under its profile minimum (which build-engines records)
+        self.min_samples = int(manifest.data.get(ENGINE_BUILD, {}).get("encoder_profile", {}).get("min_samples", 0))
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), self.info["audio_locator_tag"])
         self.client = TritonClient(url, protocol, timeout_s=timeout_s)
         try:
@@ -100,7 +104,7 @@ class EmbeddingsClient:
             self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
             inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
             self.trt = "prompt_embedding_table" in inputs
-            self.table_dtype = _TABLE_DTYPES.get(inputs.get("prompt_embedding_table", ""), "bfloat16")
+            self.table_dtype = Precision.parse(inputs.get("prompt_embedding_table", "TYPE_BF16")).long_name
         except BaseException:
             self.client.close()
             raise
@@ -127,13 +131,18 @@ class EmbeddingsClient:
         if self._plan_encoder:
             out = self.client.call(
                 self.encoder_model,
-                {"audio": samples[None], "audio_lengths": np.array([[len(samples)]], dtype=np.int64)},
+                {
+                    "audio": pad_to_min_samples(samples[None], self.min_samples),
+                    "audio_lengths": np.array([[len(samples)]], dtype=np.int64),
+                },
                 ["embeddings", "embedding_lengths"],
             )
             return np.asarray(out["embeddings"][0, : int(out["embedding_lengths"].reshape(-1)[0])], dtype=np.float32)
         return self.client.call(self.encoder_model, {"AUDIO": samples[None]}, ["EMBEDDINGS"])["EMBEDDINGS"][0]
 
-    def generate(self, embeddings: np.ndarray, prompt: str | None = None, *, max_new_tokens: int = 128) -> list[int]:
+    def generate(
+        self, embeddings: np.ndarray, prompt: str | None = None, *, max_new_tokens: int = MAX_NEW_TOKENS
+    ) -> list[int]:
         """Greedy token ids (eos not included) for one clip's embeddings [T, H]."""
         ids = prompt_ids(self.tokenizer, prompt)
         info = self.info
@@ -168,7 +177,7 @@ class EmbeddingsClient:
                 tokens += [int(t) for t in result.as_numpy("OUTPUT_IDS").reshape(-1)]
         return until_eos(tokens, info["eos_id"])
 
-    def transcribe(self, audio, prompt: str | None = None, *, max_new_tokens: int = 128) -> Transcription:
+    def transcribe(self, audio, prompt: str | None = None, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Transcription:
         tokens = self.generate(self.embed(audio), prompt, max_new_tokens=max_new_tokens)
         return Transcription(text=self.tokenizer.decode(tokens).strip(), token_ids=tokens)
 

@@ -2,25 +2,33 @@
 
 ``TritonClient`` sends 16 kHz mono float32 waveforms to the ``canary_qwen`` ensemble (HTTP or gRPC)
 and streams text pieces from the decoupled ``canary_qwen_stream`` model (gRPC bidirectional
-streaming, or HTTP server-sent events through Triton's generate_stream endpoint).
+streaming, or HTTP server-sent events through Triton's generate_stream endpoint). It takes one server
+or several (``"a:8001,b:8001"``): requests go round robin to the servers, and a request that got no
+answer (server unreachable or gone, busy, model broken, no answer in time) is sent again to the next
+one; a stream that had already delivered pieces goes on from where it stopped (greedy decoding gives
+every server the same text). ``ServerClient`` is the connection to one server.
 ``TritonBackend`` wraps it in the ``Transcriber`` interface the benchmark and ``batching`` drive.
 ``TritonClient.call`` / ``stream_results`` reach any other model of the server (the embeddings mode,
 ``canary_qwen.client.embeddings``, uses them to talk to the LLM model directly).
 
-Errors are one of three kinds, each naming the server: :class:`ServerUnreachableError`,
-:class:`ModelNotReadyError`, and :class:`InferenceError` (the model's own message, e.g. an audio
-clip that is empty or too long).
+Errors each name the server: :class:`ServerUnreachableError`, :class:`ServerBusyError`,
+:class:`RequestTimeoutError`, :class:`ModelNotReadyError` (these are retried on another server), and
+:class:`InferenceError` (the model's own message, e.g. an audio clip that is empty or too long; never retried).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from typing import TypeVar
 
 import numpy as np
 
@@ -32,6 +40,7 @@ PROTOCOLS = ("http", "grpc")
 DEFAULT_MODEL = "canary_qwen"
 DEFAULT_STREAM_MODEL = "canary_qwen_stream"
 INSTALL_HINT = "pip install 'tritonclient[all]'  (or: pip install 'canary-qwen[serve]')"
+T = TypeVar("T")
 
 
 class TritonClientError(CanaryQwenError):
@@ -50,8 +59,22 @@ class ModelNotReadyError(TritonClientError):
     """The server answers but the model is not loaded (not in the repository, or failed to load)."""
 
 
+class ServerBusyError(TritonClientError):
+    """The model's request queue is full or the request waited too long in it (``triton-repo --max-queue``,
+    ``--queue-timeout-s``)."""
+
+
+class RequestTimeoutError(TritonClientError):
+    """No answer (or no next streamed piece) within the client's timeout."""
+
+
 class InferenceError(TritonClientError):
     """The server refused or failed a request; the message is the server's (the model's) own."""
+
+
+# Errors after which the same request may go to another server: it was not answered.
+RETRYABLE = (ServerUnreachableError, ServerBusyError, RequestTimeoutError, ModelNotReadyError)
+CHECK_TIMEOUT_S = 10.0  # health and configuration calls: a server that does not answer these is not worth waiting for
 
 
 def split_url(url: str, protocol: str) -> str:
@@ -99,8 +122,9 @@ def _modules(protocol: str):
     return module, InferenceServerException
 
 
-class TritonClient:
-    """Transcribe through a Triton server. One object may be used from many threads.
+class ServerClient:
+    """The connection to one Triton server (:class:`TritonClient` spreads requests over several of these).
+    One object may be used from many threads.
 
     ``url`` is ``host:port`` of the HTTP endpoint (protocol "http") or the gRPC one ("grpc").
     ``timeout_s`` bounds each request (and each wait for the next streamed piece).
@@ -126,17 +150,17 @@ class TritonClient:
         self._ready: set[str] = set()
         self._decoupled: dict[str, bool] = {}
         self._closed = False
+        self._check_timeout = min(self.timeout_s, CHECK_TIMEOUT_S)
 
     # -- connections -------------------------------------------------------------------------------
     # gRPC: one tritonclient object shared by all threads (gRPC channels are thread-safe).
     # HTTP: one per thread. tritonclient's HTTP client runs on gevent, whose sockets belong to the thread
     # that made them ("Cannot switch to a different thread" otherwise); those of finished threads are closed.
-    def _new_client(self, concurrency: int = 1):
+    def _new_client(self):
         if self.protocol == "http":
             # connection_timeout bounds connecting, network_timeout a whole request
             return self._module.InferenceServerClient(
                 self.url,
-                concurrency=concurrency,
                 connection_timeout=min(self.timeout_s, 10.0),
                 network_timeout=self.timeout_s,
             )
@@ -144,7 +168,7 @@ class TritonClient:
 
     def _conn(self):
         if self._closed:
-            raise TritonClientError("this TritonClient is closed", self.url)
+            raise TritonClientError("this client is closed", self.url)
         key = None if self.protocol == "grpc" else threading.current_thread()
         with self._lock:
             client = self._clients.get(key)
@@ -169,12 +193,6 @@ class TritonClient:
         for client in clients:
             _close_quietly(client)
 
-    def __enter__(self) -> TritonClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _unreachable(self, error) -> ServerUnreachableError:
         return ServerUnreachableError(
             f"cannot reach the Triton server at {self.url} over {self.protocol} ({error}); "
@@ -197,6 +215,10 @@ class TritonClient:
             return "UNAVAILABLE" in status
         return False
 
+    def _check_kwargs(self) -> dict:
+        # gRPC calls wait forever unless given a deadline; the HTTP client's network_timeout covers its calls
+        return {"client_timeout": self._check_timeout} if self.protocol == "grpc" else {}
+
     def check(self, model: str | None = None) -> None:
         """Raise ServerUnreachableError / ModelNotReadyError unless ``model`` (default: this client's) can serve."""
         model = model or self.model
@@ -204,14 +226,16 @@ class TritonClient:
             return
         client = self._conn()
         try:
-            live = client.is_server_live()
+            live = client.is_server_live(**self._check_kwargs())
         except Exception as e:
             self._drop(client)
-            raise self._unreachable(e) from None
+            raise (
+                self._timed_out(model, self._check_timeout) if self._is_timeout(e) else self._unreachable(e)
+            ) from None
         if not live:
             raise ServerUnreachableError(f"the Triton server at {self.url} is not live (shutting down?)", self.url)
         try:
-            ready = client.is_model_ready(model)
+            ready = client.is_model_ready(model, **self._check_kwargs())
         except Exception as e:
             if self._is_connection_error(e):
                 self._drop(client)
@@ -226,7 +250,7 @@ class TritonClient:
 
     def _models_note(self, client) -> str:
         try:
-            index = client.get_model_repository_index()
+            index = client.get_model_repository_index(**self._check_kwargs())
             if self.protocol == "grpc":
                 index = [{"name": m.name, "state": m.state, "reason": m.reason} for m in index.models]
         except Exception:
@@ -261,9 +285,6 @@ class TritonClient:
             inp.set_data_from_numpy(array)
             inputs.append(inp)
         return inputs
-
-    def _outputs(self, with_ids: bool):
-        return [self._module.InferRequestedOutput(n) for n in (["TEXT", "OUTPUT_IDS"] if with_ids else ["TEXT"])]
 
     @staticmethod
     def _parse(result, with_ids: bool) -> tuple[str, list[int]]:
@@ -337,119 +358,52 @@ class TritonClient:
         text = "".join(p.decode("utf-8", errors="replace") if isinstance(p, bytes) else str(p) for p in pieces)
         return text.strip(), [int(i) for i in ids] if with_ids else []
 
-    def infer_many(
-        self, audios, prompt: str | None = None, *, max_new_tokens=None, with_ids: bool = False, concurrency: int = 8
-    ) -> list:
-        """``infer`` for many clips, up to ``concurrency`` requests in flight (the server batches them).
-
-        ``max_new_tokens``: None, one budget, or one per clip. Returns, in order, (text, ids) or the
-        exception of that clip.
-        """
-        if concurrency < 1:
-            raise UsageError("concurrency must be >= 1")
-        n = len(audios)
-        if not n:
-            return []
-        budgets = [None] * n if max_new_tokens is None else token_budgets(max_new_tokens, n)
-        self.check()
-        # gRPC: the client is shared by the worker threads; a decoupled model is read response by response
-        if self.protocol == "grpc" or n == 1 or self.is_decoupled(self.model):
-
-            def one(i):
-                try:
-                    return self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
-                except Exception as e:
-                    return e
-
-            if n == 1:
-                return [one(0)]
-            with ThreadPoolExecutor(min(concurrency, n), thread_name_prefix="triton-client") as pool:
-                return list(pool.map(one, range(n)))
-        # HTTP: tritonclient's own greenlet pool in this thread (its sockets cannot move between threads)
-        results: list = [None] * n
-        pending = []
-        client = self._new_client(concurrency=min(concurrency, n))
-        try:
-            for i in range(n):
-                try:
-                    inputs = self._infer_inputs(self._arrays(audios[i], prompt, budgets[i]))
-                    pending.append((i, client.async_infer(self.model, inputs, outputs=self._outputs(with_ids))))
-                except Exception as e:
-                    results[i] = e
-            for i, request in pending:
-                try:
-                    results[i] = self._parse(request.get_result(timeout=self.timeout_s), with_ids)
-                except Exception as e:
-                    if _stale_connection(e):  # retried once, alone, on a connection of its own
-                        try:
-                            results[i] = self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
-                        except Exception as again:
-                            results[i] = again
-                    else:
-                        results[i] = self._request_error(e)
-        finally:
-            _close_quietly(client)
-        return results
-
     def _request_error(self, error, model: str | None = None) -> TritonClientError:
         model = model or self.model
         if self._is_timeout(error):
-            return TritonClientError(
-                f"no answer from Triton at {self.url} ({model}) within {self.timeout_s:g} s "
-                "(raise timeout_s for long clips or a busy server)",
-                self.url,
-            )
-        if self._is_connection_error(error):
+            return self._timed_out(model)
+        message = error.message() if isinstance(error, self._server_exception) else str(error)
+        if self._is_connection_error(error) and not _busy(message):
             self._ready.clear()
             return self._unreachable(error)
         if isinstance(error, self._server_exception):
-            return InferenceError(f"Triton at {self.url} ({model}): {error.message()}", self.url)
+            return self._refused(message, model)
         return TritonClientError(f"request to Triton at {self.url} failed: {error}", self.url)
 
-    def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str:
-        """Text of one 16 kHz mono float32 clip (``prompt``: the user turn; None: the model's default)."""
-        return self.infer(audio, prompt, max_new_tokens=max_new_tokens)[0]
+    def _refused(self, message: str, model: str) -> TritonClientError:
+        """The error for a server's error message: busy and broken-model answers are worth another server."""
+        if _busy(message):  # gRPC says UNAVAILABLE, HTTP 503: the server is up but its queue is full
+            return ServerBusyError(f"Triton at {self.url} ({model}) is busy: {message}; retry later", self.url)
+        if "Stub process" in message and "is not healthy" in message:
+            # a python model's process died; Triton 2.51 neither restarts it nor reports the model not ready
+            self._ready.clear()
+            return ModelNotReadyError(f"Triton at {self.url} ({model}) lost a model process: {message}", self.url)
+        return InferenceError(f"Triton at {self.url} ({model}): {message}", self.url)
 
-    def transcribe_many(
-        self,
-        audios: Sequence[np.ndarray],
-        prompt: str | None = None,
-        *,
-        concurrency: int = 8,
-        max_new_tokens: int | None = None,
-        return_exceptions: bool = False,
-    ) -> list:
-        """Texts of many clips, in order, with up to ``concurrency`` requests in flight (the server batches them).
-
-        With ``return_exceptions`` a failed clip's entry is its exception instead of raising the first one.
-        """
-        out = []
-        for r in self.infer_many(audios, prompt, max_new_tokens=max_new_tokens, concurrency=concurrency):
-            if isinstance(r, Exception):
-                if not return_exceptions:
-                    raise r
-                out.append(r)
-            else:
-                out.append(r[0])
-        return out
+    def _timed_out(self, model: str, seconds: float | None = None) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"no answer from Triton at {self.url} ({model}) within {seconds or self.timeout_s:g} s "
+            "(raise the timeout for long clips or a busy server)",
+            self.url,
+        )
 
     # -- streaming ---------------------------------------------------------------------------------
     def stream(
         self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``."""
         if self.protocol == "grpc":
             return self._stream_grpc(audio, prompt, max_new_tokens)
         return self._stream_http(audio, prompt, max_new_tokens)
 
-    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Generator[str, None, None]:
         for result in self.stream_results(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
             text = result.as_numpy("TEXT")
             if text is not None and text.size:
                 piece = text.reshape(-1)[0]
                 yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
 
-    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator:
+    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Generator:
         """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they come,
         up to the one with the final flag."""
         if self.protocol != "grpc":
@@ -462,20 +416,19 @@ class TritonClient:
         client = self._new_client()  # one bidirectional stream per client object: never share it
         finished = False
         try:
-            client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=None)
-            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            try:
+                client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=None)
+                client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            except Exception as e:
+                raise self._request_error(e, model) from None
             while True:
                 try:
                     result, error = results.get(timeout=self.timeout_s)
                 except queue.Empty:
-                    raise TritonClientError(
-                        f"no streamed response from {model} at {self.url} within {self.timeout_s:g} s", self.url
-                    ) from None
+                    raise self._timed_out(model) from None
                 if error is not None:
-                    if self._is_connection_error(error):
-                        raise self._unreachable(error)
-                    message = error.message() if isinstance(error, self._server_exception) else str(error)
-                    raise InferenceError(f"Triton at {self.url} ({model}): {message}", self.url)
+                    finished = True  # an error response ends the request: nothing left to cancel
+                    raise self._request_error(error, model)
                 yield result
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
@@ -496,12 +449,12 @@ class TritonClient:
         client = self._conn()
         try:
             if self.protocol == "grpc":
-                return client.get_model_config(model, as_json=True)["config"]
+                return client.get_model_config(model, as_json=True, **self._check_kwargs())["config"]
             return client.get_model_config(model)
         except Exception as e:
             raise self._request_error(e, model) from None
 
-    def _stream_http(self, audio, prompt, max_new_tokens) -> Iterator[str]:
+    def _stream_http(self, audio, prompt, max_new_tokens) -> Generator[str, None, None]:
         for event in self._events_http(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
             piece = event.get("TEXT")
             if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar
@@ -530,17 +483,31 @@ class TritonClient:
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as e:
-            raise InferenceError(f"Triton at {self.url} ({model}): {_http_error_text(e)}", self.url) from None
+            raise self._refused(_http_error_text(e), model) from None
         except (urllib.error.URLError, OSError) as e:
-            raise self._unreachable(getattr(e, "reason", e)) from None
+            reason = getattr(e, "reason", e)
+            raise (self._timed_out(model) if isinstance(reason, TimeoutError) else self._unreachable(reason)) from None
         with response:
-            for line in response:
+            while True:
+                try:
+                    line = response.readline()  # the timeout bounds each wait for the next event
+                except TimeoutError:
+                    raise self._timed_out(model) from None
+                except OSError as e:
+                    raise self._unreachable(e) from None
+                if not line:
+                    return
                 if not line.startswith(b"data:"):
                     continue
                 event = json.loads(line[5:].strip())
                 if "error" in event:
-                    raise InferenceError(f"Triton at {self.url} ({model}): {event['error']}", self.url)
+                    raise self._refused(event["error"], model)
                 yield event
+
+
+def _busy(message: str) -> bool:
+    """A model's queue is full, or the request waited in it longer than the repository allows."""
+    return "Exceeds maximum queue size" in message or "Request timeout expired" in message
 
 
 def _close_quietly(client) -> None:
@@ -563,6 +530,214 @@ def _http_error_text(error: urllib.error.HTTPError) -> str:
         return json.loads(body).get("error", str(error))
     except Exception:
         return str(error)
+
+
+class _Rotation:
+    """The order to try servers in: round robin, servers that just failed last (for ``DOWN_S`` seconds)."""
+
+    DOWN_S = 5.0
+
+    def __init__(self, n: int):
+        self._next = itertools.count()
+        self._down_until = [0.0] * n
+        self._lock = threading.Lock()
+
+    def order(self) -> list[int]:
+        n = len(self._down_until)
+        with self._lock:
+            start = next(self._next) % n
+        ring = [(start + k) % n for k in range(n)]
+        now = time.monotonic()
+        return [i for i in ring if self._down_until[i] <= now] + [i for i in ring if self._down_until[i] > now]
+
+    def failed(self, i: int) -> None:
+        self._down_until[i] = time.monotonic() + self.DOWN_S
+
+    def answered(self, i: int) -> None:
+        self._down_until[i] = 0.0
+
+
+class TritonClient:
+    """Transcribe through one Triton server or several. One object may be used from many threads.
+
+    ``url``: ``host:port`` of the HTTP endpoints (protocol "http") or gRPC ones ("grpc"), several as a list or
+    comma-separated. Each request goes to the next server in turn; one that gets no answer (see ``RETRYABLE``)
+    is sent to the others before its error is raised. ``timeout_s`` bounds each request (and each wait for the
+    next streamed piece) on each server.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        protocol: str = "http",
+        model: str = DEFAULT_MODEL,
+        *,
+        stream_model: str = DEFAULT_STREAM_MODEL,
+        timeout_s: float = 120.0,
+    ):
+        urls = [u for u in (url.split(",") if isinstance(url, str) else url) if u.strip()]
+        if not urls:
+            raise UsageError(f"no Triton URL given ({url!r})")
+        self.servers = [ServerClient(u, protocol, model, stream_model=stream_model, timeout_s=timeout_s) for u in urls]
+        self.protocol, self.model, self.stream_model = protocol, model, stream_model
+        self.timeout_s = float(timeout_s)
+        self.url = ",".join(s.url for s in self.servers)
+        self._rotation = _Rotation(len(self.servers))
+
+    def _first_answer(self, request: Callable[[ServerClient], T]) -> T:
+        """``request`` on the servers in turn until one answers; the last server's error if none does."""
+        error: TritonClientError | None = None
+        for i in self._rotation.order():
+            try:
+                result = request(self.servers[i])
+            except RETRYABLE as e:
+                self._rotation.failed(i)
+                error = e
+                continue
+            self._rotation.answered(i)
+            return result
+        assert error is not None
+        raise error
+
+    def check(self, model: str | None = None) -> None:
+        """Raise ServerUnreachableError / ModelNotReadyError unless some server can serve ``model`` (default: this
+        client's)."""
+        self._first_answer(lambda s: s.check(model))
+
+    def call(self, model: str, arrays: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """One request to any model of the servers: input arrays by name (batch dimension included) ->
+        the requested outputs by name."""
+        return self._first_answer(lambda s: s.call(model, arrays, outputs))
+
+    def is_decoupled(self, model: str) -> bool:
+        """Whether ``model`` answers a request with a stream of responses (read once from its config)."""
+        return self._first_answer(lambda s: s.is_decoupled(model))
+
+    def model_config(self, model: str) -> dict:
+        """The model's configuration as Triton reports it (JSON form, the same for HTTP and gRPC)."""
+        return self._first_answer(lambda s: s.model_config(model))
+
+    def infer(
+        self, audio, prompt: str | None = None, *, max_new_tokens: int | None = None, with_ids: bool = False
+    ) -> tuple[str, list[int]]:
+        """One clip through this client's model: (text, token ids; the ids only ``with_ids``)."""
+        return self._first_answer(lambda s: s.infer(audio, prompt, max_new_tokens=max_new_tokens, with_ids=with_ids))
+
+    def infer_many(
+        self, audios, prompt: str | None = None, *, max_new_tokens=None, with_ids: bool = False, concurrency: int = 8
+    ) -> list:
+        """``infer`` for many clips, up to ``concurrency`` requests in flight (the servers batch them).
+
+        ``max_new_tokens``: None, one budget, or one per clip. Returns, in order, (text, ids) or the
+        exception of that clip.
+        """
+        if concurrency < 1:
+            raise UsageError("concurrency must be >= 1")
+        n = len(audios)
+        budgets = [None] * n if max_new_tokens is None else token_budgets(max_new_tokens, n)
+
+        def one(i):
+            try:
+                return self.infer(audios[i], prompt, max_new_tokens=budgets[i], with_ids=with_ids)
+            except Exception as e:
+                return e
+
+        with ThreadPoolExecutor(max(1, min(concurrency, n)), thread_name_prefix="triton-client") as pool:
+            return list(pool.map(one, range(n)))
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str:
+        """Text of one 16 kHz mono float32 clip (``prompt``: the user turn; None: the model's default)."""
+        return self.infer(audio, prompt, max_new_tokens=max_new_tokens)[0]
+
+    def transcribe_many(
+        self,
+        audios: Sequence[np.ndarray],
+        prompt: str | None = None,
+        *,
+        concurrency: int = 8,
+        max_new_tokens: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list:
+        """Texts of many clips, in order, with up to ``concurrency`` requests in flight (the servers batch them).
+
+        With ``return_exceptions`` a failed clip's entry is its exception instead of raising the first one.
+        """
+        out = []
+        for r in self.infer_many(audios, prompt, max_new_tokens=max_new_tokens, concurrency=concurrency):
+            if isinstance(r, Exception):
+                if not return_exceptions:
+                    raise r
+                out.append(r)
+            else:
+                out.append(r[0])
+        return out
+
+    def stream(
+        self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``.
+
+        If the server goes away mid-stream, the clip is sent to the next server and its text goes on from
+        where the pieces already delivered end (a server whose text does not continue them is an error).
+        """
+        delivered = ""
+        error: TritonClientError | None = None
+        for i in self._rotation.order():
+            text = ""
+            try:
+                with closing(self.servers[i].stream(audio, prompt, max_new_tokens=max_new_tokens)) as pieces:
+                    for piece in pieces:
+                        text += piece
+                        if len(text) > len(delivered):
+                            if not text.startswith(delivered):
+                                break
+                            piece, delivered = text[len(delivered) :], text
+                            yield piece
+                if text.startswith(delivered):
+                    self._rotation.answered(i)
+                    return
+                raise TritonClientError(
+                    f"Triton at {self.servers[i].url} streamed a different text than the server before it "
+                    "(are they serving the same model?)",
+                    self.servers[i].url,
+                )
+            except RETRYABLE as e:
+                self._rotation.failed(i)
+                error = e
+        assert error is not None
+        raise error
+
+    def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator:
+        """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they
+        come, up to the one with the final flag. Sent to another server only while nothing came back."""
+        error: TritonClientError | None = None
+        for i in self._rotation.order():
+            received = False
+            try:
+                with closing(self.servers[i].stream_results(model, arrays)) as results:
+                    for result in results:
+                        received = True
+                        yield result
+                self._rotation.answered(i)
+                return
+            except RETRYABLE as e:
+                self._rotation.failed(i)
+                if received:
+                    raise
+                error = e
+        assert error is not None
+        raise error
+
+    def close(self) -> None:
+        """Close every connection (do this before stopping a server: open HTTP keep-alives delay its exit)."""
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class TritonBackend:

@@ -15,6 +15,10 @@ from ..errors import ArtifactError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+ENGINE_BUILD = "tensorrt_build"  # what build-engines records: versions, GPU, encoder profile
+# TensorRT plans and TensorRT-LLM engines load only under the TensorRT / TensorRT-LLM version and GPU
+# architecture that built them (unless built version/hardware compatible, which build-engines does not do).
+BUILD_KEYS = {"tensorrt": "TensorRT", "tensorrt_llm": "TensorRT-LLM", "compute_capability": "GPU compute capability"}
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -67,6 +71,38 @@ class Manifest:
     def onnx_graph(self, role: str) -> Path:
         return self.artifact(self.onnx_name(role))
 
+    def engine_build(self) -> dict[str, Any]:
+        """What ``canary-qwen build-engines`` recorded about the engines it built for this export."""
+        if ENGINE_BUILD not in self.data:
+            raise ArtifactError(
+                f"{self.root / MANIFEST} has no record of built engines: build them with `canary-qwen build-engines` "
+                "(it records the TensorRT versions and GPU they need)"
+            )
+        return self.data[ENGINE_BUILD]
+
+
+def installed_version(package: str) -> str | None:
+    """A package's version from its metadata, without importing it (tensorrt_llm takes seconds to import)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_engine_build(recorded: dict[str, Any], found: dict[str, str | None]) -> None:
+    """Raise :class:`ArtifactError` naming every ``BUILD_KEYS`` entry of ``found`` (``None``: not known here, not
+    compared) that differs from what the engines were built with."""
+    differ = [
+        f"{label} {recorded.get(key)} (found {found[key]})"
+        for key, label in BUILD_KEYS.items()
+        if found.get(key) is not None and str(found[key]) != str(recorded.get(key))
+    ]
+    if differ:
+        raise ArtifactError(
+            f"the TensorRT engines were built for {', '.join(differ)}: rebuild them with "
+            "`canary-qwen build-engines` in this environment (see docs/deployment.md)"
+        )
+
 
 def write_manifest(root: Path, data: dict[str, Any]) -> Path:
     path = Path(root) / MANIFEST
@@ -88,3 +124,11 @@ def read_manifest(root) -> Manifest:
             f"{path} has format_version {data.get('format_version')}, this toolkit reads {FORMAT_VERSION}"
         )
     return Manifest(root, data)
+
+
+def record_engine_build(root, record: dict[str, Any]) -> Manifest:
+    """Store ``record`` as the manifest's engine build record (``build-engines`` does)."""
+    manifest = read_manifest(root)
+    data = {k: v for k, v in manifest.data.items() if k != "format_version"}
+    write_manifest(manifest.root, {**data, ENGINE_BUILD: record})
+    return read_manifest(root)

@@ -1,12 +1,14 @@
 """Typed view of a Canary-Qwen (NeMo SALM) checkpoint's ``config.json`` and its LLM config.
 
-Only the fields that change the computation are read; NeMo's defaults apply where the
-checkpoint leaves a field out, so a config written by NeMo and one written by hand agree.
+Only the fields that change the computation are read; where the checkpoint leaves one out, the default is
+the one NeMo (encoder) or transformers (Qwen3) would use, so we compute what they compute. Settings that
+would change the arithmetic in a way this package does not implement are refused, never ignored.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,9 @@ class LlmConfig:
     num_attention_heads: int = 16
     num_key_value_heads: int = 8
     head_dim: int = 128
-    rope_theta: float = 1_000_000.0
+    rope_theta: float = 10_000.0  # transformers' Qwen3Config default; the released model's config says 1e6
     rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # transformers' default; the released model's config says true
     max_position_embeddings: int = 40960
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -81,10 +83,24 @@ class LoraConfig:
     r: int
     lora_alpha: float
     target_modules: tuple[str, ...]
+    use_rslora: bool = False
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        # PEFT's LoraLayer.update_layer: alpha / sqrt(r) with rank-stabilised LoRA, alpha / r otherwise.
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+QWEN3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT LoraConfig fields that change the arithmetic but are not implemented here, with their no-op values.
+LORA_UNSUPPORTED = {
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "bias": "none",
+    "layers_to_transform": None,
+    "lora_bias": False,
+}
 
 
 @dataclass(frozen=True)
@@ -96,7 +112,6 @@ class SalmConfig:
     preprocessor: PreprocessorConfig
     encoder: EncoderConfig
     lora: LoraConfig | None
-    encoder_chunk_size_seconds: float | None
     raw: dict = field(compare=False, repr=False)
 
 
@@ -132,15 +147,18 @@ def parse_salm_config(cfg: dict[str, Any], source: str = "config.json") -> SalmC
             raise CheckpointError(f"{source}: encoder {key}={enc[key]!r} is not supported (expected {want!r})")
     if list(enc.get("att_context_size", [-1, -1])) != [-1, -1]:
         raise CheckpointError(f"{source}: only full-context encoders are supported (att_context_size [-1, -1])")
+    for key, neutral in (("causal_downsampling", False), ("reduction", None), ("global_tokens", 0), ("use_bias", True)):
+        if enc.get(key, neutral) != neutral:
+            raise CheckpointError(f"{source}: encoder {key}={enc[key]!r} is not supported (expected {neutral!r})")
+    if cfg.get("encoder_chunk_size_seconds") is not None:
+        raise CheckpointError(
+            f"{source}: encoder_chunk_size_seconds={cfg['encoder_chunk_size_seconds']!r} (NeMo's chunked encoding) "
+            "is not supported; remove it to encode each clip whole"
+        )
     pre = perception["preprocessor"]
     if pre.get("normalize", "per_feature") != "per_feature":
         raise CheckpointError(f"{source}: preprocessor normalize={pre['normalize']!r} is not supported")
-    lora = None
-    if cfg.get("lora"):
-        lc = cfg["lora"]
-        lora = LoraConfig(
-            r=int(lc["r"]), lora_alpha=float(lc["lora_alpha"]), target_modules=tuple(lc["target_modules"])
-        )
+    lora = _parse_lora(cfg["lora"], source) if cfg.get("lora") else None
     adapter = perception.get("modality_adapter", {})
     output_dim = perception.get("output_dim", adapter.get("d_model"))
     return SalmConfig(
@@ -151,17 +169,55 @@ def parse_salm_config(cfg: dict[str, Any], source: str = "config.json") -> SalmC
         preprocessor=_pick(PreprocessorConfig, pre, {"nfilt": "features", "n_window_size": "window_size"}),
         encoder=_pick(EncoderConfig, enc),
         lora=lora,
-        encoder_chunk_size_seconds=cfg.get("encoder_chunk_size_seconds"),
         raw=cfg,
     )
+
+
+def _parse_lora(lc: dict[str, Any], source: str) -> LoraConfig:
+    targets = lc.get("target_modules")
+    if isinstance(targets, str) or not targets or any(t not in QWEN3_LINEARS for t in targets):
+        raise CheckpointError(
+            f"{source}: lora.target_modules={targets!r} is not supported (a list of {', '.join(QWEN3_LINEARS)})"
+        )
+    for key, neutral in LORA_UNSUPPORTED.items():
+        if lc.get(key, neutral) not in (neutral, None):
+            raise CheckpointError(f"{source}: lora.{key}={lc[key]!r} is not supported")
+    return LoraConfig(
+        r=int(lc["r"]),
+        lora_alpha=float(lc["lora_alpha"]),
+        target_modules=tuple(targets),
+        use_rslora=bool(lc.get("use_rslora", False)),
+    )
+
+
+def _rope(cfg: dict[str, Any], source: str) -> float:
+    """RoPE base as transformers 5 resolves it: ``rope_parameters`` (what transformers 5 writes; it has no
+    top-level ``rope_theta``) over the legacy top-level ``rope_theta``, else Qwen3Config's 10000."""
+    params = cfg.get("rope_parameters") or {}
+    legacy = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: RoPE type {rope_type!r} is not supported (only plain RoPE, 'default')")
+    return float(params.get("rope_theta", cfg.get("rope_theta", LlmConfig.rope_theta)))
 
 
 def parse_llm_config(cfg: dict[str, Any], source: str = "llm config") -> LlmConfig:
     if cfg.get("model_type") not in (None, "qwen3"):
         raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not qwen3")
-    llm = _pick(LlmConfig, cfg)
-    if "head_dim" not in cfg:
-        llm = _pick(LlmConfig, {**cfg, "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"]})
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    if cfg.get("attention_bias", False):
+        raise CheckpointError(f"{source}: attention_bias true is not supported (Qwen3 has none)")
+    # Qwen3Config: a window exists only with use_sliding_window, and applies to the "sliding_attention"
+    # layers (by default those from max_window_layers on).
+    layer_types = cfg.get("layer_types") or []
+    windowed = cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None
+    if windowed and (
+        "sliding_attention" in layer_types
+        or (not layer_types and cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"])
+    ):
+        raise CheckpointError(f"{source}: sliding-window attention layers are not supported")
+    llm = _pick(LlmConfig, {**cfg, "rope_theta": _rope(cfg, source)})
     object.__setattr__(llm, "raw", dict(cfg))
     return llm
 

@@ -26,7 +26,8 @@ def subsampled_lengths(lengths: torch.Tensor, n_convs: int) -> torch.Tensor:
 
 def rel_positional_encoding(length: int, d_model: int, device, dtype) -> torch.Tensor:
     """Sinusoids for relative positions length-1 ... -(length-1): [1, 2*length-1, d_model]."""
-    positions = torch.arange(length - 1, -length, -1, dtype=torch.float32, device=device).unsqueeze(1)
+    # an int64 range cast to float: exported as an integer ONNX Range, the one TensorRT's parser handles well
+    positions = torch.arange(length - 1, -length, -1, device=device).to(torch.float32).unsqueeze(1)
     div_term = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d_model)
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -67,27 +69,41 @@ def _open_weights(path):
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+SHARED_BIAS = re.compile(r"^(perception\.encoder\.layers\.)\d+(\.self_attn\.pos_bias_[uv])$")
+
+
+def _source_key(key: str, present: dict, shared_biases: bool) -> str:
+    """The checkpoint tensor that fills ``key``. With ``untie_biases: false`` NeMo's encoder gives every
+    layer one shared pos_bias_u / pos_bias_v, which ``save_pretrained`` stores once, under layer 0's name;
+    each of our layers reads that copy."""
+    if shared_biases and key not in present:
+        return SHARED_BIAS.sub(r"\g<1>0\g<2>", key)
+    return key
+
+
 def load_state(model: CanaryQwen, weights, source: str, skip: tuple[str, ...] = ()) -> None:
     """Copy tensors from an open safetensors file into ``model``, one at a time (the 2.5B model is
     never held twice). Every key must be known and every shape must match, or nothing is loaded."""
     targets = model.cfg.lora.target_modules if model.cfg.lora else ()
     own = model.state_dict()
-    expected = {checkpoint_key(name, targets): name for name in own}
     shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys() if k not in skip}
+    shared_biases = not model.cfg.encoder.untie_biases
+    sources = [(_source_key(checkpoint_key(name, targets), shapes, shared_biases), name) for name in own]
+    used = {ckpt_name for ckpt_name, _ in sources}
     problems = []
-    missing = sorted(k for k in expected if k not in shapes)
+    missing = sorted(k for k in used if k not in shapes)
     if missing:
         problems.append(f"{len(missing)} missing tensors, e.g. {', '.join(missing[:4])}")
-    unexpected = sorted(k for k in shapes if k not in expected and not k.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(k for k in shapes if k not in used and not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:4])}")
-    for ckpt_name, name in expected.items():
+    for ckpt_name, name in sources:
         if ckpt_name in shapes and shapes[ckpt_name] != tuple(own[name].shape):
             problems.append(f"{ckpt_name}: shape {shapes[ckpt_name]} but the config implies {tuple(own[name].shape)}")
     if problems:
         raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(problems[:6]))
     with torch.no_grad():
-        for ckpt_name, name in expected.items():
+        for ckpt_name, name in sources:
             try:
                 own[name].copy_(weights.get_tensor(ckpt_name))
             except (SafetensorError, RuntimeError) as e:

@@ -25,7 +25,7 @@ _ARRAY = "<array>"  # name used in messages for in-memory audio
 # Extensions libsndfile reads besides its format names (WAV, FLAC, OGG, ...). RAW is left out:
 # headerless PCM needs a rate and sample type that a path alone cannot give.
 _EXTENSION_ALIASES = {"aif", "aifc", "oga", "opus", "snd", "wave"}
-_READABLE_EXTENSIONS = {f.lower() for f in sf.available_formats() if f != "RAW"} | _EXTENSION_ALIASES
+READABLE_EXTENSIONS = {f.lower() for f in sf.available_formats() if f != "RAW"} | _EXTENSION_ALIASES
 
 
 def _too_long(seconds: float, limit: float) -> str:
@@ -159,7 +159,7 @@ def load_audio(
         raise AudioError(path, f"cannot read file: {e.strerror or e}") from e
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as e:
         suffix = p.suffix.lower().lstrip(".")
-        if suffix and suffix not in _READABLE_EXTENSIONS:
+        if suffix and suffix not in READABLE_EXTENSIONS:
             problem = (
                 f"unsupported audio format '.{suffix}' (readable: wav, flac, ogg, mp3, aiff, ...); "
                 f"convert it first, e.g. ffmpeg -i in.{suffix} -ar 16000 -ac 1 out.wav"

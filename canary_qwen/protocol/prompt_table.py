@@ -13,22 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
+from ..precision import Precision
 
 QWEN3_VOCAB_SIZE = 151936  # Qwen3-1.7B config vocab_size (the embedding rows), > tokenizer length 151670
 INT32_MAX = np.iinfo(np.int32).max
 UINT64_MAX = np.iinfo(np.uint64).max
-
-_DTYPE_ALIASES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
 
 
 class PromptTableError(InputError):
@@ -41,16 +31,10 @@ def resolve_dtype(dtype) -> np.dtype:
     bfloat16 is ``ml_dtypes.bfloat16`` (the numpy extension type TensorRT-LLM and ONNX use).
     """
     if isinstance(dtype, str):
-        name = _DTYPE_ALIASES.get(dtype.lower())
-        if name is None:
-            raise PromptTableError(f"unknown table dtype {dtype!r} (bfloat16, float16 or float32)")
-        if name == "bfloat16":
-            try:
-                import ml_dtypes
-            except ImportError as e:  # pragma: no cover - ml_dtypes comes with onnx
-                raise PromptTableError("a bfloat16 table needs the ml_dtypes package (pip install ml_dtypes)") from e
-            return np.dtype(ml_dtypes.bfloat16)
-        return np.dtype(name)
+        try:
+            return Precision.parse(dtype).numpy_dtype
+        except UsageError:
+            raise PromptTableError(f"unknown table dtype {dtype!r} (bfloat16, float16 or float32)") from None
     return np.dtype(dtype)
 
 

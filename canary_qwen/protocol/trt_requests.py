@@ -30,38 +30,31 @@ def tensorrt_llm_inputs(
     pad_id: int,
     streaming: bool = False,
 ) -> dict[str, np.ndarray]:
-    """One Triton request's rows -> the ``tensorrt_llm`` inputs by name, stacked on the batch axis.
+    """One clip's ``tensorrt_llm`` request (batch dimension 1), by input name.
 
-    ``prompt_ids`` [B, L] (one placeholder per row), ``embeddings`` [B, T, H] (the encoder's padded
-    frames, any float dtype), ``lengths`` [B] valid frames per row, ``budgets`` new tokens per row.
-    Rows of one Triton request share their tensor shapes, so their frame counts must be equal.
+    ``prompt_ids`` [1, L] (one placeholder), ``embeddings`` [1, T, H] (the encoder's frames, any float dtype),
+    ``lengths`` [1] valid frames, ``budgets`` [new tokens]. One row only: ``tensorrt_llm`` answers each row of a
+    request as a response of its own, untagged (decoupled), or refuses the request (not decoupled).
     """
-    prompt_ids = np.asarray(prompt_ids).reshape(len(budgets), -1)
-    lengths = np.asarray(lengths).reshape(-1)
-    if len({int(n) for n in lengths}) != 1:
-        raise InputError(
-            f"rows of one request must have the same number of audio frames, got {sorted(set(lengths.tolist()))}; "
-            "send clips of different lengths as separate requests"
+    if len(budgets) != 1:
+        raise InputError(f"one clip per request, got {len(budgets)} rows: send each clip as its own request")
+    ids = np.asarray(prompt_ids).reshape(-1)
+    frames = np.asarray(embeddings)
+    frames = frames.reshape(-1, *frames.shape[-2:])[0]
+    check_prompt_ids(ids, placeholder_id, vocab_size)
+    try:
+        request = prompt_table.build_request(
+            ids.tolist(),
+            frames[: int(np.asarray(lengths).reshape(-1)[0])].astype(np.float32),
+            placeholder_id=placeholder_id,
+            vocab_size=vocab_size,
+            dtype=table_dtype,
         )
-    rows = []
-    for ids, frames, n, budget in zip(prompt_ids, np.asarray(embeddings), lengths, budgets):
-        check_prompt_ids(ids, placeholder_id, vocab_size)
-        try:
-            request = prompt_table.build_request(
-                ids.tolist(),
-                frames[: int(n)].astype(np.float32),
-                placeholder_id=placeholder_id,
-                vocab_size=vocab_size,
-                dtype=table_dtype,
-            )
-        except prompt_table.PromptTableError as e:
-            raise InputError(str(e)) from None
-        rows.append(
-            prompt_table.triton_request_inputs(
-                request, max_new_tokens=budget, end_id=end_id, pad_id=pad_id, streaming=streaming
-            )
-        )
-    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+    except prompt_table.PromptTableError as e:
+        raise InputError(str(e)) from None
+    return prompt_table.triton_request_inputs(
+        request, max_new_tokens=budgets[0], end_id=end_id, pad_id=pad_id, streaming=streaming
+    )
 
 
 def generated_rows(output_ids: np.ndarray, sequence_length: np.ndarray | None, end_id: int) -> list[list[int]]:

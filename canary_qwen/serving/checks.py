@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import SAMPLE_RATE
+from ..defaults import MAX_NEW_TOKENS, SAMPLE_RATE
 from ..errors import InputError
 
-DEFAULT_MAX_NEW_TOKENS = 128
-MAX_NEW_TOKENS_LIMIT = 4096  # a sanity bound on what one request may ask for
+MAX_NEW_TOKENS_LIMIT = 4096  # a sanity bound on what one request may ask for (repositories may set less)
 MAX_PROMPT_TOKENS = 1024
+MAX_PROMPT_BYTES = 64 * MAX_PROMPT_TOKENS  # refused before tokenizing: no 1,024-token prompt is this long
+MIN_AUDIO_SAMPLES = 320  # 20 ms, as the command line refuses shorter clips
+MAX_ABS_SAMPLE = 100.0  # float audio is in [-1, 1]; far beyond that is not audio (and overflows the mel frontend)
 
 
 # -- reading request tensors ------------------------------------------------------------------------
@@ -47,6 +49,13 @@ def check_audio(audio: np.ndarray, max_audio_s: float, name: str = "AUDIO") -> n
     if not finite.all():
         bad = int(audio.size - np.count_nonzero(finite))
         raise InputError(f"{name} contains {bad} NaN/inf samples; send finite float32 values in [-1, 1]")
+    peak = float(np.abs(audio).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise InputError(f"{name} has samples up to {peak:g}; send float32 audio in [-1, 1] (not integer PCM values)")
+    if audio.shape[1] < MIN_AUDIO_SAMPLES:
+        raise InputError(
+            f"{name} is {audio.shape[1]} samples long; send at least {MIN_AUDIO_SAMPLES} (20 ms at 16 kHz)"
+        )
     return audio
 
 
@@ -70,8 +79,10 @@ def read_strings(values: np.ndarray | None, rows: int, name: str = "PROMPT") -> 
     return out
 
 
-def read_budgets(values: np.ndarray | None, rows: int, default: int = DEFAULT_MAX_NEW_TOKENS) -> list[int]:
-    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row, each in 1..MAX_NEW_TOKENS_LIMIT."""
+def read_budgets(
+    values: np.ndarray | None, rows: int, default: int = MAX_NEW_TOKENS, limit: int = MAX_NEW_TOKENS_LIMIT
+) -> list[int]:
+    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row, each in 1..``limit``."""
     if values is None:
         return [default] * rows
     flat = np.asarray(values).reshape(-1)
@@ -81,8 +92,8 @@ def read_budgets(values: np.ndarray | None, rows: int, default: int = DEFAULT_MA
         raise InputError(f"MAX_NEW_TOKENS has {flat.size} values for {rows} rows")
     budgets = [int(v) for v in flat]
     for b in budgets:
-        if not 1 <= b <= MAX_NEW_TOKENS_LIMIT:
-            raise InputError(f"MAX_NEW_TOKENS must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {b}")
+        if not 1 <= b <= limit:
+            raise InputError(f"MAX_NEW_TOKENS must be between 1 and {limit} on this server, got {b}")
     return budgets
 
 
@@ -90,6 +101,8 @@ def encode_prompt(tokenizer, prompt: str | None) -> list[int]:
     """Prompt token ids with the one audio placeholder, or an InputError saying what is wrong."""
     from ..model.prompt import prompt_ids
 
+    if prompt is not None and len(prompt.encode("utf-8", errors="replace")) > MAX_PROMPT_BYTES:
+        raise InputError(f"PROMPT is {len(prompt)} characters long, far over the {MAX_PROMPT_TOKENS}-token limit")
     try:
         ids = prompt_ids(tokenizer, prompt)
     except ValueError as e:

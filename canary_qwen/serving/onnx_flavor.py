@@ -10,12 +10,16 @@ Models (tensor names; shapes without the batch dimension, every model has max_ba
 | ``llm`` | PROMPT_IDS int64 [-1], EMBEDDINGS fp32 [-1, H] (ragged, dynamic batching), MAX_NEW_TOKENS int32 [1] (optional) | OUTPUT_IDS int64 [-1] |
 | ``postprocessing`` | OUTPUT_IDS int64 [-1] | TEXT string [1], TOKEN_IDS int64 [-1] (the ids again) |
 | ``canary_qwen`` (ensemble) | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1], OUTPUT_IDS int64 [-1] |
-| ``llm_stream`` | as ``llm``, decoupled: one OUTPUT_IDS [1] response per token | OUTPUT_IDS int64 [-1] |
-| ``canary_qwen_stream`` (decoupled BLS) | as ``canary_qwen`` | TEXT string [1] pieces, then an empty final response |
+| ``canary_qwen_stream`` (decoupled) | as ``canary_qwen`` (AUDIO ragged, dynamic batching) | TEXT string [1] pieces, then an empty final response |
 
-The last two exist with ``decoupled_streaming=True``. ``llm_stream`` is the llm again with a decoupled
-config: an ensemble that contains a decoupled step counts as decoupled, and Triton's HTTP endpoint and
-gRPC ModelInfer refuse decoupled models, so the ensemble needs a non-decoupled ``llm`` of its own.
+The last exists with ``decoupled_streaming=True``. It does the whole job inside its own process (input
+checks, encoder, decoding, text pieces; ``models/onnx_stream.py``) instead of calling ``encoder`` and a
+decoupled llm: Triton 2.51's python stub corrupted its heap under concurrent streams when model-to-model
+calls were made from threads, and an ensemble does not pass a client's cancellation on to a decoupled step.
+
+Bounds: every python model's queue holds at most ``max_queue`` requests and refuses one that waited longer
+than ``queue_timeout_s``; a request may ask up to ``max_new_tokens_limit`` tokens and send up to
+``max_audio_s`` seconds of audio.
 
 Every artifact a model reads is hard-linked (copied across file systems) into its version folder with
 a ``manifest.json`` of its own, so the repository can be moved or copied as a whole. The model code is
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
@@ -47,17 +52,17 @@ from .repo_files import (
     write_repo_info,
 )
 
-ENCODER, LLM, LLM_STREAM = "encoder", "llm", "llm_stream"
-MODEL_NAMES = (PREPROCESSING, ENCODER, LLM, POSTPROCESSING, ENSEMBLE, LLM_STREAM, STREAM)
+ENCODER, LLM = "encoder", "llm"
+MODEL_NAMES = (PREPROCESSING, ENCODER, LLM, POSTPROCESSING, ENSEMBLE, STREAM)
+RETIRED = ("llm_stream",)  # models of older repositories, removed when a repository is written again
 
 # model -> (code file in canary_qwen.serving.models, artifacts it reads; encoder/decoder: roles, see Manifest.onnx_name)
 _MODEL_FILES = {
     PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
     ENCODER: ("encoder.py", ("encoder",)),
     LLM: ("llm.py", ("decoder", "embed_tokens")),
-    LLM_STREAM: ("llm.py", ("decoder", "embed_tokens")),
     POSTPROCESSING: ("postprocessing.py", ("tokenizer",)),
-    STREAM: ("stream.py", ("tokenizer",)),
+    STREAM: ("onnx_stream.py", ("tokenizer", "encoder", "decoder", "embed_tokens")),
 }
 
 
@@ -109,12 +114,17 @@ def model_configs(
     decoupled_streaming: bool,
     max_audio_s: float,
     max_new_tokens: int,
+    max_new_tokens_limit: int,
+    max_queue: int,
+    queue_timeout_s: float,
     device: str,
     ort_threads: int,
 ) -> dict[str, str]:
     """config.pbtxt text for every model of the repository, by model name."""
     hidden = model["hidden_size"]
     runtime = {"device": device, "ort_threads": ort_threads}
+    budgets = {"max_new_tokens": max_new_tokens, "max_new_tokens_limit": max_new_tokens_limit}
+    queue = (max_queue, round(queue_timeout_s * 1e6))
     llm_in, llm_out = _llm_tensors(hidden)
     configs = {
         PREPROCESSING: python_model(
@@ -122,6 +132,7 @@ def model_configs(
             max_batch,
             audio_inputs(),
             [tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("SAMPLES", "TYPE_FP32", [-1])],
+            queue=queue,
             params={"max_audio_s": max_audio_s},
         ),
         ENCODER: python_model(
@@ -131,6 +142,7 @@ def model_configs(
             [tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden])],
             instances=instances,
             queue_delay_us=queue_delay_us,
+            queue=queue,
             params={"max_audio_s": max_audio_s, **runtime},
         ),
         LLM: python_model(
@@ -140,41 +152,31 @@ def model_configs(
             llm_out,
             instances=instances,
             queue_delay_us=queue_delay_us,
-            params={"max_new_tokens": max_new_tokens, **runtime},
+            queue=queue,
+            params={**budgets, **runtime},
         ),
         POSTPROCESSING: python_model(
             POSTPROCESSING,
             max_batch,
             [tensor("OUTPUT_IDS", "TYPE_INT64", [-1])],
             [tensor("TEXT", "TYPE_STRING", [1]), tensor("TOKEN_IDS", "TYPE_INT64", [-1])],
+            queue=queue,
         ),
         ENSEMBLE: ensemble_config(max_batch),
     }
     if decoupled_streaming:
-        configs[LLM_STREAM] = python_model(
-            LLM_STREAM,
-            max_batch,
-            llm_in,
-            llm_out,
-            instances=instances,
-            queue_delay_us=queue_delay_us,
-            decoupled=True,
-            params={"max_new_tokens": max_new_tokens, **runtime},
-        )
-        stream_in = audio_inputs() + [max_new_tokens_input()]
+        # AUDIO ragged: concurrent streams of different lengths are batched into one decode
+        stream_in = [tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)] + audio_inputs()[1:] + [max_new_tokens_input()]
         configs[STREAM] = python_model(
             STREAM,
             max_batch,
             stream_in,
             [tensor("TEXT", "TYPE_STRING", [1])],
+            instances=instances,
+            queue_delay_us=queue_delay_us,
+            queue=queue,
             decoupled=True,
-            params={
-                "max_audio_s": max_audio_s,
-                "max_new_tokens": max_new_tokens,
-                "encoder_model": ENCODER,
-                "llm_model": LLM_STREAM,
-                "max_streams": 4 * max_batch,
-            },
+            params={"max_audio_s": max_audio_s, **budgets, **runtime},
         )
     return configs
 
@@ -188,27 +190,41 @@ def generate_onnx_repo(
     queue_delay_us: int = 2000,
     decoupled_streaming: bool = True,
     max_audio_s: float | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens_limit: int = 512,
+    max_queue: int = 64,
+    queue_timeout_s: float = 60.0,
     device: str = "cpu",
     ort_threads: int = 0,
 ) -> Path:
     """Write the onnx-flavour model repository for the export in ``export_dir`` to ``out_dir``; returns it.
 
     ``max_batch``: largest batch each model takes (and the ensemble's max_batch_size); ``instances``:
-    instances of encoder / llm / llm_stream; ``queue_delay_us``: how long their dynamic batchers wait to
+    instances of encoder / llm / canary_qwen_stream; ``queue_delay_us``: how long their dynamic batchers wait to
     fill a batch; ``max_audio_s``: longest clip accepted (default: the export's max_audio_s);
-    ``max_new_tokens``: default decoding budget (requests may send MAX_NEW_TOKENS); ``device``: cpu, or
+    ``max_new_tokens``: default decoding budget (requests may send MAX_NEW_TOKENS, up to ``max_new_tokens_limit``:
+    one request decodes alone in its batch for as long as it asks, holding up the others); ``max_queue``: requests
+    each model keeps waiting before it refuses more (the client tries another server); ``queue_timeout_s``: longest
+    wait in a queue before a request is refused (a client has likely given up by then; 0: no limit); ``device``: cpu, or
     cuda with onnxruntime-gpu in the server's Python; ``ort_threads``: intra-op threads per session (0:
     ONNX Runtime's default). Folders of this repository's model names in ``out_dir`` are replaced;
     anything else there is left alone.
     """
-    if max_batch < 1 or instances < 1 or queue_delay_us < 0 or max_new_tokens < 1 or ort_threads < 0:
-        raise UsageError("max_batch, instances and max_new_tokens must be >= 1; queue_delay_us and ort_threads >= 0")
+    if (
+        min(max_batch, instances, max_new_tokens, max_queue) < 1
+        or min(queue_delay_us, ort_threads, queue_timeout_s) < 0
+    ):
+        raise UsageError(
+            "max_batch, instances, max_new_tokens and max_queue must be >= 1; queue_delay_us, ort_threads and "
+            "queue_timeout_s >= 0"
+        )
+    if max_new_tokens > max_new_tokens_limit:
+        raise UsageError(f"max_new_tokens {max_new_tokens} is over max_new_tokens_limit {max_new_tokens_limit}")
     if device != "cpu" and not device.startswith("cuda"):
         raise UsageError(f"device must be cpu or cuda, got {device!r}")
     manifest = read_manifest(export_dir)
     if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", 40.0))
+        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
     if not max_audio_s > 0:
         raise UsageError(f"max_audio_s must be > 0, got {max_audio_s}")
     out = Path(out_dir)
@@ -221,10 +237,13 @@ def generate_onnx_repo(
         decoupled_streaming=decoupled_streaming,
         max_audio_s=max_audio_s,
         max_new_tokens=max_new_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        max_queue=max_queue,
+        queue_timeout_s=queue_timeout_s,
         device=device,
         ort_threads=ort_threads,
     )
-    replace_model_dirs(out, MODEL_NAMES)  # a stale llm_stream / canary_qwen_stream from an earlier run must go too
+    replace_model_dirs(out, MODEL_NAMES + RETIRED)  # a stale canary_qwen_stream from an earlier run must go too
     # The encoder and decoder the export has ONNX Runtime run (fp16, int8, int4 where it chose one).
     files = {
         model: (code, tuple(manifest.onnx_name(a) if a in ("encoder", "decoder") else a for a in artifacts))
@@ -243,6 +262,9 @@ def generate_onnx_repo(
             "decoupled_streaming": decoupled_streaming,
             "max_audio_s": max_audio_s,
             "max_new_tokens": max_new_tokens,
+            "max_new_tokens_limit": max_new_tokens_limit,
+            "max_queue": max_queue,
+            "queue_timeout_s": queue_timeout_s,
             "device": device,
             "ort_threads": ort_threads,
         },

@@ -40,13 +40,21 @@ def params_block(params: dict) -> str:
 
 
 def python_model(
-    name, max_batch, inputs, outputs, *, instances=1, queue_delay_us=None, decoupled=False, params=None
+    name, max_batch, inputs, outputs, *, instances=1, queue_delay_us=None, queue=None, decoupled=False, params=None
 ) -> str:
+    """``queue``: (max_queue_size, timeout_us) for the dynamic batcher's queue; a request beyond the size, or
+    waiting longer than the timeout (0: no limit), is refused at once ("Exceeds maximum queue size",
+    "Request timeout expired") instead of piling up behind the others."""
     text = f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
     if decoupled:
         text += "model_transaction_policy { decoupled: true }\n"
-    if queue_delay_us is not None:
-        text += f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+    if queue_delay_us is not None or queue is not None:
+        policy = ""
+        if queue is not None:
+            size, timeout_us = queue
+            policy = f" default_queue_policy {{ max_queue_size: {size} timeout_action: REJECT"
+            policy += f" default_timeout_microseconds: {timeout_us} }}" if timeout_us else " }"
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us or 0}{policy} }}\n"
     text += io_block("input", inputs) + io_block("output", outputs)
     text += f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]\n"
     return text + params_block(params or {})

@@ -6,10 +6,15 @@ ordinary model repository: ensembles, decoupled streaming, our own config.pbtxt 
 Everything the binary needs that a plain ``pip install`` does not set up is done here: a backend
 folder with the stub for this interpreter, PATH so the stub embeds *this* Python (and its
 site-packages), LD_LIBRARY_PATH for the wheel's vendored libraries and for the matching libpython.
+
+Triton 2.51 does not notice when a python model's process (its "stub") dies: the model stays "ready" and
+every request to it fails. ``TritonServer.dead_stubs`` finds such processes; ``serve_forever`` stops the
+server and exits with ``DEAD_STUB_EXIT`` when one dies, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import re
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +42,9 @@ MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 _instance_ids = itertools.count()
 _ERROR_LINE = re.compile(r"^E\d{4} ")
 _BENIGN = ("CudaDriverHelper has not been initialized",)  # logged on every CPU-only start
+DEAD_STUB_EXIT = 3  # serve_forever's exit code when a model's python process died
+_PR_SET_PDEATHSIG = 1
+STUB_BINARY = b"triton_python_backend_stub"
 
 
 class TritonNotFoundError(BackendUnavailable):
@@ -176,7 +185,9 @@ class TritonServer:
 
     Ports left as None are picked free ones. Everything binds to ``host`` (loopback by default).
     The process runs in its own process group so a Ctrl-C in the terminal reaches us, not it, and
-    we can shut it down in order (SIGTERM, then SIGKILL for the whole group on timeout).
+    we can shut it down in order (SIGTERM, then SIGKILL for the whole group on timeout). Started from the
+    main thread on Linux, it also gets SIGTERM when this process dies, however it dies (kill -9 included),
+    and then unloads its models, frees its shared memory and exits instead of living on with the ports.
     """
 
     def __init__(
@@ -216,6 +227,7 @@ class TritonServer:
         self.log_path = self.work_dir / "tritonserver.log"
         self._shm_prefix = f"canary_qwen_{os.getpid()}_{next(_instance_ids)}_"  # two servers never share shm names
         self.process: subprocess.Popen | None = None
+        self._stubs: list[Stub] = []
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -263,6 +275,13 @@ class TritonServer:
         _check_numpy()
         if self._own_backend:
             prepare_backend_dir(self.backend_dir, self.triton)
+        # The python stubs ignore PYTHONPATH and put their working directory (work_dir) first on sys.path: link
+        # the canary_qwen this process runs there, so the models run the same code (a checkout's, say).
+        package, ours = self.work_dir / "canary_qwen", Path(__file__).resolve().parent.parent
+        if package.is_symlink() and package.resolve() != ours:  # a work_dir used before by another copy
+            package.unlink()
+        if not package.exists():
+            package.symlink_to(ours, target_is_directory=True)
         auto_ports = None in self._ports
         try:
             for attempt in range(3 if auto_ports else 1):
@@ -291,6 +310,7 @@ class TritonServer:
                 env=server_env(self.triton),
                 cwd=self.work_dir,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent(),
             )
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://{self.http_url}/v2/health/ready"
@@ -303,6 +323,7 @@ class TritonServer:
                     f"tritonserver exited with code {code} during start-up (log: {self.log_path}):\n{self.log_tail()}"
                 )
             if _ready(url):
+                self._stubs = python_stubs(self.process.pid)
                 return
             if time.monotonic() > deadline:
                 raise TritonStartError(
@@ -312,6 +333,16 @@ class TritonServer:
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def dead_stubs(self) -> list[Stub]:
+        """The python model processes that died since the last call while their model is still reported ready
+        (a model unloaded on purpose is not ready any more). Every request to such a model fails."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        running = python_stubs(self.process.pid)
+        gone = [s for s in self._stubs if s not in running]
+        self._stubs = running
+        return [s for s in gone if _ready(f"http://{self.http_url}/v2/models/{s.model}/ready")]
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM, wait up to ``timeout`` (default exit_timeout + 5 s), then SIGKILL the process group.
@@ -372,6 +403,52 @@ def _ready(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Stub:
+    """A python backend stub process: the process that runs one instance of a python model."""
+
+    pid: int
+    model: str
+    instance: str  # Triton's instance name, e.g. llm_0_0
+
+
+def python_stubs(server_pid: int) -> list[Stub]:
+    """The running python stubs of the tritonserver with pid ``server_pid`` (read from /proc; [] elsewhere)."""
+    stubs = []
+    for pid in _children(server_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # stub argv (python_backend stub_launcher.cc): binary, model.py path, shm region, shm sizes, parent pid,
+        # backend dir, ipc handle, instance name, ...
+        if argv[0].endswith(STUB_BINARY) and len(argv) > 8:
+            stubs.append(Stub(pid, Path(os.fsdecode(argv[1])).parent.parent.name, os.fsdecode(argv[8])))
+    return stubs
+
+
+def _children(pid: int) -> list[int]:
+    """Running (not zombie) child processes of ``pid``."""
+    kids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            kids.append(int(entry.name))
+    return kids
+
+
+def _terminate_with_parent():
+    """A preexec_fn that has the kernel send SIGTERM to the child when the thread that started it exits (so only
+    used from the main thread: a worker thread ends long before the process). None where prctl is not available."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _killpg(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -383,7 +460,8 @@ def serve_forever(repo_dir: str | os.PathLike, *, out=None, **server_kwargs) -> 
     """Serve ``repo_dir`` until Ctrl-C or SIGTERM (for ``canary-qwen serve``); returns an exit code.
 
     ``server_kwargs`` go to :class:`TritonServer`. Returns 0 after a requested shutdown, 1 if the
-    server died on its own (its log tail goes to stderr).
+    server died on its own (its log tail goes to stderr), ``DEAD_STUB_EXIT`` after a model's python
+    process died (the server is stopped: Triton 2.51 would keep answering with errors and report ready).
     """
     out = out or sys.stdout
     stop_requested = False
@@ -410,6 +488,17 @@ def serve_forever(repo_dir: str | os.PathLike, *, out=None, **server_kwargs) -> 
                     f"tritonserver exited unexpectedly (log: {server.log_path}):\n{server.log_tail()}", file=sys.stderr
                 )
                 return 1
+            dead = server.dead_stubs()
+            if dead:
+                names = ", ".join(f"{s.instance} (pid {s.pid})" for s in dead)
+                print(
+                    f"error: the python process of model instance {names} died and Triton does not restart it; "
+                    f"stopping the server (exit code {DEAD_STUB_EXIT}) so that a supervisor can restart it "
+                    f"(log: {server.log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return DEAD_STUB_EXIT
             time.sleep(0.2)
         print("shutting down ...", file=out, flush=True)
         return 0

@@ -33,11 +33,13 @@ keeps it callable by plain HTTP/gRPC infer, without ``canary_qwen_stream``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from ..backends.trt import default_engine_paths, engine_limits, read_engine_config
+from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
+from ..export.tensorrt.llm_engine import default_engine_paths, engine_limits, read_engine_config
+from ..precision import Precision
 from .config_check import check_ensemble
 from .repo_files import (
     ENSEMBLE,
@@ -62,7 +64,6 @@ from .repo_files import (
 ENCODER, TENSORRT_LLM, PROMPT_TABLE = "encoder", "tensorrt_llm", "prompt_table"
 MODEL_NAMES = (PREPROCESSING, ENCODER, PROMPT_TABLE, TENSORRT_LLM, POSTPROCESSING, ENSEMBLE, STREAM)
 ENCODER_PLAN = "model.plan"
-TRITON_DTYPES = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # as in the template
 
 # (name, data_type, dims, reshape_to_scalar, optional, allow_ragged_batch), in the template's order.
@@ -163,11 +164,7 @@ def _flag(value: bool) -> str:
 
 
 def _triton_dtype(dtype: str) -> str:
-    if dtype in TRITON_DTYPES.values():
-        return dtype
-    if dtype not in TRITON_DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(TRITON_DTYPES)}, got {dtype!r}")
-    return TRITON_DTYPES[dtype]
+    return Precision.parse(dtype).triton_type
 
 
 def encoder_config(
@@ -221,7 +218,7 @@ def tensorrt_llm_config(
     instances: int = 1,
     queue_delay_us: int = 0,
     max_queue_size: int = 0,
-    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FRACTION,
     enable_kv_cache_reuse: bool = True,
     batching_strategy: str = "inflight_fused_batching",
     batch_scheduler_policy: str = "max_utilization",
@@ -241,6 +238,11 @@ def tensorrt_llm_config(
     ``gpu_device_ids``, ';'-separated per instance). ``enable_kv_cache_reuse`` needs an engine with paged
     context FMHA, and every request with a prompt table must then send ``prompt_table_extra_ids``.
     """
+    if not PurePosixPath(engine_dir).is_absolute():
+        raise UsageError(
+            f"the engine folder as the server sees it must be an absolute path, got {engine_dir!r} "
+            "(tensorrt_llm does not resolve gpt_model_path against the model repository)"
+        )
     if batching_strategy not in ("inflight_fused_batching", "inflight_batching", "V1"):
         raise UsageError(
             f"batching_strategy must be inflight_fused_batching, inflight_batching or V1, got {batching_strategy!r}"
@@ -284,6 +286,10 @@ def tensorrt_llm_config(
         "enable_chunked_context": _flag(enable_chunked_context),
         "exclude_input_in_output": _flag(exclude_input_in_output),
         "executor_worker_path": EXECUTOR_WORKER,
+        # read with no default by the 1.2 backend (a missing key fails the load); empty: guided decoding off
+        "tokenizer_dir": "",
+        "xgrammar_tokenizer_info_path": "",
+        "guided_decoding_backend": "",
     }
     if max_tokens_in_paged_kv_cache is not None:
         params["max_tokens_in_paged_kv_cache"] = int(max_tokens_in_paged_kv_cache)
@@ -324,6 +330,7 @@ def _python_configs(
     max_audio_s,
     max_new_tokens,
     decoupled_streaming,
+    min_samples,
 ) -> dict[str, str]:
     table_outputs = [
         tensor(n, table_type if t == "table" else t, [hidden if d == "H" else d for d in dims])
@@ -339,7 +346,8 @@ def _python_configs(
                 tensor("SAMPLES", "TYPE_FP32", [-1]),
                 tensor("AUDIO_LENGTH", "TYPE_INT64", [1]),
             ],
-            params={"max_audio_s": max_audio_s},
+            # one clip per request; clips padded up to the encoder plan's profile minimum
+            params={"max_audio_s": max_audio_s, "min_samples": min_samples, "rows_per_request": 1},
         ),
         PROMPT_TABLE: python_model(
             PROMPT_TABLE,
@@ -378,6 +386,7 @@ def _python_configs(
                 "llm_model": TENSORRT_LLM,
                 "prompt_table_model": PROMPT_TABLE,
                 "max_streams": 4 * max_batch,
+                "min_samples": min_samples,
             },
         )
     return configs
@@ -446,23 +455,26 @@ def generate_trt_repo(
     queue_delay_us: int = 1000,
     decoupled_streaming: bool = True,
     max_audio_s: float | None = None,
-    max_new_tokens: int = 128,
-    kv_cache_free_gpu_mem_fraction: float = 0.9,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FRACTION,
     enable_kv_cache_reuse: bool = True,
-    served_llm_engine_dir: str | None = None,
+    engine_dir_in_server: str = ENGINE_DIR_IN_SERVER,
 ) -> Path:
     """Write the trt-flavour model repository for ``export_dir`` (with engines from ``canary-qwen
     build-engines``: ``EXPORT/trt/encoder.plan`` and ``EXPORT/trt/llm_engine/``, or ``engines_dir``
     holding the same names) to ``out_dir``; returns it.
 
     The engines are hard-linked (copied across file systems) into the repository: the plan as
-    ``encoder/1/model.plan``, the LLM engine into ``tensorrt_llm/1/``. ``tensorrt_llm`` finds its engine
-    by absolute path (``gpt_model_path``): by default where it was written; pass
-    ``served_llm_engine_dir`` for where the server sees it (e.g. ``/models/tensorrt_llm/1`` in a container).
+    ``encoder/1/model.plan``, the LLM engine into ``tensorrt_llm/1/``. ``tensorrt_llm`` opens its engine
+    by absolute path (``gpt_model_path``): ``engine_dir_in_server`` is that folder as the server sees it, by
+    default ``/models/tensorrt_llm/1`` (the repository mounted at ``/models``); a server started on the
+    repository where it is written needs the absolute ``OUT_DIR/tensorrt_llm/1`` instead. The export's engine
+    build record (``build-engines``) gives the encoder plan's profile minimum the clips are padded to.
     ``max_batch`` defaults to, and may not exceed, the LLM engine's max batch size.
     """
     manifest = read_manifest(export_dir)
     plan, llm = _engines(export_dir, engines_dir)
+    min_samples = int(manifest.engine_build()["encoder_profile"]["min_samples"])
     limits = engine_limits(read_engine_config(llm))
     max_batch = limits.max_batch_size if max_batch is None else max_batch
     if not 1 <= max_batch <= limits.max_batch_size:
@@ -471,7 +483,7 @@ def generate_trt_repo(
         )
     if encoder_instances < 1 or llm_instances < 1 or queue_delay_us < 0 or max_new_tokens < 1:
         raise UsageError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
-    max_audio_s = float(manifest.data.get("max_audio_s", 40.0)) if max_audio_s is None else float(max_audio_s)
+    max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S)) if max_audio_s is None else float(max_audio_s)
     frames = math.ceil(max_audio_s * manifest.model["frames_per_second"])
     if frames > limits.max_prompt_vocab_size:
         raise UsageError(
@@ -499,6 +511,7 @@ def generate_trt_repo(
         max_audio_s=max_audio_s,
         max_new_tokens=max_new_tokens,
         decoupled_streaming=decoupled_streaming,
+        min_samples=min_samples,
     )
     configs[ENCODER] = encoder_config(
         max_batch=max_batch,
@@ -508,7 +521,7 @@ def generate_trt_repo(
         embeddings_dtype=embeddings_dtype,
     )
     configs[TENSORRT_LLM] = tensorrt_llm_config(
-        engine_dir=served_llm_engine_dir or str(engine_home.resolve()),
+        engine_dir=engine_dir_in_server,
         max_batch=max_batch,
         engine_dtype=limits.dtype,
         decoupled=decoupled_streaming,
@@ -539,6 +552,8 @@ def generate_trt_repo(
             "vocab_size": limits.vocab_size,
             "llm_engine": str(llm.resolve()),
             "encoder_plan": str(plan.resolve()),
+            "engine_dir_in_server": engine_dir_in_server,
+            "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
         },
         counts,
     )

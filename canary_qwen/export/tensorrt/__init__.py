@@ -28,3 +28,20 @@ def import_tensorrt():
 def import_tensorrt_llm():
     """``import tensorrt_llm`` or a MissingDependencyError naming TensorRT-LLM 1.2.x."""
     return import_optional("tensorrt_llm", TENSORRT_LLM_REQUIREMENT)
+
+
+def tensorrt_environment(device=0) -> dict:
+    """What TensorRT engines depend on here, keyed as the manifest's engine build record: the installed TensorRT
+    and TensorRT-LLM versions and the GPU's compute capability ("9.0"; ``None`` without a visible GPU)."""
+    import torch
+
+    from ..manifest import installed_version
+
+    capability = None
+    if torch.cuda.is_available():
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    return {
+        "tensorrt": installed_version("tensorrt"),
+        "tensorrt_llm": installed_version("tensorrt_llm"),
+        "compute_capability": capability,
+    }

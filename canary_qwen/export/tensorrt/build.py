@@ -10,13 +10,14 @@ TensorRT encoder graph, bf16 when exported with ``--precision bf16``) and ``EXPO
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from ...defaults import MAX_NEW_TOKENS, SAMPLE_RATE
 from ...errors import UsageError
 from ...precision import Precision
-from ..manifest import read_manifest
-from . import import_tensorrt, import_tensorrt_llm
+from ..manifest import ENGINE_BUILD, read_manifest, record_engine_build
+from . import import_tensorrt, import_tensorrt_llm, tensorrt_environment
 from .llm_engine import default_engine_paths
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ def build_engines(
     ``canary-qwen quantize`` method whose TensorRT-LLM checkpoint the LLM engine is built from."""
     log = log or logger.info
     from .encoder_engine import build_encoder_engine
+
+    """Build what ``only`` names ("encoder", "llm") or both; returns the paths written.
+
+    Records in the manifest what loading the engines needs: the TensorRT and TensorRT-LLM versions, the GPU's
+    compute capability and the encoder plan's profile (the trt backend and the trt flavour check them).
+    """
+    from .encoder_engine import EncoderProfile
     from .llm_engine import build_llm_engine
 
     if only not in (None, "encoder", "llm"):
@@ -52,20 +60,23 @@ def build_engines(
         raise UsageError(f"max_batch must be >= 1, got {max_batch}")
     paths = default_engine_paths(export_dir)
     built = {}
+    record = dict(manifest.data.get(ENGINE_BUILD, {}))
     if only in (None, "encoder"):
         onnx_path = manifest.artifact(manifest.data.get("trt_encoder", "encoder"))
         log(
             f"building the TensorRT encoder from {onnx_path.name} (batch <= {max_batch}, clips <= {manifest.data['max_audio_s']} s)"
         )
-        built["encoder"] = build_encoder_engine(
-            onnx_path,
-            paths["encoder"],
+        max_samples = int(manifest.data["max_audio_s"] * SAMPLE_RATE)
+        profile = EncoderProfile(
             opt_batch=max(1, max_batch // 2),
             max_batch=max_batch,
-            opt_samples=min(10 * SAMPLE_RATE, int(manifest.data["max_audio_s"] * SAMPLE_RATE)),
-            max_samples=int(manifest.data["max_audio_s"] * SAMPLE_RATE),
-            timing_cache_path=timing_cache,
+            opt_samples=min(10 * SAMPLE_RATE, max_samples),
+            max_samples=max_samples,
         )
+        built["encoder"] = build_encoder_engine(
+            onnx_path, paths["encoder"], timing_cache_path=timing_cache, **asdict(profile)
+        )
+        record["encoder_profile"] = asdict(profile)
     if only in (None, "llm"):
         dtype = Precision.parse(manifest.data["precision"]).long_name
         quantized_checkpoint = None
@@ -94,4 +105,6 @@ def build_engines(
             quantized_checkpoint=quantized_checkpoint,
             log=log,
         )
+        record["llm_quantization"] = quantized  # None: built from llm_merged as it is
+    record_engine_build(export_dir, {**record, **tensorrt_environment()})
     return built

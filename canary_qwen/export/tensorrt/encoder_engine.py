@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ...defaults import MAX_WINDOW_S, SAMPLE_RATE
 from ...errors import ExternalToolError, UsageError
 from . import import_tensorrt
@@ -53,6 +55,15 @@ class EncoderProfile:
             ),
             "audio_lengths": ((self.min_batch,), (self.opt_batch,), (self.max_batch,)),
         }
+
+
+def pad_to_min_samples(audio: np.ndarray, min_samples: int) -> np.ndarray:
+    """[B, S] samples zero-padded on the right to at least ``min_samples`` (the plan's profile minimum: TensorRT
+    refuses shorter inputs). The graph reads only the first ``audio_lengths`` samples of each row, so the valid
+    frames come out as for the clip itself. The trt runner, the trt flavour's Triton models and the embeddings
+    client all pad with this."""
+    short = int(min_samples) - audio.shape[1]
+    return np.pad(audio, ((0, 0), (0, short))) if short > 0 else audio
 
 
 def build_encoder_engine(

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from ...defaults import MAX_NEW_TOKENS
 from ...errors import ArtifactError, ExternalToolError, MissingDependencyError, UsageError
+from ...precision import Precision
 from . import TENSORRT_LLM_REQUIREMENT, import_tensorrt_llm
 
 logger = logging.getLogger(__name__)
 
 TRTLLM_VERSION = "1.2"
-ENGINE_DTYPES = ("bfloat16", "float16", "float32")
 # Where convert_checkpoint.py for qwen sits under an examples/ folder: 1.x layout, then the pre-0.19 one.
 CONVERT_SCRIPT_PATHS = ("models/core/qwen/convert_checkpoint.py", "qwen/convert_checkpoint.py")
 NGC_EXAMPLES_DIR = Path("/app/tensorrt_llm/examples")  # NGC tensorrt-llm release containers
@@ -138,8 +138,7 @@ def trtllm_build_commands(
     chunked context) and the GEMM plugin in the model dtype. With ``quantized_checkpoint`` (a TensorRT-LLM
     checkpoint from ``canary-qwen quantize``) there is nothing to convert: [trtllm-build command] only.
     """
-    if dtype not in ENGINE_DTYPES:
-        raise UsageError(f"dtype must be one of {', '.join(ENGINE_DTYPES)}, got {dtype!r}")
+    dtype = Precision.parse(dtype).long_name  # trtllm-build and convert_checkpoint.py take the long names
     sizes = engine_sizes(
         max_batch=max_batch,
         max_audio_frames=max_audio_frames,

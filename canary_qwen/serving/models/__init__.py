@@ -9,9 +9,10 @@ and ``canary_qwen.protocol.trt_requests``; ``responses.py`` is their common per-
 | --- | --- | --- |
 | preprocessing.py | preprocessing | AUDIO + PROMPT -> SAMPLES (the audio, checked) + PROMPT_IDS |
 | encoder.py | encoder | AUDIO -> EMBEDDINGS; dynamic ragged batching, one ONNX Runtime run per batch |
-| llm.py | llm, llm_stream | PROMPT_IDS + EMBEDDINGS (+ MAX_NEW_TOKENS) -> OUTPUT_IDS; one greedy decode per batch; streams tokens when decoupled |
+| llm.py | llm | PROMPT_IDS + EMBEDDINGS (+ MAX_NEW_TOKENS) -> OUTPUT_IDS; one greedy decode per batch |
 | postprocessing.py | postprocessing | OUTPUT_IDS -> TEXT (+ the ids again as TOKEN_IDS) |
-| stream.py | canary_qwen_stream | decoupled BLS: encoder + llm_stream, TEXT pieces as tokens arrive |
+| onnx_stream.py | canary_qwen_stream | decoupled: checks, encoder and one greedy decode per batch in its own process, TEXT pieces as tokens come; a cancelled stream stops |
+| stream.py | (base of trt_stream.py) | decoupled BLS from worker threads: encoder + a decoupled LLM model, TEXT pieces as tokens arrive |
 | prompt_table.py | prompt_table (trt) | PROMPT_IDS + EMBEDDINGS -> the tensorrt_llm request: fake ids, prompt embedding table, extra ids |
 | trt_stream.py | canary_qwen_stream (trt) | stream.py over the TensorRT encoder, prompt_table and a decoupled tensorrt_llm |
 

@@ -6,6 +6,8 @@ prompt_embedding_table in the engine's dtype, prompt_vocab_size, prompt_table_ex
 hash, so equal clips may share KV-cache blocks) and the scalars ``tensorrt_llm`` needs
 (``canary_qwen.protocol.trt_requests.tensorrt_llm_inputs``). bf16 tensors travel through DLPack
 (numpy has no bf16), so this model needs torch, which the NGC Triton + TensorRT-LLM containers have.
+It refuses to load when the server's TensorRT or TensorRT-LLM is not the one the engines were built with
+(the manifest's build record; the GPU's compute capability is not checked here, to keep CUDA out of this stub).
 """
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from canary_qwen.export.manifest import read_manifest
+from canary_qwen.export.manifest import check_engine_build, installed_version, read_manifest
 from canary_qwen.protocol.trt_requests import tensorrt_llm_inputs
 from canary_qwen.serving.checks import model_parameters, read_budgets
 from canary_qwen.serving.models.responses import respond_each
@@ -34,7 +36,9 @@ def _output(name: str, array: np.ndarray):
 class TritonPythonModel:
     def initialize(self, args):
         _, params, version_dir = model_parameters(args)
-        info = read_manifest(version_dir).model
+        manifest = read_manifest(version_dir)
+        check_engine_build(manifest.engine_build(), {p: installed_version(p) for p in ("tensorrt", "tensorrt_llm")})
+        info = manifest.model
         self.settings = dict(
             placeholder_id=info["placeholder_id"],
             end_id=info["eos_id"],

@@ -1,12 +1,15 @@
-"""Triton python model ``canary_qwen_stream``: decoupled BLS, same interface as the ``canary_qwen`` ensemble.
+"""Decoupled BLS streaming model, the base of the trt flavour's ``canary_qwen_stream`` (``trt_stream``); same
+interface as the ``canary_qwen`` ensemble.
 
 AUDIO [S] float32 (+ optional PROMPT, MAX_NEW_TOKENS) -> a stream of TEXT pieces, then an empty
 response carrying the final flag. The pieces join to exactly the ensemble's TEXT.
 
 Each request is handled on a worker thread, so ``execute`` returns at once and many streams run
-together: the audio goes to ``encoder`` and the embeddings to ``llm_stream`` (the llm with a
-decoupled config) through BLS, and both batch concurrent streams with their dynamic batchers.
+together: the audio goes to the encoder and the embeddings to a decoupled LLM model through BLS.
 Token ids are turned into text pieces as they arrive (``serving.TextStream``).
+Caution: with Triton 2.51's python backend (the bundled server), BLS calls made from these threads under
+16+ concurrent streams corrupted the stub's heap (glibc aborts, measured); the onnx flavour no longer uses
+this model (``onnx_stream``). Whether newer python backends (the TensorRT-LLM containers) are safe is unverified.
 """
 
 import traceback
@@ -15,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.defaults import MAX_NEW_TOKENS
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.checks import (
@@ -47,7 +51,7 @@ class TritonPythonModel:
         self.max_audio_s = float(params["max_audio_s"])
         self.encoder_model = params.get("encoder_model", "encoder")
         self.llm_model = params.get("llm_model", "llm_stream")
-        self.default_budget = int(params.get("max_new_tokens", "128"))
+        self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_streams", "32")), thread_name_prefix="stream")
         self.logger = pb_utils.Logger
 

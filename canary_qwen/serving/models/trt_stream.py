@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from canary_qwen.decoding import until_eos
 from canary_qwen.export.manifest import read_manifest
+from canary_qwen.export.tensorrt.encoder_engine import pad_to_min_samples
 from canary_qwen.serving.checks import model_parameters
 from canary_qwen.serving.models.stream import ComposingModelError
 from canary_qwen.serving.models.stream import TritonPythonModel as StreamModel
@@ -38,12 +39,13 @@ class TritonPythonModel(StreamModel):
         _, params, version_dir = model_parameters(args)
         self.prompt_table_model = params["prompt_table_model"]
         self.eos_id = read_manifest(version_dir).model["eos_id"]
+        self.min_samples = int(params["min_samples"])  # the encoder plan's profile minimum
 
     def _token_arrays(self, audio, ids, budget):
         encoded = self._bls(
             self.encoder_model,
             [
-                pb_utils.Tensor("audio", audio),
+                pb_utils.Tensor("audio", pad_to_min_samples(audio, self.min_samples)),
                 pb_utils.Tensor("audio_lengths", np.array([[audio.shape[1]]], dtype=np.int64)),
             ],
             ["embeddings", "embedding_lengths"],
@@ -61,7 +63,8 @@ class TritonPythonModel(StreamModel):
         inputs = [pb_utils.get_output_tensor_by_name(table, name) for name in TABLE_INPUTS]
         inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
         ended = False
-        for response in self._bls(self.llm_model, inputs, ["output_ids"], decoupled=True):
+        # tensorrt_llm answers a request that does not ask for both with an error
+        for response in self._bls(self.llm_model, inputs, ["output_ids", "sequence_length"], decoupled=True):
             if response.has_error():
                 raise ComposingModelError(response.error().message())
             tokens = pb_utils.get_output_tensor_by_name(response, "output_ids")

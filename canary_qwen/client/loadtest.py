@@ -1,0 +1,128 @@
+"""Load test of running Canary-Qwen Triton servers: many concurrent clients for a while, then latency
+percentiles and errors by kind (``canary-qwen client loadtest``).
+
+Each of ``concurrency`` workers sends one request after another, taking the clips in turn; a share of
+them are streams (``stream_share``), timed to the first piece and to the end. The clients are
+:class:`~canary_qwen.client.triton.TritonClient` objects, so several servers and the failover are load
+tested as users get them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..defaults import SAMPLE_RATE
+from ..errors import UsageError
+from .triton import TritonClient
+
+
+@dataclass
+class LoadReport:
+    concurrency: int
+    wall_s: float = 0.0
+    audio_s: float = 0.0  # audio transcribed by the requests that succeeded
+    latencies_s: list[float] = field(default_factory=list)  # whole request, successful ones
+    first_piece_s: list[float] = field(default_factory=list)  # streams: time to the first text piece
+    streams: int = 0
+    errors: Counter = field(default_factory=Counter)  # error class name -> count
+    error_examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_s) + sum(self.errors.values())
+
+    def as_dict(self) -> dict:
+        def ms(values, q):
+            return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "ok": len(self.latencies_s),
+            "streams": self.streams,
+            "errors": dict(self.errors),
+            "wall_s": round(self.wall_s, 2),
+            "requests_per_s": round(self.requests / self.wall_s, 2) if self.wall_s else None,
+            "rtfx": round(self.audio_s / self.wall_s, 1) if self.wall_s else None,
+            "latency_ms": {
+                "p50": ms(self.latencies_s, 50),
+                "p90": ms(self.latencies_s, 90),
+                "p99": ms(self.latencies_s, 99),
+            },
+            "first_piece_ms": {"p50": ms(self.first_piece_s, 50), "p99": ms(self.first_piece_s, 99)},
+        }
+
+
+def run_load(
+    client: TritonClient,
+    clips: Sequence[np.ndarray],
+    *,
+    concurrency: int = 8,
+    duration_s: float = 30.0,
+    stream_share: float = 0.0,
+    max_new_tokens: int | None = None,
+) -> LoadReport:
+    """``concurrency`` workers send requests for ``duration_s`` seconds (each finishes the one it started)."""
+    if not clips or concurrency < 1 or duration_s <= 0 or not 0 <= stream_share <= 1:
+        raise UsageError("a load test needs clips, concurrency >= 1, a duration > 0 and a stream share in [0, 1]")
+    report = LoadReport(concurrency)
+    lock = threading.Lock()
+    turn = iter(range(1 << 62))
+    end = time.monotonic() + duration_s
+
+    def worker(w: int) -> None:
+        while time.monotonic() < end:
+            with lock:
+                k = next(turn)
+            clip = clips[k % len(clips)]
+            stream = int((k + 1) * stream_share) > int(k * stream_share)  # streams spread evenly over the requests
+            start = time.monotonic()
+            first = None
+            try:
+                if stream:
+                    for _ in client.stream(clip, max_new_tokens=max_new_tokens):
+                        first = first if first is not None else time.monotonic() - start
+                else:
+                    client.transcribe(clip, max_new_tokens=max_new_tokens)
+            except Exception as e:
+                with lock:
+                    name = type(e).__name__
+                    report.errors[name] += 1
+                    report.error_examples.setdefault(name, str(e)[:300])
+                continue
+            with lock:
+                report.latencies_s.append(time.monotonic() - start)
+                report.audio_s += len(clip) / SAMPLE_RATE
+                if stream:
+                    report.streams += 1
+                    if first is not None:
+                        report.first_piece_s.append(first)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="load") as pool:
+        list(pool.map(worker, range(concurrency)))
+    report.wall_s = time.monotonic() - start
+    return report
+
+
+def format_report(report: LoadReport) -> str:
+    d = report.as_dict()
+    lat, first = d["latency_ms"], d["first_piece_ms"]
+    lines = [
+        f"concurrency {d['concurrency']}: {d['requests']} requests in {d['wall_s']} s ({d['requests_per_s']}/s, "
+        f"RTFx {d['rtfx']}), {d['ok']} answered ({d['streams']} streams), "
+        f"{sum(report.errors.values())} errors",
+        f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}",
+    ]
+    if report.first_piece_s:
+        lines.append(f"first streamed piece ms: p50 {first['p50']}  p99 {first['p99']}")
+    for name, count in report.errors.most_common():
+        lines.append(f"{count} x {name}: {report.error_examples[name]}")
+    return "\n".join(lines)
