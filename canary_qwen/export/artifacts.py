@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import time
@@ -77,6 +78,7 @@ def export_all(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, files = load_model(source)
+    info = model_info(model, tokenizer, max_audio_s)
     # decoder.onnx last among the graphs: exporting it merges the model's LoRA in place.
     steps = ["encoder.onnx", "embed_tokens.npy", "decoder.onnx", "tokenizer", "llm_merged"]
     if precision != "fp32":
@@ -95,6 +97,10 @@ def export_all(
             written = export_encoder(model, path, Precision.parse(precision).torch_dtype)
         elif name == "decoder.onnx":
             written = export_decoder(model, path)
+            # Nothing after this needs the model: free it before a quantizer loads the decoder graph
+            # (a full-size export would otherwise hold both, over 20 GB).
+            del model
+            gc.collect()
         elif name.startswith("decoder_") and quantization is not None:
             written = quantize_decoder(out / "decoder.onnx", path, quantization)
         elif name == "embed_tokens.npy":
@@ -125,7 +131,7 @@ def export_all(
             "max_batch": max_batch,
             "max_audio_s": max_audio_s,
             "versions": versions(),
-            "model": model_info(model, tokenizer, max_audio_s),
+            "model": info,
             "artifacts": artifacts,
         },
     )
