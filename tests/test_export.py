@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from canary_qwen.backends.fast_torch import FastTorchBackend, PackedLinear, length_buckets
+from canary_qwen.backends.fast_torch import FastTorchBackend, PackedLinear, cpu_has_bf16_units, length_buckets
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.errors import ArtifactError, BackendUnavailable
@@ -149,7 +149,21 @@ def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
     assert isinstance(ours, PackedLinear) and theirs.bias is not None
     torch.testing.assert_close(ours(frames), theirs(frames), rtol=1e-5, atol=1e-6)
     assert not any(isinstance(m, torch.nn.Linear) for m in [*fast.model.encoder.modules(), *fast.model.llm.modules()])
-    assert FastTorchBackend(str(tiny_checkpoint), dtype="bf16").head is None  # bf16 keeps the plain weights
+
+
+def test_fast_path_packs_bf16_weights_where_the_cpu_has_bf16_units(tiny_checkpoint):
+    fast = FastTorchBackend(str(tiny_checkpoint), dtype="bf16")
+    if not cpu_has_bf16_units():
+        assert fast.head is None  # emulated bf16 would be slower than fp32: the plain weights stay
+        pytest.skip("this CPU has no AVX512-BF16 or AMX units")
+    plain = TorchBackend(str(tiny_checkpoint), dtype="bf16", merge_lora=True).model
+    x = torch.randn(5, plain.llm_cfg.hidden_size).bfloat16()
+    ours, theirs = fast.model.llm.layers[1].mlp.down_proj, plain.llm.layers[1].mlp.down_proj
+    assert isinstance(ours, PackedLinear) and ours.packed.dtype == torch.bfloat16
+    y = torch.randn(5, plain.llm_cfg.intermediate_size).bfloat16()
+    # Both accumulate in fp32 and round once to bf16: at most one bf16 step (2**-8 relative) apart.
+    torch.testing.assert_close(ours(y), theirs(y), rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(fast.head(x), x @ plain.output_weight().T, rtol=2**-7, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")

@@ -45,6 +45,12 @@ def length_buckets(lengths: list[int], max_batch: int, min_fill: float = 0.8) ->
     return batches
 
 
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX tiles, which oneDNN uses for bf16 matmuls (torch.cpu's probes, where this build has them)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 class PackedLinear(nn.Module):
     """``x @ weight.T + bias`` with the weight reordered by oneDNN for this CPU, as torch.compile's CPU
     weight freezing does it; the ops are private to PyTorch, hence ``available()``."""
@@ -57,13 +63,19 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     @staticmethod
-    def available() -> bool:
+    def available(dtype: torch.dtype = torch.float32) -> bool:
+        """oneDNN's linear ops exist in this build, and for bf16 the CPU has bf16 units (AVX512-BF16 or
+        AMX): without them oneDNN emulates bf16 more slowly than fp32."""
         ops = torch.ops.mkldnn
-        return (
+        if not (
             torch.backends.mkldnn.is_available()
             and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise")
-        )
+        ):
+            return False
+        if dtype == torch.float32:
+            return True
+        return dtype == torch.bfloat16 and cpu_has_bf16_units()
 
     @classmethod
     def pack_all(cls, module: nn.Module) -> None:
@@ -111,13 +123,14 @@ class FastTorchBackend:
         self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
         self.head = None  # the output layer as a module when prepacked, else model.logits' dense matmul
-        if self.device.type == "cpu" and self.model.dtype == torch.float32 and PackedLinear.available():
+        if self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu()
 
     def _prepack_for_cpu(self) -> None:
         """The encoder's and the LLM's linears and the output layer with oneDNN-reordered weights: a decode
         step reads every weight once, and reordered weights are read at well over twice the speed on a CPU
-        (measurements in docs/fast-path.md)."""
+        (measurements in docs/fast-path.md). In bf16 (on CPUs with bf16 units) the weights are packed in
+        bf16: half the bytes to read and the bf16 dot-product instructions."""
         PackedLinear.pack_all(self.model.encoder)
         PackedLinear.pack_all(self.model.llm)
         # Tied to the embeddings, which stay dense for lookups: the packed copy is extra memory.

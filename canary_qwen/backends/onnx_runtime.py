@@ -48,6 +48,7 @@ class OnnxEncoder:
     def __call__(self, audios) -> list[np.ndarray]:
         audio, lengths = pad_waveforms(audios)
         embeds, lens = self.session.run(None, {"audio": audio, "audio_lengths": lengths})
+        embeds = embeds.astype(np.float32, copy=False)  # an fp16 graph's output joins fp32 token embeddings
         return [embeds[i, : int(n)] for i, n in enumerate(lens)]
 
 
@@ -104,13 +105,15 @@ class OnnxDecoder:
 
 class OnnxBackend:
     name = "onnx"
-    dtype = "fp32"  # the graphs ONNX Runtime runs are fp32 whatever the export's TensorRT precision
 
     def __init__(self, export_dir, *, device: str = "cpu", threads: int | None = None):
         self.manifest = read_manifest(export_dir)
         info = self.manifest.model
-        self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device, threads)
-        self.decoder = OnnxDecoder(self.manifest.artifact("decoder"), info, device, threads)
+        # fp32 graphs whatever the export's TensorRT precision, unless it wrote a quantized decoder for ONNX Runtime
+        quantization = self.manifest.data.get("onnx", {}).get("quantization")
+        self.dtype = "fp32" if quantization is None else quantization["method"]
+        self.encoder = OnnxEncoder(self.manifest.onnx_graph("encoder"), device, threads)
+        self.decoder = OnnxDecoder(self.manifest.onnx_graph("decoder"), info, device, threads)
         self.embed_table = np.load(self.manifest.artifact("embed_tokens"), mmap_mode="r")
         self.tokenizer = QwenTokenizer(self.manifest.artifact("tokenizer"), info["audio_locator_tag"])
 

@@ -179,7 +179,7 @@ class TrtLlmBackend:
             import onnxruntime as ort
 
             ort_device = device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-            self.encoder = onnx_runtime.OnnxEncoder(self.manifest.artifact("encoder"), device=ort_device)
+            self.encoder = onnx_runtime.OnnxEncoder(self.manifest.onnx_graph("encoder"), device=ort_device)
         self.runner = ModelRunnerCpp.from_dir(
             str(self.engine_dir),
             kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,

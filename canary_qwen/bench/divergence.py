@@ -9,7 +9,11 @@ forced on the common prefix) how far apart the two candidate tokens really are, 
 the reduced-precision logits are from fp32 there. A divergence whose fp32 gap is below that error is
 a rounding near-tie, not a bug.
 
+An export's ONNX Runtime graphs (``--export DIR``: a quantized decoder when the export has one) are
+one more path; their error at the parting step is that of their own teacher-forced logits.
+
     python -m canary_qwen.bench.divergence --model CKPT --dtype bf16 --device cuda [--nemo]
+    python -m canary_qwen.bench.divergence --model CKPT --dtype fp32 --export EXPORT_DIR
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..backends.onnx_runtime import OnnxBackend
 from ..backends.registry import create_backend
 from ..backends.torch_ref import TorchBackend
+from ..decoding import splice_and_pad
 from ..errors import CanaryQwenError
 from ..model.generate import splice_audio
 from ..model.prompt import prompt_ids
@@ -69,17 +75,41 @@ def forced_logits(backend: TorchBackend, audio: np.ndarray, prefix: list[int]) -
     return model.logits(hidden[0, -1]).float()
 
 
+def onnx_forced_logits(backend: OnnxBackend, audio: np.ndarray, prefix: list[int]) -> torch.Tensor:
+    """What :func:`forced_logits` computes, through the export's ONNX Runtime graphs (one decoder call)."""
+    tok = backend.tokenizer
+    rows, valid = splice_and_pad(
+        [prompt_ids(tok, None)], backend.encoder([audio]), backend.embed_table.__getitem__, tok.placeholder_id
+    )
+    rows = np.concatenate((rows, backend.embed_table[np.asarray(prefix, dtype=np.int64)][None]), axis=1)
+    length = rows.shape[1]
+    positions = np.arange(length, dtype=np.int64)[None]
+    logits, _ = backend.decoder(rows, np.ones((1, length), dtype=np.int64), positions, backend.decoder.empty_caches(1))
+    return torch.from_numpy(logits[0])
+
+
 def run_paths(
-    model: str, clips, budget: int, dtype: str, device: str, nemo: bool, vllm_export: str | None = None
+    model: str,
+    clips,
+    budget: int,
+    dtype: str,
+    device: str,
+    nemo: bool,
+    export: str | None = None,
+    vllm_export: str | None = None,
 ) -> dict[str, list[list[int]]]:
-    """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits); ``vllm_export``:
-    an export of ``model`` whose llm_merged is in ``dtype``, to add the vllm path."""
-    paths = {"reference": "torch", "torch-fast": "torch-fast", **({"nemo": "nemo"} if nemo else {})}
-    if vllm_export:
-        paths["vllm"] = "vllm"
+    """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits); with ``export``,
+    also that export's ONNX Runtime graphs as path "onnx" (whatever precision they were written in); with
+    ``vllm_export`` (an export of ``model`` whose llm_merged is in ``dtype``) the vllm path."""
+    paths = {"reference": ("torch", model), "torch-fast": ("torch-fast", model)}
+    if nemo:
+        paths["nemo"] = ("nemo", model)
+    if export is not None:
+        paths["onnx"] = ("onnx", export)
+    if vllm_export is not None:
+        paths["vllm"] = ("vllm", vllm_export)
     tokens = {}
-    for name, backend in paths.items():
-        source = vllm_export if name == "vllm" and vllm_export else model
+    for name, (backend, source) in paths.items():
         engine = create_backend(backend, source, device=device, dtype=dtype)
         if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
             out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in clips]
@@ -96,8 +126,11 @@ def run_paths(
     return tokens
 
 
-def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, device: str) -> list[Divergence]:
-    """One record per (clip, path other than the reference)."""
+def explain(
+    model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, device: str, export: str | None = None
+) -> list[Divergence]:
+    """One record per (clip, path other than the reference). The rounding error of a torch path is that of
+    the reference in ``dtype``; that of path "onnx" is that of ``export``'s graphs."""
     reference = tokens["reference"]
     found = [
         Divergence(clip=i, path=name, step=first_difference(reference[i], path[i]))
@@ -109,6 +142,7 @@ def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, d
         return found
     fp32 = TorchBackend(model, device=device, dtype="fp32")
     reduced = TorchBackend(model, device=device, dtype=dtype)
+    graphs = None if export is None else OnnxBackend(export, device=device)
     eos = fp32.tokenizer.eos_id
     for d in found:
         if d.step is None:
@@ -117,7 +151,10 @@ def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, d
         d.reference_token = ref[d.step] if d.step < len(ref) else None
         d.path_token = other[d.step] if d.step < len(other) else None
         exact = forced_logits(fp32, clips[d.clip], ref[: d.step])
-        rounded = forced_logits(reduced, clips[d.clip], ref[: d.step])
+        if d.path == "onnx" and graphs is not None:
+            rounded = onnx_forced_logits(graphs, clips[d.clip], ref[: d.step])
+        else:
+            rounded = forced_logits(reduced, clips[d.clip], ref[: d.step])
         a = eos if d.reference_token is None else d.reference_token
         b = eos if d.path_token is None else d.path_token
         d.fp32_gap = float(exact[a] - exact[b])
@@ -127,7 +164,7 @@ def explain(model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, d
     return found
 
 
-def _tie_ratio(d: Divergence) -> float:
+def tie_ratio(d: Divergence) -> float:
     """fp32 gap over rounding error: at most 1 means rounding alone can swap the two tokens."""
     gap, error = d.fp32_gap or 0.0, d.logit_error or 0.0
     if error > 0:
@@ -142,7 +179,7 @@ def summary(found: list[Divergence]) -> str:
         parted = [d for d in rows if d.step is not None]
         line = f"{name}: {len(rows) - len(parted)} of {len(rows)} clips token-identical to the reference"
         if parted:
-            ratio = [_tie_ratio(d) for d in parted]
+            ratio = [tie_ratio(d) for d in parted]
             line += (
                 f"; {len(parted)} part at steps {sorted(d.step for d in parted if d.step is not None)}, "
                 f"{sum(r <= 1 for r in ratio)} of them where the fp32 logits of the two tokens differ by no more "
@@ -172,6 +209,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per clip (default: 24)")
     p.add_argument("--nemo", action="store_true", help="also run NeMo's SALM.generate (needs nemo-toolkit)")
     p.add_argument(
+        "--export",
+        metavar="DIR",
+        help="also run this export's ONNX Runtime graphs (e.g. `export --quantize int8`; compare with --dtype fp32)",
+    )
+    p.add_argument(
         "--vllm-export",
         metavar="DIR",
         help="also run vLLM on this export of --model (exported with --precision matching --dtype; needs vllm)",
@@ -180,11 +222,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     clips = synthetic_set(args.synthetic).audio
     try:
-        tokens = run_paths(args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo, args.vllm_export)
+        tokens = run_paths(
+            args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo, args.export, args.vllm_export
+        )
     except CanaryQwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    found = explain(args.model, clips, tokens, args.dtype, args.device)
+    found = explain(args.model, clips, tokens, args.dtype, args.device, args.export)
     print(summary(found))
     if args.out:
         with open(args.out, "w") as f:

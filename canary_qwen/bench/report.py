@@ -151,6 +151,8 @@ def results_markdown(results: dict) -> str:
 
 def _hardware(env: dict) -> str:
     cpu = f"{env['cpu']} ({env['cpu_cores_usable']} of {env['cpu_cores']} cores usable)"
+    if env.get("load_average") is not None:
+        cpu += f", load average {env['load_average']} at the start"
     return f"{env['gpu']} (CUDA {env['cuda']}) + {cpu}" if env.get("gpu") else f"CPU only: {cpu}"
 
 

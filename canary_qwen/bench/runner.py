@@ -186,6 +186,9 @@ def environment(command: str | None = None) -> dict:
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        # Runnable processes averaged over the last minute, at the start: on a shared machine, how far
+        # other work competed with the benchmark.
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": None,
         "cuda": None,
     }

@@ -31,6 +31,11 @@ def add_build_engines_parser(subparsers) -> None:
     )
     p.add_argument("--only", choices=("encoder", "llm"), default=None, help="build one engine only")
     p.add_argument(
+        "--quantized",
+        metavar="METHOD",
+        help="build the LLM engine from `canary-qwen quantize --method METHOD`'s TensorRT-LLM checkpoint",
+    )
+    p.add_argument(
         "--timing-cache",
         default=None,
         help="TensorRT timing cache to read and update for faster rebuilds (the LLM build uses FILE.llm)",
@@ -48,6 +53,7 @@ def _run(args) -> int:
         max_prompt_text_tokens=args.max_prompt_text_tokens,
         only=args.only,
         timing_cache=args.timing_cache,
+        quantized=args.quantized,
     )
     for name, path in built.items():
         print(f"{name}: {path}")

@@ -8,9 +8,10 @@ def add_make_checkpoint(sub) -> None:
         "make-checkpoint",
         help="write a random-weight checkpoint in the real layout",
         description="Write config.json + model.safetensors (+ tokenizer files and llm_backbone/config.json for "
-        "offline loading) with random weights: 'tiny' for tests, 'full' for the real 2.5B architecture.",
+        "offline loading) with random weights: 'tiny' for tests, 'small' (tiny with a 128-wide LLM, as INT4 "
+        "quantization needs) and 'full' for the real 2.5B architecture.",
     )
-    p.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

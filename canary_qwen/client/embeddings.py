@@ -96,7 +96,7 @@ class EmbeddingsClient:
             if local_encoder:
                 from ..backends.onnx_runtime import OnnxEncoder
 
-                self.local_encoder = OnnxEncoder(manifest.artifact("encoder"))
+                self.local_encoder = OnnxEncoder(manifest.onnx_graph("encoder"))
             self.encoder_model = encoder_model
             self._plan_encoder: bool | None = None  # read from the server's encoder config on first use
             self.llm_model = llm_model or self._find_llm()

@@ -3,6 +3,9 @@
 - ``encoder.onnx``: waveform -> LLM embeddings, fp32 (ONNX Runtime and TensorRT fp32)
 - ``encoder_bf16.onnx``: the same in bf16 with fp32 norms/softmax/frontend (TensorRT, strongly typed), when asked
 - ``decoder.onnx``: merged-LoRA Qwen3 step with KV cache, fp32 (ONNX Runtime)
+- ``decoder_int8.onnx`` / ``decoder_int4.onnx``: the same with weight-only quantized MatMuls, when asked
+  (``quantize_onnx``); ONNX Runtime then runs it instead of decoder.onnx
+- ``encoder_fp16.onnx``: fp16 encoder for Jetson (``--target jetson``: with ``decoder_int4.onnx``)
 - ``embed_tokens.npy``: the token embedding table the decoder's inputs are built from
 - ``tokenizer/``: tokenizer files; ``llm_merged/``: Hugging Face Qwen3 checkpoint for TensorRT-LLM and vLLM
 - ``llm_base/`` + ``lora/``: the Qwen3 without the LoRA and the LoRA as a PEFT adapter, when asked (vLLM's LLM mode)
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import time
@@ -26,6 +30,7 @@ from ..model.tokenizer import TOKENIZER_FILES
 from ..precision import Precision
 from .manifest import Manifest, describe, read_manifest, versions, write_manifest
 from .onnx_export import export_decoder, export_encoder
+from .quantize_onnx import TARGETS, parse_method, quantize_decoder
 
 
 def model_info(model, tokenizer, max_audio_s: float) -> dict:
@@ -55,23 +60,33 @@ def export_all(
     out,
     *,
     precision: str = "fp32",
+    quantize: str | None = None,
+    target: str | None = None,
     max_batch: int = 8,
     max_audio_s: float = MAX_WINDOW_S,
     progress: bool = True,
     lora_adapter: bool = False,
 ) -> Manifest:
-    if Precision.parse(precision) not in (Precision.FP32, Precision.BF16):
-        raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
+    """``quantize`` ("int8"/"int4") adds a weight-quantized decoder graph that ONNX Runtime runs instead of
+    decoder.onnx; ``target`` ("jetson") sets both for a device class (fp16 encoder, int4 decoder)."""
+    if target is not None:
+        if target not in TARGETS:
+            raise UsageError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
+        precision, quantize = TARGETS[target]["precision"], TARGETS[target]["quantize"]
     precision = Precision.parse(precision).value
+    quantization = None if quantize is None else parse_method(quantize)
     if max_batch < 1 or max_audio_s <= 0:
         raise UsageError("--max-batch must be >= 1 and --max-audio-s > 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, files = load_model(source)
+    info = model_info(model, tokenizer, max_audio_s)
     # decoder.onnx last among the graphs: exporting it merges the model's LoRA in place.
     steps = ["encoder.onnx", "embed_tokens.npy", "decoder.onnx", "tokenizer", "llm_merged"]
     if precision != "fp32":
         steps.insert(1, f"encoder_{precision}.onnx")
+    if quantization is not None:
+        steps.insert(steps.index("decoder.onnx") + 1, f"decoder_{quantization.method}.onnx")
     if lora_adapter and files.config.lora is not None:
         steps += ["llm_base", "lora"]
     artifacts = {}
@@ -86,6 +101,12 @@ def export_all(
             written = export_encoder(model, path, Precision.parse(precision).torch_dtype)
         elif name == "decoder.onnx":
             written = export_decoder(model, path)
+            # Nothing after this needs the model: free it before a quantizer loads the decoder graph
+            # (a full-size export would otherwise hold both, over 20 GB).
+            del model
+            gc.collect()
+        elif name.startswith("decoder_") and quantization is not None:
+            written = quantize_decoder(out / "decoder.onnx", path, quantization)
         elif name == "embed_tokens.npy":
             np.save(path, model.embed_tokens.weight.detach().float().numpy())
         elif name == "tokenizer":
@@ -112,10 +133,17 @@ def export_all(
             "source": str(files.root),
             "precision": precision,
             "trt_encoder": f"encoder_{precision}" if precision != "fp32" else "encoder",
+            "target": target,
+            # The graphs ONNX Runtime runs (backends, Triton's onnx flavour, the client's local encoder).
+            "onnx": {
+                "encoder": "encoder_fp16" if target == "jetson" else "encoder",
+                "decoder": "decoder" if quantization is None else f"decoder_{quantization.method}",
+                "quantization": None if quantization is None else quantization.record(),
+            },
             "max_batch": max_batch,
             "max_audio_s": max_audio_s,
             "versions": versions(),
-            "model": model_info(model, tokenizer, max_audio_s),
+            "model": info,
             "artifacts": artifacts,
         },
     )

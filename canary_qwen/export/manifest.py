@@ -63,6 +63,14 @@ class Manifest:
             raise ArtifactError(f"{path} is listed in {MANIFEST} but missing: re-run `canary-qwen export`")
         return path
 
+    def onnx_name(self, role: str) -> str:
+        """The artifact ONNX Runtime runs as ``role`` ("encoder" or "decoder"): a quantized or fp16 graph where
+        the export chose one, else the fp32 graph (also for exports written before the choice was recorded)."""
+        return self.data.get("onnx", {}).get(role, role)
+
+    def onnx_graph(self, role: str) -> Path:
+        return self.artifact(self.onnx_name(role))
+
     def engine_build(self) -> dict[str, Any]:
         """What ``canary-qwen build-engines`` recorded about the engines it built for this export."""
         if ENGINE_BUILD not in self.data:

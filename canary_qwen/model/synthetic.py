@@ -1,6 +1,7 @@
 """Random-weight checkpoints in exactly the real ``nvidia/canary-qwen-2.5b`` layout.
 
-``tiny`` is small enough for CI parity tests against NeMo; ``full`` has the real 2.5B architecture
+``tiny`` is small enough for CI parity tests against NeMo (``small``: the same with a 128-wide LLM for the
+quantization tests); ``full`` has the real 2.5B architecture
 and vocabulary (for speed work). Both add NeMo's offline extras (tokenizer files at the root and
 ``llm_backbone/config.json``) so NeMo's ``SALM.from_pretrained`` and this package load them offline.
 """
@@ -31,6 +32,21 @@ SIZES: dict[str, dict] = {
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=16,
+        ),
+        lora=dict(r=8, lora_alpha=16),
+        base_vocab=None,
+    ),
+    # tiny with an LLM whose every linear input is a multiple of 128, as INT4 AWQ and TensorRT-LLM's
+    # quantized kernels require (``canary-qwen quantize``)
+    "small": dict(
+        encoder=dict(n_layers=2, d_model=64, n_heads=4, subsampling_conv_channels=16),
+        llm=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
         ),
         lora=dict(r=8, lora_alpha=16),
         base_vocab=None,
@@ -204,14 +220,14 @@ def make_checkpoint(
     lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj"),
     head_dim: int | None = None,
 ) -> Path:
-    """Write a random checkpoint; ``dtype`` defaults to fp32 for tiny and bf16 (as released) for full.
+    """Write a random checkpoint; ``dtype`` defaults to bf16 (as released) for full, fp32 for the others.
 
     ``xscaling`` and ``lora_targets`` vary the architecture so tests cover more than one config; ``head_dim``
     replaces the LLM's (vLLM's CPU attention runs only 32, 64, 80, ... 256: tiny's 16 is not among them).
     """
     if size not in SIZES:
         raise UsageError(f"size must be one of {', '.join(SIZES)}")
-    dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
+    dtype = dtype or (torch.bfloat16 if size == "full" else torch.float32)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = build_tokenizer(out, base_vocab=SIZES[size]["base_vocab"])

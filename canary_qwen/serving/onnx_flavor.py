@@ -56,7 +56,7 @@ ENCODER, LLM = "encoder", "llm"
 MODEL_NAMES = (PREPROCESSING, ENCODER, LLM, POSTPROCESSING, ENSEMBLE, STREAM)
 RETIRED = ("llm_stream",)  # models of older repositories, removed when a repository is written again
 
-# model -> (code file in canary_qwen.serving.models, artifacts it reads)
+# model -> (code file in canary_qwen.serving.models, artifacts it reads; encoder/decoder: roles, see Manifest.onnx_name)
 _MODEL_FILES = {
     PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
     ENCODER: ("encoder.py", ("encoder",)),
@@ -244,7 +244,12 @@ def generate_onnx_repo(
         ort_threads=ort_threads,
     )
     replace_model_dirs(out, MODEL_NAMES + RETIRED)  # a stale canary_qwen_stream from an earlier run must go too
-    counts = write_models(out, manifest, configs, _MODEL_FILES)
+    # The encoder and decoder the export has ONNX Runtime run (fp16, int8, int4 where it chose one).
+    files = {
+        model: (code, tuple(manifest.onnx_name(a) if a in ("encoder", "decoder") else a for a in artifacts))
+        for model, (code, artifacts) in _MODEL_FILES.items()
+    }
+    counts = write_models(out, manifest, configs, files)
     write_repo_info(
         out,
         "onnx",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ...defaults import MAX_NEW_TOKENS, SAMPLE_RATE
 from ...errors import UsageError
+from ...precision import Precision
 from ..manifest import ENGINE_BUILD, read_manifest, record_engine_build
 from . import import_tensorrt, import_tensorrt_llm, tensorrt_environment
 from .llm_engine import default_engine_paths
@@ -30,9 +31,11 @@ def build_engines(
     max_prompt_text_tokens: int = 64,
     only: str | None = None,
     timing_cache=None,
+    quantized: str | None = None,
     log=None,
 ) -> dict[str, Path]:
-    """Build what ``only`` names ("encoder", "llm") or both; returns the paths written."""
+    """Build what ``only`` names ("encoder", "llm") or both; returns the paths written. ``quantized`` names a
+    ``canary-qwen quantize`` method whose TensorRT-LLM checkpoint the LLM engine is built from."""
     log = log or logger.info
     from .encoder_engine import build_encoder_engine
 
@@ -75,7 +78,17 @@ def build_engines(
         )
         record["encoder_profile"] = asdict(profile)
     if only in (None, "llm"):
-        dtype = "bfloat16" if manifest.data["precision"] == "bf16" else "float32"
+        dtype = Precision.parse(manifest.data["precision"]).long_name
+        quantized_checkpoint = None
+        if quantized is not None:
+            done = manifest.data.get("llm_quantized", {})
+            if quantized not in done:
+                raise UsageError(
+                    f"{export_dir} has no {quantized} LLM checkpoint (have: {', '.join(done) or 'none'}): "
+                    f"run `canary-qwen quantize --artifacts {export_dir} --method {quantized}` first"
+                )
+            quantized_checkpoint = manifest.artifact(done[quantized]["trtllm_checkpoint"])
+            dtype = Precision.parse(done[quantized]["dtype"]).long_name
         log(
             f"building the TensorRT-LLM engine ({dtype}, batch <= {max_batch}, {manifest.model['max_audio_frames']} audio frames per clip)"
         )
@@ -89,7 +102,9 @@ def build_engines(
             dtype=dtype,
             checkpoint_dir=paths["llm_checkpoint"],
             timing_cache=None if timing_cache is None else f"{timing_cache}.llm",
+            quantized_checkpoint=quantized_checkpoint,
             log=log,
         )
+        record["llm_quantization"] = quantized  # None: built from llm_merged as it is
     record_engine_build(export_dir, {**record, **tensorrt_environment()})
     return built

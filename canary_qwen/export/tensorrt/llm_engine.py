@@ -129,12 +129,14 @@ def trtllm_build_commands(
     max_num_tokens: int | None = None,
     timing_cache: str | os.PathLike | None = None,
     workers: int = 1,
+    quantized_checkpoint: str | os.PathLike | None = None,
 ) -> list[list[str]]:
     """[convert_checkpoint.py command, trtllm-build command] for a single-GPU engine in ``out_dir``.
 
     The TensorRT-LLM checkpoint goes to ``checkpoint_dir`` (default ``<out_dir>_checkpoint``). The
     engine is paged-KV, input-padding-free, with paged context FMHA (needed for KV-cache block reuse and
-    chunked context) and the GEMM plugin in the model dtype.
+    chunked context) and the GEMM plugin in the model dtype. With ``quantized_checkpoint`` (a TensorRT-LLM
+    checkpoint from ``canary-qwen quantize``) there is nothing to convert: [trtllm-build command] only.
     """
     dtype = Precision.parse(dtype).long_name  # trtllm-build and convert_checkpoint.py take the long names
     sizes = engine_sizes(
@@ -145,24 +147,11 @@ def trtllm_build_commands(
         max_num_tokens=max_num_tokens,
     )
     out = Path(out_dir)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + "_checkpoint")
-    script = Path(convert_script) if convert_script is not None else find_convert_script(examples_dir)
-    convert = [
-        python or sys.executable,
-        str(script),
-        "--model_dir",
-        str(merged_hf_dir),
-        "--output_dir",
-        str(ckpt),
-        "--dtype",
-        dtype,
-        "--tp_size",
-        "1",
-        "--pp_size",
-        "1",
-        "--workers",
-        str(workers),
-    ]
+    if quantized_checkpoint is not None:
+        ckpt, convert = Path(quantized_checkpoint), []
+    else:
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_name(out.name + "_checkpoint")
+        convert = _convert_command(merged_hf_dir, ckpt, dtype, workers, python, convert_script, examples_dir)
     build = [
         trtllm_build,
         "--checkpoint_dir",
@@ -198,7 +187,30 @@ def trtllm_build_commands(
     ]
     if timing_cache is not None:
         build += ["--input_timing_cache", str(timing_cache), "--output_timing_cache", str(timing_cache)]
-    return [convert, build]
+    return [convert, build] if convert else [build]
+
+
+def _convert_command(
+    merged_hf_dir, ckpt: Path, dtype: str, workers: int, python, convert_script, examples_dir
+) -> list[str]:
+    """TensorRT-LLM's qwen convert_checkpoint.py: Hugging Face checkpoint -> TensorRT-LLM checkpoint."""
+    script = Path(convert_script) if convert_script is not None else find_convert_script(examples_dir)
+    return [
+        python or sys.executable,
+        str(script),
+        "--model_dir",
+        str(merged_hf_dir),
+        "--output_dir",
+        str(ckpt),
+        "--dtype",
+        dtype,
+        "--tp_size",
+        "1",
+        "--pp_size",
+        "1",
+        "--workers",
+        str(workers),
+    ]
 
 
 def build_llm_engine(
@@ -227,12 +239,14 @@ def build_llm_engine(
             )
         options["trtllm_build"] = found
     commands = trtllm_build_commands(merged_hf_dir, out_dir, **options)
-    for step, command in zip(("convert_checkpoint.py", "trtllm-build"), commands):
+    converted = len(commands) == 2
+    steps = ("convert_checkpoint.py", "trtllm-build") if converted else ("trtllm-build",)
+    for step, command in zip(steps, commands):
         log("+ " + " ".join(command))
         result = subprocess.run(command, check=False)
         if result.returncode != 0:
             raise ExternalToolError(f"{step} failed with exit status {result.returncode}: {' '.join(command)}")
-    if not keep_checkpoint:
+    if converted and not keep_checkpoint:  # never a quantized checkpoint: that one is an export artifact
         shutil.rmtree(commands[0][commands[0].index("--output_dir") + 1], ignore_errors=True)
     return Path(out_dir)
 

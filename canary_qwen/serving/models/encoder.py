@@ -21,7 +21,7 @@ class TritonPythonModel:
         _, params, version_dir = model_parameters(args)
         manifest = read_manifest(version_dir)
         self.encoder = OnnxEncoder(
-            manifest.artifact("encoder"), params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0)
+            manifest.onnx_graph("encoder"), params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0)
         )
         self.max_audio_s = float(params["max_audio_s"])
         self.logger = pb_utils.Logger
