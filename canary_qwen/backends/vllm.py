@@ -164,7 +164,7 @@ class VllmBackend:
         from .onnx_runtime import OnnxEncoder
 
         self.manifest = read_manifest(export_dir)
-        self.encoder = OnnxEncoder(self.manifest.artifact("encoder"), device)
+        self.encoder = OnnxEncoder(self.manifest.onnx_graph("encoder"), device)
         self.engine = VllmEngine(
             self.manifest, device=device, dtype=dtype, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len
         )

@@ -158,7 +158,7 @@ def generate_vllm_repo(
     )
     files = {
         PREPROCESSING: ("preprocessing.py", ("tokenizer",)),
-        ENCODER: ("encoder.py", ("encoder",)),
+        ENCODER: ("encoder.py", (manifest.onnx_name("encoder"),)),  # the graph the export has ONNX Runtime run
         VLLM: ("vllm_llm.py", ("tokenizer", "embed_tokens", *_llm_artifacts(manifest))),
     }
     replace_model_dirs(out, MODEL_NAMES)
