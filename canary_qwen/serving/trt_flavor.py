@@ -5,17 +5,10 @@ TensorRT-LLM containers (``tritonserver:<yy.mm>-trtllm-python-py3``, TensorRT-LL
   built by :func:`canary_qwen.export.tensorrt.encoder_engine.build_encoder_engine`), dynamic batching. Triton
   batches only requests of equal sample counts into one execution (TensorRT inputs are not ragged).
 - ``tensorrt_llm``: the C++ ``tensorrtllm`` backend serving the Qwen3 engine (built by
-  :func:`canary_qwen.export.tensorrt.llm_engine.build_llm_engine`). Its inputs and outputs are those of
-  TensorRT-LLM's own template, ``triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt``
-  (NVIDIA/TensorRT-LLM; the backend moved there from triton-inference-server/tensorrtllm_backend, whose
-  v1.2.0rc7 release pins TensorRT-LLM commit a65b0d4e). Copied from the newest stored version of that
-  file (commit 2a9abd95, the 1.x line with ``enable_trt_overlap`` retired; the exact 1.2.x tag could not be
-  fetched): names, data types, dims, ``reshape``, ``optional`` and ``allow_ragged_batch`` are
-  unchanged; the template's ``${...}`` fields are filled here (``prompt_embedding_table`` takes the
-  engine dtype, logits fp32). Audio goes in through ``prompt_embedding_table`` [T, H],
-  ``prompt_vocab_size`` and ``prompt_table_extra_ids`` (see ``canary_qwen.protocol.prompt_table``;
-  ``prompt_table.triton_request_inputs`` builds such a request). Streaming needs
-  ``model_transaction_policy { decoupled: true }``.
+  :func:`canary_qwen.export.tensorrt.llm_engine.build_llm_engine`), with the inputs and outputs of
+  TensorRT-LLM's own template (docs/tensorrt-llm.md, "Triton model", says which version); audio goes in
+  through ``prompt_embedding_table`` [T, H] and ``prompt_table_extra_ids`` (``canary_qwen.protocol.prompt_table``).
+  Streaming needs ``model_transaction_policy { decoupled: true }``.
 
 Every text parses as ``tritonclient.grpc.model_config_pb2.ModelConfig``.
 
