@@ -22,9 +22,10 @@ from canary_qwen.bench import (
     synthetic_set,
     word_error_rate,
 )
-from canary_qwen.bench.backends import PER_BATCH, PER_CLIP
+from canary_qwen.bench.backends import PER_BATCH, PER_CLIP, RunSpec
 from canary_qwen.bench.runner import batch_budgets
 from canary_qwen.cli.bench import add_bench_parser, command_line
+from canary_qwen.errors import BackendUnavailable, UsageError
 
 SPEC = "mixed:0.5-2:6"
 HAVE_NEMO = importlib.util.find_spec("nemo") is not None
@@ -299,10 +300,14 @@ def test_failures_are_skips_not_crashes_and_manifest_audio_is_loaded_in_the_time
         tokens_per_second=4.0,
         device="cpu",
     )
+    # A mistyped entry fails the benchmark before any backend is made, not after hours of the others.
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
+        run_benchmark(config, progress=False, log=lambda msg: None)
+    assert echo.calls == []
+    config.backends = ["broken", "echo"]
     results = run_benchmark(config, progress=False, log=lambda msg: None)
-    broken, ok, failed, unknown = results["runs"]
+    broken, ok, failed = results["runs"]
     assert broken["skipped"] and broken["reason"] == "OSError: no such engine file" and broken["batch_size"] is None
-    assert unknown["skipped"] and "unknown backend 'nope'" in unknown["reason"]
     assert failed["skipped"] and failed["batch_size"] == 2 and "out of memory" in failed["reason"]
     assert not ok["skipped"] and ok["batch_size"] == 3 and ok["n_clips"] == 3
     # warm-up (first batch) + timed pass; per-clip budgets ceil(4 * seconds), longest first
@@ -315,6 +320,43 @@ def test_failures_are_skips_not_crashes_and_manifest_audio_is_loaded_in_the_time
     for run in results["runs"]:
         assert set(RUN_FIELDS) <= set(run)
         assert run["rtfx_vs_nemo"] is None
+
+
+def test_one_run_compares_precisions_and_sources_of_a_backend(monkeypatch):
+    made = []
+
+    def make(source, device, dtype):
+        made.append((source, dtype))
+        engine = EchoEngine()
+        engine.dtype = dtype
+        return engine
+
+    monkeypatch.setitem(BACKENDS, "echo", BackendSpec("echo", SERVER, "test engine", make, dtypes=("fp32", "bf16")))
+    config = BenchConfig(
+        backends=["echo", "echo:bf16", "echo=other:1"], batch_sizes=[2], synthetic="mixed:1-2:3", device="cpu"
+    )
+    results = run_benchmark(config, progress=False, log=lambda msg: None)
+    assert made == [("localhost:8000", "fp32"), ("localhost:8000", "bf16"), ("other:1", "fp32")]
+    assert [(r["backend"], r["spec"], r["dtype"]) for r in results["runs"]] == [
+        ("echo", "echo", "fp32"),
+        ("echo", "echo:bf16", "bf16"),
+        ("echo", "echo=other:1", "fp32"),
+    ]
+    assert set(results["hypotheses"]) == {"echo@2", "echo:bf16@2", "echo=other:1@2"}
+    assert all(r["peak_rss_gb"] > 0.01 for r in results["runs"])  # this process's resident peak (Linux)
+
+
+def test_run_specs_refuse_precisions_a_backend_cannot_take():
+    assert RunSpec.parse("torch-fast:int8=ckpt/") == RunSpec("torch-fast:int8=ckpt/", "torch-fast", "int8", "ckpt/")
+    for text, message in (
+        ("onnx:bf16", "precision is that of its export"),  # it would run its export's precision silently
+        ("nemo:int8", "fp32, bf16, fp16"),
+        ("onnx=", "nothing after '='"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            RunSpec.parse(text)
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        RunSpec.parse("tensorflow")
 
 
 def test_help_explains_the_method(capsys):

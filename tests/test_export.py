@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from canary_qwen.backends.fast_torch import FastTorchBackend, PackedLinear, cpu_has_bf16_units, length_buckets
+from canary_qwen.backends.cpu_linear import PackedLinear, cpu_has_bf16_units
+from canary_qwen.backends.fast_torch import FastTorchBackend, length_buckets
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.errors import ArtifactError, BackendUnavailable

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from canary_qwen.backends.onnx_runtime import OnnxBackend, OnnxEncoder
-from canary_qwen.bench.divergence import explain, first_difference, summary, tie_ratio
+from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
 from canary_qwen.errors import UsageError
 from canary_qwen.export.artifacts import export_all
 
@@ -38,12 +38,6 @@ def fp32_tokens(tiny_checkpoint, clips):
     from canary_qwen.backends.torch_ref import TorchBackend
 
     return [t.token_ids for t in TorchBackend(str(tiny_checkpoint)).transcribe(clips, max_new_tokens=BUDGET)]
-
-
-def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
-    """Reference tokens reproduced before each clip's first parting, over all reference tokens."""
-    kept = [len(r) if first_difference(r, t) is None else first_difference(r, t) for t, r in zip(tokens, reference)]
-    return sum(kept) / sum(len(r) for r in reference)
 
 
 def weight_matmuls(graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:

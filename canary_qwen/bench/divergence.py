@@ -14,6 +14,7 @@ one more path; their error at the parting step is that of their own teacher-forc
 
     python -m canary_qwen.bench.divergence --model CKPT --dtype bf16 --device cuda [--nemo]
     python -m canary_qwen.bench.divergence --model CKPT --dtype fp32 --export EXPORT_DIR
+    python -m canary_qwen.bench.divergence --model CKPT --dtype int8   # the fast path's int8 vs fp32
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..backends.fast_torch import INT8, FastTorchBackend
 from ..backends.onnx_runtime import OnnxBackend
 from ..backends.registry import create_backend
 from ..backends.torch_ref import TorchBackend
@@ -56,6 +58,15 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of the reference's tokens a path reproduces before each clip's first parting."""
+    kept = 0
+    for path, ref in zip(tokens, reference):
+        step = first_difference(ref, path)
+        kept += len(ref) if step is None else step
+    return kept / max(1, sum(len(r) for r in reference))
 
 
 @torch.inference_mode()
@@ -88,6 +99,11 @@ def onnx_forced_logits(backend: OnnxBackend, audio: np.ndarray, prefix: list[int
     return torch.from_numpy(logits[0])
 
 
+def reference_dtype(dtype: str) -> str:
+    """The reference's precision: ``dtype`` itself, fp32 for the fast path's int8 (which has no reference)."""
+    return "fp32" if dtype == INT8 else dtype
+
+
 def run_paths(
     model: str,
     clips,
@@ -110,7 +126,8 @@ def run_paths(
         paths["vllm"] = ("vllm", vllm_export)
     tokens = {}
     for name, (backend, source) in paths.items():
-        engine = create_backend(backend, source, device=device, dtype=dtype)
+        path_dtype = dtype if name == "torch-fast" else reference_dtype(dtype)
+        engine = create_backend(backend, source, device=device, dtype=path_dtype)
         if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
             out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in clips]
         else:
@@ -141,7 +158,9 @@ def explain(
     if not any(d.step is not None for d in found):
         return found
     fp32 = TorchBackend(model, device=device, dtype="fp32")
-    reduced = TorchBackend(model, device=device, dtype=dtype)
+    # int8 exists only in the fast path: its error is that of its own logits (the reference is fp32 then).
+    fast = FastTorchBackend(model, device=device, dtype=dtype) if dtype == INT8 else None
+    reduced = None if fast else TorchBackend(model, device=device, dtype=dtype)
     graphs = None if export is None else OnnxBackend(export, device=device)
     eos = fp32.tokenizer.eos_id
     for d in found:
@@ -153,8 +172,10 @@ def explain(
         exact = forced_logits(fp32, clips[d.clip], ref[: d.step])
         if d.path == "onnx" and graphs is not None:
             rounded = onnx_forced_logits(graphs, clips[d.clip], ref[: d.step])
+        elif fast is not None and d.path == "torch-fast":
+            rounded = fast.next_token_logits(clips[d.clip], ref[: d.step])
         else:
-            rounded = forced_logits(reduced, clips[d.clip], ref[: d.step])
+            rounded = forced_logits(reduced or fp32, clips[d.clip], ref[: d.step])
         a = eos if d.reference_token is None else d.reference_token
         b = eos if d.path_token is None else d.path_token
         d.fp32_gap = float(exact[a] - exact[b])
@@ -172,12 +193,14 @@ def tie_ratio(d: Divergence) -> float:
     return 0.0 if gap == 0 else math.inf
 
 
-def summary(found: list[Divergence]) -> str:
+def summary(found: list[Divergence], tokens: dict[str, list[list[int]]] | None = None) -> str:
     lines = []
     for name in dict.fromkeys(d.path for d in found):
         rows = [d for d in found if d.path == name]
         parted = [d for d in rows if d.step is not None]
         line = f"{name}: {len(rows) - len(parted)} of {len(rows)} clips token-identical to the reference"
+        if tokens is not None:
+            line += f", {agreement(tokens[name], tokens['reference']):.2f} of its tokens kept before the partings"
         if parted:
             ratio = [tie_ratio(d) for d in parted]
             line += (
@@ -197,7 +220,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id")
     p.add_argument(
-        "--dtype", default="bf16", choices=Precision.choices(), help="precision of every path (default: bf16)"
+        "--dtype",
+        default="bf16",
+        choices=(*Precision.choices(), INT8),
+        help="precision of every path (default: bf16); int8: torch-fast in int8 against the fp32 reference",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(
@@ -229,7 +255,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     found = explain(args.model, clips, tokens, args.dtype, args.device, args.export)
-    print(summary(found))
+    print(summary(found, tokens))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "records": [asdict(d) for d in found]}, f, indent=2)

@@ -34,6 +34,7 @@ TABLE_HEADER = (
     "tokens",
     "TFLOP/s",
     "of limit",
+    "peak RSS (GB)",
     "note",
 )
 
@@ -81,6 +82,7 @@ def table_rows(results: dict) -> list[list[str]]:
                 _num(r["tokens_generated"]),
                 _num(r.get("model_tflops"), 3),
                 "—" if r.get("of_limit") is None else f"{100 * r['of_limit']:.1f} %",
+                _num(r.get("peak_rss_gb"), 1),
                 note,
             ]
         )
@@ -156,13 +158,18 @@ def _hardware(env: dict) -> str:
     return f"{env['gpu']} (CUDA {env['cuda']}) + {cpu}" if env.get("gpu") else f"CPU only: {cpu}"
 
 
+def _bar_label(run: dict) -> str:
+    """Backend and precision: one run may hold the same backend in several (nemo fp32 and bf16)."""
+    return f"{run['backend']} {run['dtype']}" if run.get("dtype") else run["backend"]
+
+
 def plot_rtfx(results: dict, path) -> Path:
     """Grouped bar chart, RTFx by batch size (groups) and backend (bars). Uses Agg without pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     runs = [r for r in results["runs"] if not r["skipped"] and r["rtfx"] is not None]
-    backends = list(dict.fromkeys(r["backend"] for r in runs))
+    backends = list(dict.fromkeys(_bar_label(r) for r in runs))
     sizes = sorted({r["batch_size"] for r in runs})
     fig = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(sizes) * max(1, len(backends)) * 0.6), 4.2), dpi=110)
     FigureCanvasAgg(fig)
@@ -173,7 +180,7 @@ def plot_rtfx(results: dict, path) -> Path:
     else:
         width = 0.8 / len(backends)
         for j, name in enumerate(backends):
-            by_size = {r["batch_size"]: r["rtfx"] for r in runs if r["backend"] == name}
+            by_size = {r["batch_size"]: r["rtfx"] for r in runs if _bar_label(r) == name}
             xs = [i + (j - (len(backends) - 1) / 2) * width for i, s in enumerate(sizes) if s in by_size]
             ys = [by_size[s] for s in sizes if s in by_size]
             bars = ax.bar(xs, ys, width=width * 0.95, label=name)
@@ -269,7 +276,7 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
         if skipped:
             lines += ["Skipped:", ""]
             lines += [
-                f"- `{r['backend']}`" + (f" (batch {r['batch_size']})" if r["batch_size"] else "") + f": {r['reason']}"
+                f"- `{r.get('spec') or r['backend']}`" + (f" (batch {r['batch_size']})" if r["batch_size"] else "") + f": {r['reason']}"
                 for r in skipped
             ]
             lines.append("")

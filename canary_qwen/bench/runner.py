@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..defaults import MAX_NEW_TOKENS, SAMPLE_RATE
 from ..errors import BackendUnavailable, MissingDependencyError, UsageError
-from .backends import PER_BATCH, BackendOptions, BenchBackend, create_backend, release_memory
+from .backends import PER_BATCH, BackendOptions, BenchBackend, RunSpec, create_backend, release_memory
 from .data import BenchSet
 from .flops import Work, WorkModel, peak_tflops, roofline_fields
 
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FIELDS = (
     "backend",
+    "spec",  # the --backends entry (NAME[:DTYPE][=SOURCE])
     "batch_size",
     "dtype",
     "device",
@@ -52,6 +53,7 @@ RUN_FIELDS = (
     "warmup_batches",
     "warmup_s",
     "stages",
+    "peak_rss_gb",
     "gflop_per_audio_s",
     "model_tflops",
     "peak_tflops",
@@ -245,7 +247,12 @@ def timed_run(
     audio_samples = 0
     load_s = transcribe_s = 0.0
     bar = tqdm(
-        batches, desc=f"{backend.name} bs={batch_size}", unit="batch", disable=not progress, file=sys.stderr, leave=True
+        batches,
+        desc=f"{backend.label} bs={batch_size}",
+        unit="batch",
+        disable=not progress,
+        file=sys.stderr,
+        leave=True,
     )
     start = time.perf_counter()
     for indices in bar:
@@ -272,6 +279,7 @@ def timed_run(
     run = empty_run(
         backend.name,
         batch_size,
+        spec=backend.label,
         dtype=backend.dtype,
         device=backend.device,
         n_clips=n,
@@ -289,10 +297,39 @@ def timed_run(
         warmup_batches=len(warmup),
         warmup_s=warmup_s,
         stages=stages,
+        peak_rss_gb=peak_rss_gb(),
     )
     run["_hypotheses"] = hypotheses
     run["_usage"] = usage
     return run
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+_STATUS, _CLEAR_REFS = "/proc/self/status", "/proc/self/clear_refs"
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak resident memory (Linux: writing 5 to clear_refs resets VmHWM), so a
+    run's peak is that of its own backend (from its loading on), not of one measured before it."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float | None:
+    """Peak resident memory of this process since the last reset, in GB (None where /proc has no VmHWM).
+    Memory of other processes (a Triton server, vLLM workers) is not in it."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
 
 
 # -- the whole benchmark ---------------------------------------------------------------------------
@@ -349,13 +386,15 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
     work = work_model(config, log)
     env = environment(config.command)
     runs: list[dict] = []
-    for name in config.backends:
+    for spec in [RunSpec.parse(text) for text in config.backends]:  # a bad entry fails before any model loads
+        name = spec.text
+        reset_peak_rss()
         try:
-            backend = create_backend(name, options)
+            backend = create_backend(spec, options)
         except Exception as e:  # noqa: BLE001 - any construction failure is a skip, not a crash
             reason = str(e) if isinstance(e, BackendUnavailable) else f"{type(e).__name__}: {e}"
             log(f"skipping {name}: {reason}")
-            runs.append(skipped_run(name, None, reason, device=device, n_clips=len(data)))
+            runs.append(skipped_run(spec.name, None, reason, spec=name, device=device, n_clips=len(data)))
             release_memory()
             continue
         try:
@@ -368,9 +407,10 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
                     )
                     runs.append(
                         skipped_run(
-                            name,
+                            spec.name,
                             batch_size,
                             f"failed: {type(e).__name__}: {e}",
+                            spec=name,
                             dtype=backend.dtype,
                             device=backend.device,
                             n_clips=len(data),
@@ -384,7 +424,7 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
         usage = run.pop("_usage", None)
         if usage and work is not None:
             add_work(run, usage, work, env["gpu"])
-    hypotheses = {f"{r['backend']}@{r['batch_size']}": r.pop("_hypotheses") for r in runs if "_hypotheses" in r}
+    hypotheses = {f"{r['spec']}@{r['batch_size']}": r.pop("_hypotheses") for r in runs if "_hypotheses" in r}
     return {
         "environment": env,
         "config": {**asdict(config), "device": device, "dtype": dtype},

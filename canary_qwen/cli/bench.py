@@ -41,6 +41,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _run_spec(text: str) -> str:
+    from ..bench.backends import RunSpec
+    from ..errors import CanaryQwenError
+
+    try:
+        RunSpec.parse(text)
+    except CanaryQwenError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _synthetic_spec(text: str) -> str:
     from ..bench.data import parse_synthetic_spec
 
@@ -67,10 +78,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=tuple(BACKENDS),
+        type=_run_spec,
         default=["nemo", "torch"],
-        metavar="NAME",
-        help=f"backends to run, in order: {', '.join(BACKENDS)} (default: nemo torch)",
+        metavar="NAME[:DTYPE][=SOURCE]",
+        help=f"backends to run, in order: {', '.join(BACKENDS)} (default: nemo torch); ':DTYPE' gives one its own "
+        "precision (e.g. nemo:bf16, torch-fast:int8), '=SOURCE' its own checkpoint, export or server "
+        "(e.g. onnx=export_int8/), so one run compares them",
     )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument(

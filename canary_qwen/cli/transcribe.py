@@ -6,10 +6,9 @@ import json
 import sys
 import time
 
-from ..backends.registry import BACKENDS, SERVER, create_backend
+from ..backends.registry import BACKENDS, DTYPE_CHOICES, DTYPE_HELP, SERVER, create_backend, resolve_dtype
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
-from ..precision import Precision
 
 LOCAL = tuple(name for name, spec in BACKENDS.items() if spec.source != SERVER)
 
@@ -47,9 +46,9 @@ def add_transcribe(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument(
         "--dtype",
-        choices=Precision.choices(Precision.FP32, Precision.BF16),
-        default="fp32",
-        help="torch / torch-fast / vllm / nemo precision (default: fp32)",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help=DTYPE_HELP,
     )
     p.add_argument(
         "--prompt",
@@ -73,7 +72,8 @@ def run_transcribe(args) -> int:
         args.batch_size = sys.maxsize if BACKENDS[args.backend].continuous else 8
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be at least 1")
-    backend = create_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+    dtype = resolve_dtype(args.backend, args.dtype)
+    backend = create_backend(args.backend, args.model, device=args.device, dtype=dtype)
     failed = 0
     start = time.perf_counter()
     audio_s = 0.0

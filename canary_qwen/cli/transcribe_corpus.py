@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backends.registry import BACKENDS, SERVER
+from ..backends.registry import BACKENDS, DTYPE_CHOICES, DTYPE_HELP, SERVER, resolve_dtype
 from ..client.triton import DEFAULT_MODEL
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
-from ..precision import Precision
 
 SHOWN_ERRORS = 10  # failed files named in the summary; all of them are in the output
 
@@ -79,9 +78,9 @@ same path, and run this on the head with --ray-address auto.""",
     )
     p.add_argument(
         "--dtype",
-        choices=Precision.choices(Precision.FP32, Precision.BF16),
-        default="fp32",
-        help="torch / torch-fast / nemo precision (default: fp32)",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help=DTYPE_HELP,
     )
     p.add_argument("--prompt", help="user prompt (default 'Transcribe the following:')")
     p.add_argument(
@@ -106,7 +105,7 @@ def run_transcribe_corpus(args) -> int:
         backend=args.backend,
         model=args.model or (DEFAULT_MODEL if server else ""),
         urls=urls,
-        dtype=args.dtype,
+        dtype=resolve_dtype(args.backend, args.dtype),
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         prompt=args.prompt,

@@ -32,11 +32,11 @@ class CanaryQwen(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.proj.weight.dtype
+        return self.embed_tokens.weight.dtype  # the embeddings stay dense when the fast path packs linears
 
     @property
     def device(self) -> torch.device:
-        return self.proj.weight.device
+        return self.embed_tokens.weight.device
 
     @property
     def frames_per_second(self) -> float:

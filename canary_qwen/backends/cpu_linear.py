@@ -1,0 +1,97 @@
+"""Linear layers with oneDNN-prepacked weights for the fast path on a CPU: fp32/bf16 (``PackedLinear``)
+and int8 weights with int8 activations (``Int8Linear``). The ops are private to PyTorch (those its CPU
+inductor backend emits), hence each class's ``available()``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX tiles, which oneDNN uses for bf16 matmuls (torch.cpu's probes, where this build has them)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cpu_has_amx() -> bool:
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def replace_linears(module: nn.Module, make) -> None:
+    """Replace every ``nn.Linear`` below ``module`` by ``make(weight, bias)``, one at a time (memory grows by
+    one matrix)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, make(child.weight, child.bias))
+        else:
+            replace_linears(child, make)
+
+
+class PackedLinear(nn.Module):
+    """``x @ weight.T + bias`` with the weight reordered by oneDNN for this CPU, as torch.compile's CPU
+    weight freezing does it."""
+
+    ROWS_HINT = 64  # oneDNN's layout hint; 4 to 512 rows ran equally fast with it
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.ROWS_HINT)
+        self.bias = None if bias is None else bias.detach()
+
+    @staticmethod
+    def available(dtype: torch.dtype = torch.float32) -> bool:
+        """oneDNN's linear ops exist in this build, and for bf16 the CPU has bf16 units (AVX512-BF16 or
+        AMX): without them oneDNN emulates bf16 more slowly than fp32."""
+        ops = torch.ops.mkldnn
+        if not (
+            torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")
+        ):
+            return False
+        if dtype == torch.float32:
+            return True
+        return dtype == torch.bfloat16 and cpu_has_bf16_units()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class Int8Linear(nn.Module):
+    """``x @ weight.T + bias`` in int8: the weight rounded per output channel (symmetric, 127 steps), the
+    input per token (its own scale per row, as SmoothQuant's dynamic per-token scheme), int32 dot products
+    (AVX512-VNNI / AMX), fp32 out. Per-token scales keep one loud token from flattening the others.
+
+    oneDNN takes one activation scale per call, so the matmul runs with scale 1 and the row scales
+    multiply its output. Activations go in as uint8 with zero point 128: oneDNN's int8 (signed)
+    activation path fell back to a reference kernel ~1000x slower (torch 2.13, this CPU).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        w = weight.detach().float()
+        self.weight_scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        qweight = torch.round(w / self.weight_scale[:, None]).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+        self.weight_zero = torch.zeros(w.shape[0], dtype=torch.long)
+        self.bias = None if bias is None else bias.detach().float()
+
+    @staticmethod
+    def available() -> bool:
+        """oneDNN's quantized linear ops exist in this build and the CPU has int8 dot-product units."""
+        ops = torch.ops.onednn
+        has_ops = hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise")
+        units = getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or cpu_has_amx()
+        return torch.backends.mkldnn.is_available() and has_ops and units
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        quantized = torch.round(rows / scale).add_(128).to(torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise(
+            quantized, 1.0, 128, self.packed, self.weight_scale, self.weight_zero,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
+        return out.reshape(*x.shape[:-1], -1)

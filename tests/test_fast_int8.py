@@ -1,0 +1,72 @@
+"""The fast path's int8 mode (``torch-fast`` with dtype int8: int8 weights per output channel, int8
+activations per token, oneDNN's int8 matmul): each linear stays within int8 rounding of fp32, one loud
+token does not cost the others their precision, and where greedy tokens part from the fp32 reference
+the int8 path's own logits show a near-tie its rounding can swap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canary_qwen.backends.cpu_linear import Int8Linear
+from canary_qwen.backends.fast_torch import FastTorchBackend
+from canary_qwen.backends.torch_ref import TorchBackend
+from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
+
+pytestmark = pytest.mark.skipif(
+    not Int8Linear.available(), reason="this CPU or PyTorch build has no oneDNN int8 matmul with VNNI/AMX"
+)
+
+BUDGET = 24
+# 127 steps per row on both sides: each product carries ~0.4 % rounding, ~1.2 % over a 256-long dot
+# product of random values (measured 1.1e-2 - 1.3e-2 at 1024 - 6144 inputs).
+INT8_REL_TOL = 3e-2
+# Share of the fp32 reference's greedy tokens kept before the first parting on the four test clips.
+INT8_MIN_AGREEMENT = 0.4
+
+
+def relative_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((ours - exact).norm() / exact.norm())
+
+
+def test_int8_linear_is_fp32_within_int8_rounding():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 256) * 0.05, torch.randn(96)
+    x = torch.randn(3, 7, 256)
+    with_bias, without = Int8Linear(weight, bias), Int8Linear(weight)
+    assert with_bias(x).shape == (3, 7, 96)
+    assert relative_error(with_bias(x), x @ weight.T + bias) < INT8_REL_TOL
+    assert relative_error(without(x), x @ weight.T) < INT8_REL_TOL
+
+
+def test_int8_linear_scales_each_token_on_its_own():
+    torch.manual_seed(1)
+    weight = torch.randn(64, 512) * 0.05
+    quiet = torch.randn(6, 512)
+    loud = 1000 * torch.randn(1, 512)
+    out = Int8Linear(weight)(torch.cat((quiet, loud)))
+    # One scale for the whole batch would round the quiet rows to almost nothing (error near 100 %).
+    assert relative_error(out[:6], quiet @ weight.T) < INT8_REL_TOL
+
+
+def test_fast_path_int8_partings_are_near_ties(tiny_checkpoint, clips):
+    fast = FastTorchBackend(str(tiny_checkpoint), dtype="int8")
+    assert fast.dtype == "int8" and fast.model.dtype == torch.float32
+    modules = [*fast.model.encoder.modules(), *fast.model.llm.modules(), fast.model.proj, fast.head]
+    assert not any(isinstance(m, torch.nn.Linear) for m in modules)
+    assert isinstance(fast.model.llm.layers[0].mlp.down_proj, Int8Linear) and isinstance(fast.head, Int8Linear)
+    tokens = [t.token_ids for t in fast.transcribe(clips, max_new_tokens=BUDGET)]
+    reference = [
+        t.token_ids for t in TorchBackend(str(tiny_checkpoint), dtype="fp32").transcribe(clips, max_new_tokens=BUDGET)
+    ]
+    share = agreement(tokens, reference)
+    print(f"torch-fast int8: {share:.2f} of the fp32 reference's tokens before the first parting")
+    assert share >= INT8_MIN_AGREEMENT
+    found = explain(str(tiny_checkpoint), clips, {"reference": reference, "torch-fast": tokens}, "int8", "cpu")
+    print(summary(found, {"reference": reference, "torch-fast": tokens}))
+    for d in found:
+        if d.step is None:
+            continue
+        assert tokens[d.clip][: d.step] == reference[d.clip][: d.step]
+        # Both tokens' int8 logits are within logit_error of fp32, so a swap needs gap <= 2 x error.
+        assert d.logit_error > 0 and tie_ratio(d) <= 2, d
