@@ -157,9 +157,10 @@ def explain(
     ]
     if not any(d.step is not None for d in found):
         return found
-    fp32 = TorchBackend(model, device=device, dtype="fp32")
     # int8 exists only in the fast path: its error is that of its own logits (the reference is fp32 then).
+    # Made first: its loading peak (fp32 weights before quantizing) then stays below the fp32 reference's.
     fast = FastTorchBackend(model, device=device, dtype=dtype) if dtype == INT8 else None
+    fp32 = TorchBackend(model, device=device, dtype="fp32")
     reduced = None if fast else TorchBackend(model, device=device, dtype=dtype)
     graphs = None if export is None else OnnxBackend(export, device=device)
     eos = fp32.tokenizer.eos_id
