@@ -99,15 +99,15 @@ class TritonPythonModel:
         llm_request = pb_utils.InferenceRequest(
             model_name=self.llm_model, inputs=inputs, requested_output_names=LLM_OUTPUTS, request_id=request_id
         )
-        ended = False
+        ended = stopped = False
         for response in llm_request.exec(decoupled=True):
-            if reply.closed:  # cancelled: what tensorrt_llm still sends until it stops is drained unsent
-                continue
-            _checked(response)
-            if not ended and reply.cancelled():
+            if not stopped and (reply.closed or reply.cancelled()):  # closed here: the client went away
                 reply.end()
                 self._stop(request_id)
+                stopped = True
+            if stopped:  # what tensorrt_llm still sends until it stops is drained unsent
                 continue
+            _checked(response)
             tokens = pb_utils.get_output_tensor_by_name(response, "output_ids")
             if tokens is None or ended:  # None: the empty response that carries the final flag
                 continue
