@@ -101,8 +101,12 @@ def test_concurrent_streams_hold_over_server_runs(repo, clips, expected, tmp_pat
 
 
 @needs_server
-def test_a_cancelled_stream_stops_decoding(server, clips):
-    with TritonClient(server.grpc_url, "grpc", timeout_s=60) as client:
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_cancelled_stream_stops_decoding(server, clips, protocol):
+    """A reader that leaves: over gRPC the call is cancelled, over HTTP (generate_stream) the connection closes,
+    which Triton 2.51 also turns into a cancellation; either way the stream model stops decoding."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with TritonClient(url, protocol, timeout_s=60) as client:
         start = time.monotonic()
         assert "".join(client.stream(clips[3], max_new_tokens=400))
         per_400 = time.monotonic() - start

@@ -16,13 +16,16 @@ from conftest import make_clip, running_server  # noqa: E402
 
 from canary_qwen.backends.torch_ref import TorchBackend  # noqa: E402
 from canary_qwen.client.triton import TritonClient  # noqa: E402
+from canary_qwen.errors import UsageError  # noqa: E402
 from canary_qwen.export.artifacts import export_all  # noqa: E402
 from canary_qwen.model.synthetic import make_checkpoint  # noqa: E402
-from canary_qwen.serving.config_check import check_ensemble  # noqa: E402
+from canary_qwen.serving.config_check import check_ensemble, parse_model_config  # noqa: E402
 from canary_qwen.serving.vllm_flavor import generate_vllm_repo  # noqa: E402
 
 pytestmark = pytest.mark.triton
 BUDGET = 20
+TOKEN_LIMIT = 40
+MAX_QUEUE = 48  # above the 32 concurrent clients below
 MAX_MODEL_LEN = 256  # positions per request: a 20 s clip (250 frames) + the prompt does not fit
 
 
@@ -32,12 +35,19 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repo(checkpoint, tmp_path_factory):
-    export = export_all(checkpoint, tmp_path_factory.mktemp("tvllm-export"), progress=False, lora_adapter=True)
+def export_root(checkpoint, tmp_path_factory):
+    return export_all(checkpoint, tmp_path_factory.mktemp("tvllm-export"), progress=False, lora_adapter=True).root
+
+
+@pytest.fixture(scope="module")
+def repo(export_root, tmp_path_factory):
     return generate_vllm_repo(
-        export.root,
+        export_root,
         tmp_path_factory.mktemp("tvllm-repo") / "repo",
         max_new_tokens=BUDGET,
+        max_new_tokens_limit=TOKEN_LIMIT,
+        max_queue=MAX_QUEUE,
+        queue_timeout_s=30,
         kv_cache_gib=0.0625,
         max_model_len=MAX_MODEL_LEN,
     )
@@ -59,9 +69,24 @@ def expected(checkpoint, clips):
     return TorchBackend(str(checkpoint)).transcribe(clips, max_new_tokens=BUDGET)
 
 
-def test_repository_is_wired(repo):
+def test_repository_is_wired_and_bounded(repo, export_root, tmp_path):
+    """The onnx flavour's bounds: every python model's queue holds MAX_QUEUE and refuses a request after 30 s; the
+    vllm model knows the token limit. (The server below loads these configs, so Triton accepts them.)"""
     assert check_ensemble(repo) == []
     assert "decoupled: true" in (repo / "vllm" / "config.pbtxt").read_text()
+    for name in ("preprocessing", "encoder", "vllm"):
+        cfg = parse_model_config(repo / name / "config.pbtxt")
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (MAX_QUEUE, 30_000_000), name
+    vllm = parse_model_config(repo / "vllm" / "config.pbtxt")
+    assert vllm.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
+    assert vllm.parameters["max_new_tokens_limit"].string_value == str(TOKEN_LIMIT)
+    with pytest.raises(UsageError, match="max_audio_s must be > 0"):
+        generate_vllm_repo(export_root, tmp_path / "bad", max_audio_s=0)
+    with pytest.raises(UsageError, match=f"over max_new_tokens_limit {TOKEN_LIMIT}"):
+        generate_vllm_repo(
+            export_root, tmp_path / "bad", max_new_tokens=TOKEN_LIMIT + 1, max_new_tokens_limit=TOKEN_LIMIT
+        )
 
 
 def test_32_concurrent_clients_each_get_the_reference_answer(server, clips, expected):
@@ -96,6 +121,8 @@ def test_budget_and_bad_audio_get_answers_and_the_server_keeps_serving(server, c
     with TritonClient(server.grpc_url, "grpc") as client:
         text, ids = client.infer(clips[2], max_new_tokens=3, with_ids=True)
         assert ids == expected[2].token_ids[:3]
+        with pytest.raises(Exception, match=f"MAX_NEW_TOKENS must be between 1 and {TOKEN_LIMIT}"):
+            client.infer(clips[2], max_new_tokens=TOKEN_LIMIT + 1)
         with pytest.raises(Exception, match="AUDIO"):
             client.infer(clips[0][:0])
         with pytest.raises(Exception, match="positions .* the engine holds 256"):

@@ -5,7 +5,10 @@ contract (``standins/``): ensemble, streaming model and embeddings client give t
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -174,9 +177,10 @@ def test_padding_to_the_plan_minimum_keeps_the_frames(export_dir):
 
 
 # -- in the real server, with stand-ins for the two engines ------------------------------------------------------
-def standin_repo(export_dir, out: Path, **options) -> Path:
+def standin_repo(export_dir, out: Path, trace_dir: Path | None = None, **options) -> Path:
     """The trt repository as generated, then the two engine models swapped for python stand-ins that serve the same
-    config (backend changed only): TensorRT and TensorRT-LLM cannot run here."""
+    config (backend changed only): TensorRT and TensorRT-LLM cannot run here. ``trace_dir``: where the tensorrt_llm
+    stand-in records each request's decoded token count and whether it was stopped."""
     repo = trt_flavor.generate_trt_repo(
         export_dir,
         out,
@@ -192,7 +196,13 @@ def standin_repo(export_dir, out: Path, **options) -> Path:
         text = config.read_text().replace('backend: "tensorrtllm"', 'backend: "python"')
         text = text.replace('platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"', 'backend: "python"')
         text = text.replace("kind: KIND_GPU", "kind: KIND_CPU")
-        config.write_text(text + f'parameters {{ key: "export_dir" value: {{ string_value: "{export_dir}" }} }}\n')
+        params = {
+            "export_dir": export_dir,
+            **({"trace_dir": trace_dir} if name == "tensorrt_llm" and trace_dir else {}),
+        }
+        config.write_text(
+            text + "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+        )
         shutil.copy(STANDINS / code, repo / name / "1" / "model.py")
         for f in extra:
             shutil.copy(Path(__file__).parent / f, repo / name / "1" / f)
@@ -202,8 +212,11 @@ def standin_repo(export_dir, out: Path, **options) -> Path:
 @pytest.fixture(scope="module")
 def served(export_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("standin")
-    with running_server(standin_repo(export_dir, out / "repo"), out / "server") as server:
+    (out / "trace").mkdir()
+    with running_server(standin_repo(export_dir, out / "repo", out / "trace"), out / "server") as server:
+        server.trace_dir = out / "trace"
         yield server
+        assert server.stop() == 0  # in time: every stream, the cancelled one too, was closed
 
 
 def reference_tokens(export_dir, clip):
@@ -243,3 +256,41 @@ def test_served_ensemble_refuses_two_clips_in_one_request(served):
         arrays = {"AUDIO": np.stack([make_clip(1.0, 1), make_clip(1.0, 2)])}
         with pytest.raises(InferenceError, match="1 clip per request"):
             list(client.stream_results("canary_qwen", arrays))
+
+
+@pytest.mark.triton
+def test_served_concurrent_streams_each_join_to_the_onnx_text(served, export_dir):
+    """8 streams at once on the stream model's 4 instances (one stream each, the rest queued): every stream's
+    pieces join to its clip's text, and the server keeps serving."""
+    from canary_qwen.client.triton import TritonClient
+
+    clips = [make_clip(0.3 + 0.35 * i, 600 + i) for i in range(8)]
+    want = [reference_tokens(export_dir, clip).text for clip in clips]
+
+    def one(clip):
+        with TritonClient(served.grpc_url, "grpc", timeout_s=120) as client:
+            return "".join(client.stream(clip, max_new_tokens=24))
+
+    with ThreadPoolExecutor(len(clips)) as pool:
+        assert list(pool.map(one, clips)) == want
+    assert served.is_alive() and served.dead_stubs() == []
+
+
+@pytest.mark.triton
+def test_served_cancelled_stream_stops_tensorrt_llm(served):
+    """A reader that leaves after two pieces of a 2,000-token stream: the stream model tells tensorrt_llm to stop
+    that request (a stop request under its id), which ends it long before its budget."""
+    from canary_qwen.client.triton import TritonClient
+
+    budget = 2000
+    with TritonClient(served.grpc_url, "grpc", timeout_s=60) as client:
+        pieces = client.stream(make_clip(1.75, 503), max_new_tokens=budget)
+        next(pieces), next(pieces)
+        pieces.close()
+    deadline = time.monotonic() + 30
+    stopped = []
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = [json.loads(f.read_text()) for f in served.trace_dir.glob("*.json")]
+        stopped = [r for r in records if r["stopped"]]
+    assert len(stopped) == 1 and stopped[0]["decoded"] < budget / 4, stopped

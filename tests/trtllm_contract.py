@@ -94,6 +94,11 @@ INPUTS_EVERY_REQUEST_MUST_SEND = ("input_ids", "request_output_len")
 # createRequestsFromInputTensors(): "Batch size > 1 requires the tensorrt_llm backend to be using decoupled
 # transaction policy"; "Streaming is only supported if model is deployed using decoupled mode."
 MULTI_ROW_NEEDS_DECOUPLED = STREAMING_NEEDS_DECOUPLED = True
+# enqueue() -> handleStopRequest(), before any other check: a request whose `stop` input is true cancels the requests
+# enqueued under the same Triton request id ("Trying to stop a request but request ID is not provided" without one)
+# and gets one empty final response. WaitForCancel() also cancels a request whose response factory reports the
+# client cancelled, every cancellation_check_period_ms (default 100).
+STOP_INPUT = "stop"
 # splitBatchInputsTensors(): with more than one row each input_ids row is cut at input_lengths[row]; every other
 # tensor (prompt_embedding_table, prompt_table_extra_ids) is only sliced by row, never cut.
 # getPromptTuningConfigFromTensors(): prompt_table_extra_ids is used only when its length equals the row's input

@@ -60,19 +60,19 @@ def add_triton_repo_parser(subparsers) -> None:
         "--max-new-tokens-limit",
         type=int,
         default=512,
-        help="onnx: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
+        help="onnx, vllm: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
     )
     p.add_argument(
         "--max-queue",
         type=int,
         default=64,
-        help="onnx: requests each model keeps queued before refusing more as busy (default: 64)",
+        help="onnx, vllm: requests each python model keeps queued before refusing more as busy (default: 64)",
     )
     p.add_argument(
         "--queue-timeout-s",
         type=float,
         default=60.0,
-        help="onnx: a request that waited this long in a queue is refused, its client has likely given up "
+        help="onnx, vllm: a request that waited this long in a queue is refused, its client has likely given up "
         "(default: 60; 0: no limit)",
     )
     p.add_argument(
@@ -135,6 +135,9 @@ def _run(args) -> int:
             max_batch=args.max_batch or 8,
             max_audio_s=args.max_audio_s,
             max_new_tokens=args.max_new_tokens,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout_s,
             device=args.device,
             kv_cache_gib=args.kv_cache_gib,
         )

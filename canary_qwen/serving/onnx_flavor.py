@@ -29,9 +29,10 @@ Python (the one its python stub runs) must have this package installed.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..defaults import MAX_NEW_TOKENS
 from ..errors import UsageError
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
@@ -40,6 +41,7 @@ from .repo_files import (
     POSTPROCESSING,
     PREPROCESSING,
     STREAM,
+    RequestBounds,
     audio_inputs,
     ensemble_outputs,
     ensemble_step,
@@ -47,6 +49,7 @@ from .repo_files import (
     max_new_tokens_input,
     python_model,
     replace_model_dirs,
+    request_bounds,
     tensor,
     write_models,
     write_repo_info,
@@ -112,19 +115,14 @@ def model_configs(
     instances: int,
     queue_delay_us: int,
     decoupled_streaming: bool,
-    max_audio_s: float,
-    max_new_tokens: int,
-    max_new_tokens_limit: int,
-    max_queue: int,
-    queue_timeout_s: float,
+    bounds: RequestBounds,
     device: str,
     ort_threads: int,
 ) -> dict[str, str]:
     """config.pbtxt text for every model of the repository, by model name."""
     hidden = model["hidden_size"]
     runtime = {"device": device, "ort_threads": ort_threads}
-    budgets = {"max_new_tokens": max_new_tokens, "max_new_tokens_limit": max_new_tokens_limit}
-    queue = (max_queue, round(queue_timeout_s * 1e6))
+    max_audio_s, budgets, queue = bounds.max_audio_s, bounds.budgets, bounds.queue
     llm_in, llm_out = _llm_tensors(hidden)
     configs = {
         PREPROCESSING: python_model(
@@ -210,23 +208,19 @@ def generate_onnx_repo(
     ONNX Runtime's default). Folders of this repository's model names in ``out_dir`` are replaced;
     anything else there is left alone.
     """
-    if (
-        min(max_batch, instances, max_new_tokens, max_queue) < 1
-        or min(queue_delay_us, ort_threads, queue_timeout_s) < 0
-    ):
-        raise UsageError(
-            "max_batch, instances, max_new_tokens and max_queue must be >= 1; queue_delay_us, ort_threads and "
-            "queue_timeout_s >= 0"
-        )
-    if max_new_tokens > max_new_tokens_limit:
-        raise UsageError(f"max_new_tokens {max_new_tokens} is over max_new_tokens_limit {max_new_tokens_limit}")
+    if min(max_batch, instances) < 1 or min(queue_delay_us, ort_threads) < 0:
+        raise UsageError("max_batch and instances must be >= 1; queue_delay_us and ort_threads >= 0")
     if device != "cpu" and not device.startswith("cuda"):
         raise UsageError(f"device must be cpu or cuda, got {device!r}")
     manifest = read_manifest(export_dir)
-    if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
-    if not max_audio_s > 0:
-        raise UsageError(f"max_audio_s must be > 0, got {max_audio_s}")
+    bounds = request_bounds(
+        manifest,
+        max_audio_s=max_audio_s,
+        max_new_tokens=max_new_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        max_queue=max_queue,
+        queue_timeout_s=queue_timeout_s,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = model_configs(
@@ -235,11 +229,7 @@ def generate_onnx_repo(
         instances=instances,
         queue_delay_us=queue_delay_us,
         decoupled_streaming=decoupled_streaming,
-        max_audio_s=max_audio_s,
-        max_new_tokens=max_new_tokens,
-        max_new_tokens_limit=max_new_tokens_limit,
-        max_queue=max_queue,
-        queue_timeout_s=queue_timeout_s,
+        bounds=bounds,
         device=device,
         ort_threads=ort_threads,
     )
@@ -260,11 +250,7 @@ def generate_onnx_repo(
             "instances": instances,
             "queue_delay_us": queue_delay_us,
             "decoupled_streaming": decoupled_streaming,
-            "max_audio_s": max_audio_s,
-            "max_new_tokens": max_new_tokens,
-            "max_new_tokens_limit": max_new_tokens_limit,
-            "max_queue": max_queue,
-            "queue_timeout_s": queue_timeout_s,
+            **asdict(bounds),
             "device": device,
             "ort_threads": ort_threads,
         },

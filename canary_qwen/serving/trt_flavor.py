@@ -16,7 +16,8 @@ Every text parses as ``tritonclient.grpc.model_config_pb2.ModelConfig``.
 tokenizes PROMPT; the onnx flavour's model plus AUDIO_LENGTH), ``prompt_table`` (frames -> fake ids +
 prompt embedding table, python), ``postprocessing`` (ids -> TEXT), the ``canary_qwen`` ensemble
 preprocessing -> encoder -> prompt_table -> tensorrt_llm -> postprocessing, and the ``canary_qwen_stream``
-BLS model, with the onnx flavour's public interface. With streaming, ``tensorrt_llm`` is decoupled
+python model calling those (BLS) inside its ``execute``, one stream per instance, with the onnx flavour's public
+interface. With streaming, ``tensorrt_llm`` is decoupled
 (streaming needs it, and one engine serves both models), which makes the ensemble decoupled too:
 Triton then serves it over gRPC streaming and HTTP generate_stream, not plain infer calls
 (``TritonClient`` reads a decoupled model to its final response by itself); ``decoupled_streaming=False``
@@ -323,6 +324,7 @@ def _python_configs(
     max_audio_s,
     max_new_tokens,
     decoupled_streaming,
+    stream_instances,
     min_samples,
 ) -> dict[str, str]:
     table_outputs = [
@@ -366,11 +368,13 @@ def _python_configs(
         ENSEMBLE: _ensemble_config(max_batch),
     }
     if decoupled_streaming:
+        # No dynamic batcher: each instance streams one request at a time, inside execute (models/trt_stream.py)
         configs[STREAM] = python_model(
             STREAM,
             max_batch,
             audio_inputs() + [max_new_tokens_input()],
             [tensor("TEXT", "TYPE_STRING", [1])],
+            instances=stream_instances,
             decoupled=True,
             params={
                 "max_audio_s": max_audio_s,
@@ -378,7 +382,6 @@ def _python_configs(
                 "encoder_model": ENCODER,
                 "llm_model": TENSORRT_LLM,
                 "prompt_table_model": PROMPT_TABLE,
-                "max_streams": 4 * max_batch,
                 "min_samples": min_samples,
             },
         )
@@ -447,6 +450,7 @@ def generate_trt_repo(
     llm_instances: int = 1,
     queue_delay_us: int = 1000,
     decoupled_streaming: bool = True,
+    stream_instances: int | None = None,
     max_audio_s: float | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FRACTION,
@@ -463,7 +467,9 @@ def generate_trt_repo(
     default ``/models/tensorrt_llm/1`` (the repository mounted at ``/models``); a server started on the
     repository where it is written needs the absolute ``OUT_DIR/tensorrt_llm/1`` instead. The export's engine
     build record (``build-engines``) gives the encoder plan's profile minimum the clips are padded to.
-    ``max_batch`` defaults to, and may not exceed, the LLM engine's max batch size.
+    ``max_batch`` defaults to, and may not exceed, the LLM engine's max batch size. ``stream_instances``: instances
+    of ``canary_qwen_stream``, each serving one stream at a time (default: ``max_batch``, the streams the engine
+    decodes together).
     """
     manifest = read_manifest(export_dir)
     plan, llm = _engines(export_dir, engines_dir)
@@ -474,7 +480,8 @@ def generate_trt_repo(
         raise UsageError(
             f"max_batch must be in 1..{limits.max_batch_size} (the LLM engine's max batch size), got {max_batch}"
         )
-    if encoder_instances < 1 or llm_instances < 1 or queue_delay_us < 0 or max_new_tokens < 1:
+    stream_instances = max_batch if stream_instances is None else stream_instances
+    if min(encoder_instances, llm_instances, stream_instances, max_new_tokens) < 1 or queue_delay_us < 0:
         raise UsageError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
     max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S)) if max_audio_s is None else float(max_audio_s)
     frames = math.ceil(max_audio_s * manifest.model["frames_per_second"])
@@ -504,6 +511,7 @@ def generate_trt_repo(
         max_audio_s=max_audio_s,
         max_new_tokens=max_new_tokens,
         decoupled_streaming=decoupled_streaming,
+        stream_instances=stream_instances,
         min_samples=min_samples,
     )
     configs[ENCODER] = encoder_config(
@@ -538,6 +546,7 @@ def generate_trt_repo(
             "llm_instances": llm_instances,
             "queue_delay_us": queue_delay_us,
             "decoupled_streaming": decoupled_streaming,
+            "stream_instances": stream_instances,
             "max_audio_s": max_audio_s,
             "max_new_tokens": max_new_tokens,
             "engine_dtype": limits.dtype,

@@ -16,9 +16,10 @@ under numpy 2): scripts/setup.sh makes ``.venv-vllm`` that way; ``canary-qwen se
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..defaults import MAX_NEW_TOKENS
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
@@ -26,12 +27,14 @@ from .repo_files import (
     ENSEMBLE,
     PREPROCESSING,
     STREAM,
+    RequestBounds,
     audio_inputs,
     ensemble_step,
     io_block,
     max_new_tokens_input,
     python_model,
     replace_model_dirs,
+    request_bounds,
     tensor,
     write_models,
     write_repo_info,
@@ -77,13 +80,13 @@ def model_configs(
     model: dict,
     *,
     max_batch: int,
-    max_audio_s: float,
-    max_new_tokens: int,
+    bounds: RequestBounds,
     device: str,
     kv_cache_gib: float,
     max_model_len: int,
 ) -> dict[str, str]:
     hidden = model["hidden_size"]
+    max_audio_s, queue = bounds.max_audio_s, bounds.queue
     text, ids = tensor("TEXT", "TYPE_STRING", [1]), tensor("OUTPUT_IDS", "TYPE_INT64", [-1])
     return {
         PREPROCESSING: python_model(
@@ -91,6 +94,7 @@ def model_configs(
             max_batch,
             audio_inputs(),
             [tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("SAMPLES", "TYPE_FP32", [-1])],
+            queue=queue,
             params={"max_audio_s": max_audio_s},
         ),
         ENCODER: python_model(
@@ -99,9 +103,11 @@ def model_configs(
             [tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)],
             [tensor("EMBEDDINGS", "TYPE_FP32", [-1, hidden])],
             queue_delay_us=2000,
+            queue=queue,
             params={"max_audio_s": max_audio_s, "device": device},
         ),
-        # No dynamic batcher: requests go to the engine one by one as they come, and it batches them itself.
+        # No batching delay: requests go to the engine as they come, and it batches them itself; the dynamic
+        # batcher is there for its bounded queue.
         VLLM: python_model(
             VLLM,
             max_batch,
@@ -111,9 +117,11 @@ def model_configs(
                 max_new_tokens_input(),
             ],
             [text, ids],
+            queue_delay_us=0,
+            queue=queue,
             decoupled=True,
             params={
-                "max_new_tokens": max_new_tokens,
+                **bounds.budgets,
                 "device": device,
                 "kv_cache_gib": kv_cache_gib,
                 "max_model_len": max_model_len,
@@ -131,6 +139,9 @@ def generate_vllm_repo(
     max_batch: int = 8,
     max_audio_s: float | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens_limit: int = 512,
+    max_queue: int = 64,
+    queue_timeout_s: float = 60.0,
     device: str = "cpu",
     kv_cache_gib: float = 1.0,
     max_model_len: int = 2048,
@@ -138,20 +149,27 @@ def generate_vllm_repo(
     """Write the vllm-flavour model repository for the export in ``export_dir`` to ``out_dir``; returns it.
 
     ``kv_cache_gib``: the KV cache vLLM reserves on a CPU (on a GPU vLLM sizes it itself); ``max_model_len``:
-    longest prompt + answer in tokens. The other settings are the onnx flavour's.
+    longest prompt + answer in tokens. The other settings, limits and queue bounds included, are the onnx
+    flavour's (``generate_onnx_repo``); a request the ``vllm`` model accepted waits in vLLM's own scheduler, which
+    batches as many as its KV cache holds.
     """
-    if max_batch < 1 or max_new_tokens < 1 or kv_cache_gib <= 0 or max_model_len < 1:
-        raise UsageError("max_batch, max_new_tokens and max_model_len must be >= 1, kv_cache_gib > 0")
+    if max_batch < 1 or kv_cache_gib <= 0 or max_model_len < 1:
+        raise UsageError("max_batch and max_model_len must be >= 1, kv_cache_gib > 0")
     manifest = read_manifest(export_dir)
-    if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
+    bounds = request_bounds(
+        manifest,
+        max_audio_s=max_audio_s,
+        max_new_tokens=max_new_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        max_queue=max_queue,
+        queue_timeout_s=queue_timeout_s,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = model_configs(
         manifest.model,
         max_batch=max_batch,
-        max_audio_s=max_audio_s,
-        max_new_tokens=max_new_tokens,
+        bounds=bounds,
         device=device,
         kv_cache_gib=kv_cache_gib,
         max_model_len=max_model_len,
@@ -165,8 +183,7 @@ def generate_vllm_repo(
     counts = write_models(out, manifest, configs, files)
     settings = {
         "max_batch": max_batch,
-        "max_audio_s": max_audio_s,
-        "max_new_tokens": max_new_tokens,
+        **asdict(bounds),
         "device": device,
         "kv_cache_gib": kv_cache_gib,
         "max_model_len": max_model_len,

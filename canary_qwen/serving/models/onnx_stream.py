@@ -11,7 +11,6 @@ would not pass a client's cancellation on to its decoupled step. A row whose cli
 more, and the decode stops as soon as no row is left that someone is waiting for.
 """
 
-import time
 import traceback
 
 import numpy as np
@@ -24,65 +23,25 @@ from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.checks import (
     MAX_NEW_TOKENS_LIMIT,
-    TextStream,
     check_audio,
     encode_prompt,
     model_parameters,
     read_budgets,
     read_strings,
 )
-
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CANCEL_CHECK_S = 0.05  # is_cancelled() is a round trip to the server process: ask a few times a second per row
+from canary_qwen.serving.models.responses import TextReply
 
 
 class _NoOneWaiting(Exception):
     """Every row of the batch has ended or was cancelled: stop decoding."""
 
 
-class _Row:
-    """One request: its inputs, its sender, and where its text stands."""
+class _Row(TextReply):
+    """One request: its inputs, and its reply."""
 
     def __init__(self, request, samples, prompt_ids, budget, tokenizer):
-        self.request = request
-        self.sender = request.get_response_sender()
+        super().__init__(request, tokenizer)
         self.samples, self.prompt_ids, self.budget = samples, prompt_ids, budget
-        self.text = TextStream(tokenizer)
-        self.closed = False
-        self.next_check = 0.0
-
-    def cancelled(self) -> bool:
-        now = time.monotonic()
-        if now < self.next_check:
-            return False
-        self.next_check = now + CANCEL_CHECK_S
-        return self.request.is_cancelled()
-
-    def send(self, piece: str, final: bool = False) -> None:
-        response = None
-        if piece:
-            response = pb_utils.InferenceResponse(
-                [pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object))]
-            )
-        try:
-            self.sender.send(response, flags=FINAL if final else 0)
-        except Exception:  # the client went away between our checks: nothing more goes to it
-            self.end()
-            return
-        self.closed = self.closed or final
-
-    def end(self) -> None:
-        """Close the request without more text (its client cancelled or went away). The final flag must go out
-        all the same: Triton 2.51 does not unload a decoupled model while a request of it has had none."""
-        self.closed = True
-        try:
-            self.sender.send(flags=FINAL)
-        except Exception:
-            pass
-
-
-def _fail(sender, message: str) -> None:
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -118,16 +77,14 @@ class TritonPythonModel:
             try:
                 rows.append(self._row(request))
             except InputError as e:
-                _fail(request.get_response_sender(), str(e))
+                TextReply(request, self.tokenizer).fail(str(e))
         if rows:
             try:
                 self._decode(rows)
             except Exception as e:
                 pb_utils.Logger.log_error(f"{self.name}: {traceback.format_exc()}")
                 for row in rows:
-                    if not row.closed:
-                        row.closed = True
-                        _fail(row.sender, f"streaming failed: {e}")
+                    row.fail(f"streaming failed: {e}")
         return None
 
     def _decode(self, rows: list) -> None:
@@ -140,12 +97,10 @@ class TritonPythonModel:
             row = rows[i]
             if not row.closed and row.cancelled():
                 row.end()
-            if not row.closed:
-                piece = "" if token is None else row.text.push(token)
-                if finished:
-                    piece += row.text.finish()
-                if piece or finished:
-                    row.send(piece, final=finished)
+            if token is not None:
+                row.push(token)
+            if finished:
+                row.finish()
             if all(r.closed for r in rows):
                 raise _NoOneWaiting
 

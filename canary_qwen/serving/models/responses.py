@@ -1,11 +1,17 @@
-"""One response per request for the python models that handle requests one at a time (imported only
-inside Triton's python stub, like the model files)."""
+"""Responses of the python models (imported only inside Triton's python stub, like the model files): one response
+per request for the models that handle requests one at a time, and the pieces of a streaming request."""
 
+import time
 import traceback
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.errors import InputError
+from canary_qwen.serving.checks import TextStream
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_CHECK_S = 0.05  # is_cancelled() is a round trip to the server process: ask a few times a second per stream
 
 
 def respond_each(requests, handle, name: str):
@@ -22,3 +28,65 @@ def respond_each(requests, handle, name: str):
             pb_utils.Logger.log_error(f"{name}: {traceback.format_exc()}")
             responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{name} failed: {e}")))
     return responses
+
+
+class TextReply:
+    """The responses of one decoupled request that streams TEXT pieces (``canary_qwen_stream``): its sender,
+    where its text stands, whether it is closed (final flag sent) or its client cancelled."""
+
+    def __init__(self, request, tokenizer):
+        self.request = request
+        self.sender = request.get_response_sender()
+        self.text = TextStream(tokenizer)
+        self.closed = False
+        self.next_check = 0.0
+
+    def cancelled(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_check:
+            return False
+        self.next_check = now + CANCEL_CHECK_S
+        return self.request.is_cancelled()
+
+    def push(self, token: int) -> None:
+        """One new token: its text piece goes out as soon as there is one."""
+        self.send(self.text.push(token))
+
+    def send(self, piece: str, final: bool = False) -> None:
+        if self.closed:
+            return
+        response = None
+        if piece:
+            response = pb_utils.InferenceResponse(
+                [pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object))]
+            )
+        if response is None and not final:
+            return
+        try:
+            self.sender.send(response, flags=FINAL if final else 0)
+        except Exception:  # the client went away between our checks: nothing more goes to it
+            self.end()
+            return
+        self.closed = final
+
+    def finish(self) -> None:
+        """The held-back tail of the text, with the final flag."""
+        self.send(self.text.finish(), final=True)
+
+    def end(self) -> None:
+        """Close the request without more text (its client cancelled or went away). The final flag must go out
+        all the same: Triton 2.51 does not unload a decoupled model while a request of it has had none."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sender.send(flags=FINAL)
+        except Exception:
+            pass
+
+    def fail(self, message: str) -> None:
+        """An error response closing the request (unless it is closed already)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)

@@ -22,6 +22,7 @@ from canary_qwen.defaults import MAX_NEW_TOKENS
 from canary_qwen.errors import InputError
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.checks import (
+    MAX_NEW_TOKENS_LIMIT,
     TextStream,
     check_embeddings,
     check_prompt_ids,
@@ -75,6 +76,7 @@ class TritonPythonModel:
         )
         self.tokenizer = self.engine.tokenizer
         self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
+        self.budget_limit = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
         self.hidden = int(self.engine.embed_table.shape[1])
         self.arrivals = queue.Queue()
         self.streams = {}
@@ -96,7 +98,9 @@ class TritonPythonModel:
                     raise InputError(f"{self.name} takes one clip per request, got a batch of {len(embeds)}")
                 ids = check_prompt_ids(ids, self.tokenizer.placeholder_id, len(self.engine.embed_table))
                 budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-                budget = read_budgets(None if budget is None else budget.as_numpy(), 1, self.default_budget)[0]
+                budget = read_budgets(
+                    None if budget is None else budget.as_numpy(), 1, self.default_budget, self.budget_limit
+                )[0]
                 prompt = self.engine.audio_prompt(ids, embeds[0])
                 self.engine.check_length(prompt)
             except InputError as e:
