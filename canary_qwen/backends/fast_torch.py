@@ -133,13 +133,17 @@ class FastTorchBackend:
         return [out[i] for i in range(len(audios))]
 
     # -- decoder pieces --------------------------------------------------------------------------
-    def _qkv(self, attn, x: torch.Tensor, positions: torch.Tensor):
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin for ``positions``, computed once per forward: every layer uses the same."""
+        return rope_cos_sin(positions[None], self.model.llm_cfg.head_dim, self.model.llm_cfg.rope_theta, dtype)
+
+    def _qkv(self, attn, x: torch.Tensor, rope):
         """x [N, H] (packed tokens) -> q [N, heads, d], k/v [N, kv_heads, d] with RoPE applied."""
         n = x.shape[0]
         q = attn.q_norm(attn.q_proj(x).view(n, attn.n_heads, attn.head_dim))
         k = attn.k_norm(attn.k_proj(x).view(n, attn.n_kv, attn.head_dim))
         v = attn.v_proj(x).view(n, attn.n_kv, attn.head_dim)
-        cos, sin = rope_cos_sin(positions[None], attn.head_dim, self.model.llm_cfg.rope_theta, x.dtype)
+        cos, sin = rope
         q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
         k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
         return q, k, v
@@ -167,9 +171,10 @@ class FastTorchBackend:
             out[rows, positions] = t
             return out.transpose(1, 2)
 
+        rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
             attn = layer.self_attn
-            q, k, v = (padded(t) for t in self._qkv(attn, layer.input_layernorm(x), positions))
+            q, k, v = (padded(t) for t in self._qkv(attn, layer.input_layernorm(x), rope))
             cache.k[li, at, :, :longest] = k
             cache.v[li, at, :, :longest] = v
             o = nn.functional.scaled_dot_product_attention(
@@ -192,9 +197,10 @@ class FastTorchBackend:
         span = torch.arange(cache.k.shape[3], device=self.device)
         visible = (span[None] <= positions[:, None])[:, None, None]
         x = self.model.embed_tokens(tokens)
+        rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), positions)
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), rope)
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
             o = nn.functional.scaled_dot_product_attention(
