@@ -276,7 +276,9 @@ def write_docs(results: dict | Iterable[dict], path) -> Path:
         if skipped:
             lines += ["Skipped:", ""]
             lines += [
-                f"- `{r.get('spec') or r['backend']}`" + (f" (batch {r['batch_size']})" if r["batch_size"] else "") + f": {r['reason']}"
+                f"- `{r.get('spec') or r['backend']}`"
+                + (f" (batch {r['batch_size']})" if r["batch_size"] else "")
+                + f": {r['reason']}"
                 for r in skipped
             ]
             lines.append("")
