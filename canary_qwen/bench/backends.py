@@ -12,6 +12,7 @@ that as a skipped run instead of crashing. Token budgets follow each path's own 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,7 +93,13 @@ class BenchBackend:
 
 
 def release_memory() -> None:
+    """Free what a closed backend held, so the next one's peak memory is its own: Python's garbage, PyTorch's
+    CUDA cache, and the C heap's free pages (glibc keeps them mapped until ``malloc_trim``)."""
     gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         import torch
 
