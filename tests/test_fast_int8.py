@@ -37,6 +37,8 @@ def test_int8_linear_is_fp32_within_int8_rounding():
     assert with_bias(x).shape == (3, 7, 96)
     assert relative_error(with_bias(x), x @ weight.T + bias) < INT8_REL_TOL
     assert relative_error(without(x), x @ weight.T) < INT8_REL_TOL
+    x[1, 3] = 0  # a zeroed row (a padded frame) gives exactly the bias
+    assert torch.equal(with_bias(x)[1, 3], bias) and not without(x)[1, 3].any()
 
 
 def test_int8_linear_scales_each_token_on_its_own():

@@ -116,7 +116,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
-        peak = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        # The floor keeps 127 / peak finite, so an all-zero row (padded frames are zeroed) quantizes to 128.
+        peak = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
         scale = peak / 127
         # rows / scale lies in [-127, 127]; + 128.5 then truncation is round-half-up into [1, 255] in one
         # pass (torch.round was the costliest op of an int8 decode step in the profile).
