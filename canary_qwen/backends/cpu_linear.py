@@ -4,6 +4,8 @@ inductor backend emits), hence each class's ``available()``."""
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ def replace_linears(module: nn.Module, make) -> None:
             replace_linears(child, make)
 
 
-def _is_pointwise(module: nn.Module) -> bool:
+def _is_pointwise(module: nn.Module) -> TypeGuard[nn.Conv1d]:
     return (
         isinstance(module, nn.Conv1d)
         and module.kernel_size == (1,)

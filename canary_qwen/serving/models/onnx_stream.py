@@ -23,13 +23,9 @@ from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.checks import (
     MAX_NEW_TOKENS_LIMIT,
-    check_audio,
-    encode_prompt,
     model_parameters,
-    read_budgets,
-    read_strings,
 )
-from canary_qwen.serving.models.responses import TextReply
+from canary_qwen.serving.models.responses import TextReply, one_clip_request
 
 
 class _NoOneWaiting(Exception):
@@ -60,16 +56,10 @@ class TritonPythonModel:
         self.name = args["model_name"]
 
     def _row(self, request) -> _Row:
-        audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), self.max_audio_s)
-        if len(audio) != 1:
-            raise InputError(f"{self.name} takes one clip per request, got a batch of {len(audio)}")
-        prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
-        prompt = read_strings(None if prompt is None else prompt.as_numpy(), 1)[0]
-        budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-        budget = read_budgets(None if budget is None else budget.as_numpy(), 1, self.default_budget, self.budget_limit)[
-            0
-        ]
-        return _Row(request, audio[0], encode_prompt(self.tokenizer, prompt), budget, self.tokenizer)
+        samples, prompt_ids, budget = one_clip_request(
+            request, self.name, self.tokenizer, self.max_audio_s, self.default_budget, self.budget_limit
+        )
+        return _Row(request, samples, prompt_ids, budget, self.tokenizer)
 
     def execute(self, requests):
         rows = []

@@ -8,7 +8,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.errors import InputError
-from canary_qwen.serving.checks import TextStream
+from canary_qwen.serving.checks import (
+    MAX_NEW_TOKENS_LIMIT,
+    TextStream,
+    check_audio,
+    encode_prompt,
+    read_budgets,
+    read_strings,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05  # is_cancelled() is a round trip to the server process: ask a few times a second per stream
@@ -28,6 +35,18 @@ def respond_each(requests, handle, name: str):
             pb_utils.Logger.log_error(f"{name}: {traceback.format_exc()}")
             responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{name} failed: {e}")))
     return responses
+
+
+def one_clip_request(request, name, tokenizer, max_audio_s, default_budget, budget_limit=MAX_NEW_TOKENS_LIMIT):
+    """A streaming request's (samples [S], prompt ids, budget), checked; InputError when it is refused."""
+    audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), max_audio_s)
+    if len(audio) != 1:
+        raise InputError(f"{name} takes one clip per request, got a batch of {len(audio)}")
+    prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
+    prompt = read_strings(None if prompt is None else prompt.as_numpy(), 1)[0]
+    budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
+    budget = read_budgets(None if budget is None else budget.as_numpy(), 1, default_budget, budget_limit)[0]
+    return audio[0], encode_prompt(tokenizer, prompt), budget
 
 
 class TextReply:

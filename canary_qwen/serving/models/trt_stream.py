@@ -24,13 +24,9 @@ from canary_qwen.export.manifest import read_manifest
 from canary_qwen.export.tensorrt.encoder_engine import pad_to_min_samples
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.checks import (
-    check_audio,
-    encode_prompt,
     model_parameters,
-    read_budgets,
-    read_strings,
 )
-from canary_qwen.serving.models.responses import TextReply
+from canary_qwen.serving.models.responses import TextReply, one_clip_request
 
 TABLE_INPUTS = (
     "input_ids",
@@ -87,14 +83,10 @@ class TritonPythonModel:
         return None
 
     def _stream(self, request, reply: TextReply) -> None:
-        audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), self.max_audio_s)
-        if len(audio) != 1:
-            raise InputError(f"{self.name} takes one clip per request, got a batch of {len(audio)}")
-        prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
-        prompt = read_strings(None if prompt is None else prompt.as_numpy(), 1)[0]
-        budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-        budget = read_budgets(None if budget is None else budget.as_numpy(), 1, self.default_budget)[0]
-        inputs = self._llm_inputs(audio, encode_prompt(self.tokenizer, prompt), budget)
+        samples, prompt_ids, budget = one_clip_request(
+            request, self.name, self.tokenizer, self.max_audio_s, self.default_budget
+        )
+        inputs = self._llm_inputs(samples[None], prompt_ids, budget)
         request_id = uuid.uuid4().hex  # the handle to stop it by
         llm_request = pb_utils.InferenceRequest(
             model_name=self.llm_model, inputs=inputs, requested_output_names=LLM_OUTPUTS, request_id=request_id
