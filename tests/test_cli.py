@@ -127,6 +127,12 @@ def test_export_then_onnx_backend_gives_same_tokens(capsys, tiny_checkpoint, cli
     assert engine_dir.string_value == "/srv/trt/tensorrt_llm/1"
 
 
+def test_a_precision_the_backend_cannot_take_is_refused(capsys, tiny_checkpoint, clip_files):
+    # An export runs in its own precision: asking onnx for bf16 would otherwise be silently ignored.
+    code, _, err = run(capsys, "transcribe", "--backend", "onnx", "--dtype", "bf16", "--model", "x", clip_files[0])
+    assert code == 2 and "onnx does not run in 'bf16'" in err and "Traceback" not in err
+
+
 def test_onnx_backend_on_a_checkpoint_dir_says_to_export(capsys, tiny_checkpoint, clip_files):
     code, _, err = run(capsys, "transcribe", "--backend", "onnx", "--model", str(tiny_checkpoint), clip_files[0])
     assert code == 2 and "canary-qwen export" in err

@@ -78,11 +78,12 @@ class FastTorchBackend:
         self.device = resolve_device(device)
         # "int8": int8 weights and activations in every linear (Int8Linear), fp32 everywhere else.
         self.dtype = INT8 if dtype == INT8 else Precision.parse(dtype).value
-        if self.dtype == INT8 and not (self.device.type == "cpu" and Int8Linear.available()):
+        if self.dtype == INT8 and self.device.type != "cpu":
+            raise BackendUnavailable(f"torch-fast int8 runs on a CPU, not on {self.device} (use bf16 there)")
+        if self.dtype == INT8 and not Int8Linear.available():
             raise BackendUnavailable(
-                f"torch-fast int8 runs on a CPU with int8 dot-product units (AVX512-VNNI or AMX) and a PyTorch "
-                f"with oneDNN's quantized linear ops, not on {self.device}"
-                + ("" if self.device.type != "cpu" else " (this CPU or PyTorch build lacks them)")
+                "torch-fast int8 needs a CPU with int8 dot-product units (AVX512-VNNI or AMX) and a PyTorch "
+                "build with oneDNN's quantized linear ops; this machine lacks them"
             )
         weights = Precision.FP32 if self.dtype == INT8 else Precision.parse(dtype)
         self.model, self.tokenizer, self.files = load_model(

@@ -387,14 +387,14 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
     env = environment(config.command)
     runs: list[dict] = []
     for spec in [RunSpec.parse(text) for text in config.backends]:  # a bad entry fails before any model loads
-        name = spec.text
+        label = spec.text
         reset_peak_rss()
         try:
             backend = create_backend(spec, options)
         except Exception as e:  # noqa: BLE001 - any construction failure is a skip, not a crash
             reason = str(e) if isinstance(e, BackendUnavailable) else f"{type(e).__name__}: {e}"
-            log(f"skipping {name}: {reason}")
-            runs.append(skipped_run(spec.name, None, reason, spec=name, device=device, n_clips=len(data)))
+            log(f"skipping {label}: {reason}")
+            runs.append(skipped_run(spec.name, None, reason, spec=label, device=device, n_clips=len(data)))
             release_memory()
             continue
         try:
@@ -403,14 +403,14 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
                     runs.append(timed_run(backend, data, batch_size, config, progress=progress))
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: record, go on
                     log(
-                        f"{name} at batch size {batch_size} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+                        f"{label} at batch size {batch_size} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
                     )
                     runs.append(
                         skipped_run(
                             spec.name,
                             batch_size,
                             f"failed: {type(e).__name__}: {e}",
-                            spec=name,
+                            spec=label,
                             dtype=backend.dtype,
                             device=backend.device,
                             n_clips=len(data),
