@@ -40,16 +40,18 @@ def add_transcribe(sub) -> None:
         help="clips per batch (default: 8; vllm: every clip at once, its engine batches continuously); torch-fast "
         "schedules a batch continuously over up to 256 cache slots, so on a GPU give it hundreds",
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_decoding_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, token_ids, duration_s")
+    p.set_defaults(run=run_transcribe)
+
+
+def add_decoding_options(p) -> None:
+    """--max-new-tokens, --dtype, --prompt, --max-window-s: how each clip is decoded (transcribe, transcribe-corpus)."""
     p.add_argument(
         "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="decoding budget per clip (default: %(default)s)"
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default=None,
-        help=DTYPE_HELP,
-    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
     p.add_argument(
         "--prompt",
         default=None,
@@ -61,8 +63,6 @@ def add_transcribe(sub) -> None:
         default=MAX_WINDOW_S,
         help="cut longer clips into windows of at most this many seconds; 0 disables (default: %(default)s)",
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, token_ids, duration_s")
-    p.set_defaults(run=run_transcribe)
 
 
 def run_transcribe(args) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backends.registry import BACKENDS, DTYPE_CHOICES, DTYPE_HELP, SERVER, resolve_dtype
+from ..backends.registry import BACKENDS, SERVER, resolve_dtype
 from ..client.triton import DEFAULT_MODEL
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
+from .transcribe import add_decoding_options
 
 SHOWN_ERRORS = 10  # failed files named in the summary; all of them are in the output
 
@@ -73,22 +73,7 @@ same path, and run this on the head with --ray-address auto.""",
         "--files-per-task", type=int, default=64, help="files a worker takes and commits at a time (default: 64)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="clips per model batch within a task (default: 8)")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="decoding budget per clip (default: %(default)s)"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default=None,
-        help=DTYPE_HELP,
-    )
-    p.add_argument("--prompt", help="user prompt (default 'Transcribe the following:')")
-    p.add_argument(
-        "--max-window-s",
-        type=float,
-        default=MAX_WINDOW_S,
-        help="cut longer clips into windows of at most this many seconds; 0 disables (default: %(default)s)",
-    )
+    add_decoding_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also redo files whose earlier row has an error")
     p.set_defaults(run=run_transcribe_corpus)
 
