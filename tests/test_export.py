@@ -136,14 +136,15 @@ def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
     fast = FastTorchBackend(str(tiny_checkpoint), dtype="fp32")
     plain = TorchBackend(str(tiny_checkpoint), dtype="fp32", merge_lora=True).model
     x = torch.randn(5, plain.llm_cfg.hidden_size)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        ours, theirs = getattr(fast.model.llm.layers[1].self_attn, name), getattr(plain.llm.layers[1].self_attn, name)
-        assert isinstance(ours, PackedLinear), name
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
-    assert all(
-        isinstance(getattr(fast.model.llm.layers[0].mlp, n), PackedLinear)
-        for n in ("gate_proj", "up_proj", "down_proj")
-    )
+    ours, theirs = fast.model.llm.layers[1], plain.llm.layers[1]
+    # q/k/v and gate/up as one packed matrix each: every output is the separate matrices' output.
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, parts in fused.items():
+        modules = [getattr(theirs.self_attn if hasattr(theirs.self_attn, p) else theirs.mlp, p) for p in parts]
+        assert isinstance(getattr(ours, name), PackedLinear), name
+        torch.testing.assert_close(getattr(ours, name)(x), torch.cat([m(x) for m in modules], -1), rtol=1e-5, atol=1e-6)
+    assert isinstance(ours.o_proj, PackedLinear) and isinstance(ours.down_proj, PackedLinear)
+    torch.testing.assert_close(ours.o_proj(x), theirs.self_attn.o_proj(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.head(x), x @ plain.output_weight().T, rtol=1e-5, atol=1e-6)
     frames = torch.randn(2, 7, plain.cfg.encoder.d_model)  # encoder linears carry biases and see 3-D input
     ours, theirs = fast.model.encoder.layers[0].feed_forward1.linear1, plain.encoder.layers[0].feed_forward1.linear1
@@ -159,7 +160,7 @@ def test_fast_path_packs_bf16_weights_where_the_cpu_has_bf16_units(tiny_checkpoi
         pytest.skip("this CPU has no AVX512-BF16 or AMX units")
     plain = TorchBackend(str(tiny_checkpoint), dtype="bf16", merge_lora=True).model
     x = torch.randn(5, plain.llm_cfg.hidden_size).bfloat16()
-    ours, theirs = fast.model.llm.layers[1].mlp.down_proj, plain.llm.layers[1].mlp.down_proj
+    ours, theirs = fast.model.llm.layers[1].down_proj, plain.llm.layers[1].mlp.down_proj
     assert isinstance(ours, PackedLinear) and ours.packed.dtype == torch.bfloat16
     y = torch.randn(5, plain.llm_cfg.intermediate_size).bfloat16()
     # Both accumulate in fp32 and round once to bf16: at most one bf16 step (2**-8 relative) apart.

@@ -4,6 +4,8 @@ inductor backend emits), hence each class's ``available()``."""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import TypeGuard
 
 import torch
@@ -87,6 +89,36 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rows [N, K] -> (uint8 rows around zero point 128, per-row scales [N, 1]): symmetric, 127 steps a side.
+
+    The floor keeps 127 / peak finite, so an all-zero row (padded frames are zeroed) quantizes to 128;
+    rows / scale lies in [-127, 127], and + 128.5 then truncation rounds half up into [1, 255].
+    """
+    peak = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    return (rows * (127 / peak) + 128.5).to(torch.uint8), peak / 127
+
+
+@functools.cache
+def row_quantizer():
+    """``quantize_rows`` compiled by inductor into one loop per row (the row's peak, then its bytes, while
+    it is in cache): eager, the same takes five passes over memory and was a third of the int8 linears'
+    time at prefill sizes (docs/fast-path.md). Compiled once here for any shape (one-row inputs are their
+    own case); eager where compiling fails, e.g. without the C++ compiler inductor needs."""
+    compiled = torch.compile(quantize_rows, dynamic=True)
+    try:
+        with torch.inference_mode():
+            for rows in (1, 2):
+                compiled(torch.ones(rows, 8))
+    except Exception as error:  # inductor raises several kinds (compiler missing, build failed, ...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(
+            f"int8 activations are quantized by eager ops (slower): torch.compile failed: {reason}", stacklevel=2
+        )
+        return quantize_rows
+    return compiled
+
+
 class Int8Linear(nn.Module):
     """``x @ weight.T + bias`` in int8: the weight rounded per output channel (symmetric, 127 steps), the
     input per token (its own scale per row, as SmoothQuant's dynamic per-token scheme), int32 dot products
@@ -96,8 +128,6 @@ class Int8Linear(nn.Module):
     multiply its output. Activations go in as uint8 with zero point 128: oneDNN's int8 (signed)
     activation path fell back to a reference kernel ~1000x slower (torch 2.13, this CPU).
     """
-
-    HALF_UP_ZERO = torch.tensor(128.5)  # the zero point, plus a half to round by truncation
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -117,13 +147,7 @@ class Int8Linear(nn.Module):
         return torch.backends.mkldnn.is_available() and has_ops and units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        # The floor keeps 127 / peak finite, so an all-zero row (padded frames are zeroed) quantizes to 128.
-        peak = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
-        scale = peak / 127
-        # rows / scale lies in [-127, 127]; + 128.5 then truncation is round-half-up into [1, 255] in one
-        # pass (torch.round was the costliest op of an int8 decode step in the profile).
-        quantized = torch.addcmul(self.HALF_UP_ZERO, rows, 127 / peak).to(torch.uint8)
+        quantized, scale = row_quantizer()(x.reshape(-1, x.shape[-1]).float())
         out = torch.ops.onednn.qlinear_pointwise(
             quantized, 1.0, 128, self.packed, self.weight_scale, self.weight_zero,
             None, 1.0, 0, torch.float32, "none", [], "",

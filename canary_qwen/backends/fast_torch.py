@@ -24,7 +24,7 @@ from ..decoding import TokenStreams, splice_row, token_budgets
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
 from ..model.prompt import prompt_ids
-from ..model.qwen3 import apply_rope, rope_cos_sin
+from ..model.qwen3 import DecoderLayer, apply_rope, rope_cos_sin
 from ..model.salm import load_model
 from ..precision import Precision
 from .base import Transcription, pad_waveforms
@@ -98,6 +98,8 @@ class FastTorchBackend:
             self._prepack_for_cpu(Int8Linear)
         elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu(PackedLinear)
+        else:
+            self._fuse_layers(DenseLinear)
 
     def _prepack_for_cpu(self, linear: type[PackedLinear] | type[Int8Linear]) -> None:
         """The encoder's, projection's and LLM's linears and the output layer with oneDNN-prepacked weights:
@@ -106,10 +108,17 @@ class FastTorchBackend:
         packed in bf16: half the bytes to read and the bf16 dot-product instructions; in int8 a quarter of
         the bytes and int8 dot products (Int8Linear)."""
         replace_linears(self.model.encoder, linear)
-        replace_linears(self.model.llm, linear)
+        self._fuse_layers(linear)
         self.model.proj = linear(self.model.proj.weight, self.model.proj.bias)
         # Tied to the embeddings, which stay dense for lookups: the packed copy is extra memory.
         self.head = linear(self.model.output_weight())
+
+    def _fuse_layers(self, linear) -> None:
+        """The LLM's layers as ``FusedLayer``s, one at a time (memory grows by one layer's matrices)."""
+        layers = self.model.llm.layers
+        for i, layer in enumerate(layers):
+            assert isinstance(layer, DecoderLayer)
+            layers[i] = FusedLayer(layer, linear)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden) if self.head is None else self.head(hidden).float()
@@ -140,17 +149,6 @@ class FastTorchBackend:
         """cos/sin for ``positions``, computed once per forward: every layer uses the same."""
         return rope_cos_sin(positions[None], self.model.llm_cfg.head_dim, self.model.llm_cfg.rope_theta, dtype)
 
-    def _qkv(self, attn, x: torch.Tensor, rope):
-        """x [N, H] (packed tokens) -> q [N, heads, d], k/v [N, kv_heads, d] with RoPE applied."""
-        n = x.shape[0]
-        q = attn.q_norm(attn.q_proj(x).view(n, attn.n_heads, attn.head_dim))
-        k = attn.k_norm(attn.k_proj(x).view(n, attn.n_kv, attn.head_dim))
-        v = attn.v_proj(x).view(n, attn.n_kv, attn.head_dim)
-        cos, sin = rope
-        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
-        k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
-        return q, k, v
-
     def _prefill(self, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
         """Run new sequences; returns last-position logits [len(slots), V].
 
@@ -176,15 +174,14 @@ class FastTorchBackend:
 
         rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
-            attn = layer.self_attn
-            q, k, v = (padded(t) for t in self._qkv(attn, layer.input_layernorm(x), rope))
+            q, k, v = (padded(t) for t in layer.qkv(x, rope))
             cache.k[li, at, :, :longest] = k
             cache.v[li, at, :, :longest] = v
             o = nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=attn.head_dim**-0.5, enable_gqa=True
+                q, k, v, is_causal=True, scale=layer.head_dim**-0.5, enable_gqa=True
             )
-            x = x + attn.o_proj(o.transpose(1, 2)[rows, positions].reshape(x.shape[0], -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.o_proj(o.transpose(1, 2)[rows, positions].reshape(x.shape[0], -1))
+            x = x + layer.mlp(x)
         cache.lengths[at] = counts.to(self.device)
         last = (counts.cumsum(0) - 1).to(self.device)
         return self._logits(self.model.llm.norm(x[last]))
@@ -202,15 +199,14 @@ class FastTorchBackend:
         x = self.model.embed_tokens(tokens)
         rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), rope)
+            q, k, v = layer.qkv(x, rope)
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
             o = nn.functional.scaled_dot_product_attention(
-                q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=attn.head_dim**-0.5, enable_gqa=True
+                q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=layer.head_dim**-0.5, enable_gqa=True
             )
-            x = x + attn.o_proj(o.reshape(tokens.shape[0], -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.o_proj(o.reshape(tokens.shape[0], -1))
+            x = x + layer.mlp(x)
         cache.lengths += active
         return self._logits(self.model.llm.norm(x))
 
@@ -280,6 +276,50 @@ class FastTorchBackend:
             with self._timed("decode"):
                 next_token = decode(next_token, busy).argmax(-1)
         return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in streams.tokens]
+
+
+class DenseLinear(nn.Module):
+    """``x @ weight.T + bias`` over the tensors given (the fused matrices where nothing prepacks them)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class FusedLayer(nn.Module):
+    """A Qwen3 decoder layer (LoRA merged) with q/k/v as one matmul and gate/up as another: one pass over
+    the input instead of three and two, and in int8 one activation quantization each. Every output
+    element is the same dot product as the separate matrices' (in int8 exactly so: int32 sums)."""
+
+    def __init__(self, layer: DecoderLayer, linear):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.n_heads, self.n_kv, self.head_dim = attn.n_heads, attn.n_kv, attn.head_dim
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.qkv_proj = linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        self.o_proj = linear(attn.o_proj.weight)
+        self.gate_up_proj = linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down_proj = linear(mlp.down_proj.weight)
+
+    def qkv(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] (packed tokens, before the layer's norm) -> q [N, heads, d], k/v [N, kv_heads, d], RoPE applied."""
+        n, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(self.input_norm(x)).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
+        q = self.q_norm(q.reshape(n, self.n_heads, d))
+        k = self.k_norm(k.reshape(n, self.n_kv, d))
+        cos, sin = rope
+        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+        k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+        return q, k, v.reshape(n, self.n_kv, d)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for x (before the layer's post-attention norm)."""
+        gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, -1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class _GraphedDecode:
