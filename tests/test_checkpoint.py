@@ -188,3 +188,20 @@ def test_shared_position_biases_load_from_the_one_stored_copy(tmp_path, tiny_che
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"missing tensors.*layers\.1\.self_attn\.pos_bias"):
         load_model(ckpt)
+
+
+def test_loads_in_the_dtype_asked_or_as_stored(tmp_path, tiny_checkpoint):
+    """bf16 weights are read straight into a bf16 model (no fp32 copy first) and equal the fp32 load rounded;
+    dtype None keeps what the file stores: bf16 where every float tensor is (the released checkpoint), else fp32."""
+    fp32, _, _ = load_model(tiny_checkpoint)
+    bf16, _, _ = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    assert bf16.mel.window.dtype == torch.float32
+    for (name, ours), theirs in zip(bf16.named_parameters(), fp32.parameters()):
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs.bfloat16()), name
+    assert load_model(tiny_checkpoint, dtype=None)[0].dtype == torch.float32  # the tiny file stores fp32
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    stored, _, _ = load_model(ckpt, dtype=None)
+    assert stored.dtype == torch.bfloat16 and stored.mel.window.dtype == torch.float32

@@ -5,8 +5,11 @@ the int8 path's own logits show a near-tie its rounding can swap."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from canary_qwen.backends.cpu_linear import Int8Linear, quantize_rows, row_quantizer
 from canary_qwen.backends.fast_torch import FastTorchBackend
@@ -96,3 +99,21 @@ def test_fast_path_int8_partings_are_near_ties(tiny_checkpoint, clips):
         assert tokens[d.clip][: d.step] == reference[d.clip][: d.step]
         # Both tokens' int8 logits are within logit_error of fp32, so a swap needs gap <= 2 x error.
         assert d.logit_error > 0 and tie_ratio(d) <= 2, d
+
+
+def test_int8_from_a_bf16_file_quantizes_what_an_fp32_file_of_the_same_values_gives(tmp_path, tiny_checkpoint, clips):
+    """A bf16 checkpoint (as released) loads in bf16, and every matrix becomes fp32 on its way to int8 with
+    LoRA merged in fp32 there: the same int8 weights and tokens as from fp32 storage of the same values
+    (merging in bf16 would round the merged q/v matrices first)."""
+    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    for name, dtype in (("as_fp32", torch.float32), ("as_bf16", torch.bfloat16)):
+        shutil.copytree(tiny_checkpoint, tmp_path / name)
+        rounded = {k: v.bfloat16().to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(rounded, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    from_fp32, from_bf16 = (FastTorchBackend(str(tmp_path / n), dtype="int8") for n in ("as_fp32", "as_bf16"))
+    assert from_bf16.model.dtype == torch.float32
+    for ours, theirs in zip(from_bf16.model.llm.layers, from_fp32.model.llm.layers):
+        torch.testing.assert_close(ours.qkv_proj.weight_scale, theirs.qkv_proj.weight_scale, rtol=0, atol=0)
+    assert [t.token_ids for t in from_bf16.transcribe(clips, max_new_tokens=BUDGET)] == [
+        t.token_ids for t in from_fp32.transcribe(clips, max_new_tokens=BUDGET)
+    ]

@@ -24,7 +24,7 @@ from ..decoding import TokenStreams, splice_row, token_budgets
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
 from ..model.prompt import prompt_ids
-from ..model.qwen3 import DecoderLayer, apply_rope, rope_cos_sin
+from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
 from ..model.salm import load_model
 from ..precision import Precision
 from .base import Transcription, pad_waveforms
@@ -87,15 +87,18 @@ class FastTorchBackend:
                 "torch-fast int8 needs a CPU with int8 dot-product units (AVX512-VNNI or AMX) and a PyTorch "
                 "build with oneDNN's quantized linear ops; this machine lacks them"
             )
-        weights = Precision.FP32 if self.dtype == INT8 else Precision.parse(dtype)
+        # int8 reads the weights as stored (bf16 for the released model) and makes each matrix fp32 only on
+        # its way to int8, LoRA merged there in fp32: loading never holds an fp32 copy of the whole model.
+        int8 = self.dtype == INT8
         self.model, self.tokenizer, self.files = load_model(
-            model, dtype=weights.torch_dtype, device=self.device, merge_lora=True
+            model, dtype=None if int8 else Precision.parse(dtype).torch_dtype, device=self.device, merge_lora=not int8
         )
         self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
         self.head = None  # the output layer as a module when prepacked, else model.logits' dense matmul
-        if self.dtype == INT8:
+        if int8:
             self._prepack_for_cpu(Int8Linear)
+            self.model.float()  # what stays dense: norms, convolutions, biases, embeddings, positions
         elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu(PackedLinear)
         else:
@@ -114,10 +117,13 @@ class FastTorchBackend:
         self.head = linear(self.model.output_weight())
 
     def _fuse_layers(self, linear) -> None:
-        """The LLM's layers as ``FusedLayer``s, one at a time (memory grows by one layer's matrices)."""
+        """The LLM's layers as ``FusedLayer``s, one at a time (memory grows by one layer's matrices). An int8
+        load's layers come as stored, LoRA unmerged: each is made fp32 and merged on its way."""
         layers = self.model.llm.layers
         for i, layer in enumerate(layers):
             assert isinstance(layer, DecoderLayer)
+            if self.dtype == INT8:
+                merge_lora(layer.float())
             layers[i] = FusedLayer(layer, linear)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,13 @@ class LoraLinear(nn.Linear):
         self.lora_A = self.lora_B = None
 
 
+def merge_lora(module: nn.Module) -> None:
+    """Fold every LoRA pair below ``module`` into its weight."""
+    for child in module.modules():
+        if isinstance(child, LoraLinear):
+            child.merge()
+
+
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
@@ -156,6 +163,4 @@ class Qwen3(nn.Module):
         return self.norm(x)
 
     def merge_lora(self) -> None:
-        for module in self.modules():
-            if isinstance(module, LoraLinear):
-                module.merge()
+        merge_lora(self)

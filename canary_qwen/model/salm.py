@@ -112,17 +112,37 @@ def load_state(model: CanaryQwen, weights, source: str, skip: tuple[str, ...] = 
                 ) from None
 
 
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(weights) -> torch.dtype:
+    """The checkpoint's own floating dtype: bf16 or fp16 where every floating tensor has it, else fp32."""
+    kinds = {weights.get_slice(k).get_dtype() for k in weights.keys()} - {"I64", "I32", "I16", "I8", "U8", "BOOL"}
+    return STORED_DTYPES[kinds.pop()] if len(kinds) == 1 and kinds <= STORED_DTYPES.keys() else torch.float32
+
+
 def load_model(
-    source, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", merge_lora: bool = False
+    source,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    merge_lora: bool = False,
 ) -> tuple[CanaryQwen, QwenTokenizer, CheckpointFiles]:
-    """Load a checkpoint directory or hub id. The mel buffers stay fp32 whatever ``dtype`` is."""
+    """Load a checkpoint directory or hub id in ``dtype`` (None: as the checkpoint stores it). The mel
+    buffers stay fp32 whatever ``dtype`` is."""
     files = resolve_checkpoint(source)
     weights = _open_weights(files.weights)
     lora_targets = files.config.lora.target_modules if files.config.lora else ()
     lm_head = checkpoint_key("lm_head.weight", lora_targets)
     untied = lm_head in weights.keys() and not files.llm_config.tie_word_embeddings
+    if dtype is None:
+        dtype = stored_dtype(weights)
     with torch.device("meta"):
         model = CanaryQwen(files.config, files.llm_config, tie_embeddings=not untied)
+        # Tensors are read straight into the dtype asked for: a bf16 load never holds an fp32 model.
+        for name, module in model.named_children():
+            if name != "mel":
+                module.to(dtype=dtype)
     model = model.to_empty(device="cpu")
     # A tied lm_head saved next to embed_tokens is the same tensor: read embed_tokens only.
     load_state(model, weights, str(files.weights), skip=() if untied else (lm_head,))
@@ -131,9 +151,6 @@ def load_model(
         model.merge_lora()
     model.eval().requires_grad_(False)
     model.to(device=device)
-    for name, module in model.named_children():
-        if name != "mel":
-            module.to(dtype=dtype)
     tokenizer = QwenTokenizer(files.tokenizer_dir, files.config.audio_locator_tag)
     if len(tokenizer) > files.llm_config.vocab_size:
         raise CheckpointError(
