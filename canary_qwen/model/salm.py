@@ -117,8 +117,9 @@ STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 def stored_dtype(weights) -> torch.dtype:
     """The checkpoint's own floating dtype: bf16 or fp16 where every floating tensor has it, else fp32."""
-    kinds = {weights.get_slice(k).get_dtype() for k in weights.keys()} - {"I64", "I32", "I16", "I8", "U8", "BOOL"}
-    return STORED_DTYPES[kinds.pop()] if len(kinds) == 1 and kinds <= STORED_DTYPES.keys() else torch.float32
+    kinds = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+    floats = {kind for kind in kinds if kind.startswith(("F", "BF"))}  # F16, BF16, F32, F64, F8_*
+    return STORED_DTYPES[floats.pop()] if len(floats) == 1 and floats <= STORED_DTYPES.keys() else torch.float32
 
 
 def load_model(
