@@ -28,7 +28,7 @@ from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
 from ..model.salm import load_model
 from ..precision import Precision
 from .base import Transcription, pad_waveforms
-from .cpu_linear import Int8Linear, PackedLinear, replace_linears
+from .cpu_linear import Int8Linear, PackedLinear, replace_linears, row_quantizer
 from .torch_ref import resolve_device
 
 
@@ -99,6 +99,7 @@ class FastTorchBackend:
         if int8:
             self._prepack_for_cpu(Int8Linear)
             self.model.float()  # what stays dense: norms, convolutions, biases, embeddings, positions
+            row_quantizer()  # compiled now rather than on the first clip
         elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu(PackedLinear)
         else:
