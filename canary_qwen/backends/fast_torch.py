@@ -5,8 +5,8 @@ logits for the last position only, and continuous batching in the decoder
 static shapes (every slot, the whole cache behind a mask, no host synchronisation), so on CUDA it is
 captured once per call as a CUDA graph and replayed for every token.
 
-Greedy tokens are those of the reference (same modules, same weights with LoRA merged); only the
-order of floating-point operations differs. ``dtype="int8"`` (CPUs with VNNI or AMX) runs every linear in
+Greedy tokens are those of the reference (same weights with LoRA merged; q/k/v and gate/up each as one
+matrix, ``FusedLayer``); only the order of floating-point operations differs. ``dtype="int8"`` (CPUs with VNNI or AMX) runs every linear in
 int8 (``cpu_linear.Int8Linear``): several times faster, and its tokens part from fp32's at near-ties
 (docs/accuracy.md).
 """
