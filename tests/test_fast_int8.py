@@ -5,16 +5,24 @@ the int8 path's own logits show a near-tie its rounding can swap."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from canary_qwen.backends.cpu_linear import Int8Linear, quantize_rows, row_quantizer
-from canary_qwen.backends.fast_torch import FastTorchBackend
+from canary_qwen.backends.cpu_linear import (
+    Int8Linear,
+    quantize_rows,
+    rms_norm_quantize_rows,
+    row_kernel,
+    silu_gate_quantize_rows,
+)
+from canary_qwen.backends.fast_torch import FastTorchBackend, FusedLayer, Int8Layer
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
+from canary_qwen.model.salm import load_model
 
 pytestmark = pytest.mark.skipif(
     not Int8Linear.available(), reason="this CPU or PyTorch build has no oneDNN int8 matmul with VNNI/AMX"
@@ -40,6 +48,8 @@ def test_int8_linear_is_fp32_within_int8_rounding():
     assert with_bias(x).shape == (3, 7, 96)
     assert relative_error(with_bias(x), x @ weight.T + bias) < INT8_REL_TOL
     assert relative_error(without(x), x @ weight.T) < INT8_REL_TOL
+    residual = torch.randn(3, 7, 96)
+    torch.testing.assert_close(with_bias(x, residual=residual), with_bias(x) + residual)
     x[1, 3] = 0  # a zeroed row (a padded frame) gives exactly the bias
     assert torch.equal(with_bias(x)[1, 3], bias) and not without(x)[1, 3].any()
 
@@ -54,28 +64,58 @@ def test_int8_linear_scales_each_token_on_its_own():
     assert relative_error(out[:6], quiet @ weight.T) < INT8_REL_TOL
 
 
-def test_row_quantizer_is_the_eager_function_compiled():
-    """Compiled (one pass per row) and eager give the same bytes but at exact .5 steps, where the two
-    roundings of rows * 127 / peak may differ by one."""
+def _kernel_args(kernel, rows: torch.Tensor) -> tuple:
+    if kernel is rms_norm_quantize_rows:
+        return rows, torch.rand(rows.shape[1]) + 0.5, 1e-6
+    if kernel is silu_gate_quantize_rows:
+        return rows, torch.rand(rows.shape[0], 1) + 0.5
+    return (rows,)
+
+
+@pytest.mark.parametrize("kernel", [quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows])
+def test_row_kernels_compiled_give_the_eager_bytes(kernel):
+    """Compiled (one pass per row) and eager give the same bytes but where float rounding puts a value
+    at the other side of a .5 step: at most one step apart, and the same scales within float rounding."""
     torch.manual_seed(2)
     for shape in ((1, 64), (5, 300), (40, 2048)):
         rows = torch.randn(shape) * torch.logspace(-3, 3, shape[0])[:, None]
         with torch.inference_mode():
-            (ours, our_scale), (eager, eager_scale) = row_quantizer()(rows), quantize_rows(rows)
+            args = _kernel_args(kernel, rows)
+            (ours, our_scale), (eager, eager_scale) = row_kernel(kernel)(*args), kernel(*args)
         assert ours.dtype == torch.uint8 and (ours.int() - eager.int()).abs().max() <= 1
         torch.testing.assert_close(our_scale, eager_scale)
 
 
-def test_row_quantizer_runs_eagerly_where_inductor_cannot_compile():
+def test_row_kernels_run_eagerly_where_inductor_cannot_compile():
     """Without a working C++ compiler inductor fails at the first call: int8 still runs, slower, and says so."""
     torch._dynamo.reset()
     settings = {"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}
     try:
         with torch._inductor.config.patch(settings), pytest.warns(UserWarning, match="torch.compile failed"):
-            quantize = row_quantizer.__wrapped__()
+            quantize = row_kernel.__wrapped__(quantize_rows)
     finally:
         torch._dynamo.reset()
     assert quantize is quantize_rows
+
+
+def test_int8_layer_fuses_without_changing_the_arithmetic(tiny_checkpoint):
+    """``Int8Layer`` (norms, silu(gate) * up and residual adds inside the compiled row kernels) computes what
+    the same ``Int8Linear``s give with the steps done one by one, up to float rounding (a swapped byte at a
+    .5 step moves an output by ~1e-6 of its size; any misplaced row scale by 100 %)."""
+    model, _, _ = load_model(str(tiny_checkpoint), dtype=torch.float32, merge_lora=True)
+    fused = Int8Layer(model.llm.layers[0], Int8Linear)
+    stepwise = copy.copy(fused)
+    stepwise.__class__ = FusedLayer
+    torch.manual_seed(3)
+    x = 3 * torch.randn(50, model.llm_cfg.hidden_size)
+    attention = torch.randn(50, fused.n_heads * fused.head_dim)
+    with torch.inference_mode():
+        for name, run in (
+            ("qkv", lambda layer: layer.qkv_projection(x)),
+            ("attention", lambda layer: layer.attention_residual(attention, x) - x),
+            ("mlp", lambda layer: layer.mlp_residual(x) - x),
+        ):
+            assert relative_error(run(fused), run(stepwise)) < 1e-5, name
 
 
 def test_fast_path_int8_partings_are_near_ties(tiny_checkpoint, clips):

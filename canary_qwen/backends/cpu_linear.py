@@ -99,23 +99,43 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (rows * (127 / peak) + 128.5).to(torch.uint8), peak / 127
 
 
+def rms_norm_quantize_rows(rows: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An RMSNorm of fp32 rows (Qwen3's: ``weight * rows / rms(rows)``) quantized as ``quantize_rows`` does."""
+    return quantize_rows(weight * (rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps)))
+
+
+def silu_gate_quantize_rows(gate_up: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(gate) * up`` of a fused gate/up product still to be multiplied by its row ``scale``,
+    quantized as ``quantize_rows`` does: the MLP between its two int8 matmuls."""
+    gate, up = (gate_up * scale).chunk(2, -1)
+    return quantize_rows(nn.functional.silu(gate) * up)
+
+
+# Arguments each row kernel is compiled on, for n rows (one row is its own case for inductor).
+_EXAMPLES = {
+    quantize_rows: lambda n: (torch.ones(n, 8),),
+    rms_norm_quantize_rows: lambda n: (torch.ones(n, 8), torch.ones(8), 1e-6),
+    silu_gate_quantize_rows: lambda n: (torch.ones(n, 8), torch.ones(n, 1)),
+}
+
+
 @functools.cache
-def row_quantizer():
-    """``quantize_rows`` compiled by inductor into one loop per row (the row's peak, then its bytes, while
-    it is in cache): eager, the same takes five passes over memory and was a third of the int8 linears'
-    time at prefill sizes (docs/fast-path.md). Compiled once here for any shape (one-row inputs are their
-    own case); eager where compiling fails, e.g. without the C++ compiler inductor needs."""
-    compiled = torch.compile(quantize_rows, dynamic=True)
+def row_kernel(fn):
+    """One of the row kernels above compiled by inductor into one loop per row (the row's values, peak
+    and bytes while it is in cache): eager, each is several passes over memory, and the quantization
+    alone was a third of the int8 linears' time at prefill sizes (docs/fast-path.md). Compiled once
+    for any shape; eager where compiling fails, e.g. without the C++ compiler inductor needs."""
+    compiled = torch.compile(fn, dynamic=True)
     try:
         with torch.inference_mode():
             for rows in (1, 2):
-                compiled(torch.ones(rows, 8))
+                compiled(*_EXAMPLES[fn](rows))
     except Exception as error:  # inductor raises several kinds (compiler missing, build failed, ...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warnings.warn(
             f"int8 activations are quantized by eager ops (slower): torch.compile failed: {reason}", stacklevel=2
         )
-        return quantize_rows
+        return fn
     return compiled
 
 
@@ -146,11 +166,21 @@ class Int8Linear(nn.Module):
         units = getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or cpu_has_amx()
         return torch.backends.mkldnn.is_available() and has_ops and units
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quantized, scale = row_quantizer()(x.reshape(-1, x.shape[-1]).float())
-        out = torch.ops.onednn.qlinear_pointwise(
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias``, plus ``residual`` (its rows those of x) where given."""
+        quantized, scale = row_kernel(quantize_rows)(x.reshape(-1, x.shape[-1]).float())
+        return self.scaled(self.product(quantized), scale, residual).reshape(*x.shape[:-1], -1)
+
+    def product(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Quantized rows (``quantize_rows``' bytes) times the weight, in fp32, not yet times the rows' scales."""
+        return torch.ops.onednn.qlinear_pointwise(
             quantized, 1.0, 128, self.packed, self.weight_scale, self.weight_zero,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        out = out.mul_(scale) if self.bias is None else torch.addcmul(self.bias, out, scale)
-        return out.reshape(*x.shape[:-1], -1)
+
+    def scaled(self, product: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``product * scale + bias + residual`` in one pass where there is one addend."""
+        if residual is not None:
+            residual = residual.reshape(product.shape)
+        add = self.bias if residual is None else residual if self.bias is None else residual + self.bias
+        return product.mul_(scale) if add is None else torch.addcmul(add, product, scale)

@@ -28,7 +28,15 @@ from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
 from ..model.salm import load_model
 from ..precision import Precision
 from .base import Transcription, pad_waveforms
-from .cpu_linear import Int8Linear, PackedLinear, replace_linears, row_quantizer
+from .cpu_linear import (
+    Int8Linear,
+    PackedLinear,
+    quantize_rows,
+    replace_linears,
+    rms_norm_quantize_rows,
+    row_kernel,
+    silu_gate_quantize_rows,
+)
 from .torch_ref import resolve_device
 
 
@@ -99,7 +107,8 @@ class FastTorchBackend:
         if int8:
             self._prepack_for_cpu(Int8Linear)
             self.model.float()  # what stays dense: norms, convolutions, biases, embeddings, positions
-            row_quantizer()  # compiled now rather than on the first clip
+            for kernel in (quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows):
+                row_kernel(kernel)  # compiled now rather than on the first clip
         elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu(PackedLinear)
         else:
@@ -125,7 +134,7 @@ class FastTorchBackend:
             assert isinstance(layer, DecoderLayer)
             if self.dtype == INT8:
                 merge_lora(layer.float())
-            layers[i] = FusedLayer(layer, linear)
+            layers[i] = (Int8Layer if linear is Int8Linear else FusedLayer)(layer, linear)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden) if self.head is None else self.head(hidden).float()
@@ -187,8 +196,8 @@ class FastTorchBackend:
             o = nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=layer.head_dim**-0.5, enable_gqa=True
             )
-            x = x + layer.o_proj(o.transpose(1, 2)[rows, positions].reshape(x.shape[0], -1))
-            x = x + layer.mlp(x)
+            attended = o.transpose(1, 2)[rows, positions].reshape(x.shape[0], -1)
+            x = layer.mlp_residual(layer.attention_residual(attended, x))
         cache.lengths[at] = counts.to(self.device)
         last = (counts.cumsum(0) - 1).to(self.device)
         return self._logits(self.model.llm.norm(x[last]))
@@ -212,8 +221,7 @@ class FastTorchBackend:
             o = nn.functional.scaled_dot_product_attention(
                 q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=layer.head_dim**-0.5, enable_gqa=True
             )
-            x = x + layer.o_proj(o.reshape(tokens.shape[0], -1))
-            x = x + layer.mlp(x)
+            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x))
         cache.lengths += active
         return self._logits(self.model.llm.norm(x))
 
@@ -315,7 +323,7 @@ class FusedLayer(nn.Module):
     def qkv(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] (packed tokens, before the layer's norm) -> q [N, heads, d], k/v [N, kv_heads, d], RoPE applied."""
         n, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(self.input_norm(x)).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
+        q, k, v = self.qkv_projection(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
         q = self.q_norm(q.reshape(n, self.n_heads, d))
         k = self.k_norm(k.reshape(n, self.n_kv, d))
         cos, sin = rope
@@ -323,10 +331,36 @@ class FusedLayer(nn.Module):
         k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
         return q, k, v.reshape(n, self.n_kv, d)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP's output for x (before the layer's post-attention norm)."""
+    def qkv_projection(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qkv_proj(self.input_norm(x))
+
+    def attention_residual(self, attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x plus the attention's output ([N, heads * d]) projected."""
+        return x + self.o_proj(attention)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the MLP of x (after the post-attention norm)."""
         gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, -1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return x + self.down_proj(nn.functional.silu(gate) * up)
+
+
+class Int8Layer(FusedLayer):
+    """``FusedLayer`` on ``Int8Linear``s with the work between matmuls in compiled row kernels (cpu_linear):
+    each norm with the quantization after it, silu(gate) * up with the gate/up product's row scales and the
+    down matmul's quantization, each residual add with a matmul's row scales. Eager, these were as many
+    passes over the activations as operations (~20 % of a prefill's MLP time, docs/fast-path.md)."""
+
+    def qkv_projection(self, x: torch.Tensor) -> torch.Tensor:
+        quantized, scale = row_kernel(rms_norm_quantize_rows)(x, self.input_norm.weight, self.input_norm.eps)
+        return self.qkv_proj.scaled(self.qkv_proj.product(quantized), scale)
+
+    def attention_residual(self, attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attention, residual=x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        quantized, scale = row_kernel(rms_norm_quantize_rows)(x, self.post_norm.weight, self.post_norm.eps)
+        hidden, hidden_scale = row_kernel(silu_gate_quantize_rows)(self.gate_up_proj.product(quantized), scale)
+        return self.down_proj.scaled(self.down_proj.product(hidden), hidden_scale, residual=x)
 
 
 class _GraphedDecode:
