@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
 from ..model.salm import load_model
 from ..precision import Precision
 from .base import Transcription, pad_waveforms
+from .cpu_heap import freed_memory_kept
 from .cpu_linear import (
     Int8Linear,
     PackedLinear,
@@ -253,10 +254,15 @@ class FastTorchBackend:
         return self._prefill(self._cache(1, row.shape[0]), [0], [row])[0].float()
 
     # -- scheduler -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
         if not len(audios):
             return []
+        # On a CPU freed activations stay in the process for the next layer's (cpu_heap).
+        with freed_memory_kept() if self.device.type == "cpu" else nullcontext():
+            return self._transcribe(audios, prompt, max_new_tokens)
+
+    @torch.inference_mode()
+    def _transcribe(self, audios, prompt, max_new_tokens) -> list[Transcription]:
         tok = self.tokenizer
         ids = prompt_ids(tok, prompt)
         streams = TokenStreams(token_budgets(max_new_tokens, len(audios)), tok.eos_id)
