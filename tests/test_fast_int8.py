@@ -14,12 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from canary_qwen.backends.cpu_linear import (
     Int8Linear,
+    bias_silu_quantize_rows,
     quantize_rows,
+    replace_linears,
     rms_norm_quantize_rows,
     row_kernel,
     silu_gate_quantize_rows,
 )
-from canary_qwen.backends.fast_torch import FastTorchBackend, FusedLayer, Int8Layer
+from canary_qwen.backends.fast_torch import FastTorchBackend, FusedLayer, Int8FeedForward, Int8Layer
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
 from canary_qwen.model.salm import load_model
@@ -69,10 +71,14 @@ def _kernel_args(kernel, rows: torch.Tensor) -> tuple:
         return rows, torch.rand(rows.shape[1]) + 0.5, 1e-6
     if kernel is silu_gate_quantize_rows:
         return rows, torch.rand(rows.shape[0], 1) + 0.5
+    if kernel is bias_silu_quantize_rows:
+        return rows, torch.rand(rows.shape[0], 1) + 0.5, torch.randn(rows.shape[1])
     return (rows,)
 
 
-@pytest.mark.parametrize("kernel", [quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows])
+@pytest.mark.parametrize(
+    "kernel", [quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows, bias_silu_quantize_rows]
+)
 def test_row_kernels_compiled_give_the_eager_bytes(kernel):
     """Compiled (one pass per row) and eager give the same bytes but where float rounding puts a value
     at the other side of a .5 step: at most one step apart, and the same scales within float rounding."""
@@ -116,6 +122,19 @@ def test_int8_layer_fuses_without_changing_the_arithmetic(tiny_checkpoint):
             ("mlp", lambda layer: layer.mlp_residual(x) - x),
         ):
             assert relative_error(run(fused), run(stepwise)) < 1e-5, name
+
+
+def test_int8_feed_forward_fuses_without_changing_the_arithmetic(tiny_checkpoint):
+    """``Int8FeedForward`` (bias and SiLU inside the second matmul's quantization) computes what the same
+    ``Int8Linear``s give step by step, up to float rounding."""
+    model, _, _ = load_model(str(tiny_checkpoint), dtype=torch.float32)
+    feed_forward = model.encoder.layers[0].feed_forward1
+    fused = Int8FeedForward(feed_forward)
+    replace_linears(feed_forward, Int8Linear)
+    torch.manual_seed(4)
+    x = 3 * torch.randn(2, 30, model.encoder.cfg.d_model)
+    with torch.inference_mode():
+        assert relative_error(fused(x), feed_forward(x)) < 1e-5
 
 
 def test_fast_path_int8_partings_are_near_ties(tiny_checkpoint, clips):

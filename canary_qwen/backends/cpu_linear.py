@@ -111,11 +111,20 @@ def silu_gate_quantize_rows(gate_up: torch.Tensor, scale: torch.Tensor) -> tuple
     return quantize_rows(nn.functional.silu(gate) * up)
 
 
+def bias_silu_quantize_rows(
+    product: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(product * scale + bias)`` of an int8 product and its row scales, quantized as ``quantize_rows``
+    does: a feed-forward between its two int8 matmuls."""
+    return quantize_rows(nn.functional.silu(torch.addcmul(bias, product, scale)))
+
+
 # Arguments each row kernel is compiled on, for n rows (one row is its own case for inductor).
 _EXAMPLES = {
     quantize_rows: lambda n: (torch.ones(n, 8),),
     rms_norm_quantize_rows: lambda n: (torch.ones(n, 8), torch.ones(8), 1e-6),
     silu_gate_quantize_rows: lambda n: (torch.ones(n, 8), torch.ones(n, 1)),
+    bias_silu_quantize_rows: lambda n: (torch.ones(n, 8), torch.ones(n, 1), torch.ones(8)),
 }
 
 

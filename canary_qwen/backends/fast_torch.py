@@ -23,6 +23,7 @@ from torch import nn
 from ..decoding import TokenStreams, splice_row, token_budgets
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
+from ..model.conformer import ConformerLayer, FeedForward
 from ..model.prompt import prompt_ids
 from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
 from ..model.salm import load_model
@@ -32,6 +33,7 @@ from .cpu_heap import freed_memory_kept
 from .cpu_linear import (
     Int8Linear,
     PackedLinear,
+    bias_silu_quantize_rows,
     quantize_rows,
     replace_linears,
     rms_norm_quantize_rows,
@@ -108,7 +110,7 @@ class FastTorchBackend:
         if int8:
             self._prepack_for_cpu(Int8Linear)
             self.model.float()  # what stays dense: norms, convolutions, biases, embeddings, positions
-            for kernel in (quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows):
+            for kernel in (quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows, bias_silu_quantize_rows):
                 row_kernel(kernel)  # compiled now rather than on the first clip
         elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu(PackedLinear)
@@ -121,6 +123,11 @@ class FastTorchBackend:
         on a CPU (measurements in docs/fast-path.md). In bf16 (on CPUs with bf16 units) the weights are
         packed in bf16: half the bytes to read and the bf16 dot-product instructions; in int8 a quarter of
         the bytes and int8 dot products (Int8Linear)."""
+        if linear is Int8Linear:
+            for layer in self.model.encoder.layers:
+                assert isinstance(layer, ConformerLayer)
+                layer.feed_forward1 = Int8FeedForward(layer.feed_forward1)
+                layer.feed_forward2 = Int8FeedForward(layer.feed_forward2)
         replace_linears(self.model.encoder, linear)
         self._fuse_layers(linear)
         self.model.proj = linear(self.model.proj.weight, self.model.proj.bias)
@@ -367,6 +374,23 @@ class Int8Layer(FusedLayer):
         quantized, scale = row_kernel(rms_norm_quantize_rows)(x, self.post_norm.weight, self.post_norm.eps)
         hidden, hidden_scale = row_kernel(silu_gate_quantize_rows)(self.gate_up_proj.product(quantized), scale)
         return self.down_proj.scaled(self.down_proj.product(hidden), hidden_scale, residual=x)
+
+
+class Int8FeedForward(nn.Module):
+    """The Conformer's feed-forward (linear, SiLU, linear) on ``Int8Linear``s, with the first one's bias
+    and the SiLU fused into the second one's quantization (``bias_silu_quantize_rows``): one pass over
+    the 4x wider hidden rows instead of three."""
+
+    def __init__(self, ff: FeedForward):
+        super().__init__()
+        self.linear1 = Int8Linear(ff.linear1.weight, ff.linear1.bias)
+        self.linear2 = Int8Linear(ff.linear2.weight, ff.linear2.bias)
+        self.bias1 = ff.linear1.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantized, scale = row_kernel(quantize_rows)(x.reshape(-1, x.shape[-1]).float())
+        hidden, hidden_scale = row_kernel(bias_silu_quantize_rows)(self.linear1.product(quantized), scale, self.bias1)
+        return self.linear2.scaled(self.linear2.product(hidden), hidden_scale).reshape(*x.shape[:-1], -1)
 
 
 class _GraphedDecode:
