@@ -141,11 +141,16 @@ def row_kernel(fn):
                 compiled(*_EXAMPLES[fn](rows))
     except Exception as error:  # inductor raises several kinds (compiler missing, build failed, ...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        warnings.warn(
-            f"int8 activations are quantized by eager ops (slower): torch.compile failed: {reason}", stacklevel=2
-        )
+        warnings.warn(f"{fn.__name__} runs as eager ops (slower): torch.compile failed: {reason}", stacklevel=2)
         return fn
     return compiled
+
+
+def compile_row_kernels() -> None:
+    """Compile every row kernel now rather than on the first clip (~20 s each the first time on two cores,
+    a few seconds from inductor's on-disk cache after)."""
+    for fn in _EXAMPLES:
+        row_kernel(fn)
 
 
 class Int8Linear(nn.Module):

@@ -34,6 +34,7 @@ from .cpu_linear import (
     Int8Linear,
     PackedLinear,
     bias_silu_quantize_rows,
+    compile_row_kernels,
     quantize_rows,
     replace_linears,
     rms_norm_quantize_rows,
@@ -110,8 +111,7 @@ class FastTorchBackend:
         if int8:
             self._prepack_for_cpu(Int8Linear)
             self.model.float()  # what stays dense: norms, convolutions, biases, embeddings, positions
-            for kernel in (quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows, bias_silu_quantize_rows):
-                row_kernel(kernel)  # compiled now rather than on the first clip
+            compile_row_kernels()
         elif self.device.type == "cpu" and PackedLinear.available(self.model.dtype):
             self._prepack_for_cpu(PackedLinear)
         else:
@@ -383,9 +383,9 @@ class Int8FeedForward(nn.Module):
 
     def __init__(self, ff: FeedForward):
         super().__init__()
-        self.linear1 = Int8Linear(ff.linear1.weight, ff.linear1.bias)
-        self.linear2 = Int8Linear(ff.linear2.weight, ff.linear2.bias)
+        self.linear1 = Int8Linear(ff.linear1.weight)  # its bias is added in the kernel after it
         self.bias1 = ff.linear1.bias.detach().float()
+        self.linear2 = Int8Linear(ff.linear2.weight, ff.linear2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized, scale = row_kernel(quantize_rows)(x.reshape(-1, x.shape[-1]).float())
