@@ -39,7 +39,9 @@ def freed_memory_kept() -> Iterator[None]:
     """Inside: no allocation gets its own mapping and the heap's free top is not given back, so freed
     memory is reused without page faults. Leaving (the last of overlapping holders, e.g. concurrent
     requests): glibc's default limits again, and the free memory returned to the kernel (``malloc_trim``),
-    so resident memory falls back as before. Elsewhere than glibc it does nothing."""
+    so resident memory falls back as before. glibc's own raising of its mmap threshold stays off after the
+    first use (setting M_MMAP_MAX turns it off: malloc.c ``do_set_mmaps_max``). Elsewhere than glibc
+    it does nothing."""
     global _holders
     libc = _glibc()
     if libc is None:

@@ -6,9 +6,11 @@ static shapes (every slot, the whole cache behind a mask, no host synchronisatio
 captured once per call as a CUDA graph and replayed for every token.
 
 Greedy tokens are those of the reference (same weights with LoRA merged; q/k/v and gate/up each as one
-matrix, ``FusedLayer``); only the order of floating-point operations differs. ``dtype="int8"`` (CPUs with VNNI or AMX) runs every linear in
-int8 (``cpu_linear.Int8Linear``): several times faster, and its tokens part from fp32's at near-ties
-(docs/accuracy.md).
+matrix, ``FusedLayer``); only the order of floating-point operations differs. ``dtype="int8"`` (CPUs
+with VNNI or AMX) runs every linear in int8 (``cpu_linear.Int8Linear``), the norms, SiLU and residual
+adds between them in compiled row kernels (``Int8Layer``, ``Int8FeedForward``): several times faster,
+and its tokens part from fp32's at near-ties (docs/accuracy.md). On a CPU, freed memory stays in the
+process while it transcribes (``cpu_heap``).
 """
 
 from __future__ import annotations
