@@ -4,8 +4,8 @@ By default glibc serves every allocation over 128 KiB - 32 MiB with its own ``mm
 kernel when freed, so each activation tensor of a forward pass is fresh memory the kernel has to
 fault in page by page: ~1.1 million page faults and ~2 s of kernel time in a ~15 s batch of 16 clips
 on the full-size model (docs/fast-path.md). Kept in the heap instead, the next layer's tensors reuse
-the same pages. ``jemalloc`` or ``tcmalloc`` preloaded do the same for a whole process; this needs
-nothing installed.
+the same pages. Preloading ``jemalloc`` or ``tcmalloc`` is the usual whole-process remedy; this needs
+nothing installed and holds only while the fast path runs.
 """
 
 from __future__ import annotations
