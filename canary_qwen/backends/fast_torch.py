@@ -139,12 +139,14 @@ class FastTorchBackend:
     def _fuse_layers(self, linear) -> None:
         """The LLM's layers as ``FusedLayer``s, one at a time (memory grows by one layer's matrices). An int8
         load's layers come as stored, LoRA unmerged: each is made fp32 and merged on its way."""
+        int8 = linear is Int8Linear
+        fused = Int8Layer if int8 else FusedLayer
         layers = self.model.llm.layers
         for i, layer in enumerate(layers):
             assert isinstance(layer, DecoderLayer)
-            if self.dtype == INT8:
+            if int8:
                 merge_lora(layer.float())
-            layers[i] = (Int8Layer if linear is Int8Linear else FusedLayer)(layer, linear)
+            layers[i] = fused(layer, linear)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden) if self.head is None else self.head(hidden).float()
