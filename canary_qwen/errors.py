@@ -40,6 +40,10 @@ class InputError(CanaryQwenError, ValueError):
     """A request whose tensors or options are not acceptable (answered to the caller, never a crash)."""
 
 
+class Overloaded(CanaryQwenError):
+    """Too many requests at once: this one was refused at once instead of queued; retrying later can succeed."""
+
+
 class BackendUnavailable(CanaryQwenError):
     """A backend cannot run here; the message says why (and what to install or pass)."""
 

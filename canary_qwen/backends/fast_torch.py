@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..decoding import TokenStreams, splice_row, token_budgets
+from ..decoding import splice_row, token_budgets
 from ..defaults import MAX_NEW_TOKENS
-from ..errors import BackendUnavailable
+from ..engines.base import AUDIO, EngineRequest
+from ..errors import BackendUnavailable, InputError, UsageError
 from ..model.conformer import ConformerLayer, FeedForward
 from ..model.prompt import prompt_ids
 from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
@@ -214,16 +217,19 @@ class FastTorchBackend:
         last = (counts.cumsum(0) - 1).to(self.device)
         return self._logits(self.model.llm.norm(x[last]))
 
-    def _decode(self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """One token for every slot (idle slots too) with static shapes; returns logits [slots, V].
+    def _decode(
+        self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, span: int | None = None
+    ) -> torch.Tensor:
+        """One token for every slot (idle slots too); returns logits [slots, V].
 
-        Each slot attends over the whole cache row, masked beyond its length. Idle slots keep length 0,
-        so they only ever touch position 0 of their own cache row.
+        Each slot attends over the first ``span`` positions of its cache row (all of them when None: the
+        static shapes a CUDA graph needs), masked beyond its length; ``span`` must exceed every slot's
+        length. Idle slots keep length 0, so they only ever touch position 0 of their own cache row.
         """
         slots = torch.arange(tokens.shape[0], device=self.device)
         positions = cache.lengths
-        span = torch.arange(cache.k.shape[3], device=self.device)
-        visible = (span[None] <= positions[:, None])[:, None, None]
+        span = cache.k.shape[3] if span is None else span
+        visible = (torch.arange(span, device=self.device)[None] <= positions[:, None])[:, None, None]
         x = self.model.embed_tokens(tokens)
         rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
@@ -231,16 +237,22 @@ class FastTorchBackend:
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
             o = nn.functional.scaled_dot_product_attention(
-                q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=layer.head_dim**-0.5, enable_gqa=True
+                q[:, :, None],
+                cache.k[li, :, :, :span],
+                cache.v[li, :, :, :span],
+                attn_mask=visible,
+                scale=layer.head_dim**-0.5,
+                enable_gqa=True,
             )
             x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x))
         cache.lengths += active
         return self._logits(self.model.llm.norm(x))
 
     def _decoder(self, cache: StaticKVCache):
-        """The decode step for this cache: captured as a CUDA graph on CUDA (when enabled), else eager."""
+        """The decode step ``(tokens, active, span)`` for this cache: eager over the first ``span`` positions,
+        or captured as a CUDA graph over the whole cache on CUDA (when enabled)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
-            return lambda tokens, active: self._decode(cache, tokens, active)
+            return lambda tokens, active, span: self._decode(cache, tokens, active, span)
         return _GraphedDecode(self._decode, cache)
 
     def _splice(self, ids: list[int], audio: torch.Tensor) -> torch.Tensor:
@@ -265,6 +277,11 @@ class FastTorchBackend:
         return self._prefill(self._cache(1, row.shape[0]), [0], [row])[0].float()
 
     # -- scheduler -------------------------------------------------------------------------------
+    def engine(self, *, slots: int, max_len: int) -> FastTorchEngine:
+        """This model's continuous-batching scheduler over a cache of ``slots`` sequences of ``max_len``
+        positions (prompt + answer), fed requests as they come (the served path)."""
+        return FastTorchEngine(self, slots=slots, max_len=max_len)
+
     def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
         if not len(audios):
             return []
@@ -274,40 +291,136 @@ class FastTorchBackend:
 
     @torch.inference_mode()
     def _transcribe(self, audios, prompt, max_new_tokens) -> list[Transcription]:
+        """Every clip through one engine sized for this call, longest prompts first."""
         tok = self.tokenizer
         ids = prompt_ids(tok, prompt)
-        streams = TokenStreams(token_budgets(max_new_tokens, len(audios)), tok.eos_id)
+        budgets = token_budgets(max_new_tokens, len(audios))
         with self._timed("encode"):
             embeds = self.encode(audios)
         prompts = [self._splice(ids, a) for a in embeds]
-        slots = min(self.max_slots, len(prompts))
-        cache = self._cache(slots, max(p.shape[0] + b for p, b in zip(prompts, streams.budgets)))
-        decode = self._decoder(cache)
-        queue = deque(i for i in sorted(range(len(prompts)), key=lambda i: -prompts[i].shape[0]) if not streams.done[i])
-        active: dict[int, int] = {}  # cache slot -> clip
-        next_token = torch.full((slots,), tok.pad_id, dtype=torch.long, device=self.device)
-        while queue or active:
-            free = [s for s in range(slots) if s not in active]
-            if queue and free:
-                admitted = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-                taken = free[: len(admitted)]
-                with self._timed("prefill"):
-                    logits = self._prefill(cache, taken, [prompts[i] for i in admitted])
-                next_token[taken] = logits.argmax(-1)
-                active.update(zip(taken, admitted))
-            # Emit this step's tokens; retire rows the stop rule ends; the rest decode one more token.
-            emitted = next_token.tolist()
-            for slot, clip in list(active.items()):
-                if streams.push(clip, emitted[slot]):
-                    del active[slot]
-                    cache.lengths[slot] = 0
-            if not active:
-                continue
-            busy = torch.zeros(slots, dtype=torch.long, device=self.device)
-            busy[list(active)] = 1
-            with self._timed("decode"):
-                next_token = decode(next_token, busy).argmax(-1)
-        return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in streams.tokens]
+        engine = FastTorchEngine(
+            self,
+            slots=min(self.max_slots, len(prompts)),
+            max_len=max(p.shape[0] + b for p, b in zip(prompts, budgets)),
+            heap=False,  # transcribe() holds the setting
+        )
+        order = sorted(range(len(prompts)), key=lambda i: -prompts[i].shape[0])
+        engine.queue_prompts([(str(i), prompts[i], budgets[i]) for i in order if budgets[i] > 0])
+        tokens: list[list[int]] = [[] for _ in prompts]
+        while engine.busy:
+            for request_id, new, _ in engine.step():
+                tokens[int(request_id)].extend(new)
+        return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]
+
+
+class FastTorchEngine:
+    """torch-fast's continuous batching as a step engine (``canary_qwen.engines.StepEngine``, taking audio).
+
+    A static KV cache holds ``slots`` sequences. Each ``step`` first prefills waiting requests into the
+    free slots, then hands out every running request's next token (the stop rule of
+    ``decoding.TokenStreams``: eos or a full budget ends it, and its slot is free at once), then decodes
+    one more token for the rest. Requests admitted between steps join the running batch. On a CPU the
+    decode attends only over the positions the longest running sequence has filled.
+    """
+
+    takes = AUDIO
+
+    def __init__(self, backend: FastTorchBackend, *, slots: int, max_len: int, heap: bool = True):
+        if slots < 1 or max_len < 2:
+            raise UsageError(f"a torch-fast engine needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
+        self.backend, self.tokenizer, self.max_len = backend, backend.tokenizer, max_len
+        self.cache = backend._cache(slots, max_len)
+        self._decode = backend._decoder(self.cache)
+        self._waiting: deque[tuple[str, torch.Tensor, int]] = deque()
+        self._running: dict[int, list] = {}  # slot -> [request id, budget, tokens handed out]
+        self._lengths = [0] * slots  # cache.lengths on the host: no device sync to find the attention span
+        self._next = torch.full((slots,), backend.tokenizer.pad_id, dtype=torch.long, device=backend.device)
+        self._heap = ExitStack()
+        if heap and backend.device.type == "cpu":  # a served engine keeps it for its lifetime (cpu_heap)
+            self._heap.enter_context(freed_memory_kept())
+
+    @torch.inference_mode()
+    def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
+        """Encode the clips as one batch (by length, ``FastTorchBackend.encode``), splice and queue them."""
+        with self.backend._timed("encode"):
+            embeds = self.backend.encode([np.asarray(r.source, dtype=np.float32) for r in requests])
+        refusals: list[InputError | None] = []
+        for request, frames in zip(requests, embeds):
+            row = self.backend._splice(list(request.prompt_ids), frames)
+            refusals.append(self._refusal(row.shape[0], request.budget))
+            if refusals[-1] is None:
+                self._waiting.append((request.request_id, row, request.budget))
+        return refusals
+
+    def _refusal(self, positions: int, budget: int) -> InputError | None:
+        if positions + budget <= self.max_len:
+            return None
+        return InputError(
+            f"the prompt takes {positions} positions (text tokens + audio frames) and asks for {budget} new tokens; "
+            f"the engine holds {self.max_len}: send shorter audio or ask for fewer tokens"
+        )
+
+    def queue_prompts(self, prompts: Sequence[tuple[str, torch.Tensor, int]]) -> None:
+        """Queue spliced prompts (request id, row [L, H], budget >= 1) that are known to fit."""
+        for request_id, row, budget in prompts:
+            refused = self._refusal(row.shape[0], budget)
+            if refused is not None:
+                raise refused
+            self._waiting.append((request_id, row, budget))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        gone = set(request_ids)
+        self._waiting = deque(w for w in self._waiting if w[0] not in gone)
+        for slot in [s for s, run in self._running.items() if run[0] in gone]:
+            self._retire(slot)
+
+    def _retire(self, slot: int) -> None:
+        del self._running[slot]
+        self.cache.lengths[slot] = 0
+        self._lengths[slot] = 0
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[str, list[int], bool]]:
+        backend, eos = self.backend, self.tokenizer.eos_id
+        free = [s for s in range(len(self._lengths)) if s not in self._running]
+        if self._waiting and free:
+            admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+            taken = free[: len(admitted)]
+            with backend._timed("prefill"):
+                logits = backend._prefill(self.cache, taken, [row for _, row, _ in admitted])
+            self._next[taken] = logits.argmax(-1)
+            for slot, (request_id, row, budget) in zip(taken, admitted):
+                self._running[slot] = [request_id, budget, 0]
+                self._lengths[slot] = row.shape[0]
+        events: list[tuple[str, list[int], bool]] = []
+        emitted = self._next.tolist()
+        for slot, run in list(self._running.items()):
+            token = emitted[slot]
+            if token == eos:
+                events.append((run[0], [], True))
+            else:
+                run[2] += 1
+                events.append((run[0], [token], run[2] >= run[1]))
+            if events[-1][2]:
+                self._retire(slot)
+        if self._running:
+            active = torch.zeros(len(self._lengths), dtype=torch.long, device=backend.device)
+            active[list(self._running)] = 1
+            span = max(self._lengths[s] for s in self._running) + 1
+            with backend._timed("decode"):
+                self._next = self._decode(self._next, active, span).argmax(-1)
+            for slot in self._running:
+                self._lengths[slot] += 1
+        return events
+
+    def close(self) -> None:
+        self._waiting.clear()
+        self._running.clear()
+        self._heap.close()
 
 
 class DenseLinear(nn.Module):
@@ -420,8 +533,8 @@ class _GraphedDecode:
         with torch.cuda.graph(self.graph):
             self.logits = step(cache, self.tokens, self.active)
 
-    def __call__(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
+    def __call__(self, tokens: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)  # the graph attends over the whole cache whatever ``span`` is
         self.active.copy_(active)
         self.graph.replay()
         return self.logits

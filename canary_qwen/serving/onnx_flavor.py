@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from ..bounds import RequestBounds
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import UsageError
 from ..export.manifest import read_manifest
@@ -41,7 +42,6 @@ from .repo_files import (
     POSTPROCESSING,
     PREPROCESSING,
     STREAM,
-    RequestBounds,
     audio_inputs,
     ensemble_outputs,
     ensemble_step,

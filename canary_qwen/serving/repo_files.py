@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..bounds import RequestBounds
 from ..defaults import MAX_WINDOW_S
-from ..errors import ArtifactError, UsageError
+from ..errors import ArtifactError
 from ..export.manifest import MANIFEST, Manifest
 
 VERSION = "1"
@@ -26,28 +26,6 @@ PREPROCESSING, POSTPROCESSING = "preprocessing", "postprocessing"
 
 
 # -- request bounds ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RequestBounds:
-    """What one request may ask for and how many may wait (``triton-repo --max-audio-s --max-new-tokens
-    --max-new-tokens-limit --max-queue --queue-timeout-s``), as the python-backend flavours (onnx, vllm) apply them."""
-
-    max_audio_s: float
-    max_new_tokens: int
-    max_new_tokens_limit: int
-    max_queue: int
-    queue_timeout_s: float
-
-    @property
-    def queue(self) -> tuple[int, int]:
-        """``python_model``'s ``queue``: (max_queue_size, timeout in microseconds; 0: no limit)."""
-        return self.max_queue, round(self.queue_timeout_s * 1e6)
-
-    @property
-    def budgets(self) -> dict:
-        """The parameters the decoding models read: default budget and the most a request may ask for."""
-        return {"max_new_tokens": self.max_new_tokens, "max_new_tokens_limit": self.max_new_tokens_limit}
-
-
 def request_bounds(
     manifest: Manifest,
     *,
@@ -57,15 +35,9 @@ def request_bounds(
     max_queue: int,
     queue_timeout_s: float,
 ) -> RequestBounds:
-    """The bounds checked, ``max_audio_s`` defaulting to the export's; a clear UsageError for a bad one."""
-    if min(max_new_tokens, max_queue) < 1 or queue_timeout_s < 0:
-        raise UsageError("max_new_tokens and max_queue must be >= 1, queue_timeout_s >= 0")
-    if max_new_tokens > max_new_tokens_limit:
-        raise UsageError(f"max_new_tokens {max_new_tokens} is over max_new_tokens_limit {max_new_tokens_limit}")
+    """The bounds checked (a clear UsageError for a bad one), ``max_audio_s`` defaulting to the export's."""
     if max_audio_s is None:
         max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
-    if not max_audio_s > 0:
-        raise UsageError(f"max_audio_s must be > 0, got {max_audio_s}")
     return RequestBounds(float(max_audio_s), max_new_tokens, max_new_tokens_limit, max_queue, queue_timeout_s)
 
 

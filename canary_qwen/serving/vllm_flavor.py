@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from ..bounds import RequestBounds
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
@@ -27,7 +28,6 @@ from .repo_files import (
     ENSEMBLE,
     PREPROCESSING,
     STREAM,
-    RequestBounds,
     audio_inputs,
     ensemble_step,
     io_block,

@@ -1,0 +1,68 @@
+"""What an in-process engine takes and what it answers (no engine imported here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InputError
+from ..model.tokenizer import QwenTokenizer
+
+AUDIO, EMBEDDINGS = "audio", "embeddings"  # what an engine's request carries (StepEngine.takes)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One clip to transcribe: ``source`` is 16 kHz mono float32 samples [S] for an engine that takes AUDIO,
+    the clip's projected encoder frames [T, H] for one that takes EMBEDDINGS; ``budget`` >= 0 new tokens."""
+
+    request_id: str
+    prompt_ids: Sequence[int]
+    source: np.ndarray
+    budget: int
+
+
+class StepEngine(Protocol):
+    """Decodes every admitted request together; requests admitted between steps join the running batch."""
+
+    tokenizer: QwenTokenizer
+    takes: str  # AUDIO or EMBEDDINGS
+
+    def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
+        """Queue requests (encoding and splicing them as one batch where the engine encodes); per request the
+        InputError that refused it (its prompt does not fit the engine, say) or None."""
+        ...
+
+    def step(self) -> Iterable[tuple[str, list[int], bool]]:
+        """One iteration: (request id, new token ids with eos left out, finished) per request that advanced."""
+        ...
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Stop decoding these requests now (their slots go to the next ones)."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether any admitted request is unfinished."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where one request's answer goes; called from the engine's thread."""
+
+    def send(self, ids: list[int], finished: bool) -> None:
+        """New token ids (eos left out); ``finished`` on the last call."""
+        ...
+
+    def fail(self, message: str) -> None:
+        """The request ends with this error (refused by the engine, or the engine failed)."""
+        ...
+
+    def cancelled(self) -> bool:
+        """True once the caller has gone: its decoding stops at the next step."""
+        ...

@@ -1,0 +1,165 @@
+"""One thread that owns a :class:`StepEngine` and answers every request submitted to it.
+
+``submit`` only checks the request's budget and hands it over; between two engine steps the thread admits
+everything that arrived (one batch: the engine encodes and prefills it together), aborts the requests whose
+caller has gone, steps the engine and passes each request's new tokens to its sink. An engine failure ends
+every open request with the error and the loop goes on with the next arrivals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import InputError, Overloaded
+from .base import EngineRequest, Sink, StepEngine
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.05  # how often an idle loop looks at cancellations of requests still waiting to be admitted
+
+
+class EngineLoop:
+    """``max_pending``: how many requests may be submitted and unfinished at once (None: no bound); one more
+    is refused with :class:`Overloaded` at once instead of waiting behind the others."""
+
+    def __init__(self, engine: StepEngine, *, name: str = "engine", max_pending: int | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.takes = engine.takes
+        self.max_pending = max_pending
+        self._arrivals: queue.Queue[tuple[EngineRequest, Sink] | None] = queue.Queue()
+        self._open: dict[str, Sink] = {}
+        self._pending = 0  # submitted, not yet finished (arrivals + open); guarded by _lock
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._stopping = False
+        self.name = name
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- callers -------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], source: np.ndarray, budget: int, sink: Sink) -> str:
+        """Queue one clip; its answer goes to ``sink``. A budget of 0 is answered at once with no tokens."""
+        if budget < 0:
+            raise InputError(f"a token budget must be >= 0, got {budget}")
+        if self._stopping:
+            raise Overloaded(f"{self.name} is shutting down")
+        request_id = str(next(self._ids))
+        if budget == 0:
+            sink.send([], True)
+            return request_id
+        with self._lock:
+            if self.max_pending is not None and self._pending >= self.max_pending:
+                raise Overloaded(
+                    f"{self.name} already holds {self._pending} requests (its limit): retry when one has finished"
+                )
+            self._pending += 1
+        self._arrivals.put((EngineRequest(request_id, list(prompt_ids), source, int(budget)), sink))
+        return request_id
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet finished."""
+        return self._pending
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread (open requests are failed) and close the engine."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._arrivals.put(None)
+        self._thread.join(timeout)
+        self.engine.close()
+
+    # -- the engine's thread --------------------------------------------------------------------------
+    def _finished(self, request_id: str) -> None:
+        self._open.pop(request_id, None)
+        with self._lock:
+            self._pending -= 1
+
+    def _admit(self, block: bool) -> None:
+        """Everything that arrived, as one batch; waits for the first one when ``block``."""
+        batch: list[tuple[EngineRequest, Sink]] = []
+        while True:
+            try:
+                item = self._arrivals.get(block=block and not batch, timeout=_IDLE_WAIT_S)
+            except queue.Empty:
+                break
+            if item is None:
+                break
+            batch.append(item)
+        live = []
+        for request, sink in batch:
+            if sink.cancelled():  # gone before it started
+                self._pending_done(sink, request.request_id)
+            else:
+                live.append((request, sink))
+        if not live:
+            return
+        refusals = self.engine.admit([r for r, _ in live])
+        for (request, sink), refused in zip(live, refusals):
+            if refused is None:
+                self._open[request.request_id] = sink
+            else:
+                self._pending_done(sink, request.request_id, str(refused))
+
+    def _pending_done(self, sink: Sink, request_id: str, error: str | None = None) -> None:
+        with self._lock:
+            self._pending -= 1
+        if error is not None:
+            _quietly(sink.fail, error)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._admit(block=not self.engine.busy)
+                gone = [rid for rid, sink in self._open.items() if sink.cancelled()]
+                if gone:
+                    self.engine.abort(gone)
+                    for rid in gone:
+                        self._finished(rid)
+                if not self.engine.busy:
+                    continue
+                for request_id, ids, finished in self.engine.step():
+                    sink = self._open.get(request_id)
+                    if sink is None:
+                        continue
+                    if not _quietly(sink.send, ids, finished):  # its caller is gone: stop decoding it
+                        self.engine.abort([request_id])
+                        finished = True
+                    if finished:
+                        self._finished(request_id)
+            except Exception as e:  # the engine failed: every open request gets the error, the loop goes on
+                log.exception("%s failed", self.name)
+                self._fail_open(f"{self.name} failed: {e}")
+        self._fail_open(f"{self.name} stopped")
+        while True:  # requests that arrived after the last admission
+            try:
+                item = self._arrivals.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._pending_done(item[1], item[0].request_id, f"{self.name} stopped")
+
+    def _fail_open(self, message: str) -> None:
+        open_ids = list(self._open)
+        if open_ids:
+            _quietly(self.engine.abort, open_ids)
+        for rid in open_ids:
+            _quietly(self._open[rid].fail, message)
+            self._finished(rid)
+
+
+def _quietly(call, *args) -> bool:
+    """``call(*args)``; False when it raised (a sink whose caller is gone)."""
+    try:
+        call(*args)
+        return True
+    except Exception:
+        log.debug("sink call failed", exc_info=True)
+        return False
