@@ -6,13 +6,17 @@ paying torch's import time and memory in every stub.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
+
 import numpy as np
 import onnxruntime as ort
 
 from ..decoding import greedy_decode, splice_and_pad, token_budgets
 from ..decoding.greedy import TokenCallback
 from ..defaults import MAX_NEW_TOKENS
-from ..errors import BackendUnavailable
+from ..engines.base import AUDIO, EngineRequest
+from ..errors import BackendUnavailable, InputError
 from ..export.manifest import read_manifest
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
@@ -117,15 +121,56 @@ class OnnxBackend:
         self.embed_table = np.load(self.manifest.artifact("embed_tokens"), mmap_mode="r")
         self.tokenizer = QwenTokenizer(self.manifest.artifact("tokenizer"), info["audio_locator_tag"])
 
+    def generate(self, prompts: Sequence[Sequence[int]], audios, budgets: Sequence[int]) -> list[list[int]]:
+        """Greedy ids (eos excluded) per clip, each with its own prompt ids, in one encoder and decoder batch."""
+        embeds, valid = splice_and_pad(
+            prompts, self.encoder(audios), self.embed_table.__getitem__, self.tokenizer.placeholder_id
+        )
+        return self.decoder.generate(self.embed_table, embeds, valid, budgets)
+
     def transcribe(self, audios, *, prompt=None, max_new_tokens=MAX_NEW_TOKENS) -> list[Transcription]:
         if not len(audios):
             return []
         tok = self.tokenizer
-        embeds, valid = splice_and_pad(
-            [prompt_ids(tok, prompt)] * len(audios),
-            self.encoder(audios),
-            self.embed_table.__getitem__,
-            tok.placeholder_id,
-        )
-        tokens = self.decoder.generate(self.embed_table, embeds, valid, token_budgets(max_new_tokens, len(audios)))
+        ids = prompt_ids(tok, prompt)
+        tokens = self.generate([ids] * len(audios), audios, token_budgets(max_new_tokens, len(audios)))
         return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]
+
+    def engine(self, max_batch: int) -> OnnxBatchEngine:
+        return OnnxBatchEngine(self, max_batch)
+
+
+class OnnxBatchEngine:
+    """ONNX Runtime as a step engine (``canary_qwen.engines.StepEngine``, taking audio): each step decodes up to
+    ``max_batch`` waiting clips as one batch to its end. Requests that come meanwhile wait for the next batch
+    (the decoder graph's cache has no slots to join), and a request's tokens all come at its batch's end."""
+
+    takes = AUDIO
+
+    def __init__(self, backend: OnnxBackend, max_batch: int):
+        self.backend, self.tokenizer, self.max_batch = backend, backend.tokenizer, max_batch
+        self._waiting: deque[EngineRequest] = deque()
+
+    def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
+        self._waiting.extend(requests)
+        return [None] * len(requests)
+
+    def step(self) -> list[tuple[str, list[int], bool]]:
+        batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+        tokens = self.backend.generate(
+            [r.prompt_ids for r in batch],
+            [np.asarray(r.source, dtype=np.float32) for r in batch],
+            [r.budget for r in batch],
+        )
+        return [(r.request_id, t, True) for r, t in zip(batch, tokens)]
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        gone = set(request_ids)
+        self._waiting = deque(r for r in self._waiting if r.request_id not in gone)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting)
+
+    def close(self) -> None:
+        self._waiting.clear()

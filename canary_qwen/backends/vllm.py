@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..decoding import splice_row, token_budgets, until_eos
+from ..decoding import splice_row, token_budgets
 from ..defaults import MAX_NEW_TOKENS
+from ..engines.base import AUDIO, EMBEDDINGS, EngineRequest
 from ..errors import BackendUnavailable, InputError, import_optional
 from ..export.manifest import Manifest, read_manifest
 from ..model.prompt import prompt_ids, text_prompt_ids
@@ -31,6 +32,24 @@ LORA_NAME = "canary-qwen"
 
 def has_adapter(manifest: Manifest) -> bool:
     return {"llm_base", "lora"} <= set(manifest.data["artifacts"])
+
+
+def check_attention_shape(model: dict, device: str) -> None:
+    """Refuse, before vLLM starts, an LLM whose head size vLLM's CPU attention has no kernel for (vLLM would fail
+    deep inside its engine start with "Unsupported CPU attention configuration"). The sizes are vLLM's own
+    (``CPUAttentionBackend.get_supported_head_sizes``), read where this vLLM has that backend."""
+    if device != "cpu":
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: its own check stands
+        return
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if sizes and model["head_dim"] not in sizes:
+        raise BackendUnavailable(
+            f"vLLM's CPU attention has no kernel for this model's head size {model['head_dim']} "
+            f"(it takes {', '.join(map(str, sizes))}); the released model's is 128"
+        )
 
 
 class VllmEngine:
@@ -48,7 +67,12 @@ class VllmEngine:
         dtype: str = "fp32",
         kv_cache_gib: float = 1.0,
         max_model_len: int = 2048,
+        encoder=None,
     ):
+        # With an encoder (OnnxEncoder) requests carry audio, encoded as one batch at admission; without, the
+        # clips' encoder frames.
+        self.encoder = encoder
+        self.takes = EMBEDDINGS if encoder is None else AUDIO
         if device == "cpu":
             # The engine core in this process: 5 s to start instead of 30 s for two more processes, nothing left
             # running, and callers need no `if __name__ == "__main__"` guard. vLLM reads it when the engine is made.
@@ -57,6 +81,7 @@ class VllmEngine:
         # engine, and vLLM 0.32's CPU kernel set-up then fails on a module numba brings ('_lib_fn_wrapper').
         os.environ.setdefault("VLLM_PLUGINS", "")
         vllm = import_optional("vllm", REQUIREMENT)
+        check_attention_shape(manifest.model, device)
         self._torch = import_optional("torch", REQUIREMENT)
         self._params = vllm.SamplingParams
         self._delta = vllm.sampling_params.RequestOutputKind.DELTA
@@ -119,13 +144,27 @@ class VllmEngine:
         )
         self.engine.add_request(request_id, prompt, params, lora_request=self.lora if adapter else None)
 
-    def step(self) -> Iterator[tuple[str, list[int], bool]]:
-        """One engine iteration: (request id, new token ids, finished) for each request that advanced."""
-        for out in self.engine.step():
-            yield out.request_id, list(out.outputs[0].token_ids), out.finished
+    def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
+        """Queue requests (``StepEngine.admit``); their audio, if any, encoded as one batch."""
+        sources = [r.source for r in requests]
+        frames = sources if self.encoder is None else self.encoder([np.asarray(s, dtype=np.float32) for s in sources])
+        refusals: list[InputError | None] = []
+        for request, clip in zip(requests, frames):
+            try:
+                self.add(request.request_id, self.audio_prompt(request.prompt_ids, clip), request.budget)
+                refusals.append(None)
+            except InputError as e:
+                refusals.append(e)
+        return refusals
 
-    def abort(self, request_ids: list[str]) -> None:
-        self.engine.abort_request(request_ids)
+    def step(self) -> Iterator[tuple[str, list[int], bool]]:
+        """One engine iteration: (request id, new token ids with eos left out, finished) per request that advanced."""
+        eos = self.tokenizer.eos_id
+        for out in self.engine.step():
+            yield out.request_id, [t for t in out.outputs[0].token_ids if t != eos], out.finished
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self.engine.abort_request(list(request_ids))
 
     @property
     def busy(self) -> bool:
@@ -146,7 +185,7 @@ class VllmEngine:
         while self.busy:
             for request_id, new, _ in self.step():
                 tokens[int(request_id)].extend(new)
-        return [until_eos(t, self.tokenizer.eos_id) for t in tokens]
+        return tokens
 
 
 class VllmBackend:

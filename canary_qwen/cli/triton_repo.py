@@ -1,4 +1,4 @@
-"""``canary-qwen triton-repo``: write a Triton model repository for an export, in either flavour."""
+"""``canary-qwen triton-repo``: write a Triton model repository for an export (torch-fast: for a checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS
 from ..errors import UsageError
 
 DESCRIPTION = """\
-Write a Triton model repository for an export (`canary-qwen export`). The flavours serve the same
+Write a Triton model repository for an export (`canary-qwen export`; torch-fast: for a checkpoint). The flavours serve the same
 public interface: the `canary_qwen` ensemble takes AUDIO (float32 16 kHz samples) and optional PROMPT
 and MAX_NEW_TOKENS and returns TEXT and OUTPUT_IDS; `canary_qwen_stream` (decoupled) streams TEXT pieces.
 
@@ -19,27 +19,31 @@ and MAX_NEW_TOKENS and returns TEXT and OUTPUT_IDS; `canary_qwen_stream` (decoup
         NVIDIA's tritonserver:<yy.mm>-trtllm-python-py3 container; audio frames reach the LLM as a
         prompt embedding table addressed by fake token ids. With streaming the ensemble is decoupled:
         Triton serves it over gRPC streaming and HTTP generate_stream (canary-qwen client does that).
-  vllm  preprocessing and encoder as in onnx, then one python model owning a vLLM engine (continuous
-        batching across requests, tokens streamed): both ensembles are decoupled. Serve it from a Python
-        with vLLM and numpy<2 (.venv-vllm from scripts/setup.sh): .venv-vllm/bin/canary-qwen serve.
+  torch-fast  one python model `engine` holding the fast PyTorch path on a checkpoint (--model, no export
+        needed; --dtype int8 on CPUs with VNNI/AMX, bf16 and CUDA graphs on GPUs): requests join the running
+        batch between decode steps, tokens streamed, both ensembles decoupled. The fastest CPU flavour.
+  vllm  the same `engine` model owning a vLLM engine on an export (its encoder in ONNX Runtime). Serve it from
+        a Python with vLLM and numpy<2 (.venv-vllm from scripts/setup.sh): .venv-vllm/bin/canary-qwen serve.
 """
 
 
 def add_triton_repo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "triton-repo",
-        help="write a Triton model repository (onnx, trt or vllm flavour)",
+        help="write a Triton model repository (onnx, trt, vllm or torch-fast flavour)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--artifacts", required=True, help="export directory (from `canary-qwen export`)")
-    p.add_argument("--flavor", choices=("onnx", "trt", "vllm"), default="onnx", help="default: onnx")
+    p.add_argument("--artifacts", help="export directory (from `canary-qwen export`): onnx, trt, vllm")
+    p.add_argument("--model", help="torch-fast: checkpoint directory or hub id (config.json + model.safetensors)")
+    p.add_argument("--flavor", choices=("onnx", "trt", "vllm", "torch-fast"), default="onnx", help="default: onnx")
     p.add_argument("--out", required=True, help="repository directory (its canary-qwen model folders are replaced)")
     p.add_argument(
         "--max-batch",
         type=int,
         default=None,
-        help="largest batch per model (default: 8 for onnx, the LLM engine's for trt)",
+        help="largest batch per model (default: 8 for onnx and vllm, 16 for torch-fast (requests decoding "
+        "together), the LLM engine's for trt)",
     )
     p.add_argument("--instances", type=int, default=1, help="instances of the encoder and LLM models (default: 1)")
     p.add_argument(
@@ -60,23 +64,31 @@ def add_triton_repo_parser(subparsers) -> None:
         "--max-new-tokens-limit",
         type=int,
         default=512,
-        help="onnx, vllm: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
+        help="onnx, vllm, torch-fast: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
     )
     p.add_argument(
         "--max-queue",
         type=int,
         default=64,
-        help="onnx, vllm: requests each python model keeps queued before refusing more as busy (default: 64)",
+        help="onnx, vllm, torch-fast: requests each python model keeps queued before refusing more as busy (default: 64)",
     )
     p.add_argument(
         "--queue-timeout-s",
         type=float,
         default=60.0,
-        help="onnx, vllm: a request that waited this long in a queue is refused, its client has likely given up "
+        help="onnx, vllm, torch-fast: a request that waited this long in a queue is refused, its client has likely given up "
         "(default: 60; 0: no limit)",
     )
     p.add_argument(
-        "--device", default="cpu", help="onnx: cpu, or cuda with onnxruntime-gpu in the server's Python (default: cpu)"
+        "--device",
+        default="cpu",
+        help="onnx: cpu, or cuda with onnxruntime-gpu in the server's Python; torch-fast, vllm: cpu or cuda "
+        "(default: cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="torch-fast: fp32, bf16 or int8 (CPUs with VNNI/AMX); vllm: fp32 or bf16 (default: fp32)",
     )
     p.add_argument(
         "--engines", default=None, help="trt: folder with encoder.plan and llm_engine/ (default: ARTIFACTS/trt)"
@@ -105,6 +117,12 @@ def add_triton_repo_parser(subparsers) -> None:
 
 def _run(args) -> int:
     streaming = not args.no_streaming
+    if (args.flavor == "torch-fast") != (args.model is not None) or (args.artifacts is None) == (args.model is None):
+        raise UsageError("--flavor torch-fast takes --model CHECKPOINT; the other flavours take --artifacts EXPORT")
+    if args.dtype is not None and args.flavor not in ("torch-fast", "vllm"):
+        raise UsageError(
+            f"--dtype is for the torch-fast and vllm flavours; {args.flavor} runs in its export's precision"
+        )
     if args.flavor == "onnx":
         from ..serving.onnx_flavor import generate_onnx_repo
 
@@ -123,25 +141,30 @@ def _run(args) -> int:
             device=args.device,
         )
         serve = f"canary-qwen serve --repo {repo}"
-    elif args.flavor == "vllm":
-        from ..serving.vllm_flavor import generate_vllm_repo
+    elif args.flavor in ("vllm", "torch-fast"):
+        from ..serving.engine_flavor import generate_engine_repo
 
         if args.no_streaming or args.instances != 1:
-            raise UsageError("the vllm flavour has one engine and always streams (no --no-streaming, --instances)")
-
-        repo = generate_vllm_repo(
-            args.artifacts,
+            raise UsageError(
+                f"the {args.flavor} flavour has one engine and always streams (no --no-streaming, --instances)"
+            )
+        repo = generate_engine_repo(
+            args.flavor,
+            args.model or args.artifacts,
             args.out,
-            max_batch=args.max_batch or 8,
+            max_batch=args.max_batch or (8 if args.flavor == "vllm" else 16),
             max_audio_s=args.max_audio_s,
             max_new_tokens=args.max_new_tokens,
             max_new_tokens_limit=args.max_new_tokens_limit,
             max_queue=args.max_queue,
             queue_timeout_s=args.queue_timeout_s,
             device=args.device,
+            dtype=args.dtype,
             kv_cache_gib=args.kv_cache_gib,
         )
-        serve = f".venv-vllm/bin/canary-qwen serve --repo {repo}  (a Python with vLLM and numpy<2)"
+        serve = f"canary-qwen serve --repo {repo}"
+        if args.flavor == "vllm":
+            serve = f".venv-vllm/bin/{serve}  (a Python with vLLM and numpy<2)"
     else:
         from ..serving.trt_flavor import generate_trt_repo
 

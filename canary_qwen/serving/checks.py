@@ -80,9 +80,13 @@ def read_strings(values: np.ndarray | None, rows: int, name: str = "PROMPT") -> 
 
 
 def read_budgets(
-    values: np.ndarray | None, rows: int, default: int = MAX_NEW_TOKENS, limit: int = MAX_NEW_TOKENS_LIMIT
+    values: np.ndarray | None,
+    rows: int,
+    default: int = MAX_NEW_TOKENS,
+    limit: int = MAX_NEW_TOKENS_LIMIT,
+    least: int = 1,
 ) -> list[int]:
-    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row, each in 1..``limit``."""
+    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row, each in ``least``..``limit``."""
     if values is None:
         return [default] * rows
     flat = np.asarray(values).reshape(-1)
@@ -92,8 +96,8 @@ def read_budgets(
         raise InputError(f"MAX_NEW_TOKENS has {flat.size} values for {rows} rows")
     budgets = [int(v) for v in flat]
     for b in budgets:
-        if not 1 <= b <= limit:
-            raise InputError(f"MAX_NEW_TOKENS must be between 1 and {limit} on this server, got {b}")
+        if not least <= b <= limit:
+            raise InputError(f"MAX_NEW_TOKENS must be between {least} and {limit} on this server, got {b}")
     return budgets
 
 

@@ -134,7 +134,7 @@ def model_code(filename: str) -> str:
     return resources.files("canary_qwen.serving.models").joinpath(filename).read_text()
 
 
-def write_models(out: Path, manifest: Manifest, configs: dict[str, str], model_files: dict) -> dict[str, int]:
+def write_models(out: Path, manifest: Manifest | None, configs: dict[str, str], model_files: dict) -> dict[str, int]:
     """Each model's folder: config.pbtxt, and for python models (``model_files``: name -> (code file in
     ``canary_qwen.serving.models``, artifact names)) ``1/model.py`` plus the artifacts it reads.
     Returns how many artifact files were hard-linked and copied."""
@@ -145,6 +145,7 @@ def write_models(out: Path, manifest: Manifest, configs: dict[str, str], model_f
         (out / name / "config.pbtxt").write_text(text)
         if name in model_files:
             code, artifacts = model_files[name]
+            assert manifest is not None, "python models with artifacts need the export's manifest"
             (version_dir / "model.py").write_text(model_code(code))
             for kind, n in copy_artifacts(manifest, artifacts, version_dir).items():
                 counts[kind] += n

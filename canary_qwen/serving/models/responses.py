@@ -37,7 +37,9 @@ def respond_each(requests, handle, name: str):
     return responses
 
 
-def one_clip_request(request, name, tokenizer, max_audio_s, default_budget, budget_limit=MAX_NEW_TOKENS_LIMIT):
+def one_clip_request(
+    request, name, tokenizer, max_audio_s, default_budget, budget_limit=MAX_NEW_TOKENS_LIMIT, least_budget=1
+):
     """A streaming request's (samples [S], prompt ids, budget), checked; InputError when it is refused."""
     audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), max_audio_s)
     if len(audio) != 1:
@@ -45,7 +47,9 @@ def one_clip_request(request, name, tokenizer, max_audio_s, default_budget, budg
     prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
     prompt = read_strings(None if prompt is None else prompt.as_numpy(), 1)[0]
     budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-    budget = read_budgets(None if budget is None else budget.as_numpy(), 1, default_budget, budget_limit)[0]
+    budget = read_budgets(None if budget is None else budget.as_numpy(), 1, default_budget, budget_limit, least_budget)[
+        0
+    ]
     return audio[0], encode_prompt(tokenizer, prompt), budget
 
 

@@ -1,0 +1,65 @@
+"""The in-process engines by backend name, each taking 16 kHz audio (``open_engine``): what the Triton engine
+model and the OpenAI-compatible server's local mode run."""
+
+from __future__ import annotations
+
+import math
+
+from ..defaults import MAX_WINDOW_S, SAMPLE_RATE
+from ..errors import UsageError
+from .base import StepEngine
+
+ENGINES = ("torch-fast", "vllm", "onnx")
+SOURCES = {"torch-fast": "checkpoint", "vllm": "export", "onnx": "export"}  # what each one loads
+PROMPT_POSITIONS = 64  # room for the prompt's text tokens (the default prompt is ~15); longer prompts must fit too
+_HOP, _SUBSAMPLING = 160, 8  # mel hop in samples, encoder subsampling: frames = ceil(floor(samples / 160) / 8)
+
+
+def positions_for(max_audio_s: float, max_new_tokens: int) -> int:
+    """Sequence positions one request may need: the frames of the longest clip, prompt text and answer."""
+    frames = math.ceil(int(max_audio_s * SAMPLE_RATE) // _HOP / _SUBSAMPLING)
+    return frames + PROMPT_POSITIONS + max_new_tokens
+
+
+def open_engine(
+    backend: str,
+    source: str,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    max_batch: int = 16,
+    max_audio_s: float = MAX_WINDOW_S,
+    max_new_tokens_limit: int = 512,
+    kv_cache_gib: float = 1.0,
+) -> StepEngine:
+    """``backend``'s engine on ``source`` (a checkpoint for torch-fast, an export for vllm and onnx), sized for
+    ``max_batch`` clips decoding at once, each up to ``max_audio_s`` and ``max_new_tokens_limit`` new tokens.
+    ``dtype``: torch-fast's and vLLM's precision (default fp32); ``kv_cache_gib``: vLLM's KV cache on a CPU."""
+    if backend not in ENGINES:
+        raise UsageError(f"no in-process engine {backend!r} (one of {', '.join(ENGINES)})")
+    if max_batch < 1 or max_new_tokens_limit < 1 or not max_audio_s > 0:
+        raise UsageError("max_batch and max_new_tokens_limit must be >= 1, max_audio_s > 0")
+    positions = positions_for(max_audio_s, max_new_tokens_limit)
+    if backend == "torch-fast":
+        from ..backends.fast_torch import FastTorchBackend
+
+        fast = FastTorchBackend(source, device=device, dtype=dtype or "fp32", max_slots=max_batch)
+        return fast.engine(slots=max_batch, max_len=positions)
+    if dtype is not None and backend == "onnx":
+        raise UsageError("onnx runs in its export's precision: leave dtype out")
+    from ..backends.onnx_runtime import OnnxBackend, OnnxEncoder
+    from ..export.manifest import read_manifest
+
+    if backend == "onnx":
+        return OnnxBackend(source, device=device).engine(max_batch)
+    from ..backends.vllm import VllmEngine
+
+    manifest = read_manifest(source)
+    return VllmEngine(
+        manifest,
+        device=device,
+        dtype=dtype or "fp32",
+        kv_cache_gib=kv_cache_gib,
+        max_model_len=positions,
+        encoder=OnnxEncoder(manifest.onnx_graph("encoder"), device),
+    )

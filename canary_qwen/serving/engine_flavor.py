@@ -1,0 +1,182 @@
+"""The ``torch-fast`` and ``vllm`` flavours of the Triton model repository: one decoupled python model that holds
+an in-process engine (``canary_qwen.engines``) for every request, behind the ensembles every flavour has.
+
+| model | inputs | outputs |
+| --- | --- | --- |
+| ``engine`` (decoupled) | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
+| ``canary_qwen`` (ensemble, decoupled) | as ``engine`` | TEXT, OUTPUT_IDS pieces |
+| ``canary_qwen_stream`` (ensemble, decoupled) | as ``engine`` | TEXT pieces |
+
+The engine (parameter ``engine``) is torch-fast (the fast PyTorch path on a checkpoint: int8 on CPUs with
+VNNI/AMX, bf16 and CUDA graphs on GPUs) or vLLM (on an export, its encoder in ONNX Runtime). Requests join the
+running batch between decode steps; a cancelled request stops decoding. Both ensembles contain the decoupled
+engine, so both are decoupled: Triton serves them over gRPC streaming and HTTP generate_stream (``canary-qwen
+client`` reads them to their final response by itself). The vllm flavour's server needs vLLM *and* numpy < 2
+(the bundled Triton 2.51 python stub returns empty outputs under numpy 2): scripts/setup.sh makes
+``.venv-vllm`` that way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ..bounds import RequestBounds
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..engines.local import SOURCES
+from ..errors import ArtifactError, UsageError
+from ..export.manifest import read_manifest
+from .config_check import check_ensemble
+from .repo_files import (
+    ENSEMBLE,
+    STREAM,
+    VERSION,
+    audio_inputs,
+    copy_artifacts,
+    ensemble_step,
+    io_block,
+    link_or_copy,
+    max_new_tokens_input,
+    model_code,
+    python_model,
+    replace_model_dirs,
+    request_bounds,
+    tensor,
+    write_models,
+    write_repo_info,
+)
+
+ENGINE = "engine"
+FLAVORS = ("torch-fast", "vllm")
+MODEL_NAMES = (ENGINE, ENSEMBLE, STREAM)
+
+
+def _llm_artifacts(manifest) -> tuple[str, ...]:
+    have = set(manifest.data["artifacts"])
+    if {"llm_base", "lora"} <= have:
+        return ("llm_base", "lora")
+    if "llm_merged" in have:
+        return ("llm_merged",)
+    raise ArtifactError(f"{manifest.root} has no llm_merged (nor llm_base + lora): re-run `canary-qwen export`")
+
+
+def _ensemble(name: str, max_batch: int, outputs: list[str]) -> str:
+    names = [o.split('"')[1] for o in outputs]
+    inputs = {"AUDIO": "AUDIO", "PROMPT": "PROMPT", "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"}
+    return (
+        f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+        + io_block("input", audio_inputs() + [max_new_tokens_input()])
+        + io_block("output", outputs)
+        + "ensemble_scheduling {\n  step [\n"
+        + ensemble_step(ENGINE, inputs, {n: n for n in names})
+        + "\n  ]\n}\n"
+    )
+
+
+def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params: dict) -> dict[str, str]:
+    text, ids = tensor("TEXT", "TYPE_STRING", [1]), tensor("OUTPUT_IDS", "TYPE_INT64", [-1])
+    return {
+        # No batching delay: requests go to the engine as they come, and it batches them itself (max_batch is
+        # how many decode together); the dynamic batcher is there for its bounded queue.
+        ENGINE: python_model(
+            ENGINE,
+            max_batch,
+            audio_inputs() + [max_new_tokens_input()],
+            [text, ids],
+            queue_delay_us=0,
+            queue=bounds.queue,
+            decoupled=True,
+            params={"engine": engine, "max_audio_s": bounds.max_audio_s, **bounds.budgets, **params},
+        ),
+        ENSEMBLE: _ensemble(ENSEMBLE, max_batch, [text, ids]),
+        STREAM: _ensemble(STREAM, max_batch, [text]),
+    }
+
+
+def _link_checkpoint(source, dest: Path) -> dict[str, int]:
+    """The checkpoint in NeMo's offline layout under ``dest``: its config and weights (linked), the tokenizer
+    files and the Qwen3 config (``llm_backbone/config.json``), wherever the checkpoint found them."""
+    from ..model.checkpoint import LLM_BACKBONE_DIR, WEIGHTS_FILE, resolve_checkpoint
+    from ..model.tokenizer import TOKENIZER_FILES
+
+    files = resolve_checkpoint(source)
+    pairs = [(files.root / "config.json", "config.json"), (files.weights, WEIGHTS_FILE)]
+    pairs += [(files.tokenizer_dir / f, f) for f in TOKENIZER_FILES]
+    counts = {"linked": 0, "copied": 0}
+    for src, name in pairs:
+        counts[link_or_copy(src, dest / name)] += 1
+    backbone = dest / LLM_BACKBONE_DIR / "config.json"
+    backbone.parent.mkdir(parents=True, exist_ok=True)
+    backbone.write_text(json.dumps(files.llm_config.raw, indent=2))
+    return counts
+
+
+def generate_engine_repo(
+    engine: str,
+    source,
+    out_dir,
+    *,
+    max_batch: int = 16,
+    max_audio_s: float | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens_limit: int = 512,
+    max_queue: int = 64,
+    queue_timeout_s: float = 60.0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    kv_cache_gib: float = 1.0,
+) -> Path:
+    """Write the ``engine`` flavour's repository (torch-fast on the checkpoint ``source``, vllm on the export
+    ``source``) to ``out_dir``; returns it.
+
+    ``max_batch``: requests decoding together (torch-fast's cache slots; vLLM batches as its KV cache allows);
+    each engine is sized for the longest clip and the largest budget the bounds allow. ``dtype``: the engine's
+    precision (torch-fast: fp32, bf16 or int8; vllm: fp32 or bf16; default fp32). ``kv_cache_gib``: the KV cache
+    vLLM reserves on a CPU. The limits and queue bounds are the onnx flavour's (``generate_onnx_repo``).
+    """
+    if engine not in FLAVORS:
+        raise UsageError(f"unknown engine flavour {engine!r} (one of {', '.join(FLAVORS)})")
+    if max_batch < 1 or kv_cache_gib <= 0:
+        raise UsageError("max_batch must be >= 1, kv_cache_gib > 0")
+    from ..backends.registry import backend_spec
+
+    precision = dtype or "fp32"
+    backend_spec(engine).check_dtype(precision)
+    settings: dict = {"max_batch": max_batch, "device": device, "dtype": precision}
+    if engine == "vllm":
+        manifest = read_manifest(source)
+        export_root = manifest.root
+        settings["kv_cache_gib"] = kv_cache_gib
+    else:
+        manifest, export_root = None, Path(source)
+    bounds = (
+        request_bounds(
+            manifest,
+            max_audio_s=max_audio_s,
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_limit=max_new_tokens_limit,
+            max_queue=max_queue,
+            queue_timeout_s=queue_timeout_s,
+        )
+        if manifest is not None
+        else RequestBounds(
+            float(max_audio_s or MAX_WINDOW_S), max_new_tokens, max_new_tokens_limit, max_queue, queue_timeout_s
+        )
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = model_configs(engine, max_batch=max_batch, bounds=bounds, params=settings)
+    replace_model_dirs(out, MODEL_NAMES)
+    counts = write_models(out, manifest, configs, {})
+    version_dir = out / ENGINE / VERSION
+    (version_dir / "model.py").write_text(model_code("engine.py"))
+    data = version_dir / SOURCES[engine]
+    if manifest is not None:
+        artifacts = ("tokenizer", "embed_tokens", manifest.onnx_name("encoder"), *_llm_artifacts(manifest))
+        counts = copy_artifacts(manifest, artifacts, data)
+    else:
+        counts = _link_checkpoint(source, data)
+    write_repo_info(out, engine, export_root, configs, {**asdict(bounds), **settings}, counts)
+    check_ensemble(out, raise_on_problems=True)
+    return out
