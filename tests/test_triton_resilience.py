@@ -1,5 +1,5 @@
 """Serving that survives, on the REAL bundled tritonserver with the tiny export: concurrent streams over several
-server runs, cancelled streams, a dead model process, a killed `serve`, two servers with one killed mid-run,
+server runs, cancelled streams, a dead model process under `serve --no-restart`, a killed `serve`, two servers with one killed mid-run,
 bounded queues and limits, the load test. About 90 s on 2 cores (a server start ~3 s, a clean stop ~3 s)."""
 
 from __future__ import annotations
@@ -180,18 +180,14 @@ def test_grpc_calls_give_up_after_the_timeout(server, clips):
         assert client.transcribe(clips[0], max_new_tokens=3)
 
 
-def _serve(repo, work_dir):
-    """`serve` (serve_forever) in a process of its own, started: (process, HTTP address, gRPC address)."""
+def _serve(repo, work_dir, *args):
+    """`canary-qwen serve ARGS` in a process of its own, started: (process, HTTP address, gRPC address)."""
     if not HAVE_TRITON:
         pytest.skip(NO_TRITON)
-    code = (
-        "import sys; from canary_qwen.serving.server import serve_forever; "
-        f"sys.exit(serve_forever({str(repo)!r}, work_dir={str(work_dir)!r}))"
-    )
+    code = "import sys; from canary_qwen.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "serve", "--repo", str(repo), "--work-dir", str(work_dir), *args]
     env = {**os.environ, "PYTHONPATH": str(Path(canary_qwen.__file__).parent.parent)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -203,8 +199,10 @@ def _serve(repo, work_dir):
 
 
 @needs_server
-def test_serve_exits_when_a_model_process_dies_and_in_flight_callers_hear_at_once(repo, clips, tmp_path):
-    proc, http, grpc = _serve(repo, tmp_path)
+def test_serve_no_restart_exits_when_a_model_process_dies_and_in_flight_callers_hear_at_once(repo, clips, tmp_path):
+    """`--no-restart` (for supervisors that restart on their own): serve stops the server and exits with code 3;
+    tests/test_serve_restart.py has the default, restarting."""
+    proc, http, grpc = _serve(repo, tmp_path, "--no-restart")
     try:
         triton = next(pid for pid in _children(proc.pid))
         stubs = {s.model: s for s in python_stubs(triton)}
@@ -232,7 +230,8 @@ def test_serve_exits_when_a_model_process_dies_and_in_flight_callers_hear_at_onc
         assert proc.wait(timeout=30) == DEAD_STUB_EXIT
         for t in threads:
             t.join(30)
-        assert "python process of model instance" in proc.stderr.read()
+        stderr = proc.stderr.read()
+        assert "python process of model instance" in stderr and "restarts are off (--no-restart)" in stderr
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2)
         for kind, (result, at) in outcome.items():  # a 4096-token decode takes far longer than this

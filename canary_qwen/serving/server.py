@@ -8,8 +8,9 @@ folder with the stub for this interpreter, PATH so the stub embeds *this* Python
 site-packages), LD_LIBRARY_PATH for the wheel's vendored libraries and for the matching libpython.
 
 Triton 2.51 does not notice when a python model's process (its "stub") dies: the model stays "ready" and
-every request to it fails. ``TritonServer.dead_stubs`` finds such processes; ``serve_forever`` stops the
-server and exits with ``DEAD_STUB_EXIT`` when one dies, so that a supervisor restarts it.
+every request to it fails. ``TritonServer.dead_stubs`` finds such processes; ``serve_forever``
+(``canary_qwen.serving.supervisor``) restarts the server on the same ports then, or exits with
+``DEAD_STUB_EXIT`` for a supervisor of its own to restart it.
 """
 
 from __future__ import annotations
@@ -269,7 +270,10 @@ class TritonServer:
         ]
 
     def start(self) -> TritonServer:
-        """Start and wait until ``/v2/health/ready``; retry with new ports if a picked one was taken meanwhile."""
+        """Start and wait until ``/v2/health/ready``; retry with new ports if a picked one was taken meanwhile.
+
+        The ports of the first successful start are kept: a server stopped and started again (``serve``'s
+        restarts) comes back at the same addresses, or fails to start if one of them is taken."""
         if self.process is not None:
             raise RuntimeError("server already started")
         _check_numpy()
@@ -291,6 +295,7 @@ class TritonServer:
                 )
                 try:
                     self._launch_and_wait()
+                    self._ports = (self.http_port, self.grpc_port, self.metrics_port)
                     return self
                 except TritonStartError as e:
                     if not (auto_ports and "already in use" in str(e) and attempt < 2):
@@ -456,55 +461,8 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-def serve_forever(repo_dir: str | os.PathLike, *, out=None, **server_kwargs) -> int:
-    """Serve ``repo_dir`` until Ctrl-C or SIGTERM (for ``canary-qwen serve``); returns an exit code.
+def serve_forever(repo_dir: str | os.PathLike, **kwargs) -> int:
+    """``canary_qwen.serving.supervisor.serve_forever`` (kept here, where it was first)."""
+    from .supervisor import serve_forever as supervise
 
-    ``server_kwargs`` go to :class:`TritonServer`. Returns 0 after a requested shutdown, 1 if the
-    server died on its own (its log tail goes to stderr), ``DEAD_STUB_EXIT`` after a model's python
-    process died (the server is stopped: Triton 2.51 would keep answering with errors and report ready).
-    """
-    out = out or sys.stdout
-    stop_requested = False
-
-    def on_signal(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-        if not server.is_alive():  # still starting: abandon the wait
-            raise KeyboardInterrupt
-
-    server = TritonServer(repo_dir, **server_kwargs)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start()
-        print(
-            f"Triton {server.repo_dir} ready\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n"
-            f"  metrics {server.metrics_url}\n  log     {server.log_path}\nCtrl-C to stop",
-            file=out,
-            flush=True,
-        )
-        while not stop_requested:
-            if not server.is_alive():
-                print(
-                    f"tritonserver exited unexpectedly (log: {server.log_path}):\n{server.log_tail()}", file=sys.stderr
-                )
-                return 1
-            dead = server.dead_stubs()
-            if dead:
-                names = ", ".join(f"{s.instance} (pid {s.pid})" for s in dead)
-                print(
-                    f"error: the python process of model instance {names} died and Triton does not restart it; "
-                    f"stopping the server (exit code {DEAD_STUB_EXIT}) so that a supervisor can restart it "
-                    f"(log: {server.log_path})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return DEAD_STUB_EXIT
-            time.sleep(0.2)
-        print("shutting down ...", file=out, flush=True)
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    return supervise(repo_dir, **kwargs)
