@@ -1,4 +1,5 @@
-"""The vllm flavour on the bundled Triton: one vLLM engine in a python model serving concurrent clients.
+"""The vllm flavour on the bundled Triton: one vLLM engine (its encoder in ONNX Runtime) in the engine model
+serving concurrent clients.
 
 Runs where vLLM and numpy < 2 share the server's Python (``.venv-vllm``, made by scripts/setup.sh).
 """
@@ -20,13 +21,13 @@ from canary_qwen.errors import UsageError  # noqa: E402
 from canary_qwen.export.artifacts import export_all  # noqa: E402
 from canary_qwen.model.synthetic import make_checkpoint  # noqa: E402
 from canary_qwen.serving.config_check import check_ensemble, parse_model_config  # noqa: E402
-from canary_qwen.serving.vllm_flavor import generate_vllm_repo  # noqa: E402
+from canary_qwen.serving.engine_flavor import generate_engine_repo  # noqa: E402
 
 pytestmark = pytest.mark.triton
 BUDGET = 20
 TOKEN_LIMIT = 40
 MAX_QUEUE = 48  # above the 32 concurrent clients below
-MAX_MODEL_LEN = 256  # positions per request: a 20 s clip (250 frames) + the prompt does not fit
+MAX_AUDIO_S = 8.0  # the engine holds 100 frames + 64 prompt positions + TOKEN_LIMIT
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,16 @@ def export_root(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repo(export_root, tmp_path_factory):
-    return generate_vllm_repo(
+    return generate_engine_repo(
+        "vllm",
         export_root,
         tmp_path_factory.mktemp("tvllm-repo") / "repo",
         max_new_tokens=BUDGET,
         max_new_tokens_limit=TOKEN_LIMIT,
         max_queue=MAX_QUEUE,
         queue_timeout_s=30,
+        max_audio_s=MAX_AUDIO_S,
         kv_cache_gib=0.0625,
-        max_model_len=MAX_MODEL_LEN,
     )
 
 
@@ -70,22 +72,21 @@ def expected(checkpoint, clips):
 
 
 def test_repository_is_wired_and_bounded(repo, export_root, tmp_path):
-    """The onnx flavour's bounds: every python model's queue holds MAX_QUEUE and refuses a request after 30 s; the
-    vllm model knows the token limit. (The server below loads these configs, so Triton accepts them.)"""
+    """The onnx flavour's bounds: the engine model's queue holds MAX_QUEUE and refuses a request after 30 s, and it
+    knows the token limit. (The server below loads these configs, so Triton accepts them.)"""
     assert check_ensemble(repo) == []
-    assert "decoupled: true" in (repo / "vllm" / "config.pbtxt").read_text()
-    for name in ("preprocessing", "encoder", "vllm"):
-        cfg = parse_model_config(repo / name / "config.pbtxt")
-        policy = cfg.dynamic_batching.default_queue_policy
-        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (MAX_QUEUE, 30_000_000), name
-    vllm = parse_model_config(repo / "vllm" / "config.pbtxt")
-    assert vllm.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
-    assert vllm.parameters["max_new_tokens_limit"].string_value == str(TOKEN_LIMIT)
+    engine = parse_model_config(repo / "canary_qwen_stream" / "config.pbtxt")
+    assert engine.model_transaction_policy.decoupled and engine.parameters["engine"].string_value == "vllm"
+    policy = engine.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (MAX_QUEUE, 30_000_000)
+    assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
+    assert engine.parameters["max_new_tokens_limit"].string_value == str(TOKEN_LIMIT)
+    assert (repo / "canary_qwen_stream" / "1" / "export" / "lora" / "adapter_config.json").is_file()
     with pytest.raises(UsageError, match="max_audio_s must be > 0"):
-        generate_vllm_repo(export_root, tmp_path / "bad", max_audio_s=0)
+        generate_engine_repo("vllm", export_root, tmp_path / "bad", max_audio_s=0)
     with pytest.raises(UsageError, match=f"over max_new_tokens_limit {TOKEN_LIMIT}"):
-        generate_vllm_repo(
-            export_root, tmp_path / "bad", max_new_tokens=TOKEN_LIMIT + 1, max_new_tokens_limit=TOKEN_LIMIT
+        generate_engine_repo(
+            "vllm", export_root, tmp_path / "bad", max_new_tokens=TOKEN_LIMIT + 1, max_new_tokens_limit=TOKEN_LIMIT
         )
 
 
@@ -121,10 +122,13 @@ def test_budget_and_bad_audio_get_answers_and_the_server_keeps_serving(server, c
     with TritonClient(server.grpc_url, "grpc") as client:
         text, ids = client.infer(clips[2], max_new_tokens=3, with_ids=True)
         assert ids == expected[2].token_ids[:3]
-        with pytest.raises(Exception, match=f"MAX_NEW_TOKENS must be between 1 and {TOKEN_LIMIT}"):
+        with pytest.raises(Exception, match=f"MAX_NEW_TOKENS must be between 0 and {TOKEN_LIMIT}"):
             client.infer(clips[2], max_new_tokens=TOKEN_LIMIT + 1)
         with pytest.raises(Exception, match="AUDIO"):
             client.infer(clips[0][:0])
-        with pytest.raises(Exception, match="positions .* the engine holds 256"):
+        with pytest.raises(Exception, match="over this server's 8 s limit"):
             client.infer(make_clip(20.0, 5))
+        wordy = "Transcribe the following recording word for word. " * 10  # more text than the engine has room for
+        with pytest.raises(Exception, match="positions .* the engine holds 204"):
+            client.infer(make_clip(MAX_AUDIO_S, 5), prompt=wordy, max_new_tokens=TOKEN_LIMIT)
         assert client.infer(clips[1])[0] == expected[1].text

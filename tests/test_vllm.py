@@ -151,3 +151,14 @@ def test_cli_transcribe_and_ask(lora_export, clip_files, clips, capsys):
     assert (
         capsys.readouterr().out.strip() == tok.decode(_hf_greedy(manifest.artifact("llm_base"), ids, tok, 12)).strip()
     )
+
+
+def test_a_head_size_vllm_cannot_attend_is_refused_before_vllm_starts(tiny_export, clip_files, capsys):
+    """The tiny checkpoint's head size 16 is not among those vLLM's CPU attention has kernels for (its own list,
+    CPUAttentionBackend.get_supported_head_sizes): one clear line and exit 2, not a failure inside vLLM's start."""
+    from canary_qwen.cli import main
+
+    assert main(["transcribe", "--backend", "vllm", "--model", str(tiny_export), clip_files[0]]) == 2
+    err = capsys.readouterr().err
+    assert "no kernel for this model's head size 16" in err and "32, 64" in err
+    assert len(err.strip().splitlines()) == 1

@@ -123,18 +123,19 @@ class VllmEngine:
         row = splice_row(ids, frames, lambda t: np.asarray(self.embed_table[t]), self.tokenizer.placeholder_id)
         return {"prompt_embeds": self._torch.from_numpy(np.ascontiguousarray(row)).to(self.dtype.torch_dtype)}
 
-    def check_length(self, prompt: dict) -> None:
-        """An InputError when the prompt leaves no room for an answer in the engine's ``max_model_len``."""
+    def check_length(self, prompt: dict, budget: int = 1) -> None:
+        """An InputError when the prompt and ``budget`` new tokens do not fit the engine's ``max_model_len`` (vLLM
+        would cut the answer short there without a word)."""
         n = len(prompt["prompt_embeds"]) if "prompt_embeds" in prompt else len(prompt["prompt_token_ids"])
-        if n >= self.max_model_len:
+        if n + budget > self.max_model_len:
             raise InputError(
-                f"the prompt takes {n} positions (text tokens + audio frames), the engine holds {self.max_model_len}: "
-                "send shorter audio or raise max_model_len"
+                f"the prompt takes {n} positions (text tokens + audio frames) and asks for {budget} new tokens; "
+                f"the engine holds {self.max_model_len}: send shorter audio or ask for fewer tokens"
             )
 
     def add(self, request_id: str, prompt: dict, budget: int, *, adapter: bool = True) -> None:
         """Queue one request (``budget`` >= 1); ``adapter=False`` leaves the LoRA out (LLM mode)."""
-        self.check_length(prompt)
+        self.check_length(prompt, budget)
         params = self._params(
             temperature=0.0,
             max_tokens=budget,
@@ -177,8 +178,8 @@ class VllmEngine:
     def run(self, prompts: Sequence[dict], budgets: Sequence[int], *, adapter: bool = True) -> list[list[int]]:
         """Greedy ids per prompt, eos excluded: all prompts queued at once, stepped until every one ended."""
         tokens: list[list[int]] = [[] for _ in prompts]
-        for prompt in prompts:  # all checked before any is queued: a refused call leaves nothing running
-            self.check_length(prompt)
+        for prompt, budget in zip(prompts, budgets):  # all checked before any is queued: a refused call leaves nothing
+            self.check_length(prompt, budget)
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             if budget > 0:
                 self.add(str(i), prompt, budget, adapter=adapter)

@@ -1,16 +1,19 @@
 """The ``torch-fast`` and ``vllm`` flavours of the Triton model repository: one decoupled python model that holds
-an in-process engine (``canary_qwen.engines``) for every request, behind the ensembles every flavour has.
+an in-process engine (``canary_qwen.engines``) for every request, under the names every flavour has.
 
 | model | inputs | outputs |
 | --- | --- | --- |
-| ``engine`` (decoupled) | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
-| ``canary_qwen`` (ensemble, decoupled) | as ``engine`` | TEXT, OUTPUT_IDS pieces |
-| ``canary_qwen_stream`` (ensemble, decoupled) | as ``engine`` | TEXT pieces |
+| ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
+| ``canary_qwen`` (ensemble over it, decoupled) | as ``canary_qwen_stream`` | TEXT, OUTPUT_IDS pieces |
+
+The streaming model is the engine itself, not an ensemble step: Triton checks an ensemble request's cancellation
+only between its steps and never tells the model running a step (its ``is_cancelled()`` stays false), so a stream
+whose reader leaves must reach the engine directly to stop decoding.
 
 The engine (parameter ``engine``) is torch-fast (the fast PyTorch path on a checkpoint: int8 on CPUs with
 VNNI/AMX, bf16 and CUDA graphs on GPUs) or vLLM (on an export, its encoder in ONNX Runtime). Requests join the
-running batch between decode steps; a cancelled request stops decoding. Both ensembles contain the decoupled
-engine, so both are decoupled: Triton serves them over gRPC streaming and HTTP generate_stream (``canary-qwen
+running batch between decode steps; a cancelled stream stops decoding. ``canary_qwen`` contains the decoupled
+engine, so both models are decoupled: Triton serves them over gRPC streaming and HTTP generate_stream (``canary-qwen
 client`` reads them to their final response by itself). The vllm flavour's server needs vLLM *and* numpy < 2
 (the bundled Triton 2.51 python stub returns empty outputs under numpy 2): scripts/setup.sh makes
 ``.venv-vllm`` that way.
@@ -47,9 +50,10 @@ from .repo_files import (
     write_repo_info,
 )
 
-ENGINE = "engine"
+ENGINE = STREAM
 FLAVORS = ("torch-fast", "vllm")
-MODEL_NAMES = (ENGINE, ENSEMBLE, STREAM)
+# Replaced when a repository is written again: its models, and those the vllm flavour had before it was one model.
+MODEL_NAMES = (ENGINE, ENSEMBLE, "preprocessing", "encoder", "vllm")
 
 
 def _llm_artifacts(manifest) -> tuple[str, ...]:
@@ -90,7 +94,6 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             params={"engine": engine, "max_audio_s": bounds.max_audio_s, **bounds.budgets, **params},
         ),
         ENSEMBLE: _ensemble(ENSEMBLE, max_batch, [text, ids]),
-        STREAM: _ensemble(STREAM, max_batch, [text]),
     }
 
 

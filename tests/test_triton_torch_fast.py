@@ -1,0 +1,187 @@
+"""The torch-fast flavour on the REAL bundled Triton: the fast path in one engine model, serving concurrent
+clients (non-streaming and streaming) with the reference's tokens, requests joining the running batch,
+cancelled streams freeing their slots, refusals, and a model that cannot load failing `serve` at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import make_clip, needs_server, running_server
+
+from canary_qwen.backends.torch_ref import TorchBackend
+from canary_qwen.cli import main
+from canary_qwen.client.triton import InferenceError, TritonClient
+from canary_qwen.errors import UsageError
+from canary_qwen.serving.config_check import check_ensemble, parse_model_config
+from canary_qwen.serving.engine_flavor import generate_engine_repo
+
+pytestmark = pytest.mark.triton
+SLOTS = 4
+BUDGET = 20
+TOKEN_LIMIT = 2000  # long decodes make joining and cancellation measurable (the tiny checkpoint never stops early)
+MAX_AUDIO_S = 8.0
+CLIENTS = 16
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_checkpoint, tmp_path_factory):
+    return generate_engine_repo(
+        "torch-fast",
+        tiny_checkpoint,
+        tmp_path_factory.mktemp("tfast") / "repo",
+        max_batch=SLOTS,
+        max_audio_s=MAX_AUDIO_S,
+        max_new_tokens=BUDGET,
+        max_new_tokens_limit=TOKEN_LIMIT,
+        max_queue=32,
+        queue_timeout_s=30,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with running_server(repo, repo.parent / "server") as s:
+        yield s
+        assert s.stop() == 0  # in time: every request below was closed, cancelled ones too
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [make_clip(0.4 + 0.45 * i, 700 + i) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return TorchBackend(str(tiny_checkpoint))
+
+
+def test_repository_is_one_engine_model_streaming_and_behind_the_ensemble(repo, tiny_checkpoint, tmp_path, capsys):
+    assert check_ensemble(repo) == []
+    engine = parse_model_config(repo / "canary_qwen_stream" / "config.pbtxt")  # the engine, streaming
+    assert engine.model_transaction_policy.decoupled
+    assert engine.parameters["engine"].string_value == "torch-fast"
+    assert engine.max_batch_size == SLOTS
+    assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
+    assert (
+        engine.dynamic_batching.default_queue_policy.max_queue_size,
+        engine.parameters["max_audio_s"].string_value,
+    ) == (32, "8.0")
+    steps = parse_model_config(repo / "canary_qwen" / "config.pbtxt").ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["canary_qwen_stream"]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["canary_qwen", "canary_qwen_stream"]
+    # The checkpoint is linked in NeMo's offline layout: no hub access at load.
+    held = repo / "canary_qwen_stream" / "1" / "checkpoint"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "llm_backbone/config.json"):
+        assert (held / name).is_file(), name
+    assert (held / "model.safetensors").stat().st_ino == (tiny_checkpoint / "model.safetensors").stat().st_ino
+    with pytest.raises(UsageError, match="does not run in 'int4'"):
+        generate_engine_repo("torch-fast", tiny_checkpoint, tmp_path / "bad", dtype="int4")
+    args = ["triton-repo", "--flavor", "torch-fast", "--artifacts", str(tiny_checkpoint), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "torch-fast takes --model CHECKPOINT" in capsys.readouterr().err
+
+
+@needs_server
+def test_served_tokens_equal_the_reference_for_mixed_lengths_and_budgets(server, clips, reference):
+    budgets = [0, 1, 2, 5, 9, 20, 33, 64]
+    want = reference.transcribe(clips, max_new_tokens=budgets)
+    with TritonClient(server.grpc_url, "grpc", timeout_s=60) as client:
+        got = [client.infer(c, max_new_tokens=b, with_ids=True) for c, b in zip(clips, budgets)]
+    assert [ids for _, ids in got] == [w.token_ids for w in want]
+    assert [text for text, _ in got] == [w.text for w in want]
+
+
+@needs_server
+def test_16_concurrent_clients_half_streaming_get_the_reference(server, clips, reference):
+    want = reference.transcribe(clips, max_new_tokens=BUDGET)
+
+    def work(i):
+        url, protocol = (server.grpc_url, "grpc") if i % 4 else (server.http_url, "http")
+        with TritonClient(url, protocol, timeout_s=60) as client:
+            if i % 2:
+                return "".join(client.stream(clips[i % 8])), None
+            return client.infer(clips[i % 8], with_ids=protocol == "grpc")
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        got = list(pool.map(work, range(CLIENTS)))
+    for i, (text, ids) in enumerate(got):
+        assert text == want[i % 8].text, f"client {i}"
+        if ids:
+            assert ids == want[i % 8].token_ids, f"client {i}"
+
+
+@needs_server
+def test_a_request_that_arrives_mid_decode_is_answered_before_it_ends(server, clips):
+    with (
+        TritonClient(server.grpc_url, "grpc", timeout_s=120) as long_client,
+        TritonClient(server.grpc_url, "grpc") as c,
+    ):
+        pieces = long_client.stream(clips[5], max_new_tokens=TOKEN_LIMIT)
+        for _ in range(10):
+            next(pieces)  # the long decode runs
+        start = time.monotonic()
+        text, ids = c.infer(clips[1], max_new_tokens=3, with_ids=True)
+        short_took = time.monotonic() - start
+        rest = sum(1 for _ in pieces)  # the long one still had most of its pieces to send
+        long_took = time.monotonic() - start
+    assert len(ids) == 3
+    assert rest > 100 and short_took < long_took / 5, (short_took, long_took)
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cancelled_streams_stop_decoding(server, clips, protocol):
+    """Every slot taken by a stream whose reader leaves: if the engine kept decoding them, the next request would
+    wait ~2,000 steps for a slot."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    clients = [TritonClient(url, protocol, timeout_s=60) for _ in range(SLOTS)]
+    try:
+        with TritonClient(url, protocol) as probe:
+            start = time.monotonic()
+            assert "".join(probe.stream(clips[3], max_new_tokens=200))
+            per_200 = time.monotonic() - start
+            streams = [c.stream(clips[3], max_new_tokens=TOKEN_LIMIT) for c in clients]
+            for s in streams:
+                next(s), next(s)
+            for s in streams:
+                s.close()  # cancels the request
+            start = time.monotonic()
+            assert probe.infer(clips[1], max_new_tokens=3)[0] is not None
+            waited = time.monotonic() - start
+    finally:
+        for c in clients:
+            c.close()
+    assert waited < 2 * per_200 + 2, f"waited {waited:.1f} s behind cancelled streams (200 tokens: {per_200:.1f} s)"
+
+
+@needs_server
+def test_refused_requests_leave_the_others_untouched(server, clips, reference):
+    want = reference.transcribe(clips[2:3], max_new_tokens=BUDGET)[0]
+    with TritonClient(server.grpc_url, "grpc", timeout_s=60) as client, ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(client.infer, clips[2], with_ids=True) for _ in range(3)]
+        with pytest.raises(InferenceError, match=f"MAX_NEW_TOKENS must be between 0 and {TOKEN_LIMIT}"):
+            client.infer(clips[2], max_new_tokens=TOKEN_LIMIT + 1)
+        with pytest.raises(InferenceError, match="over this server's 8 s limit"):
+            client.infer(make_clip(MAX_AUDIO_S + 1, 3))
+        with pytest.raises(InferenceError, match="empty"):
+            client.infer(clips[0][:0])
+        assert [g.result(60) for g in good] == [(want.text, want.token_ids)] * 3
+
+
+@needs_server
+def test_serve_fails_at_start_with_the_reason_when_the_engine_cannot_load(tiny_checkpoint, tmp_path):
+    """int8 asked for on a device it does not run on: `serve` exits non-zero and says why, instead of a ready
+    server that errors on every request."""
+    repo = generate_engine_repo("torch-fast", tiny_checkpoint, tmp_path / "repo", dtype="int8", device="cuda")
+    run = subprocess.run(
+        [sys.executable, "-m", "canary_qwen.cli", "serve", "--repo", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "canary_qwen_stream" in run.stderr and "CUDA" in run.stderr, run.stderr[-2000:]
