@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 from conftest import make_clip, needs_server, running_server
 
+from canary_qwen.backends.registry import DEFAULT_BACKEND
 from canary_qwen.cli import main
 from canary_qwen.corpus.inputs import list_audio
 from canary_qwen.corpus.job import ClusterOptions, DecodeOptions, transcribe_corpus
@@ -200,7 +201,7 @@ def test_one_row_per_file_equal_to_transcribe_then_resume(
     summary = transcribe_corpus(
         list_audio(str(manifest)),
         str(out),
-        DecodeOptions("torch", str(tiny_checkpoint), **DECODE),
+        DecodeOptions(DEFAULT_BACKEND, str(tiny_checkpoint), **DECODE),  # what the command line ran by default
         ClusterOptions(workers=2, files_per_task=8),
         log=logs.append,
     )

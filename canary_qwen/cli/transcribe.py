@@ -6,7 +6,15 @@ import json
 import sys
 import time
 
-from ..backends.registry import BACKENDS, DTYPE_CHOICES, DTYPE_HELP, SERVER, create_backend, resolve_dtype
+from ..backends.registry import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    SERVER,
+    create_backend,
+    resolve_dtype,
+)
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
 
@@ -30,8 +38,9 @@ def add_transcribe(sub) -> None:
     p.add_argument(
         "--backend",
         choices=LOCAL,
-        default="torch",
-        help="; ".join(f"{n}: {BACKENDS[n].help} (takes a {BACKENDS[n].source})" for n in LOCAL) + " (default: torch)",
+        default=DEFAULT_BACKEND,
+        help="; ".join(f"{n}: {BACKENDS[n].help} (takes a {BACKENDS[n].source})" for n in LOCAL)
+        + f" (default: {DEFAULT_BACKEND}, the fastest path with the reference's tokens)",
     )
     p.add_argument(
         "--batch-size",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backends.registry import BACKENDS, SERVER, resolve_dtype
+from ..backends.registry import BACKENDS, DEFAULT_BACKEND, SERVER, resolve_dtype
 from ..client.triton import DEFAULT_MODEL
 from ..errors import UsageError
 from .transcribe import add_decoding_options
@@ -40,8 +40,9 @@ same path, and run this on the head with --ray-address auto.""",
     p.add_argument(
         "--backend",
         choices=list(BACKENDS),
-        default="torch",
-        help="; ".join(f"{n}: {s.help} (takes a {s.source})" for n, s in BACKENDS.items()) + " (default: torch)",
+        default=DEFAULT_BACKEND,
+        help="; ".join(f"{n}: {s.help} (takes a {s.source})" for n, s in BACKENDS.items())
+        + f" (default: {DEFAULT_BACKEND}, the fastest path with the reference's tokens)",
     )
     p.add_argument(
         "--model",
