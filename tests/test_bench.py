@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,6 +359,48 @@ def test_run_specs_refuse_precisions_a_backend_cannot_take():
             RunSpec.parse(text)
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         RunSpec.parse("tensorflow")
+    served = RunSpec.parse("triton:torch-fast:int8=ckpt/")
+    assert (served.name, served.flavor, served.dtype, served.source, served.local) == (
+        "triton",
+        "torch-fast",
+        "int8",
+        "ckpt/",
+        "torch-fast:int8",
+    )
+    assert RunSpec.parse("triton:onnx").local == "onnx" and RunSpec.parse("triton").flavor is None
+    for text, message in (("triton:trt", "serves the flavours torch-fast, onnx, vllm"), ("triton:onnx:bf16", "export")):
+        with pytest.raises(UsageError, match=message):
+            RunSpec.parse(text)
+
+
+@pytest.mark.triton
+def test_served_entries_start_their_server_and_match_the_local_tokens(tiny_checkpoint, tiny_export):
+    """torch-fast and onnx served by the bundled Triton beside their local runs, 1 and 4 requests in flight: the
+    same tokens, a latency per request, the server's memory; nothing left running after the run."""
+    from conftest import HAVE_TRITON, NO_TRITON
+
+    if not HAVE_TRITON:
+        pytest.skip(NO_TRITON)
+    config = BenchConfig(
+        backends=["torch-fast", "triton:torch-fast", "onnx", "triton:onnx"],
+        batch_sizes=[1, 4],
+        model=str(tiny_checkpoint),
+        export_dir=str(tiny_export),
+        synthetic="mixed:0.5-3:6",
+        max_new_tokens=12,
+        device="cpu",
+    )
+    runs = run_benchmark(config, progress=False, log=lambda msg: None)["runs"]
+    assert [(r["spec"], r["batch_size"], r["skipped"]) for r in runs] == [
+        (spec, b, False) for spec in config.backends for b in (1, 4)
+    ]
+    for r in runs:
+        served = r["spec"].startswith("triton:")
+        assert (r["matches_local"] == 1.0) is served, r
+        assert (r["latency_p50_s"] is not None and r["latency_p99_s"] >= r["latency_p50_s"]) is served
+        assert (r["server_peak_rss_gb"] is not None and r["server_peak_rss_gb"] > 0.1) is served
+        assert r["n_batches"] == (1 if served else -(-6 // r["batch_size"]))  # a server has every clip in flight
+    assert not list(Path("/dev/shm").glob(f"canary_qwen_{os.getpid()}_*"))  # this process's servers left none
 
 
 def test_help_explains_the_method(capsys):

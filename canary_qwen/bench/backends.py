@@ -32,23 +32,43 @@ PER_BATCH = "per-batch"
 class RunSpec:
     """One ``--backends`` entry, ``NAME[:DTYPE][=SOURCE]``: a backend, optionally its own precision (else
     the run's ``--dtype``) and its own checkpoint / export / server (else ``--model`` / ``--export-dir`` /
-    ``--url``), so one run can compare e.g. ``nemo:fp32 nemo:bf16 torch-fast:int8 onnx=export_int8/``."""
+    ``--url``), so one run can compare e.g. ``nemo:fp32 nemo:bf16 torch-fast:int8 onnx=export_int8/``.
+
+    ``triton:FLAVOR[:DTYPE][=SOURCE]`` is served: the run writes the flavour's repository (torch-fast from the
+    checkpoint, onnx and vllm from the export), starts the bundled Triton on it and sends it the clips
+    (``bench.served``); plain ``triton`` measures a server already running at ``--url``."""
 
     text: str
     name: str
     dtype: str | None = None
     source: str | None = None
+    flavor: str | None = None  # triton:FLAVOR: served by a server this run starts
 
     @classmethod
     def parse(cls, text: str) -> RunSpec:
         head, _, source = text.partition("=")
         name, _, dtype = head.partition(":")
         spec = backend_spec(name)  # an unknown name is refused with the known ones
+        flavor = None
+        if name == "triton" and dtype:
+            from .served import FLAVORS
+
+            flavor, _, dtype = dtype.partition(":")
+            if flavor not in FLAVORS:
+                raise UsageError(f"{text!r}: the bundled Triton serves the flavours {', '.join(FLAVORS)}")
+            spec = backend_spec(flavor)
         if dtype:
             spec.check_dtype(dtype)
         if "=" in text and not source:
             raise UsageError(f"{text!r}: nothing after '='")
-        return cls(text, name, dtype or None, source or None)
+        return cls(text, name, dtype or None, source or None, flavor)
+
+    @property
+    def local(self) -> str | None:
+        """The local entry whose tokens a served one must give (``triton:torch-fast:int8`` -> ``torch-fast:int8``)."""
+        if self.flavor is None:
+            return None
+        return self.flavor + (f":{self.dtype}" if self.dtype else "")
 
 
 @dataclass
@@ -68,6 +88,8 @@ class BenchBackend:
         self.budget = getattr(engine, "budget_scope", PER_CLIP)
         self.dtype = getattr(engine, "dtype", None)  # None: whatever the server's repository was built with
         self.device = getattr(engine, "device", None) if name == "triton" else device
+        # A server takes clips as they come: the batch size is how many requests it has in flight.
+        self.in_flight = hasattr(engine, "concurrency")
 
     def transcribe(self, audios: Sequence[np.ndarray], budgets: Sequence[int]) -> list[Transcription]:
         if self.engine is None:
@@ -83,6 +105,24 @@ class BenchBackend:
         timings = getattr(self.engine, "timings", None)
         if isinstance(timings, dict):
             timings.clear()
+        reset = getattr(self.engine, "reset", None)
+        if callable(reset):
+            reset()
+
+    def set_in_flight(self, requests: int) -> None:
+        setattr(self.engine, "concurrency", requests)  # noqa: B010 - only on engines that have it (in_flight)
+
+    def served_fields(self) -> dict:
+        """Per-request latency (p50, p99) and the server's peak memory, for a served entry."""
+        latencies = sorted(getattr(self.engine, "latencies", None) or [])
+        if not latencies:
+            return {}
+        pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+        return {
+            "latency_p50_s": pick(0.5),
+            "latency_p99_s": pick(0.99),
+            "server_peak_rss_gb": getattr(self.engine, "server_peak_rss_gb", None),
+        }
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
@@ -129,6 +169,12 @@ def _source(name: str, options: BackendOptions) -> str:
 def create_backend(run: RunSpec, options: BackendOptions) -> BenchBackend:
     """The registry's backend for one ``--backends`` entry (BackendUnavailable when it cannot run here)."""
     name = run.name
+    if run.flavor is not None:
+        from .served import ServedBackend
+
+        source = run.source or _source(run.flavor, options)
+        served = ServedBackend(run.flavor, source, device=options.device, dtype=run.dtype)
+        return BenchBackend(served, name=name, device=options.device, label=run.text)
     if name == "trt" and not str(options.device).startswith("cuda"):
         raise BackendUnavailable(f"TensorRT-LLM runs on an NVIDIA GPU, not on {options.device}")
     spec = backend_spec(name)

@@ -60,13 +60,25 @@ def _stages(run: dict) -> str:
     return ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
 
 
+def _served(run: dict) -> str:
+    """A served entry's request latency, server memory and agreement with its local entry."""
+    if run.get("latency_p50_s") is None:
+        return ""
+    text = f"latency p50 {run['latency_p50_s']:.2f} s, p99 {run['latency_p99_s']:.2f} s"
+    if run.get("server_peak_rss_gb") is not None:
+        text += f", server peak {run['server_peak_rss_gb']:.1f} GB"
+    if run.get("matches_local") is not None:
+        text += f", tokens equal to local for {100 * run['matches_local']:.0f} % of clips"
+    return text + "; "
+
+
 def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for r in results["runs"]:
         if r["skipped"]:
             note = f"skipped: {r['reason']}"
         else:
-            note = _stages(r)
+            note = _served(r) + _stages(r)
         rows.append(
             [
                 r["backend"],

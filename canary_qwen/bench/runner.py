@@ -54,6 +54,10 @@ RUN_FIELDS = (
     "warmup_s",
     "stages",
     "peak_rss_gb",
+    "latency_p50_s",  # served entries: per request
+    "latency_p99_s",
+    "server_peak_rss_gb",  # served entries: the server's whole process tree
+    "matches_local",  # served entries: share of clips whose tokens equal the local entry's of the same run
     "gflop_per_audio_s",
     "model_tflops",
     "peak_tflops",
@@ -227,6 +231,9 @@ def timed_run(
     """Warm-up, then one timed pass over ``data``; returns the run record (texts under ``_hypotheses``)."""
     n = len(data)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    if backend.in_flight:  # a server: every clip sent at once, ``batch_size`` requests in flight
+        backend.set_in_flight(batch_size)
+        batches = [list(range(n))]
     tps, cap = config.tokens_per_second, config.max_new_tokens
 
     def one_batch(indices):
@@ -242,6 +249,7 @@ def timed_run(
     backend.reset_stage_timings()
 
     hypotheses: list[str] = [""] * n
+    token_ids: list[list[int]] = [[] for _ in range(n)]
     usage: list[tuple[int, int]] = []  # (samples, tokens within the clip's own budget) per clip
     tokens = 0
     audio_samples = 0
@@ -266,6 +274,7 @@ def timed_run(
         transcribe_s += t2 - t1
         for i, a, r in zip(indices, audios, results, strict=True):
             hypotheses[i] = r.text
+            token_ids[i] = r.token_ids
             tokens += len(r.token_ids)
             audio_samples += len(a)
             usage.append((len(a), min(len(r.token_ids), clip_budget(len(a) / SAMPLE_RATE, tps, cap))))
@@ -298,8 +307,10 @@ def timed_run(
         warmup_s=warmup_s,
         stages=stages,
         peak_rss_gb=peak_rss_gb(),
+        **backend.served_fields(),
     )
     run["_hypotheses"] = hypotheses
+    run["_tokens"] = token_ids
     run["_usage"] = usage
     return run
 
@@ -341,6 +352,20 @@ def add_nemo_ratios(runs: list[dict]) -> None:
     best = max(nemo) if nemo else None
     for r in runs:
         r["rtfx_vs_nemo"] = r["rtfx"] / best if best and r["rtfx"] is not None else None
+
+
+def add_local_matches(runs: list[dict], specs: dict[str, RunSpec]) -> None:
+    """``matches_local`` of each served run: the share of clips whose tokens equal those of its local entry
+    (``triton:torch-fast:int8`` against ``torch-fast:int8``) at that entry's first batch size in the run."""
+    local: dict[str, list[list[int]]] = {}
+    for r in runs:
+        if "_tokens" in r:
+            local.setdefault(r["spec"], r["_tokens"])
+    for r in runs:
+        spec = specs.get(r["spec"])
+        want = local.get(spec.local) if spec is not None and spec.local else None
+        if want is not None and "_tokens" in r:
+            r["matches_local"] = sum(a == b for a, b in zip(r["_tokens"], want)) / len(want)
 
 
 def work_model(config: BenchConfig, log) -> WorkModel | None:
@@ -386,7 +411,8 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
     work = work_model(config, log)
     env = environment(config.command)
     runs: list[dict] = []
-    for spec in [RunSpec.parse(text) for text in config.backends]:  # a bad entry fails before any model loads
+    specs = {text: RunSpec.parse(text) for text in config.backends}  # a bad entry fails before any model loads
+    for spec in specs.values():
         label = spec.text
         reset_peak_rss()
         try:
@@ -420,7 +446,9 @@ def run_benchmark(config: BenchConfig, data: BenchSet | None = None, *, progress
         finally:
             backend.close()
     add_nemo_ratios(runs)
+    add_local_matches(runs, specs)
     for run in runs:
+        run.pop("_tokens", None)
         usage = run.pop("_usage", None)
         if usage and work is not None:
             add_work(run, usage, work, env["gpu"])

@@ -20,6 +20,9 @@ examples:
   # real weights on a test set with references (WER), leaderboard settings
   canary-qwen bench --model nvidia/canary-qwen-2.5b --backends nemo onnx --export-dir export/ \\
       --manifest test.jsonl --batch-size 192 --out bench/ --docs docs/benchmarks.md
+  # served against local on a CPU: the torch-fast flavour in int8 at 1, 4 and 16 requests in flight
+  canary-qwen bench --model ckpt --export-dir export/ --synthetic mixed:2-8:16 --batch-size 16 \\
+      --backends nemo torch-fast:int8 triton:torch-fast:int8 triton:onnx
 
 Backends that cannot run here (not installed, no export directory, no server) are listed as
 skipped with the reason; a batch size that fails (e.g. out of memory) is recorded as failed and
@@ -83,7 +86,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         metavar="NAME[:DTYPE][=SOURCE]",
         help=f"backends to run, in order: {', '.join(BACKENDS)} (default: nemo torch); ':DTYPE' gives one its own "
         "precision (e.g. nemo:bf16, torch-fast:int8), '=SOURCE' its own checkpoint, export or server "
-        "(e.g. onnx=export_int8/), so one run compares them",
+        "(e.g. onnx=export_int8/), so one run compares them; triton:FLAVOR[:DTYPE] (FLAVOR torch-fast, onnx or "
+        "vllm) is served: the run writes that repository, starts the bundled Triton and sends the clips over gRPC "
+        "with --batch-size requests in flight, reporting latency, the server's memory and whether its tokens equal "
+        "the local entry's (e.g. triton:torch-fast:int8 beside torch-fast:int8)",
     )
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument(
