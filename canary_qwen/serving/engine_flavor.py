@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..bounds import RequestBounds
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..defaults import MAX_NEW_TOKENS
 from ..engines.local import SOURCES
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
@@ -153,19 +153,13 @@ def generate_engine_repo(
         settings["kv_cache_gib"] = kv_cache_gib
     else:
         manifest, export_root = None, Path(source)
-    bounds = (
-        request_bounds(
-            manifest,
-            max_audio_s=max_audio_s,
-            max_new_tokens=max_new_tokens,
-            max_new_tokens_limit=max_new_tokens_limit,
-            max_queue=max_queue,
-            queue_timeout_s=queue_timeout_s,
-        )
-        if manifest is not None
-        else RequestBounds(
-            float(max_audio_s or MAX_WINDOW_S), max_new_tokens, max_new_tokens_limit, max_queue, queue_timeout_s
-        )
+    bounds = request_bounds(
+        manifest,
+        max_audio_s=max_audio_s,
+        max_new_tokens=max_new_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        max_queue=max_queue,
+        queue_timeout_s=queue_timeout_s,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

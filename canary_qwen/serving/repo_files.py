@@ -27,7 +27,7 @@ PREPROCESSING, POSTPROCESSING = "preprocessing", "postprocessing"
 
 # -- request bounds ----------------------------------------------------------------------------------------
 def request_bounds(
-    manifest: Manifest,
+    manifest: Manifest | None,
     *,
     max_audio_s: float | None,
     max_new_tokens: int,
@@ -35,9 +35,10 @@ def request_bounds(
     max_queue: int,
     queue_timeout_s: float,
 ) -> RequestBounds:
-    """The bounds checked (a clear UsageError for a bad one), ``max_audio_s`` defaulting to the export's."""
+    """The bounds checked (a clear UsageError for a bad one), ``max_audio_s`` defaulting to the export's (to the
+    model's training window without an export)."""
     if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S))
+        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S) if manifest is not None else MAX_WINDOW_S)
     return RequestBounds(float(max_audio_s), max_new_tokens, max_new_tokens_limit, max_queue, queue_timeout_s)
 
 
