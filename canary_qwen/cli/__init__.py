@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         build_engines.add_build_engines_parser,
         triton_repo.add_triton_repo_parser,
         serve.add_serve,
+        __import__(f"{__name__}.serve_openai", fromlist=["add_serve_openai"]).add_serve_openai,
         client.add_client_parser,
         bench.add_bench_parser,
         demo.add_demo_parser,

@@ -1,10 +1,12 @@
-"""Load test of running Canary-Qwen Triton servers: many concurrent clients for a while, then latency
-percentiles and errors by kind (``canary-qwen client loadtest``).
+"""Load test of running Canary-Qwen servers: many concurrent clients for a while, then latency
+percentiles and errors by kind (``canary-qwen client loadtest``, or ``python -m canary_qwen.client.loadtest``).
 
 Each of ``concurrency`` workers sends one request after another, taking the clips in turn; a share of
-them are streams (``stream_share``), timed to the first piece and to the end. The clients are
-:class:`~canary_qwen.client.triton.TritonClient` objects, so several servers and the failover are load
-tested as users get them.
+them are streams (``stream_share``), timed to the first piece and to the end. The target is a
+:class:`~canary_qwen.client.triton.TritonClient` (several servers and the failover are load tested as users get
+them) or an :class:`OpenAITarget`: the OpenAI-compatible server (``canary-qwen serve-openai``) through the
+official ``openai`` client, each clip sent as a WAV upload, streams as server-sent events. Running both on the
+same clips measures what the OpenAI layer adds per request.
 """
 
 from __future__ import annotations
@@ -12,15 +14,94 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from ..defaults import SAMPLE_RATE
 from ..errors import UsageError
 from .triton import TritonClient
+
+
+class Target(Protocol):
+    """What a load test sends requests to (TritonClient, OpenAITarget)."""
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str: ...
+
+    def stream(
+        self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
+    ) -> Iterator[str]: ...
+
+
+class OpenAITarget:
+    """The OpenAI-compatible server at ``base_url`` (``http://HOST:PORT/v1``) through the ``openai`` client: one
+    client shared by every worker (its connection pool holds them all), no retries (a refused request is an
+    error of the run), ``model`` the served model's name (default: the first of ``GET /v1/models``)."""
+
+    def __init__(self, base_url: str, model: str | None = None, *, timeout_s: float = 120.0, api_key: str = "none"):
+        from ..errors import import_optional
+
+        openai = import_optional("openai", "pip install 'canary-qwen[openai]'")
+        base_url = base_url.rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            base_url = f"http://{base_url}"
+        if not base_url.endswith("/v1"):
+            base_url += "/v1"
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        self.url = base_url
+        self.model = model or self.client.models.list().data[0].id
+
+    @staticmethod
+    def wav(audio: np.ndarray) -> bytes:
+        """16 kHz mono float32 samples as a WAV file (float samples: the server reads back the same values)."""
+        import io
+
+        import soundfile as sf
+
+        buffer = io.BytesIO()
+        sf.write(buffer, np.asarray(audio, dtype=np.float32), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+        return buffer.getvalue()
+
+    def _extra(self, max_new_tokens: int | None) -> dict:
+        return {} if max_new_tokens is None else {"extra_body": {"max_new_tokens": int(max_new_tokens)}}
+
+    def transcribe(self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None) -> str:
+        kwargs = {"prompt": prompt} if prompt is not None else {}
+        result = self.client.audio.transcriptions.create(
+            file=("clip.wav", self.wav(audio), "audio/wav"),
+            model=self.model,
+            **kwargs,
+            **self._extra(max_new_tokens),
+        )
+        return result.text
+
+    def stream(
+        self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        kwargs = {"prompt": prompt} if prompt is not None else {}
+        events = self.client.audio.transcriptions.create(
+            file=("clip.wav", self.wav(audio), "audio/wav"),
+            model=self.model,
+            stream=True,
+            **kwargs,
+            **self._extra(max_new_tokens),
+        )
+        with events:
+            for event in events:
+                if event.type == "transcript.text.delta":
+                    yield event.delta
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> OpenAITarget:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -61,7 +142,7 @@ class LoadReport:
 
 
 def run_load(
-    client: TritonClient,
+    client: Target | TritonClient,
     clips: Sequence[np.ndarray],
     *,
     concurrency: int = 8,
@@ -126,3 +207,52 @@ def format_report(report: LoadReport) -> str:
     for name, count in report.errors.most_common():
         lines.append(f"{count} x {name}: {report.error_examples[name]}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m canary_qwen.client.loadtest``: the load test against Triton servers (``--url``) or the
+    OpenAI-compatible server (``--openai``), the same clips and options for both."""
+    import argparse
+    import json
+
+    from ..pipeline.audio import load_audio
+    from ..pipeline.windowing import plan_windows
+
+    p = argparse.ArgumentParser(prog="python -m canary_qwen.client.loadtest", description=__doc__)
+    p.add_argument("files", nargs="+", help="audio files (cut into windows of at most 40 s)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="Triton servers, HOST:PORT[,HOST:PORT...]")
+    target.add_argument("--openai", metavar="URL", help="the OpenAI-compatible server, http://HOST:PORT[/v1]")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="grpc", help="with --url (default: grpc)")
+    p.add_argument("--model", default=None, help="with --openai: the served model (default: the one it lists)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--stream-share", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    args = p.parse_args(argv)
+    clips = plan_windows([load_audio(path) for path in args.files]).windows
+    client: OpenAITarget | TritonClient
+    if args.openai:
+        client = OpenAITarget(args.openai, args.model, timeout_s=args.timeout)
+    else:
+        client = TritonClient(args.url, args.protocol, timeout_s=args.timeout)
+        client.check()
+    try:
+        report = run_load(
+            client,
+            clips,
+            concurrency=args.concurrency,
+            duration_s=args.duration,
+            stream_share=args.stream_share,
+            max_new_tokens=args.max_new_tokens,
+        )
+    finally:
+        client.close()
+    print(json.dumps(report.as_dict()) if args.json else format_report(report), flush=True)
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""``canary-qwen serve-openai``: an OpenAI-compatible speech-to-text server in front of Triton or a local engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..errors import UsageError
+
+LOCAL_BACKENDS = ("torch-fast", "onnx", "vllm")
+DESCRIPTION = """\
+Serve OpenAI's speech-to-text API (what `client.audio.transcriptions.create` of the official `openai` client, and
+`vllm serve`, speak) for Canary-Qwen:
+
+  POST /v1/audio/transcriptions   multipart: file, model, response_format (json|text|verbose_json|srt|vtt),
+                                  prompt, language, temperature, stream; max_new_tokens (extra_body)
+  GET  /v1/models                 the one served model (--served-model-name)
+  GET  /health                    200 when the engine, or a Triton server behind it, can answer; else 503
+  GET  /metrics                   Prometheus: requests by status, audio seconds, latency, requests in flight
+
+Two ways to answer (one of them):
+  --triton URL[,URL...]           forward to running Triton servers (`canary-qwen serve`, or the NGC container; any
+                                  flavour) with the Triton client: round robin, failover, --timeout-s per request
+  --model DIR --backend NAME      run an engine in this process (torch-fast: checkpoint; onnx, vllm: export);
+                                  requests in flight are batched together
+
+What the OpenAI fields mean here: `model` must be the served model's name (others: 404); `language` must be English
+or absent (the model transcribes English); decoding is greedy, so `temperature` must be 0 or absent; `prompt` replaces
+the model's instruction ("Transcribe the following:"), it is not Whisper's previous-text context. Audio in any format
+libsndfile reads (wav, flac, ogg, mp3, ...) at any rate; over --max-window-s it is cut into windows at quiet points
+and their texts joined, as `canary-qwen transcribe` does (verbose_json/srt/vtt: one segment per window).
+Errors come in OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 404 unknown model,
+413 upload over --max-upload-mb (refused while it streams in), 429 over --max-in-flight (Retry-After), 503 when the
+backend cannot answer (Retry-After), 504 past --timeout-s.
+"""
+
+
+def add_serve_openai(sub) -> None:
+    p = sub.add_parser(
+        "serve-openai",
+        help="OpenAI-compatible /v1/audio/transcriptions server (forwards to Triton, or a local engine)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for others)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    mode = p.add_argument_group("answering (give --triton, or --model with --backend)")
+    mode.add_argument(
+        "--triton",
+        metavar="URL[,URL...]",
+        default=None,
+        help="Triton servers: host:port of their gRPC endpoint (HTTP with --protocol http), or grpc://host:port, "
+        "http://host:port",
+    )
+    mode.add_argument(
+        "--protocol", choices=("grpc", "http"), default=None, help="Triton protocol for bare host:port (default: grpc)"
+    )
+    mode.add_argument("--triton-model", default="canary_qwen", help="Triton model (default: canary_qwen)")
+    mode.add_argument(
+        "--triton-stream-model",
+        default="canary_qwen_stream",
+        help="Triton model for stream=true (default: canary_qwen_stream)",
+    )
+    mode.add_argument("--model", default=None, help="checkpoint (torch-fast) or export (onnx, vllm) directory")
+    mode.add_argument("--backend", choices=LOCAL_BACKENDS, default=None, help="local engine for --model")
+    mode.add_argument("--device", default="cpu", help="local engine: cpu or cuda (default: cpu)")
+    mode.add_argument("--dtype", default=None, help="local engine: precision (default: the backend's own)")
+    mode.add_argument(
+        "--max-batch", type=int, default=16, help="local engine: windows decoded together at most (default: 16)"
+    )
+    limits = p.add_argument_group("limits")
+    limits.add_argument(
+        "--served-model-name",
+        default="canary-qwen-2.5b",
+        help="the name clients pass as `model` (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-upload-mb", type=float, default=25.0, help="largest request body, MiB (default: 25, as vLLM)"
+    )
+    limits.add_argument(
+        "--max-audio-s", type=float, default=1800.0, help="longest upload in seconds of audio (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-window-s",
+        type=float,
+        default=MAX_WINDOW_S,
+        help="cut longer audio into windows of at most this many seconds; 0: whole (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help="decoding budget per window when a request names none (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=512,
+        help="the most a request may ask for with max_new_tokens (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=64,
+        help="transcription requests handled at once; one more is refused with 429 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--timeout-s",
+        type=float,
+        default=300.0,
+        help="longest wait for the backend (each Triton request or streamed piece; a local window); 0: none "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=run_serve_openai)
+
+
+def _settings(args):
+    from ..bounds import RequestBounds
+    from ..openai_api.app import ServerSettings
+
+    if args.max_upload_mb <= 0 or args.max_in_flight < 1 or args.timeout_s < 0 or args.max_window_s < 0:
+        raise UsageError("--max-upload-mb and --max-in-flight must be > 0, --timeout-s and --max-window-s >= 0")
+    bounds = RequestBounds(
+        max_audio_s=args.max_audio_s,
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        max_queue=args.max_in_flight,
+        queue_timeout_s=args.timeout_s,
+    )
+    return ServerSettings(
+        served_model=args.served_model_name,
+        bounds=bounds,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_window_s=args.max_window_s or None,
+    )
+
+
+def _triton_target(url: str, protocol: str | None) -> tuple[str, str]:
+    """(host:port list, protocol) from --triton and --protocol; a scheme on the URLs names the protocol."""
+    schemes = {u.strip().split("://", 1)[0].lower() for u in url.split(",") if "://" in u}
+    if len(schemes) > 1 or schemes - {"grpc", "http"}:
+        raise UsageError(f"--triton URLs must all be grpc://, all http://, or bare host:port, got {url!r}")
+    if schemes:
+        scheme = schemes.pop()
+        if protocol is not None and protocol != scheme:
+            raise UsageError(f"--protocol {protocol} contradicts the {scheme}:// URLs of --triton")
+        protocol = scheme
+    return url, protocol or "grpc"
+
+
+def make_backend(args, settings):
+    """The backend the arguments ask for (not started)."""
+    from ..openai_api.backends import LocalEngine, TritonForwarding
+
+    if (args.triton is None) == (args.model is None):
+        raise UsageError("give --triton URL[,URL...], or --model DIR with --backend NAME (one of the two)")
+    if args.triton is not None:
+        if args.backend is not None:
+            raise UsageError("--backend runs a local engine; it does not go with --triton")
+        url, protocol = _triton_target(args.triton, args.protocol)
+        return TritonForwarding(
+            url,
+            protocol,
+            timeout_s=args.timeout_s or 3600.0,
+            threads=settings.bounds.max_queue + 8,
+            model=args.triton_model,
+            stream_model=args.triton_stream_model,
+        )
+    if args.backend is None:
+        raise UsageError(f"--model needs --backend ({', '.join(LOCAL_BACKENDS)})")
+    if args.max_batch < 1:
+        raise UsageError("--max-batch must be >= 1")
+    window = settings.max_window_s or settings.bounds.max_audio_s
+
+    def open_engine():
+        from ..engines.local import open_engine
+
+        return open_engine(
+            args.backend,
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            max_audio_s=window,
+            max_new_tokens_limit=settings.bounds.max_new_tokens_limit,
+        )
+
+    return LocalEngine(
+        open_engine,
+        f"{args.backend} on {args.model} ({args.device})",
+        max_pending=settings.bounds.max_queue * settings.windows_per_upload,
+        timeout_s=args.timeout_s,
+    )
+
+
+def run_serve_openai(args) -> int:
+    try:
+        import uvicorn
+
+        from ..openai_api.app import OpenAIServer
+    except ImportError as e:
+        raise UsageError(f"serve-openai needs its extra: pip install 'canary-qwen[openai]' ({e})") from None
+    settings = _settings(args)
+    backend = make_backend(args, settings)
+    server = OpenAIServer(backend, settings)
+    print(
+        f"serving {settings.served_model} at http://{args.host}:{args.port}/v1 ({backend.description}); Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        server.app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        access_log=args.log_level == "debug",
+    )
+    logging.getLogger("canary_qwen").setLevel(args.log_level.upper())
+    uvicorn.Server(config).run()
+    return 0

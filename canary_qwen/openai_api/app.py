@@ -1,0 +1,437 @@
+"""The OpenAI-compatible speech-to-text server's handlers, on Starlette (served by uvicorn).
+
+``POST /v1/audio/transcriptions`` reads the multipart upload as it streams in (``upload``), checks the fields
+(``protocol``), decodes the audio, cuts it into the windows ``canary-qwen transcribe`` uses, has the backend
+decode every window (concurrently; the backend batches them with the other requests in flight) and renders the
+joined text (``formats``), or streams it as server-sent events. ``GET /v1/models``, ``GET /health`` (200 only
+while the backend can answer), ``GET /metrics`` (Prometheus).
+
+At most ``bounds.max_queue`` transcription requests are handled at once; one more is refused at once (429 with
+``Retry-After``). Every error is answered in OpenAI's shape (``errors``) and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import soundfile as sf
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..backends.base import Transcription
+from ..bounds import RequestBounds
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S, SAMPLE_RATE
+from ..errors import AudioError, InputError
+from ..pipeline.audio import load_audio
+from ..pipeline.windowing import SEARCH_S, WindowPlan, split_points
+from .backends import Backend
+from .errors import RETRY_AFTER_S, api_error
+from .formats import compression_ratio, render
+from .metrics import CLIENT_CLOSED, Metrics
+from .protocol import SERVER_ERROR, APIError, Segment, Transcript, TranscriptionRequest, invalid, model_card
+from .protocol import delta_event as _delta
+from .protocol import done_event as _done
+from .upload import FILE_FIELD, read_upload
+
+log = logging.getLogger(__name__)
+SERVED_MODEL = "canary-qwen-2.5b"
+MAX_UPLOAD_MB = 25  # vLLM's default (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)
+MAX_AUDIO_S = 1800.0  # longest upload, in seconds of audio (cut into windows of max_window_s)
+MAX_NEW_TOKENS_LIMIT = 512
+MAX_IN_FLIGHT = 64
+TIMEOUT_S = 300.0
+SSE = "text/event-stream"
+T = TypeVar("T")
+
+
+def default_bounds() -> RequestBounds:
+    return RequestBounds(
+        max_audio_s=MAX_AUDIO_S,
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT,
+        max_queue=MAX_IN_FLIGHT,
+        queue_timeout_s=TIMEOUT_S,
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """``bounds``: ``max_audio_s`` the longest upload (seconds of audio), ``max_new_tokens`` /
+    ``max_new_tokens_limit`` the budget per window (default / most a request may ask), ``max_queue`` the
+    transcription requests handled at once, ``queue_timeout_s`` the longest wait for the backend (0: none).
+    ``max_window_s``: windows long audio is cut into (None: whole). ``max_upload_bytes``: the request body."""
+
+    served_model: str = SERVED_MODEL
+    bounds: RequestBounds = field(default_factory=default_bounds)
+    max_upload_bytes: int = MAX_UPLOAD_MB * 2**20
+    max_window_s: float | None = MAX_WINDOW_S
+    tmp_dir: str | None = None
+    decode_threads: int = 4
+
+    @property
+    def windows_per_upload(self) -> int:
+        """The most windows one upload is cut into (what the local engine may hold per request)."""
+        if not self.max_window_s:
+            return 1
+        shortest = self.max_window_s - min(SEARCH_S, self.max_window_s / 2)  # split_points cuts no window shorter
+        return math.ceil(self.bounds.max_audio_s / shortest) + 1
+
+
+def _sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def _error_response(error: APIError) -> Response:
+    if error.close_connection:
+        return _Refusal(error)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+class _Refusal(JSONResponse):
+    """An error answered while the request body still streams in (413), then the connection closed.
+
+    A server that closes a connection with unread data in it resets it, and a client still sending (curl) may
+    lose the answer; one that reads the rest to discard it (uvicorn, by default) reads a body of any size. So, as
+    nginx does: the answer is sent whole, what the client still sends is read and dropped for at most
+    ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes (never kept), then the connection is closed."""
+
+    LINGER_S = 2.0
+    LINGER_BYTES = 16 * 2**20
+
+    def __init__(self, error: APIError):
+        super().__init__(error.body(), status_code=error.status, headers=error.headers())
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        dropped, deadline = 0, time.monotonic() + self.LINGER_S
+        while dropped < self.LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                break
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+            dropped += len(message.get("body", b""))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class OpenAIServer:
+    """The app (``.app``) around one backend. ``settings`` holds every limit."""
+
+    def __init__(self, backend: Backend, settings: ServerSettings | None = None):
+        self.backend = backend
+        self.settings = settings or ServerSettings()
+        self.metrics = Metrics(pending=backend.pending)
+        self.created = int(time.time())
+        self._in_flight = 0
+        self._decoder = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="openai-audio")
+        self.app = Starlette(
+            routes=[
+                Route("/v1/audio/transcriptions", self.transcriptions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_error, Exception: self._bug},
+            lifespan=self._lifespan,
+        )
+
+    @asynccontextmanager
+    async def _lifespan(self, app) -> AsyncIterator[None]:
+        await self.backend.start()
+        try:
+            yield
+        finally:
+            self.backend.close()
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    # -- small endpoints --------------------------------------------------------------------------------
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error_response(APIError(exc.status_code, message, code=code))
+
+    async def _bug(self, request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(api_error(exc))
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card(self.settings.served_model, self.created)]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != self.settings.served_model:
+            error = APIError(
+                404, f"The model '{name}' does not exist on this server", param="model", code="model_not_found"
+            )
+            return _error_response(error)
+        return JSONResponse(model_card(name, self.created))
+
+    async def health(self, request: Request) -> Response:
+        ready, why = await self.backend.ready()
+        body = {"status": "ready" if ready else "unavailable", "detail": why, "model": self.settings.served_model}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    # -- transcriptions -------------------------------------------------------------------------------
+    async def transcriptions(self, request: Request) -> Response:
+        start = time.perf_counter()
+        bounds = self.settings.bounds
+        if self._in_flight >= bounds.max_queue:
+            error = APIError(
+                429,
+                f"this server already handles {self._in_flight} transcription requests (its limit, --max-in-flight): "
+                "retry shortly",
+                type="rate_limit_error",
+                code="too_many_requests",
+                retry_after_s=RETRY_AFTER_S,
+            )
+            self.metrics.answered(error.status)
+            return _error_response(error)
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        handed_over = False  # a stream releases its slot when it ends
+        try:
+            request_, samples = await self._read(request)
+            windows, spans = self._windows(samples)
+            audio_s = len(samples) / SAMPLE_RATE
+            budget = self._budget(request_)
+            if request_.stream:
+                response = await self._stream(request, request_, windows, budget, start, audio_s)
+                handed_over = True
+                return response
+            transcript = await self._until_disconnect(
+                request, self._transcript(request_, windows, spans, budget, audio_s)
+            )
+            body, media_type = render(transcript, request_.response_format)
+            self.metrics.answered(200, seconds=time.perf_counter() - start, audio_s=audio_s)
+            return Response(body, media_type=media_type)
+        except ClientDisconnect:
+            self.metrics.answered(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as e:
+            error = api_error(e)
+            if error.status >= 500 and error.code == "internal_error":
+                log.exception("transcription failed")
+            self.metrics.answered(error.status)
+            return _error_response(error)
+        finally:
+            if not handed_over:
+                self._release()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    async def _read(self, request: Request) -> tuple[TranscriptionRequest, np.ndarray]:
+        """The checked fields and the audio (16 kHz mono float32), or an APIError saying what is wrong."""
+        s = self.settings
+        upload = await read_upload(request.headers, request.stream(), max_bytes=s.max_upload_bytes, tmp_dir=s.tmp_dir)
+        try:
+            fields = TranscriptionRequest.from_form(upload.fields, s.served_model)
+            if upload.path is None:
+                raise invalid("'file' is required: the audio, as a multipart file part", FILE_FIELD, "missing")
+            if upload.size == 0:
+                raise invalid(f"the uploaded file '{upload.filename}' is empty (0 bytes)", FILE_FIELD, "empty_file")
+            ready, why = await self.backend.ready()
+            if not ready:
+                raise APIError(503, why, type=SERVER_ERROR, code="backend_unavailable", retry_after_s=RETRY_AFTER_S)
+            loop = asyncio.get_running_loop()
+            samples = await loop.run_in_executor(self._decoder, _decode, upload.path, upload.filename, s.bounds)
+        finally:
+            upload.close()
+        return fields, samples
+
+    def _windows(self, samples: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """The windows ``canary-qwen transcribe`` cuts (pipeline.windowing) and their sample spans."""
+        window = self.settings.max_window_s
+        spans = [(0, len(samples))] if not window else split_points(samples, window)
+        return [samples[a:b] for a, b in spans], spans
+
+    def _budget(self, request: TranscriptionRequest) -> int:
+        try:
+            return self.settings.bounds.budget(request.max_new_tokens)
+        except InputError as e:
+            raise invalid(str(e), "max_new_tokens") from None
+
+    async def _until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
+        """``work``'s result; cancelled (which stops its decoding) when the client disconnects first."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise ClientDisconnect()
+        return task.result()
+
+    async def _transcript(
+        self,
+        request: TranscriptionRequest,
+        windows: list[np.ndarray],
+        spans: list[tuple[int, int]],
+        budget: int,
+        audio_s: float,
+    ) -> Transcript:
+        results = await _all(self.backend.transcribe(w, request.prompt, budget) for w in windows)
+        # The text is joined exactly as `canary-qwen transcribe` joins its windows' texts.
+        joined = WindowPlan(windows, [0] * len(windows)).join(results, 1)[0]
+        assert isinstance(joined, Transcription)
+        segments = [
+            Segment(
+                id=i,
+                seek=a // (SAMPLE_RATE // 100),
+                start=round(a / SAMPLE_RATE, 3),
+                end=round(b / SAMPLE_RATE, 3),
+                text=r.text,
+                tokens=list(r.token_ids),
+                compression_ratio=compression_ratio(r.text),
+            )
+            for i, ((a, b), r) in enumerate(zip(spans, results))
+        ]
+        return Transcript(text=joined.text, duration_s=audio_s, segments=segments)
+
+    async def _pieces(self, request: TranscriptionRequest, windows: list[np.ndarray], budget: int):
+        """The whole text in pieces: each window's, a space before a window's first piece when text came before
+        (so the pieces join to the non-streamed text)."""
+        sent = False
+        for w in windows:
+            first = True
+            async with aclosing(self.backend.stream(w, request.prompt, budget)) as stream:
+                async for piece in stream:
+                    if not piece:
+                        continue
+                    if first and sent:
+                        piece = " " + piece
+                    first, sent = False, True
+                    yield piece
+
+    async def _stream(
+        self,
+        request: Request,
+        fields: TranscriptionRequest,
+        windows: list[np.ndarray],
+        budget: int,
+        start: float,
+        audio_s: float,
+    ) -> Response:
+        """Server-sent events. The first piece is awaited before the answer starts, so a backend that cannot
+        answer (Triton down, engine refusing) still gets its HTTP status; a later error is sent as an error event.
+        The stream ends with the done event; a client that leaves stops the decoding."""
+        pieces = self._pieces(fields, windows, budget)
+
+        async def first_piece() -> str | None:
+            try:
+                return await pieces.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        try:
+            first = await self._until_disconnect(request, first_piece())
+        except BaseException:
+            await pieces.aclose()
+            raise
+        finished = False
+
+        def finish(status: int) -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                self._release()
+                self.metrics.answered(status, seconds=time.perf_counter() - start, audio_s=audio_s)
+
+        async def events() -> AsyncGenerator[bytes, None]:
+            text = ""
+            try:
+                async with aclosing(pieces):
+                    if first is not None:
+                        text += first
+                        yield _sse(_delta(first))
+                        async for piece in pieces:
+                            text += piece
+                            yield _sse(_delta(piece))
+                yield _sse(_done(text))
+                finish(200)
+            except Exception as e:
+                error = api_error(e)
+                finish(error.status)
+                yield _sse(error.body())
+
+        return _EventStream(events(), pieces, finish)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that, however the response ends (done, error, the client gone before or while it
+    streams), close the event and piece generators (which stops the decoding) and release the request's slot."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], pieces: AsyncGenerator, finish: Callable[[int], None]):
+        super().__init__(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events, self._pieces, self._finish = events, pieces, finish
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._pieces.aclose()
+            self._finish(CLIENT_CLOSED)
+
+
+async def _all(calls) -> list:
+    """Await every call concurrently; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+
+
+def _decode(path: Path, filename: str | None, bounds: RequestBounds) -> np.ndarray:
+    """The uploaded file as 16 kHz mono float32, or an APIError (400) that names the file and what is wrong."""
+    name = filename or "upload"
+    try:
+        info = sf.info(str(path))
+        seconds = info.frames / info.samplerate if info.samplerate > 0 else 0.0
+    except Exception:  # not something libsndfile reads: load_audio says why below
+        seconds = 0.0
+    if seconds > bounds.max_audio_s:
+        raise invalid(
+            f"{name}: the audio is {seconds:.1f} s long, over this server's {bounds.max_audio_s:g} s limit "
+            "(--max-audio-s); send it in parts",
+            FILE_FIELD,
+            "audio_too_long",
+        )
+    try:
+        return load_audio(path, max_duration_s=bounds.max_audio_s)
+    except AudioError as e:
+        code = "audio_too_long" if "limit" in e.problem and "long" in e.problem else "invalid_audio"
+        raise invalid(f"{name}: {e.problem}", FILE_FIELD, code) from None

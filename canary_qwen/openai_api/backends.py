@@ -1,0 +1,302 @@
+"""The two ways the OpenAI-compatible server answers, behind one interface: forwarding to Triton servers
+(:class:`TritonForwarding`, the existing :class:`~canary_qwen.client.triton.TritonClient` with its failover and
+timeouts) and a local engine in this process (:class:`LocalEngine`, an
+:class:`~canary_qwen.engines.EngineLoop` that batches every request in flight together).
+
+Both take one window of 16 kHz mono float32 samples at a time: ``transcribe`` answers its text and token ids,
+``stream`` yields its text in pieces that join to that text. A caller that goes away (its task is cancelled, or
+it stops reading a stream) stops that window's decoding: the local engine aborts it at the next step, a Triton
+stream is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+
+from ..backends.base import Transcription
+from ..client.triton import DEFAULT_MODEL, DEFAULT_STREAM_MODEL, TritonClient, TritonClientError
+from ..engines import EngineLoop, StepEngine
+from ..errors import BackendUnavailable, CanaryQwenError, InputError
+from ..serving.checks import TextStream, encode_prompt
+
+log = logging.getLogger(__name__)
+READY_CACHE_S = 1.0  # how long a readiness probe of the Triton servers is reused
+
+
+class Backend(Protocol):
+    description: str
+
+    async def start(self) -> None:
+        """Begin loading (returns at once; ``ready`` says when it is done)."""
+        ...
+
+    async def ready(self) -> tuple[bool, str]:
+        """Whether requests can be answered now, and a sentence saying what answers them (or why not)."""
+        ...
+
+    async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription: ...
+
+    def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]: ...
+
+    def pending(self) -> int:
+        """Windows being decoded or waiting (0 where the work is elsewhere)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+_PIECE, _END, _ERROR = "piece", "end", "error"
+
+
+def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+    """Hand ``item`` to the event loop's queue from another thread (nothing when the loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # the loop is closed: the server is shutting down
+        pass
+
+
+class TritonForwarding:
+    """Forward each window to running Triton servers (any flavour with the ``canary_qwen`` ensemble and the
+    ``canary_qwen_stream`` model) through :class:`TritonClient`: round robin, failover to the next server for a
+    request that got no answer, ``timeout_s`` for each request and each streamed piece. The blocking client runs
+    in a pool of ``threads`` threads (a stream holds one while it lasts)."""
+
+    def __init__(
+        self,
+        urls: str,
+        protocol: str = "grpc",
+        *,
+        timeout_s: float = 120.0,
+        threads: int = 64,
+        model: str = DEFAULT_MODEL,
+        stream_model: str = DEFAULT_STREAM_MODEL,
+    ):
+        self.client = TritonClient(urls, protocol, model, stream_model=stream_model, timeout_s=timeout_s)
+        self.description = f"Triton {protocol}://{self.client.url} (models {model}, {stream_model})"
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="openai-triton")
+        self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="openai-triton-health")
+        self._probed: tuple[float, bool, str] = (0.0, False, "not checked yet")
+
+    async def start(self) -> None:
+        return None
+
+    def _probe(self) -> tuple[bool, str]:
+        reasons = []
+        for server in self.client.servers:
+            server._ready.discard(self.client.model)  # ServerClient.check remembers a ready model: ask again
+            try:
+                server.check(self.client.model)
+                return True, f"Triton at {server.url} is ready"
+            except TritonClientError as e:
+                reasons.append(str(e))
+        return False, "; ".join(reasons)
+
+    async def ready(self) -> tuple[bool, str]:
+        at, ok, why = self._probed
+        if time.monotonic() - at > READY_CACHE_S:
+            ok, why = await asyncio.get_running_loop().run_in_executor(self._probe_pool, self._probe)
+            self._probed = (time.monotonic(), ok, why)
+        return ok, why
+
+    async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription:
+        def call() -> Transcription:
+            text, ids = self.client.infer(window, prompt, max_new_tokens=budget, with_ids=True)
+            return Transcription(text=text, token_ids=ids)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            pieces = self.client.stream(window, prompt, max_new_tokens=budget)
+            try:
+                for piece in pieces:
+                    if stop.is_set():
+                        return  # closing the stream (below) cancels the request on the server
+                    _put(loop, queue, (_PIECE, piece))
+                _put(loop, queue, (_END, None))
+            except BaseException as e:
+                _put(loop, queue, (_ERROR, e))
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+
+        loop.run_in_executor(self._pool, produce)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == _END:
+                    return
+                if kind == _ERROR:
+                    raise value
+                yield value
+        finally:
+            stop.set()
+
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+class _Sink:
+    """One window's answer from the engine thread into the event loop (``engine.base.Sink``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.gone = False
+
+    def send(self, ids: list[int], finished: bool) -> None:
+        if self.gone:
+            raise RuntimeError("the caller has gone")  # EngineLoop stops decoding this request
+        _put(self.loop, self.queue, (list(ids), finished, None))
+
+    def fail(self, message: str) -> None:
+        _put(self.loop, self.queue, ([], True, message))
+
+    def cancelled(self) -> bool:
+        return self.gone
+
+
+class LocalEngine:
+    """A step engine in this process, owned by an :class:`EngineLoop` thread: windows of every request in flight
+    are admitted between steps and decoded together. ``open_engine`` builds it (in a thread, at ``start``: the
+    server answers ``/health`` with 503 while it loads); ``max_pending`` bounds the windows submitted at once
+    (one more is refused: ``Overloaded``, 429). ``timeout_s`` bounds each wait for the engine (0: none)."""
+
+    NAME = "openai-engine"
+
+    def __init__(
+        self,
+        open_engine: Callable[[], StepEngine],
+        description: str,
+        *,
+        max_pending: int | None = None,
+        timeout_s: float = 0.0,
+    ):
+        self._open = open_engine
+        self.description = description
+        self.max_pending = max_pending
+        self.timeout_s = timeout_s
+        self.loop: EngineLoop | None = None
+        self._state = "not started"
+        self._closed = False
+        self._loader: threading.Thread | None = None
+
+    async def start(self) -> None:
+        self._state = "loading"
+        self._loader = threading.Thread(target=self._load, name="openai-engine-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            engine = self._open()
+        except Exception as e:
+            log.exception("the engine failed to load")
+            self._state = f"failed to load: {e}"
+            return
+        if self._closed:
+            engine.close()
+            return
+        self.loop = EngineLoop(engine, name=self.NAME, max_pending=self.max_pending)
+        self._state = "ready"
+        log.info("engine ready: %s", self.description)
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        if self._loader is not None:
+            self._loader.join(timeout)
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.loop is not None and not self._closed:
+            return True, f"{self.description} is ready"
+        return False, f"{self.description}: {self._state}"
+
+    def _engine(self) -> EngineLoop:
+        if self.loop is None or self._closed:
+            raise BackendUnavailable(f"{self.description} is not ready ({self._state})")
+        return self.loop
+
+    def _submit(self, window: np.ndarray, prompt: str | None, budget: int) -> tuple[EngineLoop, _Sink]:
+        engine = self._engine()
+        sink = _Sink(asyncio.get_running_loop())
+        engine.submit(encode_prompt(engine.tokenizer, prompt), np.asarray(window, dtype=np.float32), budget, sink)
+        return engine, sink
+
+    async def _next(self, sink: _Sink) -> tuple[list[int], bool]:
+        if self.timeout_s > 0:
+            try:
+                ids, finished, error = await asyncio.wait_for(sink.queue.get(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise _timeout(self.timeout_s) from None
+        else:
+            ids, finished, error = await sink.queue.get()
+        if error is not None:
+            raise self._failure(error)
+        return ids, finished
+
+    def _failure(self, message: str) -> CanaryQwenError:
+        """The engine loop's message as the error it stands for (its wording: ``NAME failed: ...`` when the engine
+        failed, ``NAME stopped`` at shutdown, anything else is the engine's refusal of this request)."""
+        if message.startswith(f"{self.NAME} failed"):
+            return CanaryQwenError(message)
+        if message.startswith(f"{self.NAME} stopped"):
+            return BackendUnavailable(message)
+        return InputError(message)
+
+    async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription:
+        engine, sink = self._submit(window, prompt, budget)
+        ids: list[int] = []
+        finished = False
+        try:
+            while not finished:
+                new, finished = await self._next(sink)
+                ids.extend(new)
+        finally:
+            sink.gone = not finished  # a cancelled caller: the engine aborts it at the next step
+        return Transcription(text=engine.tokenizer.decode(ids).strip(), token_ids=ids)
+
+    async def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]:
+        engine, sink = self._submit(window, prompt, budget)
+        text = TextStream(engine.tokenizer)
+        finished = False
+        try:
+            while not finished:
+                new, finished = await self._next(sink)
+                for token in new:
+                    if piece := text.push(token):
+                        yield piece
+            if rest := text.finish():
+                yield rest
+        finally:
+            sink.gone = True
+
+    def pending(self) -> int:
+        return self.loop.pending if self.loop is not None else 0
+
+    def close(self) -> None:
+        self._closed = True
+        if self.loop is not None:
+            self.loop.close()
+
+
+def _timeout(seconds: float) -> CanaryQwenError:
+    from ..client.triton import RequestTimeoutError
+
+    return RequestTimeoutError(f"no answer from the engine within {seconds:g} s (the server's --timeout-s)")

@@ -1,0 +1,54 @@
+"""The server's Prometheus metrics (``GET /metrics``), in a registry of its own per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "canary_qwen_openai"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CLIENT_CLOSED = 499  # the status counted for a request whose client went away before its answer (nginx's)
+
+
+class Metrics:
+    """``requests_total{status}``: transcription requests by HTTP status (499: the client left);
+    ``audio_seconds_total``: audio of the answered ones; ``request_duration_seconds``: latency of answered ones
+    (a stream: to its done event); ``requests_in_flight``; ``engine_pending``: windows the local engine holds."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, pending: Callable[[], int] = lambda: 0):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Transcription requests by HTTP status", ["status"], registry=self.registry
+        )
+        self.audio_seconds = Counter(
+            f"{PREFIX}_audio_seconds", "Seconds of audio in answered transcription requests", registry=self.registry
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Seconds from a transcription request's arrival to its whole answer (answered requests)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Transcription requests being handled now", registry=self.registry
+        )
+        self.engine_pending = Gauge(
+            f"{PREFIX}_engine_pending",
+            "Windows submitted to the in-process engine and not finished (0 when forwarding)",
+            registry=self.registry,
+        )
+        self.engine_pending.set_function(lambda: float(pending()))
+
+    def answered(self, status: int, *, seconds: float | None = None, audio_s: float | None = None) -> None:
+        self.requests.labels(status=str(status)).inc()
+        if status == 200:
+            if seconds is not None:
+                self.latency.observe(seconds)
+            if audio_s is not None:
+                self.audio_seconds.inc(audio_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
