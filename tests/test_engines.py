@@ -161,3 +161,18 @@ def test_engine_sizes_and_choices_are_checked(tiny_export):
         open_engine("trt", str(tiny_export))
     with pytest.raises(UsageError, match="onnx runs in its export's precision"):
         open_engine("onnx", str(tiny_export), dtype="bf16")
+
+
+def test_on_a_cpu_a_clips_frames_do_not_depend_on_the_clips_beside_it(tiny_checkpoint):
+    """What makes served answers the local ones: an engine admits clips in whatever groups they arrive, and on
+    a CPU each clip's frames come out bit for bit the same in any group (padded batches differ by a few ulps,
+    which int8 turns into other tokens at near-ties)."""
+    import torch
+
+    from canary_qwen.backends.fast_torch import FastTorchBackend
+
+    fast = FastTorchBackend(str(tiny_checkpoint), dtype="fp32")
+    near = [make_clip(s, 40 + i) for i, s in enumerate((2.0, 2.1, 2.2, 2.3))]  # one length bucket: padded together
+    alone = [fast.encode([c])[0] for c in near]
+    together = fast.encode(near)
+    assert all(torch.equal(a, t) for a, t in zip(alone, together))

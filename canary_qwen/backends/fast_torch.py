@@ -91,7 +91,7 @@ class FastTorchBackend:
         # A decode step reads every weight once whatever the slot count, so more slots cost little until
         # the step turns compute-bound (docs/fast-path.md). A call never opens more slots than clips.
         max_slots: int = 256,
-        encoder_batch: int = 64,
+        encoder_batch: int | None = None,
         cuda_graphs: bool = True,
     ):
         self.device = resolve_device(device)
@@ -110,6 +110,12 @@ class FastTorchBackend:
         self.model, self.tokenizer, self.files = load_model(
             model, dtype=None if int8 else Precision.parse(dtype).torch_dtype, device=self.device, merge_lora=not int8
         )
+        # On a CPU each clip is encoded alone: in a padded batch its frames come out a few ulps different (the
+        # mel and convolution kernels block by shape), which int8's activation rounding turns into other tokens
+        # at near-ties. Alone, a clip's tokens never depend on which clips share its batch, so a served answer
+        # is the local one; it costs ~5 % of a CPU pass (docs/fast-path.md). GPUs batch by length (64 clips).
+        if encoder_batch is None:
+            encoder_batch = 1 if self.device.type == "cpu" else 64
         self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
         self.head = None  # the output layer as a module when prepacked, else model.logits' dense matmul
