@@ -110,8 +110,8 @@ def add_serve_openai(sub) -> None:
         "--timeout-s",
         type=float,
         default=300.0,
-        help="longest wait for the backend (each Triton request or streamed piece; a local window); 0: none "
-        "(default: %(default)s)",
+        help="longest wait for the backend: each Triton request or streamed piece, each wait for the local "
+        "engine's next tokens; past it the request gets 504; 0: none (default: %(default)s)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=run_serve_openai)

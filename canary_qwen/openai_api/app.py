@@ -248,6 +248,7 @@ class OpenAIServer:
         upload = await read_upload(request.headers, request.stream(), max_bytes=s.max_upload_bytes, tmp_dir=s.tmp_dir)
         try:
             fields = TranscriptionRequest.from_form(upload.fields, s.served_model)
+            self._budget(fields)  # a field out of range is refused before the audio is decoded
             if upload.path is None:
                 raise invalid("'file' is required: the audio, as a multipart file part", FILE_FIELD, "missing")
             if upload.size == 0:
