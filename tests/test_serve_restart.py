@@ -202,6 +202,7 @@ def test_serve_restarts_triton_when_a_model_process_dies(repo, clips, expected, 
         status = serve.status()
         assert (status["http"], status["grpc"]) == (serve.http, serve.grpc)  # the same ports
         assert "python process of model instance" in status["last_cause"] and status["history"][0]["down_s"] < 30
+        assert status["history"][0]["backoff_s"] == 1 and status["history"][0]["start_s"] > 0
         assert any("restart 1 of 5" in line and "died" in line for line in serve.err)
         again = _regions(serve.proc.pid)  # the faulted server's regions were removed, not left to pile up ...
         assert len(again) == len(regions) and not set(again) & set(regions)

@@ -121,8 +121,10 @@ class ServeStatus:
     def fault(self, cause: str) -> None:
         self.write(state="restarting", restarts=self.data["restarts"] + 1, last_cause=cause, last_fault_at=_now())
 
-    def ready_again(self, down_s: float) -> None:
+    def ready_again(self, down_s: float, **seconds: float) -> None:
+        """Back up after ``down_s`` seconds (from the fault's detection); ``seconds``: where they went."""
         entry = {"at": self.data["last_fault_at"], "cause": self.data["last_cause"], "down_s": round(down_s, 2)}
+        entry.update({k: round(v, 2) for k, v in seconds.items()})
         self.write(state="ready", history=[*self.data["history"], entry][-HISTORY:])
 
 
@@ -179,8 +181,11 @@ def serve_forever(
                 print("shutting down ...", file=out, flush=True)
                 return 0
             down_since = time.monotonic()
+            spent = {"stop_s": 0.0, "backoff_s": 0.0, "start_s": 0.0}
             while fault is not None:
+                t = time.monotonic()
                 server.stop(timeout=FAULT_GRACE_S)  # callers still waiting get their error now
+                spent["stop_s"] += time.monotonic() - t
                 if stop_requested:
                     return 0
                 delay = budget.next_delay() if restart else None
@@ -209,13 +214,16 @@ def serve_forever(
                 )
                 waiting = True
                 time.sleep(delay)
+                spent["backoff_s"] += delay
+                t = time.monotonic()
                 try:
                     server.start()
                     fault = None
                 except TritonStartError as e:
                     fault = Fault(f"tritonserver did not start again: {str(e).splitlines()[0]}", 1, str(e))
+                spent["start_s"] += time.monotonic() - t
             down_s = time.monotonic() - down_since
-            status.ready_again(down_s)
+            status.ready_again(down_s, **spent)
             print(
                 f"serve: Triton ready again on the same ports after {down_s:.1f} s "
                 f"(restarts so far: {status.data['restarts']})",
