@@ -213,6 +213,15 @@ def test_32_concurrent_requests_equal_their_references(server, files, reference)
     assert server.metric("canary_qwen_openai_requests_in_flight") == 0
 
 
+def test_the_load_test_command_targets_the_openai_server(server, files, capsys):
+    from canary_qwen.cli import main
+
+    argv = ["client", "loadtest", "--openai", server.base_url, "--concurrency", "2", "--duration", "2", "--json"]
+    assert main([*argv, files[0]]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] == report["requests"] > 0 and report["streams"] > 0 and not report["errors"]
+
+
 def _post(server, fields: dict, file: tuple[str, bytes] | None) -> httpx.Response:
     files = {"file": (file[0], file[1], "application/octet-stream")} if file is not None else None
     if files is None:  # still a multipart form

@@ -95,7 +95,15 @@ def add_client_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     load.add_argument("files", nargs="+", help="audio files to send (any format the transcribe action reads)")
-    load.add_argument("--url", required=True, help=URL_HELP)
+    target = load.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help=URL_HELP)
+    target.add_argument(
+        "--openai",
+        metavar="URL",
+        help="the OpenAI-compatible server instead (canary-qwen serve-openai), http://HOST:PORT[/v1], through the "
+        "official openai client; run both on the same clips to see what the OpenAI layer adds per request",
+    )
+    load.add_argument("--model", default=None, help="with --openai: the served model (default: the one it lists)")
     load.add_argument("--protocol", choices=("http", "grpc"), default="grpc", help="default: grpc")
     load.add_argument("--concurrency", type=int, default=16, help="clients sending at once (default: 16)")
     load.add_argument("--duration", type=float, default=30.0, help="seconds to keep sending (default: 30)")
@@ -225,19 +233,25 @@ def _run_streaming(args, out, err) -> int:
 
 
 def run_client_loadtest(args, out=None) -> int:
-    from ..client.loadtest import format_report, run_load
+    from ..client.loadtest import OpenAITarget, format_report, run_load
     from ..client.triton import TritonClient
     from ..pipeline.audio import load_audio
     from ..pipeline.windowing import plan_windows
 
     out = out or sys.stdout
     clips = plan_windows([load_audio(path) for path in args.files]).windows
-    with TritonClient(args.url, args.protocol, timeout_s=args.timeout) as client:
-        client.check()
-        if args.stream_share > 0:
-            client.check(client.stream_model)
+    target: OpenAITarget | TritonClient
+    if args.openai:
+        target = OpenAITarget(args.openai, args.model, timeout_s=args.timeout)
+    else:
+        target = TritonClient(args.url, args.protocol, timeout_s=args.timeout)
+    with target:
+        if isinstance(target, TritonClient):
+            target.check()
+            if args.stream_share > 0:
+                target.check(target.stream_model)
         report = run_load(
-            client,
+            target,
             clips,
             concurrency=args.concurrency,
             duration_s=args.duration,

@@ -1,5 +1,5 @@
 """Load test of running Canary-Qwen servers: many concurrent clients for a while, then latency
-percentiles and errors by kind (``canary-qwen client loadtest``, or ``python -m canary_qwen.client.loadtest``).
+percentiles and errors by kind (``canary-qwen client loadtest``).
 
 Each of ``concurrency`` workers sends one request after another, taking the clips in turn; a share of
 them are streams (``stream_share``), timed to the first piece and to the end. The target is a
@@ -207,52 +207,3 @@ def format_report(report: LoadReport) -> str:
     for name, count in report.errors.most_common():
         lines.append(f"{count} x {name}: {report.error_examples[name]}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m canary_qwen.client.loadtest``: the load test against Triton servers (``--url``) or the
-    OpenAI-compatible server (``--openai``), the same clips and options for both."""
-    import argparse
-    import json
-
-    from ..pipeline.audio import load_audio
-    from ..pipeline.windowing import plan_windows
-
-    p = argparse.ArgumentParser(prog="python -m canary_qwen.client.loadtest", description=__doc__)
-    p.add_argument("files", nargs="+", help="audio files (cut into windows of at most 40 s)")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--url", help="Triton servers, HOST:PORT[,HOST:PORT...]")
-    target.add_argument("--openai", metavar="URL", help="the OpenAI-compatible server, http://HOST:PORT[/v1]")
-    p.add_argument("--protocol", choices=("http", "grpc"), default="grpc", help="with --url (default: grpc)")
-    p.add_argument("--model", default=None, help="with --openai: the served model (default: the one it lists)")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--duration", type=float, default=30.0)
-    p.add_argument("--stream-share", type=float, default=0.5)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    args = p.parse_args(argv)
-    clips = plan_windows([load_audio(path) for path in args.files]).windows
-    client: OpenAITarget | TritonClient
-    if args.openai:
-        client = OpenAITarget(args.openai, args.model, timeout_s=args.timeout)
-    else:
-        client = TritonClient(args.url, args.protocol, timeout_s=args.timeout)
-        client.check()
-    try:
-        report = run_load(
-            client,
-            clips,
-            concurrency=args.concurrency,
-            duration_s=args.duration,
-            stream_share=args.stream_share,
-            max_new_tokens=args.max_new_tokens,
-        )
-    finally:
-        client.close()
-    print(json.dumps(report.as_dict()) if args.json else format_report(report), flush=True)
-    return 1 if report.errors else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
