@@ -189,76 +189,83 @@ class FastTorchBackend:
     def _prefill(self, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
         """Run new sequences; returns last-position logits [len(slots), V].
 
-        Projections and MLPs run on the tokens packed end to end (no padding); attention runs once per
-        layer on a right-padded [sequences, longest] view of them with a causal mask, which is all a
-        real token needs (its keys are itself and earlier tokens of its own sequence). Padded rows
-        compute garbage that is never gathered back, and the keys they write into the cache lie past
-        the sequence's length, where decoding masks them until it overwrites them.
+        Projections and MLPs run on the tokens packed end to end (no padding; their rows are independent:
+        per-row norms and quantization, and in int8 exact int32 sums). Attention runs per sequence on its
+        own length: a kernel's blocking follows the key length, so attending over a batch's longest would
+        make a sequence's bits depend on the others prefilled with it (a served request on its arrival
+        group). With this, a sequence's logits are the same alone or in any batch (tests/test_fast_torch.py).
         """
         lengths = [p.shape[0] for p in prompts]
-        n, longest = len(prompts), max(lengths)
         x = torch.cat(prompts)
         # Index tensors are built on the host and copied once (not hundreds of tiny device kernels).
         counts = torch.tensor(lengths)
         positions = torch.cat([torch.arange(length) for length in lengths]).to(self.device)
-        rows = torch.repeat_interleave(torch.arange(n), counts).to(self.device)
-        at = torch.tensor(slots, device=self.device)
-
-        def padded(t: torch.Tensor) -> torch.Tensor:  # packed [N, heads, d] -> [n, heads, longest, d]
-            out = t.new_zeros(n, longest, *t.shape[1:])
-            out[rows, positions] = t
-            return out.transpose(1, 2)
-
         rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
-            q, k, v = (padded(t) for t in layer.qkv(x, rope))
-            cache.k[li, at, :, :longest] = k
-            cache.v[li, at, :, :longest] = v
-            o = nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=layer.head_dim**-0.5, enable_gqa=True
-            )
-            attended = o.transpose(1, 2)[rows, positions].reshape(x.shape[0], -1)
-            x = layer.mlp_residual(layer.attention_residual(attended, x))
+            q, k, v = layer.qkv(x, rope)
+            attended = []
+            for slot, qs, ks, vs in zip(slots, q.split(lengths), k.split(lengths), v.split(lengths)):
+                qs, ks, vs = (t.transpose(0, 1)[None] for t in (qs, ks, vs))  # [1, heads, length, d]
+                cache.k[li, slot, :, : ks.shape[2]] = ks[0]
+                cache.v[li, slot, :, : vs.shape[2]] = vs[0]
+                o = nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=layer.head_dim**-0.5, enable_gqa=True
+                )
+                attended.append(o[0].transpose(0, 1))
+            x = layer.mlp_residual(layer.attention_residual(torch.cat(attended).reshape(x.shape[0], -1), x))
+        at = torch.tensor(slots, device=self.device)
         cache.lengths[at] = counts.to(self.device)
         last = (counts.cumsum(0) - 1).to(self.device)
         return self._logits(self.model.llm.norm(x[last]))
 
     def _decode(
-        self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, span: int | None = None
+        self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, lengths: Sequence[int] | None = None
     ) -> torch.Tensor:
         """One token for every slot (idle slots too); returns logits [slots, V].
 
-        Each slot attends over the first ``span`` positions of its cache row (all of them when None: the
-        static shapes a CUDA graph needs), masked beyond its length; ``span`` must exceed every slot's
-        length. Idle slots keep length 0, so they only ever touch position 0 of their own cache row.
+        With ``lengths`` (each slot's filled length on the host, 0 for idle slots), each running slot attends
+        over exactly its own keys, one attention call per slot: its bits then never depend on the other slots
+        (a kernel's blocking follows the key length) and idle slots cost nothing. Without (the static shapes a
+        CUDA graph needs), every slot attends over the whole cache, masked beyond its length. Idle slots keep
+        length 0, so they only ever touch position 0 of their own cache row.
         """
         slots = torch.arange(tokens.shape[0], device=self.device)
         positions = cache.lengths
-        span = cache.k.shape[3] if span is None else span
-        visible = (torch.arange(span, device=self.device)[None] <= positions[:, None])[:, None, None]
+        visible = None
+        if lengths is None:
+            span = torch.arange(cache.k.shape[3], device=self.device)
+            visible = (span[None] <= positions[:, None])[:, None, None]
         x = self.model.embed_tokens(tokens)
         rope = self._rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
             q, k, v = layer.qkv(x, rope)
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
-            o = nn.functional.scaled_dot_product_attention(
-                q[:, :, None],
-                cache.k[li, :, :, :span],
-                cache.v[li, :, :, :span],
-                attn_mask=visible,
-                scale=layer.head_dim**-0.5,
-                enable_gqa=True,
-            )
+            scale = layer.head_dim**-0.5
+            if lengths is None:
+                o = nn.functional.scaled_dot_product_attention(
+                    q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=scale, enable_gqa=True
+                )
+            else:
+                o = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[2])
+                for slot, filled in enumerate(lengths):
+                    if filled:
+                        o[slot] = nn.functional.scaled_dot_product_attention(
+                            q[slot, :, None][None],
+                            cache.k[li, slot, :, : filled + 1][None],
+                            cache.v[li, slot, :, : filled + 1][None],
+                            scale=scale,
+                            enable_gqa=True,
+                        )[0]
             x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x))
         cache.lengths += active
         return self._logits(self.model.llm.norm(x))
 
     def _decoder(self, cache: StaticKVCache):
-        """The decode step ``(tokens, active, span)`` for this cache: eager over the first ``span`` positions,
+        """The decode step ``(tokens, active, lengths)`` for this cache: eager, each slot over its own keys,
         or captured as a CUDA graph over the whole cache on CUDA (when enabled)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
-            return lambda tokens, active, span: self._decode(cache, tokens, active, span)
+            return lambda tokens, active, lengths: self._decode(cache, tokens, active, lengths)
         return _GraphedDecode(self._decode, cache)
 
     def _splice(self, ids: list[int], audio: torch.Tensor) -> torch.Tensor:
@@ -325,8 +332,9 @@ class FastTorchEngine:
     A static KV cache holds ``slots`` sequences. Each ``step`` first prefills waiting requests into the
     free slots, then hands out every running request's next token (the stop rule of
     ``decoding.TokenStreams``: eos or a full budget ends it, and its slot is free at once), then decodes
-    one more token for the rest. Requests admitted between steps join the running batch. On a CPU the
-    decode attends only over the positions the longest running sequence has filled.
+    one more token for the rest. Requests admitted between steps join the running batch. Off CUDA graphs,
+    each sequence attends over its own keys only, so its tokens are the same whichever requests share the
+    batch (a served answer is the local one).
     """
 
     takes = AUDIO
@@ -339,7 +347,7 @@ class FastTorchEngine:
         self._decode = backend._decoder(self.cache)
         self._waiting: deque[tuple[str, torch.Tensor, int]] = deque()
         self._running: dict[int, list] = {}  # slot -> [request id, budget, tokens handed out]
-        self._lengths = [0] * slots  # cache.lengths on the host: no device sync to find the attention span
+        self._lengths = [0] * slots  # cache.lengths on the host: no device sync to find each attention's keys
         self._next = torch.full((slots,), backend.tokenizer.pad_id, dtype=torch.long, device=backend.device)
         self._heap = ExitStack()
         if heap and backend.device.type == "cpu":  # a served engine keeps it for its lifetime (cpu_heap)
@@ -416,9 +424,8 @@ class FastTorchEngine:
         if self._running:
             active = torch.zeros(len(self._lengths), dtype=torch.long, device=backend.device)
             active[list(self._running)] = 1
-            span = max(self._lengths[s] for s in self._running) + 1
             with backend._timed("decode"):
-                self._next = self._decode(self._next, active, span).argmax(-1)
+                self._next = self._decode(self._next, active, self._lengths).argmax(-1)
             for slot in self._running:
                 self._lengths[slot] += 1
         return events
@@ -539,8 +546,8 @@ class _GraphedDecode:
         with torch.cuda.graph(self.graph):
             self.logits = step(cache, self.tokens, self.active)
 
-    def __call__(self, tokens: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
-        self.tokens.copy_(tokens)  # the graph attends over the whole cache whatever ``span`` is
+    def __call__(self, tokens: torch.Tensor, active: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        self.tokens.copy_(tokens)  # the graph attends over the whole cache, masked by the device's lengths
         self.active.copy_(active)
         self.graph.replay()
         return self.logits
