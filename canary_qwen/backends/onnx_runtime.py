@@ -38,6 +38,9 @@ def providers_for(device: str) -> list[str]:
 
 def session(path, device: str, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    # The CPU arena keeps every block it ever took and grows in steps as batch shapes vary; a server left up
+    # under varied clips only ever grew with it (docs/deployment.md, the soak). Off, memory follows the load.
+    options.enable_cpu_mem_arena = False
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=providers_for(device))
