@@ -184,4 +184,6 @@ def test_serve_fails_at_start_with_the_reason_when_the_engine_cannot_load(tiny_c
         timeout=120,
     )
     assert run.returncode != 0
-    assert "canary_qwen_stream" in run.stderr and "CUDA" in run.stderr, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model 'canary_qwen_stream' did not load" in errors[0], run.stderr[-2000:]
+    assert "CUDA" in errors[0]

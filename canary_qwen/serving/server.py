@@ -42,6 +42,8 @@ INSTALL_HINT = "pip install nvidia-pytriton==0.7.0  (or: pip install 'canary-qwe
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 _instance_ids = itertools.count()
 _ERROR_LINE = re.compile(r"^E\d{4} ")
+# Triton's line for a model whose initialize() raised: "failed to load 'NAME' version N: Internal: REASON\n\nAt: ..."
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n|\"?$)", re.M)
 _BENIGN = ("CudaDriverHelper has not been initialized",)  # logged on every CPU-only start
 DEAD_STUB_EXIT = 3  # serve_forever's exit code when a model's python process died
 _PR_SET_PDEATHSIG = 1
@@ -53,7 +55,13 @@ class TritonNotFoundError(BackendUnavailable):
 
 
 class TritonStartError(CanaryQwenError):
-    """tritonserver exited or did not become ready; the message ends with the tail of its log."""
+    """tritonserver exited or did not become ready: the models that failed to load and why, or its log's tail."""
+
+
+def load_failures(log: str) -> list[str]:
+    """ "model 'NAME' did not load: REASON" for each model the log says failed to load, in order, once each."""
+    found = dict.fromkeys(f"model '{m[1]}' did not load: {m[2].strip()}" for m in _LOAD_FAILURE.finditer(log))
+    return list(found)
 
 
 @dataclass(frozen=True)
@@ -324,16 +332,12 @@ class TritonServer:
             if code is not None:
                 _killpg(self.process.pid)
                 self.process = None
-                raise TritonStartError(
-                    f"tritonserver exited with code {code} during start-up (log: {self.log_path}):\n{self.log_tail()}"
-                )
+                raise self._start_failure(f"tritonserver exited with code {code} during start-up")
             if _ready(url):
                 self._stubs = python_stubs(self.process.pid)
                 return
             if time.monotonic() > deadline:
-                raise TritonStartError(
-                    f"tritonserver not ready after {self.startup_timeout:.0f} s (log: {self.log_path}):\n{self.log_tail()}"
-                )
+                raise self._start_failure(f"tritonserver not ready after {self.startup_timeout:.0f} s")
             time.sleep(0.1)
 
     def is_alive(self) -> bool:
@@ -372,6 +376,17 @@ class TritonServer:
         if self._own_backend:
             shutil.rmtree(self.backend_dir, ignore_errors=True)  # the log stays for callers to read
         return None if proc is None else proc.returncode
+
+    def _start_failure(self, what: str) -> TritonStartError:
+        """One line with the cause where the log names the models that failed to load (the log's path after
+        it), else the log's error lines and tail."""
+        try:
+            failures = load_failures(self.log_path.read_text(errors="replace"))
+        except OSError:
+            failures = []
+        if failures:
+            return TritonStartError(f"{'; '.join(failures)} ({what}; log: {self.log_path})")
+        return TritonStartError(f"{what} (log: {self.log_path}):\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         """Error lines of the log (the real cause scrolls out of the tail behind the shutdown chatter), then its tail."""
