@@ -77,10 +77,13 @@ class EngineLoop:
         self.engine.close()
 
     # -- the engine's thread --------------------------------------------------------------------------
-    def _finished(self, request_id: str) -> None:
-        self._open.pop(request_id, None)
+    def _done(self, request_id: str, error: str | None = None, sink: Sink | None = None) -> None:
+        """The request ends (open, or refused or gone before it opened: then ``sink``); ``error`` goes to its sink."""
+        sink = self._open.pop(request_id, sink)
         with self._lock:
             self._pending -= 1
+        if error is not None and sink is not None:
+            _quietly(sink.fail, error)
 
     def _admit(self, block: bool) -> None:
         """Everything that arrived, as one batch; waits for the first one when ``block``."""
@@ -96,7 +99,7 @@ class EngineLoop:
         live = []
         for request, sink in batch:
             if sink.cancelled():  # gone before it started
-                self._pending_done(sink, request.request_id)
+                self._done(request.request_id, sink=sink)
             else:
                 live.append((request, sink))
         if not live:
@@ -106,13 +109,7 @@ class EngineLoop:
             if refused is None:
                 self._open[request.request_id] = sink
             else:
-                self._pending_done(sink, request.request_id, str(refused))
-
-    def _pending_done(self, sink: Sink, request_id: str, error: str | None = None) -> None:
-        with self._lock:
-            self._pending -= 1
-        if error is not None:
-            _quietly(sink.fail, error)
+                self._done(request.request_id, str(refused), sink)
 
     def _run(self) -> None:
         while not self._stopping:
@@ -122,7 +119,7 @@ class EngineLoop:
                 if gone:
                     self.engine.abort(gone)
                     for rid in gone:
-                        self._finished(rid)
+                        self._done(rid)
                 if not self.engine.busy:
                     continue
                 for request_id, ids, finished in self.engine.step():
@@ -133,7 +130,7 @@ class EngineLoop:
                         self.engine.abort([request_id])
                         finished = True
                     if finished:
-                        self._finished(request_id)
+                        self._done(request_id)
             except Exception as e:  # the engine failed: every open request gets the error, the loop goes on
                 log.exception("%s failed", self.name)
                 self._fail_open(f"{self.name} failed: {e}")
@@ -144,15 +141,14 @@ class EngineLoop:
             except queue.Empty:
                 break
             if item is not None:
-                self._pending_done(item[1], item[0].request_id, f"{self.name} stopped")
+                self._done(item[0].request_id, f"{self.name} stopped", item[1])
 
     def _fail_open(self, message: str) -> None:
         open_ids = list(self._open)
         if open_ids:
             _quietly(self.engine.abort, open_ids)
         for rid in open_ids:
-            _quietly(self._open[rid].fail, message)
-            self._finished(rid)
+            self._done(rid, message)
 
 
 def _quietly(call, *args) -> bool:
