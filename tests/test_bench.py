@@ -25,6 +25,7 @@ from canary_qwen.bench import (
     word_error_rate,
 )
 from canary_qwen.bench.backends import PER_BATCH, PER_CLIP, RunSpec
+from canary_qwen.bench.report import portable_command
 from canary_qwen.bench.runner import batch_budgets
 from canary_qwen.cli.bench import add_bench_parser, command_line
 from canary_qwen.errors import BackendUnavailable, UsageError
@@ -146,7 +147,9 @@ def test_png_and_docs_and_hypotheses(bench):
 
     assert imread(str(png)).shape[2] in (3, 4)
     docs = (bench["out"] / "benchmarks.md").read_text()
-    assert "## Method" in docs and "RTFx" in docs and bench["results"]["environment"]["command"] in docs
+    command = bench["results"]["environment"]["command"]
+    assert "## Method" in docs and "RTFx" in docs and portable_command(command) in docs
+    assert str(bench["out"]) in command and str(bench["out"]) not in docs  # no machine paths on the page
     assert docs.count("\n| torch | 4 |") == 1
     lines = [json.loads(line) for line in (bench["out"] / "hypotheses.jsonl").read_text().splitlines()]
     ok = [r for r in bench["results"]["runs"] if not r["skipped"]]

@@ -219,5 +219,5 @@ def run_bench(args: argparse.Namespace) -> int:
         paths = write_results(results, args.out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     if args.docs:
-        print(f"wrote {write_docs([results, *earlier], args.docs)}", file=sys.stderr)
+        print(f"wrote {write_docs([results, *earlier], args.docs, portable=True)}", file=sys.stderr)
     return 0 if any(not r["skipped"] for r in results["runs"]) else 1
