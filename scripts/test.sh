@@ -11,6 +11,6 @@ status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 # vLLM lives in .venv-vllm (see setup.sh); its tests skip in .venv and run there. Arguments select .venv's tests.
 if [ $# -eq 0 ]; then
-  .venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_triton_vllm.py || status=$?
+  .venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_triton_vllm.py tests/test_openai_vllm.py || status=$?
 fi
 exit "$status"
