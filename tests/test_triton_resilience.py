@@ -24,7 +24,13 @@ from conftest import HAVE_TRITON, NO_TRITON, make_clip, needs_server, running_se
 import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.cli import main
-from canary_qwen.client.triton import InferenceError, RequestTimeoutError, ServerBusyError, TritonClient
+from canary_qwen.client.triton import (
+    InferenceError,
+    RequestTimeoutError,
+    ServerBusyError,
+    ServerUnreachableError,
+    TritonClient,
+)
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 from canary_qwen.serving.server import DEAD_STUB_EXIT, python_stubs
 
@@ -196,6 +202,18 @@ def _serve(repo, work_dir, *args):
     grpc = next(line.split()[1] for line in lines if line.strip().startswith("gRPC"))
     http = next(line.split()[1] for line in lines if line.strip().startswith("HTTP"))
     return proc, http, grpc
+
+
+@needs_server
+def test_an_http_stream_cut_by_a_dying_server_is_an_error_not_a_short_transcript(repo, clips, tmp_path):
+    """tritonserver SIGKILLed while it streams over HTTP: the text so far must not come back as the answer."""
+    with running_server(repo, tmp_path / "server") as server:
+        with TritonClient(server.http_url, "http", timeout_s=60) as client:
+            pieces = client.stream(clips[-1], max_new_tokens=TOKEN_LIMIT)
+            got = [next(pieces)]  # streaming has begun
+            os.kill(server.process.pid, signal.SIGKILL)
+            with pytest.raises(ServerUnreachableError):
+                got.extend(pieces)
 
 
 @needs_server

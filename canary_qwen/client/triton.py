@@ -496,6 +496,10 @@ class ServerClient:
                 except OSError as e:
                     raise self._unreachable(e) from None
                 if not line:
+                    # generate_stream ends alike when the model sent its final response and when the server died
+                    # mid-stream (tests/test_triton_resilience.py): the text is whole only if the server still answers
+                    self._ready.discard(model)
+                    self.check(model)
                     return
                 if not line.startswith(b"data:"):
                     continue
