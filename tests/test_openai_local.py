@@ -20,6 +20,7 @@ from conftest import make_clip
 from test_openai_support import (
     MODEL,
     assert_openai_error,
+    create,
     openai_server,
     parse_cues,
     reference_texts,
@@ -65,11 +66,6 @@ def client(server):
         yield c
 
 
-def _create(client, path, **kwargs):
-    with open(path, "rb") as f:
-        return client.audio.transcriptions.create(file=f, model=MODEL, **kwargs)
-
-
 def _wav(seconds: float, seed: int) -> tuple[str, bytes]:
     import io
 
@@ -84,19 +80,19 @@ def test_every_response_format_and_the_stream_equal_transcribe_json(client, file
     for path in files:
         want = reference[path]
         long = path.endswith("long.wav")
-        verbose = _create(client, path, response_format="verbose_json")
+        verbose = create(client, path, response_format="verbose_json")
         assert verbose.text == want and " ".join(s.text for s in verbose.segments if s.text) == want
         assert len(verbose.segments) == (2 if long else 1)
-        events = list(_create(client, path, stream=True))
+        events = list(create(client, path, stream=True))
         assert events[-1].type == "transcript.text.done" and events[-1].text == want
         assert "".join(e.delta for e in events[:-1]) == want
         if long or path.endswith(("c.ogg", "d.wav")):
             continue  # the other formats are renderings of the same transcript: two files show them
-        assert _create(client, path).text == want
-        assert _create(client, path, response_format="text") == want
+        assert create(client, path).text == want
+        assert create(client, path, response_format="text") == want
         cues = [cue_text(s.text) for s in verbose.segments if s.text]
         for kind in ("srt", "vtt"):
-            assert [c[2] for c in parse_cues(_create(client, path, response_format=kind), kind)] == cues
+            assert [c[2] for c in parse_cues(create(client, path, response_format=kind), kind)] == cues
 
 
 def test_32_concurrent_requests_are_batched_and_equal_their_references(server, files, reference):
@@ -183,9 +179,9 @@ def test_onnx_engine(tiny_export, files, work):
     with openai_server(["--model", str(tiny_export), "--backend", "onnx"], work / "onnx") as s:
         with openai.OpenAI(base_url=s.base_url, api_key="none", max_retries=0) as c:
             for path in files[:2]:
-                assert _create(c, path).text == reference[path]
+                assert create(c, path).text == reference[path]
                 assert (
-                    "".join(e.delta for e in _create(c, path, stream=True) if e.type.endswith("delta"))
+                    "".join(e.delta for e in create(c, path, stream=True) if e.type.endswith("delta"))
                     == (reference[path])
                 )
 

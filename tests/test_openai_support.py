@@ -115,6 +115,12 @@ def openai_server(args: list[str], work: Path, *, ready: bool = True, timeout: f
             process.wait(5)
 
 
+def create(client, path, **kwargs):
+    """``client.audio.transcriptions.create`` of the file at ``path`` for the served model."""
+    with open(path, "rb") as f:
+        return client.audio.transcriptions.create(file=f, model=MODEL, **kwargs)
+
+
 def write_files(folder: Path) -> list[str]:
     """Audio files in several formats: float wav, 44.1 kHz stereo flac (resampled and downmixed), ogg vorbis,
     16-bit wav, and a 50 s clip (two windows)."""

@@ -26,6 +26,7 @@ from conftest import make_clip, needs_server, running_server
 from test_openai_support import (
     MODEL,
     assert_openai_error,
+    create,
     openai_server,
     parse_cues,
     reference_texts,
@@ -97,17 +98,12 @@ def client(server):
         yield c
 
 
-def _create(client, path, **kwargs):
-    with open(path, "rb") as f:
-        return client.audio.transcriptions.create(file=f, model=MODEL, **kwargs)
-
-
 def test_every_response_format_equals_transcribe_json(client, files, reference):
     for path in files:
         want = reference[path]
-        assert _create(client, path).text == want
-        assert _create(client, path, response_format="text") == want
-        verbose = _create(client, path, response_format="verbose_json", language="en", temperature=0)
+        assert create(client, path).text == want
+        assert create(client, path, response_format="text") == want
+        verbose = create(client, path, response_format="verbose_json", language="en", temperature=0)
         assert verbose.text == want
         duration = sf.info(path).duration
         assert abs(verbose.duration - duration) < 0.01
@@ -119,7 +115,7 @@ def test_every_response_format_equals_transcribe_json(client, files, reference):
         assert all(s.tokens for s in segments if s.text)
         cues = [cue_text(s.text) for s in segments if s.text]
         for kind in ("srt", "vtt"):
-            parsed = parse_cues(_create(client, path, response_format=kind), kind)
+            parsed = parse_cues(create(client, path, response_format=kind), kind)
             assert [c[2] for c in parsed] == cues
             assert [(c[0], c[1]) for c in parsed] == [(s.start, s.end) for s in segments if s.text]
 
@@ -178,7 +174,7 @@ def test_async_client_and_curl(server, files, reference):
 
 def test_stream_deltas_join_to_the_text(client, server, files, reference):
     for path in files:
-        events = list(_create(client, path, stream=True))
+        events = list(create(client, path, stream=True))
         assert events, path
         assert [e.type for e in events[:-1]] == ["transcript.text.delta"] * (len(events) - 1)
         assert events[-1].type == "transcript.text.done" and events[-1].text == reference[path]
@@ -252,7 +248,7 @@ def test_bad_inputs_get_openai_errors_while_a_good_request_succeeds(server, clie
 
     def keep_transcribing():
         while not stop.is_set():
-            good_results.append(_create(client, files[-1]).text)
+            good_results.append(create(client, files[-1]).text)
 
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(keep_transcribing)
@@ -272,7 +268,7 @@ def test_bad_inputs_get_openai_errors_while_a_good_request_succeeds(server, clie
     with pytest.raises(openai.APIStatusError) as e:
         client.audio.transcriptions.create(file=("big.wav", b"\0" * (UPLOAD_MB * 2**20 + 10)), model=MODEL)
     assert e.value.status_code == 413
-    assert _create(client, files[0]).text == reference[files[0]]  # and it serves on
+    assert create(client, files[0]).text == reference[files[0]]  # and it serves on
 
 
 def test_upload_limit_holds_while_the_body_streams_in(server, client, files, reference):
@@ -306,7 +302,7 @@ def test_upload_limit_holds_while_the_body_streams_in(server, client, files, ref
     assert_openai_error(r.json(), 413, "file_too_large")
     assert sent < total // 4, f"the client sent {sent / 2**20:.0f} MB of {total / 2**20:.0f} MB"
     assert after - before < 32 * 2**20, f"server memory grew by {(after - before) / 2**20:.0f} MB"
-    assert _create(client, files[0]).text == reference[files[0]]
+    assert create(client, files[0]).text == reference[files[0]]
 
 
 def _held_upload(port: int, path: str | None) -> tuple[http.client.HTTPConnection, bytes]:
@@ -348,7 +344,7 @@ def test_too_many_in_flight_get_429_with_retry_after(server, client, files, refe
         assert_openai_error(r.json(), 429, "too_many_requests")
         assert r.json()["error"]["type"] == "rate_limit_error"
         with pytest.raises(openai.RateLimitError):
-            _create(client, files[0])
+            create(client, files[0])
         good.send(rest)  # the request that held a slot first finishes, and is answered
         answer = good.getresponse()
         assert answer.status == 200 and json.loads(answer.read())["text"] == reference[files[0]]
@@ -358,7 +354,7 @@ def test_too_many_in_flight_get_429_with_retry_after(server, client, files, refe
             conn.close()
     _wait_for(lambda: server.metric("canary_qwen_openai_requests_in_flight") == 0)
     assert server.metric("canary_qwen_openai_requests_total", '{status="499"}') >= IN_FLIGHT - 1
-    assert _create(client, files[1]).text == reference[files[1]]
+    assert create(client, files[1]).text == reference[files[1]]
 
 
 def test_a_stream_the_client_leaves_stops_decoding(server, client):
@@ -404,12 +400,12 @@ def test_triton_down_gives_503_in_time_and_failover_works(triton, work, files, r
         assert_openai_error(r.json(), 503, "backend_unavailable")
         with openai.OpenAI(base_url=down.base_url, api_key="none", max_retries=0) as c:
             with pytest.raises(openai.InternalServerError):
-                _create(c, files[0])
+                create(c, files[0])
             with pytest.raises(openai.InternalServerError):
-                list(_create(c, files[0], stream=True))
+                list(create(c, files[0], stream=True))
     with openai_server(["--triton", f"127.0.0.1:{dead},{triton.grpc_url}"], work / "failover") as both:
         with openai.OpenAI(base_url=both.base_url, api_key="none", max_retries=0) as c:
-            assert [_create(c, files[0]).text for _ in range(3)] == [reference[files[0]]] * 3
+            assert [create(c, files[0]).text for _ in range(3)] == [reference[files[0]]] * 3
 
 
 def _wav(samples: np.ndarray) -> bytes:

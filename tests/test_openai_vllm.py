@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_openai_support import MODEL, openai_server, reference_texts, write_files
+from test_openai_support import create, openai_server, reference_texts, write_files
 
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.model.synthetic import make_checkpoint
@@ -51,17 +51,12 @@ def client(export, work):
             yield c
 
 
-def _create(client, path, **kwargs):
-    with open(path, "rb") as f:
-        return client.audio.transcriptions.create(file=f, model=MODEL, **kwargs)
-
-
 def test_json_text_and_streamed_answers_equal_transcribe(client, files, reference):
     assert all(reference[p] for p in files)  # something to compare
     for path in files:
-        assert _create(client, path).text == reference[path]
-        assert _create(client, path, response_format="text") == reference[path]
-        events = list(_create(client, path, stream=True))
+        assert create(client, path).text == reference[path]
+        assert create(client, path, response_format="text") == reference[path]
+        events = list(create(client, path, stream=True))
         assert events[-1].type == "transcript.text.done" and events[-1].text == reference[path]
         assert "".join(e.delta for e in events[:-1]) == reference[path]
 
@@ -69,5 +64,5 @@ def test_json_text_and_streamed_answers_equal_transcribe(client, files, referenc
 def test_concurrent_requests_each_equal_their_reference(client, files, reference):
     paths = [files[i % len(files)] for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
-        texts = list(pool.map(lambda p: _create(client, p).text, paths))
+        texts = list(pool.map(lambda p: create(client, p).text, paths))
     assert texts == [reference[p] for p in paths]
