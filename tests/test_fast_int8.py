@@ -92,6 +92,25 @@ def test_row_kernels_compiled_give_the_eager_bytes(kernel):
         torch.testing.assert_close(our_scale, eager_scale)
 
 
+@pytest.mark.parametrize(
+    "kernel", [quantize_rows, rms_norm_quantize_rows, silu_gate_quantize_rows, bias_silu_quantize_rows]
+)
+def test_a_row_alone_gets_the_bytes_and_scale_it_gets_among_others(kernel):
+    """Bit for bit: a one-clip decode step quantizes one row, a batch many, and their tokens must agree
+    (tests/test_batch_invariance.py). With inductor's own one-row kernel, 154 of 512 such rows got other
+    rms_norm scales alone than among others (6144 wide; 0 at 1024 and 2048 wide on random rows)."""
+    torch.manual_seed(0)
+    rows = torch.randn(128, 6144) * torch.logspace(-3, 3, 128)[:, None]
+    with torch.inference_mode():
+        args = _kernel_args(kernel, rows)
+        together = row_kernel(kernel)(*args)
+        for i in range(len(rows)):
+            alone = row_kernel(kernel)(
+                *(a[i : i + 1] if isinstance(a, torch.Tensor) and a.dim() == 2 else a for a in args)
+            )
+            assert all(torch.equal(x[0], y[i]) for x, y in zip(alone, together)), f"row {i}"
+
+
 def test_row_kernels_run_eagerly_where_inductor_cannot_compile():
     """Without a working C++ compiler inductor fails at the first call: int8 still runs, slower, and says so."""
     torch._dynamo.reset()

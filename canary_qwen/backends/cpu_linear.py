@@ -119,7 +119,7 @@ def bias_silu_quantize_rows(
     return quantize_rows(nn.functional.silu(torch.addcmul(bias, product, scale)))
 
 
-# Arguments each row kernel is compiled on, for n rows (one row is its own case for inductor).
+# Arguments each row kernel is compiled on, for n rows.
 _EXAMPLES = {
     quantize_rows: lambda n: (torch.ones(n, 8),),
     rms_norm_quantize_rows: lambda n: (torch.ones(n, 8), torch.ones(8), 1e-6),
@@ -132,18 +132,29 @@ _EXAMPLES = {
 def row_kernel(fn):
     """One of the row kernels above compiled by inductor into one loop per row (the row's values, peak
     and bytes while it is in cache): eager, each is several passes over memory, and the quantization
-    alone was a third of the int8 linears' time at prefill sizes (docs/fast-path.md). Compiled once
-    for any shape; eager where compiling fails, e.g. without the C++ compiler inductor needs."""
+    alone was a third of the int8 linears' time at prefill sizes (docs/fast-path.md). Eager where
+    compiling fails, e.g. without the C++ compiler inductor needs.
+
+    One kernel for every row count, one row included: the row dimension is marked unbacked, so inductor
+    does not specialise on one row. Its one-row kernel rounded the scales otherwise (10 of 64 rows apart
+    from the same rows among others), which at full size gave a one-clip decode other tokens than a batch."""
     compiled = torch.compile(fn, dynamic=True)
+
+    def kernel(*args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() == 2:  # the rows and their [n, 1] scales
+                torch._dynamo.decorators.mark_unbacked(arg, 0)
+        return compiled(*args)
+
     try:
         with torch.inference_mode():
             for rows in (1, 2):
-                compiled(*_EXAMPLES[fn](rows))
+                kernel(*_EXAMPLES[fn](rows))
     except Exception as error:  # inductor raises several kinds (compiler missing, build failed, ...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warnings.warn(f"{fn.__name__} runs as eager ops (slower): torch.compile failed: {reason}", stacklevel=2)
         return fn
-    return compiled
+    return kernel
 
 
 def compile_row_kernels() -> None:

@@ -343,10 +343,6 @@ class FastTorchEngine:
         if slots < 1 or max_len < 2:
             raise UsageError(f"a torch-fast engine needs slots >= 1 and max_len >= 2, got {slots} and {max_len}")
         self.backend, self.tokenizer, self.max_len = backend, backend.tokenizer, max_len
-        # Never one slot: at full size in int8 a one-row decode step's logits part from those of two or more rows
-        # in the last bits (measured: 11 of 16 clips kept their tokens; which op does it is not found yet), and
-        # two rows cost a decode step almost nothing more (it reads every weight once either way).
-        slots = max(slots, 2)
         self.cache = backend._cache(slots, max_len)
         self._decode = backend._decoder(self.cache)
         self._waiting: deque[tuple[str, torch.Tensor, int]] = deque()
