@@ -136,8 +136,8 @@ def row_kernel(fn):
     compiling fails, e.g. without the C++ compiler inductor needs.
 
     One kernel for every row count, one row included: the row dimension is marked unbacked, so inductor
-    does not specialise on one row. Its one-row kernel rounded the scales otherwise (10 of 64 rows apart
-    from the same rows among others), which at full size gave a one-clip decode other tokens than a batch."""
+    does not specialise on one row. Its one-row kernel rounded the scales otherwise (154 of 512 rms_norm
+    scales of 6144-wide rows differed alone), which at full size gave a one-clip decode other tokens."""
     compiled = torch.compile(fn, dynamic=True)
 
     def kernel(*args):

@@ -193,7 +193,7 @@ class FastTorchBackend:
         per-row norms and quantization, and in int8 exact int32 sums). Attention runs per sequence on its
         own length: a kernel's blocking follows the key length, so attending over a batch's longest would
         make a sequence's bits depend on the others prefilled with it (a served request on its arrival
-        group). With this, a sequence's logits are the same alone or in any batch (tests/test_fast_torch.py).
+        group). With this, a sequence's logits are the same alone or in any batch (tests/test_batch_invariance.py).
         """
         lengths = [p.shape[0] for p in prompts]
         x = torch.cat(prompts)
