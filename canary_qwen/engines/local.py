@@ -51,7 +51,7 @@ def open_engine(
     from ..export.manifest import read_manifest
 
     if backend == "onnx":
-        return OnnxBackend(source, device=device).engine(max_batch)
+        return OnnxBackend(source, device=device, arena=False).engine(max_batch)  # a server's: see session()
     from ..backends.vllm import VllmEngine
 
     manifest = read_manifest(source)
@@ -61,5 +61,5 @@ def open_engine(
         dtype=dtype or "fp32",
         kv_cache_gib=kv_cache_gib,
         max_model_len=positions,
-        encoder=OnnxEncoder(manifest.onnx_graph("encoder"), device),
+        encoder=OnnxEncoder(manifest.onnx_graph("encoder"), device, arena=False),
     )

@@ -21,7 +21,10 @@ class TritonPythonModel:
         _, params, version_dir = model_parameters(args)
         manifest = read_manifest(version_dir)
         self.encoder = OnnxEncoder(
-            manifest.onnx_graph("encoder"), params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0)
+            manifest.onnx_graph("encoder"),
+            params.get("device", "cpu"),
+            int(params.get("ort_threads", "0") or 0),
+            arena=False,  # a long-running server (onnx_runtime.session)
         )
         self.max_audio_s = float(params["max_audio_s"])
         self.logger = pb_utils.Logger

@@ -33,7 +33,11 @@ class TritonPythonModel:
         info = manifest.model
         self.info = info
         self.decoder = OnnxDecoder(
-            manifest.onnx_graph("decoder"), info, params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0)
+            manifest.onnx_graph("decoder"),
+            info,
+            params.get("device", "cpu"),
+            int(params.get("ort_threads", "0") or 0),
+            arena=False,  # a long-running server (onnx_runtime.session)
         )
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
         self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))

@@ -47,8 +47,9 @@ class TritonPythonModel:
         self.info = manifest.model
         device, threads = params.get("device", "cpu"), int(params.get("ort_threads", "0") or 0)
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), self.info["audio_locator_tag"])
-        self.encoder = OnnxEncoder(manifest.onnx_graph("encoder"), device, threads)
-        self.decoder = OnnxDecoder(manifest.onnx_graph("decoder"), self.info, device, threads)
+        # a long-running server: ONNX Runtime's arena off (onnx_runtime.session)
+        self.encoder = OnnxEncoder(manifest.onnx_graph("encoder"), device, threads, arena=False)
+        self.decoder = OnnxDecoder(manifest.onnx_graph("decoder"), self.info, device, threads, arena=False)
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
         self.max_audio_s = float(params["max_audio_s"])
         self.default_budget = int(params["max_new_tokens"])
