@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import make_clip
 
+from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.engines import EngineLoop
 from canary_qwen.engines.local import open_engine, positions_for
@@ -153,6 +154,16 @@ def test_onnx_engine_in_batches_gives_the_reference_tokens(tiny_export, clips, r
     finally:
         loop.close()
     assert [s.ids for s in sinks] == [r.token_ids for r in reference]
+
+
+def test_a_served_onnx_engine_runs_without_the_cpu_arena_and_a_local_backend_with_it(tiny_export):
+    """The arena only grows under a server's varied batch shapes (docs/deployment.md, the soak); one-shot runs
+    keep it for its speed."""
+    served = open_engine("onnx", str(tiny_export)).backend
+    local = OnnxBackend(tiny_export)
+    for backend, arena in ((served, False), (local, True)):
+        for session in (backend.encoder.session, backend.decoder.session):
+            assert session.get_session_options().enable_cpu_mem_arena is arena
 
 
 def test_engine_sizes_and_choices_are_checked(tiny_export):
