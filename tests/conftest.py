@@ -4,6 +4,8 @@ bundled Triton server."""
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -113,6 +115,34 @@ def running_server(repo, work_dir, startup_timeout: float = 120.0):
         pytest.skip(NO_TRITON)
     with TritonServer(repo, startup_timeout=startup_timeout, work_dir=work_dir) as server:
         yield server
+
+
+def stream_counts(server, model: str = "canary_qwen_stream") -> dict[str, float]:
+    """What a streaming python model counted (canary_qwen/serving/models/metrics.py), from the server's metrics
+    endpoint: tokens generated, and requests finished, cancelled and failed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    counts = dict.fromkeys(("tokens", "finished", "cancelled", "failed"), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name == "canary_qwen_tokens_total":
+                counts["tokens"] = sample.value
+            elif sample.name == "canary_qwen_requests_ended_total":
+                counts[sample.labels["outcome"]] = sample.value
+    return counts
+
+
+def wait_for_counts(read, until, timeout: float = 60.0) -> dict[str, float]:
+    """``read()`` again until ``until(counts)`` holds; the counts then (the test fails after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not until(counts := read()):
+        assert time.monotonic() < deadline, f"counts never got there: {counts}"
+        time.sleep(0.1)
+    return counts
 
 
 def write_engines(root, manifest, *, vocab_size: int, max_batch: int = 8, dtype: str = "bfloat16"):

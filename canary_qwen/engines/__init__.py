@@ -6,7 +6,18 @@ owns one in a thread and answers each request through its :class:`~canary_qwen.e
 engine model and the OpenAI-compatible server both serve through an ``EngineLoop``.
 """
 
-from .base import AUDIO, EMBEDDINGS, EngineRequest, Sink, StepEngine
+from .base import AUDIO, CANCELLED, EMBEDDINGS, FAILED, FINISHED, EngineRequest, RequestCounts, Sink, StepEngine
 from .loop import EngineLoop
 
-__all__ = ["AUDIO", "EMBEDDINGS", "EngineLoop", "EngineRequest", "Sink", "StepEngine"]
+__all__ = [
+    "AUDIO",
+    "CANCELLED",
+    "EMBEDDINGS",
+    "FAILED",
+    "FINISHED",
+    "EngineLoop",
+    "EngineRequest",
+    "RequestCounts",
+    "Sink",
+    "StepEngine",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
@@ -12,6 +12,27 @@ from ..errors import InputError
 from ..model.tokenizer import QwenTokenizer
 
 AUDIO, EMBEDDINGS = "audio", "embeddings"  # what an engine's request carries (StepEngine.takes)
+FINISHED, CANCELLED, FAILED = "finished", "cancelled", "failed"  # how a request ends (RequestCounts)
+
+
+@dataclass
+class RequestCounts:
+    """What a decoding loop did, counted as it happened: tokens generated for requests, and requests ended by how
+    they ended (``finished``: whole answer sent; ``cancelled``: the caller left first; ``failed``: an error sent).
+    Servers publish these as metrics, and tests read them to see what the code did instead of timing it."""
+
+    tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+    def ended(self, outcome: str, tokens: int = 0) -> None:
+        """One request ended (``outcome``: FINISHED, CANCELLED or FAILED) after ``tokens`` more tokens."""
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        self.tokens += tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError, Overloaded
-from .base import EngineRequest, Sink, StepEngine
+from .base import CANCELLED, FAILED, FINISHED, EngineRequest, RequestCounts, Sink, StepEngine
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05  # how often an idle loop looks at cancellations of requests still waiting to be admitted
@@ -25,7 +25,8 @@ _IDLE_WAIT_S = 0.05  # how often an idle loop looks at cancellations of requests
 
 class EngineLoop:
     """``max_pending``: how many requests may be submitted and unfinished at once (None: no bound); one more
-    is refused with :class:`Overloaded` at once instead of waiting behind the others."""
+    is refused with :class:`Overloaded` at once instead of waiting behind the others. ``counts``: the tokens
+    generated and the requests ended so far (written under the loop's lock)."""
 
     def __init__(self, engine: StepEngine, *, name: str = "engine", max_pending: int | None = None):
         self.engine = engine
@@ -38,6 +39,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._stopping = False
+        self.counts = RequestCounts()
         self.name = name
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -51,6 +53,8 @@ class EngineLoop:
             raise Overloaded(f"{self.name} is shutting down")
         request_id = str(next(self._ids))
         if budget == 0:
+            with self._lock:
+                self.counts.ended(FINISHED)
             sink.send([], True)
             return request_id
         with self._lock:
@@ -77,11 +81,12 @@ class EngineLoop:
         self.engine.close()
 
     # -- the engine's thread --------------------------------------------------------------------------
-    def _done(self, request_id: str, error: str | None = None, sink: Sink | None = None) -> None:
+    def _done(self, request_id: str, outcome: str, error: str | None = None, sink: Sink | None = None) -> None:
         """The request ends (open, or refused or gone before it opened: then ``sink``); ``error`` goes to its sink."""
         sink = self._open.pop(request_id, sink)
         with self._lock:
             self._pending -= 1
+            self.counts.ended(outcome)
         if error is not None and sink is not None:
             _quietly(sink.fail, error)
 
@@ -99,7 +104,7 @@ class EngineLoop:
         live = []
         for request, sink in batch:
             if sink.cancelled():  # gone before it started
-                self._done(request.request_id, sink=sink)
+                self._done(request.request_id, CANCELLED, sink=sink)
             else:
                 live.append((request, sink))
         if not live:
@@ -109,7 +114,7 @@ class EngineLoop:
             if refused is None:
                 self._open[request.request_id] = sink
             else:
-                self._done(request.request_id, str(refused), sink)
+                self._done(request.request_id, FAILED, str(refused), sink)
 
     def _run(self) -> None:
         while not self._stopping:
@@ -119,18 +124,21 @@ class EngineLoop:
                 if gone:
                     self.engine.abort(gone)
                     for rid in gone:
-                        self._done(rid)
+                        self._done(rid, CANCELLED)
                 if not self.engine.busy:
                     continue
                 for request_id, ids, finished in self.engine.step():
                     sink = self._open.get(request_id)
                     if sink is None:
                         continue
-                    if not _quietly(sink.send, ids, finished):  # its caller is gone: stop decoding it
+                    with self._lock:
+                        self.counts.tokens += len(ids)
+                    if finished:  # counted before its caller hears of it
+                        self._done(request_id, FINISHED)
+                        _quietly(sink.send, ids, True)
+                    elif not _quietly(sink.send, ids, False):  # its caller is gone: stop decoding it
                         self.engine.abort([request_id])
-                        finished = True
-                    if finished:
-                        self._done(request_id)
+                        self._done(request_id, CANCELLED)
             except Exception as e:  # the engine failed: every open request gets the error, the loop goes on
                 log.exception("%s failed", self.name)
                 self._fail_open(f"{self.name} failed: {e}")
@@ -141,14 +149,14 @@ class EngineLoop:
             except queue.Empty:
                 break
             if item is not None:
-                self._done(item[0].request_id, f"{self.name} stopped", item[1])
+                self._done(item[0].request_id, FAILED, f"{self.name} stopped", item[1])
 
     def _fail_open(self, message: str) -> None:
         open_ids = list(self._open)
         if open_ids:
             _quietly(self.engine.abort, open_ids)
         for rid in open_ids:
-            self._done(rid, message)
+            self._done(rid, FAILED, message)
 
 
 def _quietly(call, *args) -> bool:

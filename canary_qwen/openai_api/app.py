@@ -136,7 +136,7 @@ class OpenAIServer:
     def __init__(self, backend: Backend, settings: ServerSettings | None = None):
         self.backend = backend
         self.settings = settings or ServerSettings()
-        self.metrics = Metrics(pending=backend.pending)
+        self.metrics = Metrics(pending=backend.pending, counts=backend.counts)
         self.created = int(time.time())
         self._in_flight = 0
         self._decoder = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="openai-audio")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..backends.base import Transcription
 from ..client.triton import DEFAULT_MODEL, DEFAULT_STREAM_MODEL, TritonClient, TritonClientError
-from ..engines import EngineLoop, StepEngine
+from ..engines import EngineLoop, RequestCounts, StepEngine
 from ..errors import BackendUnavailable, CanaryQwenError, InputError
 from ..serving.checks import TextStream, encode_prompt
 
@@ -48,6 +48,10 @@ class Backend(Protocol):
 
     def pending(self) -> int:
         """Windows being decoded or waiting (0 where the work is elsewhere)."""
+        ...
+
+    def counts(self) -> RequestCounts:
+        """What the engine in this process did so far (zeros where the work is elsewhere)."""
         ...
 
     def close(self) -> None: ...
@@ -148,6 +152,9 @@ class TritonForwarding:
 
     def pending(self) -> int:
         return 0
+
+    def counts(self) -> RequestCounts:
+        return RequestCounts()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -289,6 +296,9 @@ class LocalEngine:
 
     def pending(self) -> int:
         return self.loop.pending if self.loop is not None else 0
+
+    def counts(self) -> RequestCounts:
+        return self.loop.counts if self.loop is not None else RequestCounts()
 
     def close(self) -> None:
         self._closed = True

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from ..engines import RequestCounts
 
 PREFIX = "canary_qwen_openai"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -14,11 +18,13 @@ CLIENT_CLOSED = 499  # the status counted for a request whose client went away b
 class Metrics:
     """``requests_total{status}``: transcription requests by HTTP status (499: the client left);
     ``audio_seconds_total``: audio of the answered ones; ``request_duration_seconds``: latency of answered ones
-    (a stream: to its done event); ``requests_in_flight``; ``engine_pending``: windows the local engine holds."""
+    (a stream: to its done event); ``requests_in_flight``; ``engine_pending``: windows the local engine holds;
+    ``engine_tokens_total`` and ``engine_requests_ended_total{outcome}``: what the local engine did (its
+    ``RequestCounts``)."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, pending: Callable[[], int] = lambda: 0):
+    def __init__(self, pending: Callable[[], int] = lambda: 0, counts: Callable[[], RequestCounts] = RequestCounts):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             f"{PREFIX}_requests", "Transcription requests by HTTP status", ["status"], registry=self.registry
@@ -41,6 +47,7 @@ class Metrics:
             registry=self.registry,
         )
         self.engine_pending.set_function(lambda: float(pending()))
+        self.registry.register(_EngineCounts(counts))
 
     def answered(self, status: int, *, seconds: float | None = None, audio_s: float | None = None) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -52,3 +59,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounts(Collector):
+    """The local engine's counts, read at each scrape (zeros when the server forwards to Triton)."""
+
+    def __init__(self, counts: Callable[[], RequestCounts]):
+        self.counts = counts
+
+    def collect(self):
+        counts = self.counts().as_dict()
+        yield CounterMetricFamily(
+            f"{PREFIX}_engine_tokens", "Tokens the in-process engine generated", value=counts.pop("tokens")
+        )
+        ended = CounterMetricFamily(
+            f"{PREFIX}_engine_requests_ended",
+            "Windows the in-process engine ended, by outcome: finished, cancelled (the client left), failed",
+            labels=["outcome"],
+        )
+        for outcome, n in counts.items():
+            ended.add_metric([outcome], n)
+        yield ended

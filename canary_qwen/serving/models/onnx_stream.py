@@ -25,6 +25,7 @@ from canary_qwen.serving.checks import (
     MAX_NEW_TOKENS_LIMIT,
     model_parameters,
 )
+from canary_qwen.serving.models.metrics import ModelCounters
 from canary_qwen.serving.models.responses import TextReply, one_clip_request
 
 
@@ -35,8 +36,8 @@ class _NoOneWaiting(Exception):
 class _Row(TextReply):
     """One request: its inputs, and its reply."""
 
-    def __init__(self, request, samples, prompt_ids, budget, tokenizer):
-        super().__init__(request, tokenizer)
+    def __init__(self, request, samples, prompt_ids, budget, tokenizer, counters):
+        super().__init__(request, tokenizer, counters)
         self.samples, self.prompt_ids, self.budget = samples, prompt_ids, budget
 
 
@@ -55,12 +56,13 @@ class TritonPythonModel:
         self.default_budget = int(params["max_new_tokens"])
         self.budget_limit = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
         self.name = args["model_name"]
+        self.counters = ModelCounters(self.name)
 
     def _row(self, request) -> _Row:
         samples, prompt_ids, budget = one_clip_request(
             request, self.name, self.tokenizer, self.max_audio_s, self.default_budget, self.budget_limit
         )
-        return _Row(request, samples, prompt_ids, budget, self.tokenizer)
+        return _Row(request, samples, prompt_ids, budget, self.tokenizer, self.counters)
 
     def execute(self, requests):
         rows = []
@@ -68,7 +70,7 @@ class TritonPythonModel:
             try:
                 rows.append(self._row(request))
             except InputError as e:
-                TextReply(request, self.tokenizer).fail(str(e))
+                TextReply(request, self.tokenizer, self.counters).fail(str(e))
         if rows:
             try:
                 self._decode(rows)
@@ -77,6 +79,9 @@ class TritonPythonModel:
                 for row in rows:
                     row.fail(f"streaming failed: {e}")
         return None
+
+    def finalize(self):
+        self.counters.close()
 
     def _decode(self, rows: list) -> None:
         embeds = self.encoder([row.samples for row in rows])

@@ -7,6 +7,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.engines import CANCELLED, FAILED, FINISHED
 from canary_qwen.errors import InputError
 from canary_qwen.serving.checks import (
     MAX_NEW_TOKENS_LIMIT,
@@ -55,14 +56,20 @@ def one_clip_request(
 
 class TextReply:
     """The responses of one decoupled request that streams TEXT pieces (``canary_qwen_stream``): its sender,
-    where its text stands, whether it is closed (final flag sent) or its client cancelled."""
+    where its text stands, whether it is closed (final flag sent) or its client cancelled. How it closed, and its
+    tokens, go to the model's ``counters`` (a ``ModelCounters``) before the final flag does."""
 
-    def __init__(self, request, tokenizer):
+    def __init__(self, request, tokenizer, counters):
         self.request = request
         self.sender = request.get_response_sender()
         self.text = TextStream(tokenizer)
+        self.counters = counters
         self.closed = False
         self.next_check = 0.0
+
+    def _close(self, outcome: str) -> None:
+        self.closed = True
+        self.counters.ended(outcome, len(self.text.ids))
 
     def cancelled(self) -> bool:
         now = time.monotonic()
@@ -85,12 +92,12 @@ class TextReply:
             )
         if response is None and not final:
             return
+        if final:  # the whole answer is made: counted before the client hears of it
+            self._close(FINISHED)
         try:
             self.sender.send(response, flags=FINAL if final else 0)
         except Exception:  # the client went away between our checks: nothing more goes to it
             self.end()
-            return
-        self.closed = final
 
     def finish(self) -> None:
         """The held-back tail of the text, with the final flag."""
@@ -101,15 +108,19 @@ class TextReply:
         all the same: Triton 2.51 does not unload a decoupled model while a request of it has had none."""
         if self.closed:
             return
-        self.closed = True
+        self._close(CANCELLED)
         try:
             self.sender.send(flags=FINAL)
         except Exception:
             pass
 
     def fail(self, message: str) -> None:
-        """An error response closing the request (unless it is closed already)."""
+        """An error response closing the request (unless it is closed already). Never raises: a caller failing
+        several requests in turn must reach every one of them, also after one whose client has gone."""
         if self.closed:
             return
-        self.closed = True
-        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        self._close(FAILED)
+        try:
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+        except Exception:
+            pass

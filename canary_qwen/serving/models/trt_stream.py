@@ -26,6 +26,7 @@ from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving.checks import (
     model_parameters,
 )
+from canary_qwen.serving.models.metrics import ModelCounters
 from canary_qwen.serving.models.responses import TextReply, one_clip_request
 
 TABLE_INPUTS = (
@@ -69,10 +70,11 @@ class TritonPythonModel:
         self.prompt_table_model = params["prompt_table_model"]
         self.llm_model = params["llm_model"]
         self.min_samples = int(params["min_samples"])  # the encoder plan's profile minimum
+        self.counters = ModelCounters(self.name)
 
     def execute(self, requests):
         for request in requests:  # one request per call: the model has no dynamic batcher
-            reply = TextReply(request, self.tokenizer)
+            reply = TextReply(request, self.tokenizer, self.counters)
             try:
                 self._stream(request, reply)
             except (InputError, ComposingModelError) as e:
@@ -81,6 +83,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_error(f"{self.name}: {traceback.format_exc()}")
                 reply.fail(f"streaming failed: {e}")
         return None
+
+    def finalize(self):
+        self.counters.close()
 
     def _stream(self, request, reply: TextReply) -> None:
         samples, prompt_ids, budget = one_clip_request(

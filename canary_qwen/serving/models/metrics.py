@@ -1,0 +1,67 @@
+"""The counters a streaming python model adds to Triton's metrics endpoint (``/metrics`` on the metrics port), from
+its :class:`~canary_qwen.engines.RequestCounts`:
+
+- ``canary_qwen_tokens_total{model}``: tokens generated for requests;
+- ``canary_qwen_requests_ended_total{model, outcome}``: requests ended, by outcome (finished, cancelled, failed).
+
+Each increment is a round trip to the server process, so counts are pushed as deltas when a request ends (and, for
+the engine model, every ``METRICS_PUSH_S`` from its outbox thread), never per token.
+"""
+
+from dataclasses import fields
+
+import triton_python_backend_utils as pb_utils
+
+from canary_qwen.engines import RequestCounts
+
+TOKENS = "canary_qwen_tokens_total"
+ENDED = "canary_qwen_requests_ended_total"
+
+
+class ModelCounters:
+    """The model's ``counts`` (its own, or an engine loop's) and their counters in Triton. ``push`` from one thread
+    only, before a request's final response goes out, so that a client that has its answer sees it counted."""
+
+    def __init__(self, model: str, counts: RequestCounts | None = None):
+        self.counts = counts if counts is not None else RequestCounts()
+        counter = pb_utils.MetricFamily.COUNTER
+        self._families = [
+            pb_utils.MetricFamily(name=TOKENS, description="Tokens generated for requests", kind=counter),
+            pb_utils.MetricFamily(
+                name=ENDED,
+                description="Requests ended, by outcome: finished (whole answer sent), cancelled (the client left "
+                "first), failed (an error response)",
+                kind=counter,
+            ),
+        ]
+        tokens, ended = self._families
+        self._metrics = {
+            f.name: (
+                tokens.Metric(labels={"model": model})
+                if f.name == "tokens"
+                else ended.Metric(labels={"model": model, "outcome": f.name})
+            )
+            for f in fields(RequestCounts)
+        }
+        self._pushed = RequestCounts().as_dict()
+
+    def ended(self, outcome: str, tokens: int) -> None:
+        """One request ended: counted and pushed."""
+        self.counts.ended(outcome, tokens)
+        self.push()
+
+    def push(self) -> None:
+        """Add to each counter what ``counts`` gained since the last push. Never raises: a metric is not worth a
+        reply."""
+        try:
+            for name, value in self.counts.as_dict().items():
+                if value > self._pushed[name]:
+                    self._metrics[name].increment(value - self._pushed[name])
+                    self._pushed[name] = value
+        except Exception as e:
+            pb_utils.Logger.log_warn(f"metrics not published: {e}")
+
+    def close(self) -> None:
+        """Drop the metrics before their families, as the python backend requires."""
+        self._metrics.clear()
+        self._families.clear()
