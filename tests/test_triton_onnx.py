@@ -318,10 +318,8 @@ def test_32_concurrent_clients_get_their_own_answers(server, local):
         return clients[i].transcribe(clips[i])
 
     try:
-        start = time.monotonic()
         with ThreadPoolExecutor(32) as pool:
             got = list(pool.map(work, range(32)))
-        took = time.monotonic() - start
     finally:
         for c in clients:
             c.close()
@@ -330,7 +328,6 @@ def test_32_concurrent_clients_get_their_own_answers(server, local):
         runs = metric(server, "nv_inference_exec_count", model) - before[model, "nv_inference_exec_count"]
         requests = metric(server, "nv_inference_count", model) - before[model, "nv_inference_count"]
         assert requests == n and runs < requests, f"no dynamic batching: {runs} {model} runs for {requests} requests"
-    assert took < 60
 
 
 @needs_server

@@ -6,7 +6,6 @@ Runs where vLLM and numpy < 2 share the server's Python (``.venv-vllm``, made by
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -102,10 +101,8 @@ def test_32_concurrent_clients_each_get_the_reference_answer(server, clips, expe
         return clients[i].infer(clip, with_ids=i % 2 == 1)
 
     try:
-        start = time.monotonic()
         with ThreadPoolExecutor(32) as pool:
             got = list(pool.map(work, range(32)))
-        took = time.monotonic() - start
     finally:
         for c in clients:
             c.close()
@@ -115,7 +112,6 @@ def test_32_concurrent_clients_each_get_the_reference_answer(server, clips, expe
         if ids:
             assert ids == want.token_ids, f"client {i}"
     assert sum(1 for _, ids in got if ids) == 12  # the gRPC ensemble clients compared their ids too
-    assert took < 120
 
 
 def test_budget_and_bad_audio_get_answers_and_the_server_keeps_serving(server, clips, expected):
