@@ -155,7 +155,10 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocessing", "encoder", "llm", "postprocessing"]
     stream = parse_model_config(repo / "canary_qwen_stream" / "config.pbtxt")
     assert stream.model_transaction_policy.decoupled and stream.input[0].allow_ragged_batch
-    assert [i.name for i in stream.input] == [i.name for i in ens.input] and [o.name for o in stream.output] == ["TEXT"]
+    assert [i.name for i in stream.input] == [i.name for i in ens.input] and [o.name for o in stream.output] == [
+        "TEXT",
+        "OUTPUT_IDS",
+    ]
     assert stream.parameters["max_audio_s"].string_value == str(MAX_AUDIO_S)
 
     # relocatable: no absolute paths; artifacts live in the version folders (hard links of the export)
@@ -293,6 +296,10 @@ def test_stream_pieces_join_to_the_same_text_grpc_and_http(grpc, http, clips, ex
     pieces = list(http.stream(clips[3]))  # server-sent events through generate_stream
     assert len(pieces) > 1 and "".join(pieces) == expected[3].text
     assert "".join(grpc.stream(clips[0], max_new_tokens=3)) == grpc.transcribe(clips[0], max_new_tokens=3)
+    for client in (grpc, http):  # each piece comes with the ids that made it
+        pieces = list(client.stream_with_ids(clips[2]))
+        assert "".join(p for p, _ in pieces) == expected[2].text
+        assert [i for _, ids in pieces for i in ids] == expected[2].token_ids
     stream = grpc.stream(clips[2])  # a reader that stops early cancels its request
     assert next(stream) and next(stream)
     stream.close()
@@ -402,7 +409,7 @@ def test_client_errors_name_the_server(server):
 
 
 @needs_server
-def test_client_cli(server, clip_files, expected, tmp_path):
+def test_client_cli(server, clip_files, clips, expected, tmp_path):
     parser = argparse.ArgumentParser(prog="canary-qwen")
     add_client_parser(parser.add_subparsers(dest="command"))
     corrupt = tmp_path / "corrupt.wav"
@@ -421,6 +428,15 @@ def test_client_cli(server, clip_files, expected, tmp_path):
         errors = err.getvalue()
         assert "corrupt.wav: not a readable audio file or corrupt" in errors and "missing.wav: file not found" in errors
         assert "2 of 4 files failed" in errors
+        # --json: the lines `canary-qwen transcribe --json` prints, token ids included (a stream's: its final ids)
+        args = parser.parse_args(["client", "transcribe", "--url", url, "--json", *extra, *files])
+        out = io.StringIO()
+        assert args.run(args, out=out, err=io.StringIO()) == 1
+        rows = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert rows == [
+            {"audio": f, "text": e.text, "token_ids": e.token_ids, "duration_s": round(len(c) / 16000, 3)}
+            for f, e, c in zip(clip_files[:2], expected, clips)
+        ], extra
     (port,) = free_ports(1)
     args = parser.parse_args(["client", "transcribe", "--url", f"127.0.0.1:{port}", clip_files[0]])
     err = io.StringIO()

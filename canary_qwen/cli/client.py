@@ -74,7 +74,12 @@ def add_client_parser(subparsers) -> None:
         default=MAX_WINDOW_S,
         help="cut longer clips into windows of at most this many seconds; 0 sends them whole (default: %(default)s)",
     )
-    t.add_argument("--json", action="store_true", help="one JSON object per line: audio, text, duration_s")
+    t.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line, as `canary-qwen transcribe --json` prints: audio, text, token_ids, duration_s "
+        "(with --stream: once the file's stream has ended)",
+    )
     t.add_argument("--via-embeddings", action="store_true", help="send embeddings to the LLM model (needs --artifacts)")
     t.add_argument(
         "--artifacts", default=None, help="with --via-embeddings: the export the server's repository was made from"
@@ -116,15 +121,10 @@ def add_client_parser(subparsers) -> None:
     load.set_defaults(run=run_client_loadtest)
 
 
-def _emit(args, path: str, text: str, seconds: float, out) -> None:
-    if args.json:
-        print(
-            json.dumps({"audio": path, "text": text, "duration_s": round(seconds, 3)}, ensure_ascii=False),
-            file=out,
-            flush=True,
-        )
-    else:
-        print(f"{path}\t{text}", file=out, flush=True)
+def _emit(args, result, out) -> None:
+    """A transcribed file (a ``FileResult``) on stdout: its JSON line, or ``PATH<TAB>TEXT``."""
+    line = result.json() if args.json else f"{result.path}\t{result.transcription.text}"
+    print(line, file=out, flush=True)
 
 
 def run_client_transcribe(args, out=None, err=None) -> int:
@@ -132,9 +132,6 @@ def run_client_transcribe(args, out=None, err=None) -> int:
     err = err or sys.stderr
     if args.concurrency < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.timeout <= 0:
         print("error: --concurrency and --max-new-tokens must be at least 1, --timeout > 0", file=err)
-        return 2
-    if args.stream and args.json:
-        print("error: --stream prints text as it arrives; use it without --json", file=err)
         return 2
     if args.via_embeddings:
         return _run_via_embeddings(args, out, err)
@@ -169,16 +166,18 @@ def run_client_transcribe(args, out=None, err=None) -> int:
                 print(f"error: {result.error}", file=err, flush=True)
                 continue
             audio_s += result.duration_s
-            _emit(args, result.path, result.transcription.text, result.duration_s, out)
+            _emit(args, result, out)
     finally:
         backend.close()
     return _summary(args, audio_s, time.perf_counter() - start, failed, err)
 
 
 def _run_streaming(args, out, err) -> int:
+    from ..backends.base import Transcription
     from ..client.triton import InferenceError, TritonClient, TritonClientError
     from ..errors import AudioError
     from ..pipeline.audio import load_audio
+    from ..pipeline.batching import FileResult
     from ..pipeline.windowing import plan_windows
 
     try:
@@ -204,24 +203,29 @@ def _run_streaming(args, out, err) -> int:
             except AudioError as e:
                 failed += 1
                 print(f"error: {e}", file=err, flush=True)
-        window = args.max_window_s or None
         for n, (path, audio) in enumerate(loaded):
-            plan = plan_windows([audio], window)
-            print(f"{path}\t", end="", file=out, flush=True)
+            plan = plan_windows([audio], args.max_window_s or None)
+            if not args.json:
+                print(f"{path}\t", end="", file=out, flush=True)
             try:
-                printed = False
+                windows: list[Transcription] = []
                 for w in plan.windows:
-                    first = True
-                    for piece in client.stream(w, args.prompt, max_new_tokens=args.max_new_tokens):
-                        if first and printed:
-                            piece = " " + piece  # windows' texts are joined with one space
-                        first = False
-                        printed = True
-                        print(piece, end="", file=out, flush=True)
-                print(file=out, flush=True)
+                    window = Transcription(text="", token_ids=[])
+                    for piece, ids in client.stream_with_ids(w, args.prompt, max_new_tokens=args.max_new_tokens):
+                        if piece and not args.json:  # printed as it comes; windows' texts joined with one space
+                            gap = " " if not window.text and any(t.text for t in windows) else ""
+                            print(gap + piece, end="", file=out, flush=True)
+                        window.text += piece
+                        window.token_ids += ids
+                    windows.append(window)
+                if args.json:
+                    _emit(args, FileResult(path, len(audio) / SAMPLE_RATE, _joined(plan, windows)), out)
+                else:
+                    print(file=out, flush=True)
                 audio_s += len(audio) / SAMPLE_RATE
             except TritonClientError as e:
-                print(file=out, flush=True)
+                if not args.json:
+                    print(file=out, flush=True)
                 failed += 1
                 print(f"error: {path}: {e}", file=err, flush=True)
                 if not isinstance(e, InferenceError):
@@ -262,6 +266,12 @@ def run_client_loadtest(args, out=None) -> int:
     return 1 if report.errors else 0
 
 
+def _joined(plan, windows):
+    """One file's windows (Transcriptions, none failed) joined as ``transcribe`` joins them."""
+    (joined,) = plan.join(windows, 1)
+    return joined
+
+
 def _summary(args, audio_s: float, wall: float, failed: int, err) -> int:
     """The closing lines on stderr (RTFx of what was transcribed, how many files failed) and the exit code."""
     if audio_s:
@@ -276,6 +286,7 @@ def _run_via_embeddings(args, out, err) -> int:
     from ..client.triton import TritonClientError
     from ..errors import ArtifactError, AudioError
     from ..pipeline.audio import load_audio
+    from ..pipeline.batching import FileResult
     from ..pipeline.windowing import plan_windows
 
     if args.artifacts is None or args.stream:
@@ -301,10 +312,8 @@ def _run_via_embeddings(args, out, err) -> int:
         for path in args.files:
             try:
                 audio = load_audio(path)
-                texts = [
-                    client.transcribe(w, args.prompt, max_new_tokens=budget).text
-                    for w in plan_windows([audio], args.max_window_s or None).windows
-                ]
+                plan = plan_windows([audio], args.max_window_s or None)
+                joined = _joined(plan, [client.transcribe(w, args.prompt, max_new_tokens=budget) for w in plan.windows])
             except (AudioError, TritonClientError) as e:
                 failed += 1
                 print(
@@ -312,5 +321,5 @@ def _run_via_embeddings(args, out, err) -> int:
                 )
                 continue
             audio_s += len(audio) / SAMPLE_RATE
-            _emit(args, path, " ".join(t for t in texts if t).strip(), len(audio) / SAMPLE_RATE, out)
+            _emit(args, FileResult(path, len(audio) / SAMPLE_RATE, joined), out)
     return _summary(args, audio_s, time.perf_counter() - start, failed, err)

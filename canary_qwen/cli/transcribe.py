@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -102,17 +101,7 @@ def run_transcribe(args) -> int:
             continue
         audio_s += result.duration_s
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "audio": result.path,
-                        "text": t.text,
-                        "token_ids": t.token_ids,
-                        "duration_s": round(result.duration_s, 3),
-                    },
-                    ensure_ascii=False,
-                )
-            )
+            print(result.json(), flush=True)
         else:
             print(f"{result.path}\t{t.text}")
     wall = time.perf_counter() - start

@@ -390,18 +390,19 @@ class ServerClient:
     # -- streaming ---------------------------------------------------------------------------------
     def stream(
         self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
-    ) -> Generator[str, None, None]:
-        """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``."""
+    ) -> Generator[tuple[str, list[int]], None, None]:
+        """(text piece, its token ids) as the server produces them; the pieces join to ``transcribe(audio, prompt)``
+        and the ids to its token ids."""
         if self.protocol == "grpc":
             return self._stream_grpc(audio, prompt, max_new_tokens)
         return self._stream_http(audio, prompt, max_new_tokens)
 
-    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Generator[str, None, None]:
+    def _stream_grpc(self, audio, prompt, max_new_tokens) -> Generator[tuple[str, list[int]], None, None]:
         for result in self.stream_results(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
-            text = result.as_numpy("TEXT")
-            if text is not None and text.size:
-                piece = text.reshape(-1)[0]
-                yield piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
+            text, ids = result.as_numpy("TEXT"), result.as_numpy("OUTPUT_IDS")
+            piece = text.reshape(-1)[0] if text is not None and text.size else ""
+            piece = piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else str(piece)
+            yield piece, [] if ids is None else [int(i) for i in ids.reshape(-1)]
 
     def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Generator:
         """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they come,
@@ -454,13 +455,12 @@ class ServerClient:
         except Exception as e:
             raise self._request_error(e, model) from None
 
-    def _stream_http(self, audio, prompt, max_new_tokens) -> Generator[str, None, None]:
+    def _stream_http(self, audio, prompt, max_new_tokens) -> Generator[tuple[str, list[int]], None, None]:
         for event in self._events_http(self.stream_model, self._arrays(audio, prompt, max_new_tokens)):
-            piece = event.get("TEXT")
-            if isinstance(piece, list):  # a one-element tensor usually comes back as a scalar
-                piece = piece[0] if piece else ""
-            if piece:
-                yield piece
+            # a one-element tensor usually comes back as a scalar, a longer one as a list
+            piece, ids = event.get("TEXT") or "", event.get("OUTPUT_IDS", [])
+            piece = (piece[0] if piece else "") if isinstance(piece, list) else piece
+            yield piece, [int(i) for i in (ids if isinstance(ids, list) else [ids])]
 
     def _events_http(self, model: str, arrays: dict[str, np.ndarray]) -> Iterator[dict]:
         """One request to a decoupled model through Triton's generate_stream extension: JSON fields become
@@ -679,24 +679,39 @@ class TritonClient:
     def stream(
         self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
     ) -> Iterator[str]:
-        """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``.
+        """Text pieces as the server produces them; joined they equal ``transcribe(audio, prompt)``."""
+        with closing(self.stream_with_ids(audio, prompt, max_new_tokens=max_new_tokens)) as pieces:
+            for piece, _ in pieces:
+                if piece:
+                    yield piece
 
-        If the server goes away mid-stream, the clip is sent to the next server and its text goes on from
-        where the pieces already delivered end (a server whose text does not continue them is an error).
+    def stream_with_ids(
+        self, audio: np.ndarray, prompt: str | None = None, *, max_new_tokens: int | None = None
+    ) -> Generator[tuple[str, list[int]], None, None]:
+        """(text piece, token ids) as the server produces them; joined they equal ``infer(audio, prompt,
+        with_ids=True)``.
+
+        If the server goes away mid-stream, the clip is sent to the next server and its text and ids go on from
+        where those already delivered end (a server whose text does not continue them is an error).
         """
-        delivered = ""
+        delivered, delivered_ids = "", 0
         error: TritonClientError | None = None
         for i in self._rotation.order():
-            text = ""
+            text, seen_ids = "", 0
             try:
                 with closing(self.servers[i].stream(audio, prompt, max_new_tokens=max_new_tokens)) as pieces:
-                    for piece in pieces:
+                    for piece, ids in pieces:
                         text += piece
+                        fresh_ids = ids[max(0, delivered_ids - seen_ids) :]  # greedy: the same ids on every server
+                        seen_ids += len(ids)
+                        fresh = ""
                         if len(text) > len(delivered):
                             if not text.startswith(delivered):
                                 break
-                            piece, delivered = text[len(delivered) :], text
-                            yield piece
+                            fresh, delivered = text[len(delivered) :], text
+                        if fresh or fresh_ids:
+                            delivered_ids += len(fresh_ids)
+                            yield fresh, fresh_ids
                 if text.startswith(delivered):
                     self._rotation.answered(i)
                     return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,17 @@ class FileResult:
     duration_s: float
     transcription: Transcription | None = None
     error: str | None = None
+
+    def json(self) -> str:
+        """The ``--json`` line of a transcribed file (every command that transcribes prints the same fields)."""
+        assert self.transcription is not None
+        row = {
+            "audio": self.path,
+            "text": self.transcription.text,
+            "token_ids": self.transcription.token_ids,
+            "duration_s": round(self.duration_s, 3),
+        }
+        return json.dumps(row, ensure_ascii=False)
 
 
 def _transcribe_batch(backend: Transcriber, windows, prompt, **budget) -> list[Transcription | Exception]:

@@ -37,6 +37,7 @@ from .repo_files import (
     VERSION,
     audio_inputs,
     copy_artifacts,
+    ensemble_outputs,
     ensemble_step,
     io_block,
     link_or_copy,
@@ -45,7 +46,6 @@ from .repo_files import (
     python_model,
     replace_model_dirs,
     request_bounds,
-    tensor,
     write_models,
     write_repo_info,
 )
@@ -79,7 +79,6 @@ def _ensemble(name: str, max_batch: int, outputs: list[str]) -> str:
 
 
 def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params: dict) -> dict[str, str]:
-    text, ids = tensor("TEXT", "TYPE_STRING", [1]), tensor("OUTPUT_IDS", "TYPE_INT64", [-1])
     return {
         # No batching delay: requests go to the engine as they come, and it batches them itself (max_batch is
         # how many decode together); the dynamic batcher is there for its bounded queue.
@@ -87,13 +86,13 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             ENGINE,
             max_batch,
             audio_inputs() + [max_new_tokens_input()],
-            [text, ids],
+            ensemble_outputs(),
             queue_delay_us=0,
             queue=bounds.queue,
             decoupled=True,
             params={"engine": engine, "max_audio_s": bounds.max_audio_s, **bounds.budgets, **params},
         ),
-        ENSEMBLE: _ensemble(ENSEMBLE, max_batch, [text, ids]),
+        ENSEMBLE: _ensemble(ENSEMBLE, max_batch, ensemble_outputs()),
     }
 
 

@@ -169,7 +169,7 @@ def model_configs(
             STREAM,
             max_batch,
             stream_in,
-            [tensor("TEXT", "TYPE_STRING", [1])],
+            ensemble_outputs(),
             instances=instances,
             queue_delay_us=queue_delay_us,
             queue=queue,

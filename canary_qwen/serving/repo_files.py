@@ -89,6 +89,7 @@ def max_new_tokens_input() -> str:
 
 
 def ensemble_outputs() -> list[str]:
+    """TEXT and OUTPUT_IDS: the ensemble's answer, and each response of a stream model (a piece, and its ids)."""
     return [tensor("TEXT", "TYPE_STRING", [1]), tensor("OUTPUT_IDS", "TYPE_INT64", [-1])]
 
 

@@ -373,7 +373,7 @@ def _python_configs(
             STREAM,
             max_batch,
             audio_inputs() + [max_new_tokens_input()],
-            [tensor("TEXT", "TYPE_STRING", [1])],
+            ensemble_outputs(),
             instances=stream_instances,
             decoupled=True,
             params={

@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.defaults import MAX_NEW_TOKENS
@@ -24,19 +23,10 @@ from canary_qwen.engines.local import SOURCES, open_engine
 from canary_qwen.errors import CanaryQwenError
 from canary_qwen.serving.checks import MAX_NEW_TOKENS_LIMIT, TextStream, model_parameters
 from canary_qwen.serving.models.metrics import ModelCounters
-from canary_qwen.serving.models.responses import CANCEL_CHECK_S, one_clip_request
+from canary_qwen.serving.models.responses import CANCEL_CHECK_S, one_clip_request, piece_response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PUSH_S = 0.5  # how often the engine's counts go to Triton's metrics (each push is a round trip)
-
-
-def _response(piece: str, ids: list[int]):
-    return pb_utils.InferenceResponse(
-        [
-            pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object)),
-            pb_utils.Tensor("OUTPUT_IDS", np.array([ids], dtype=np.int64)),
-        ]
-    )
 
 
 class _Outbox:
@@ -126,7 +116,7 @@ class _Reply:
         if finished:
             piece += self.text.finish()
         if piece or ids or (finished and not self.sent_any):  # a request answered with no tokens still gets one
-            self.sender.send(_response(piece, ids))
+            self.sender.send(piece_response(piece, ids))
             self.sent_any = True
         if finished:
             self.outbox.publish()  # the engine counted it before handing it over: the client sees it counted

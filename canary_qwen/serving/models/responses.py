@@ -38,6 +38,16 @@ def respond_each(requests, handle, name: str):
     return responses
 
 
+def piece_response(piece: str, ids: list[int]):
+    """One response of a stream: a TEXT piece and the OUTPUT_IDS of the tokens that made it."""
+    return pb_utils.InferenceResponse(
+        [
+            pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object)),
+            pb_utils.Tensor("OUTPUT_IDS", np.array([ids], dtype=np.int64)),
+        ]
+    )
+
+
 def one_clip_request(
     request, name, tokenizer, max_audio_s, default_budget, budget_limit=MAX_NEW_TOKENS_LIMIT, least_budget=1
 ):
@@ -55,14 +65,15 @@ def one_clip_request(
 
 
 class TextReply:
-    """The responses of one decoupled request that streams TEXT pieces (``canary_qwen_stream``): its sender,
-    where its text stands, whether it is closed (final flag sent) or its client cancelled. How it closed, and its
-    tokens, go to the model's ``counters`` (a ``ModelCounters``) before the final flag does."""
+    """The responses of one decoupled request that streams TEXT pieces and their OUTPUT_IDS (``canary_qwen_stream``):
+    its sender, where its text stands, whether it is closed (final flag sent) or its client cancelled. How it
+    closed, and its tokens, go to the model's ``counters`` (a ``ModelCounters``) before the final flag does."""
 
     def __init__(self, request, tokenizer, counters):
         self.request = request
         self.sender = request.get_response_sender()
         self.text = TextStream(tokenizer)
+        self.unsent: list[int] = []  # ids whose text is held back (whitespace, an incomplete character)
         self.counters = counters
         self.closed = False
         self.next_check = 0.0
@@ -79,17 +90,16 @@ class TextReply:
         return self.request.is_cancelled()
 
     def push(self, token: int) -> None:
-        """One new token: its text piece goes out as soon as there is one."""
+        """One new token: its text piece goes out as soon as there is one, with the ids that made it."""
+        self.unsent.append(int(token))
         self.send(self.text.push(token))
 
     def send(self, piece: str, final: bool = False) -> None:
         if self.closed:
             return
         response = None
-        if piece:
-            response = pb_utils.InferenceResponse(
-                [pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object))]
-            )
+        if piece or (final and self.unsent):
+            response, self.unsent = piece_response(piece, self.unsent), []
         if response is None and not final:
             return
         if final:  # the whole answer is made: counted before the client hears of it
