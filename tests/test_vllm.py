@@ -6,6 +6,10 @@ vLLM runs in its own venv (``.venv-vllm``, made by scripts/setup.sh); elsewhere 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import CHECKPOINT_VARIANTS, boost_token
@@ -17,7 +21,8 @@ from canary_qwen.model.prompt import text_prompt_ids
 from canary_qwen.model.synthetic import make_checkpoint
 
 pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm (scripts/setup.sh)")
-from canary_qwen.backends.vllm import VllmBackend  # noqa: E402
+from canary_qwen.backends.vllm import VllmBackend, lora_rank_cap  # noqa: E402
+from canary_qwen.errors import BackendUnavailable  # noqa: E402
 
 VLLM_HEAD_DIM = 32  # vLLM's CPU attention has no kernel for tiny's 16
 KV_CACHE_GIB = 0.0625
@@ -105,6 +110,41 @@ def test_nemo_parity_variants_identical_to_reference(variant, clips, tmp_path):
         assert [t.token_ids for t in engine.transcribe(clips, max_new_tokens=BUDGET)] == want
     finally:
         engine.close()
+
+
+def test_lora_rank_caps_are_vllms_own():
+    """vLLM 0.32 starts only with a max_lora_rank from its MaxLoRARanks literal: the cap is the smallest that holds
+    the adapter's rank, and a rank over them all is one clear error."""
+    assert [lora_rank_cap(r) for r in (1, 4, 8, 24, 96, 128, 320)] == [1, 8, 8, 32, 128, 128, 320]
+    with pytest.raises(BackendUnavailable, match="rank 600 is over the largest vLLM takes \\(512\\)"):
+        lora_rank_cap(600)
+
+
+@pytest.mark.parametrize("rank", [4, 24, 96])
+def test_an_adapter_of_any_rank_transcribes_and_answers(rank, clips, tmp_path):
+    """A checkpoint fine-tuned with a LoRA rank that is not one of vLLM's caps: both modes on vLLM equal the torch
+    reference (ASR) and Hugging Face greedy on the base Qwen3 (LLM mode)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", head_dim=VLLM_HEAD_DIM, lora_rank=rank)
+    manifest = export_all(ckpt, tmp_path / "export", progress=False, lora_adapter=True)
+    want = [t.token_ids for t in TorchBackend(str(ckpt)).transcribe(clips, max_new_tokens=BUDGET)]
+    engine = _engine(manifest.root)
+    try:
+        assert engine.engine.lora is not None
+        assert [t.token_ids for t in engine.transcribe(clips, max_new_tokens=BUDGET)] == want
+        tok = engine.tokenizer
+        hf = _hf_greedy(manifest.artifact("llm_base"), text_prompt_ids(tok, "hello"), tok, 8)
+        assert engine.chat(["hello"], max_new_tokens=8)[0].token_ids == hf
+    finally:
+        engine.close()
+
+
+def test_stdout_carries_only_results(lora_export, clip_files):
+    """vLLM logs to stdout unless told otherwise: `transcribe --backend vllm --json` prints JSON lines alone there."""
+    argv = [sys.executable, "-m", "canary_qwen.cli", "transcribe", "--backend", "vllm", "--json"]
+    argv += ["--model", str(lora_export[1].root), "--max-new-tokens", "4", *clip_files[:2]]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [json.loads(line)["audio"] for line in run.stdout.splitlines()] == clip_files[:2]
 
 
 @pytest.fixture(scope="module")

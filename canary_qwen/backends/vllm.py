@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -52,6 +53,24 @@ def check_attention_shape(model: dict, device: str) -> None:
         )
 
 
+def lora_rank_cap(rank: int) -> int:
+    """The ``max_lora_rank`` to start vLLM with for an adapter of ``rank``: the smallest value vLLM takes that holds
+    it. vLLM 0.32 takes only the values of ``vllm.config.lora.MaxLoRARanks`` (1, 8, ... 512), read from this vLLM;
+    an adapter of any rank up to the cap loads."""
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:  # another vLLM layout: its own check stands
+        return rank
+    caps = sorted(typing.get_args(MaxLoRARanks))
+    for cap in caps:
+        if rank <= cap:
+            return cap
+    raise BackendUnavailable(
+        f"the LoRA adapter's rank {rank} is over the largest vLLM takes ({caps[-1]}): export without --lora-adapter "
+        "(the LoRA merged) to serve ASR on vLLM"
+    )
+
+
 class VllmEngine:
     """One vLLM engine over an export's Qwen3, fed prompt embeddings (or text ids) and returning token ids.
 
@@ -80,6 +99,8 @@ class VllmEngine:
         # No vLLM plugins unless asked for: NeMo 3.0 registers one (its own SALM path) that imports NeMo into the
         # engine, and vLLM 0.32's CPU kernel set-up then fails on a module numba brings ('_lib_fn_wrapper').
         os.environ.setdefault("VLLM_PLUGINS", "")
+        # vLLM logs to stdout by default, where our commands print results only.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         vllm = import_optional("vllm", REQUIREMENT)
         check_attention_shape(manifest.model, device)
         self._torch = import_optional("torch", REQUIREMENT)
@@ -105,7 +126,7 @@ class VllmEngine:
             args.update(
                 model=str(manifest.artifact("llm_base")),
                 enable_lora=True,
-                max_lora_rank=config["r"],
+                max_lora_rank=lora_rank_cap(config["r"]),
                 max_loras=1,
                 lora_target_modules=list(config["target_modules"]),
             )

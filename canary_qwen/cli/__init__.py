@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Progress of long steps (engine builds, benchmark skips) goes to stderr, results to stdout.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for chatty in ("httpx", "httpcore"):  # a line per HTTP request (the openai client's) is noise, not progress
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return args.run(args)
     except CanaryQwenError as e:

@@ -94,10 +94,22 @@ def slaney_mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, f
     return weights.astype(np.float32)
 
 
-def salm_config(size: str, xscaling: bool = False, lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj")) -> dict:
+def salm_config(
+    size: str,
+    xscaling: bool = False,
+    lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj"),
+    lora_rank: int | None = None,
+) -> dict:
     spec = SIZES[size]
     enc = spec["encoder"]
-    lora = {"task_type": "CAUSAL_LM", "lora_dropout": 0.01, "target_modules": list(lora_targets or ()), **spec["lora"]}
+    rank = {} if lora_rank is None else {"r": lora_rank, "lora_alpha": 2 * lora_rank}  # the released alpha / r
+    lora = {
+        "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.01,
+        "target_modules": list(lora_targets or ()),
+        **spec["lora"],
+        **rank,
+    }
     return {
         "pretrained_llm": "Qwen/Qwen3-1.7B",
         "pretrained_asr": "nvidia/canary-1b-flash",
@@ -218,12 +230,14 @@ def make_checkpoint(
     *,
     xscaling: bool = False,
     lora_targets: tuple[str, ...] | None = ("q_proj", "v_proj"),
+    lora_rank: int | None = None,
     head_dim: int | None = None,
 ) -> Path:
     """Write a random checkpoint; ``dtype`` defaults to bf16 (as released) for full, fp32 for the others.
 
-    ``xscaling`` and ``lora_targets`` vary the architecture so tests cover more than one config; ``head_dim``
-    replaces the LLM's (vLLM's CPU attention runs only 32, 64, 80, ... 256: tiny's 16 is not among them).
+    ``xscaling``, ``lora_targets`` and ``lora_rank`` (a checkpoint fine-tuned with another rank) vary the
+    architecture so tests cover more than one config; ``head_dim`` replaces the LLM's (vLLM's CPU attention runs
+    only 32, 64, 80, ... 256: tiny's 16 is not among them).
     """
     if size not in SIZES:
         raise UsageError(f"size must be one of {', '.join(SIZES)}")
@@ -234,7 +248,7 @@ def make_checkpoint(
     vocab = QWEN3_VOCAB if size == "full" else (n_tokens + 1 + 63) // 64 * 64  # room for the placeholder
     first_added = n_tokens - len(QWEN_ADDED_TOKENS)  # <|endoftext|>, <|im_start|>, <|im_end|>, ...
     cfg, llm_cfg = (
-        salm_config(size, xscaling, lora_targets),
+        salm_config(size, xscaling, lora_targets, lora_rank),
         qwen3_config(size, vocab, bos_id=first_added, eos_id=first_added + 2, head_dim=head_dim),
     )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
