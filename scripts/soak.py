@@ -259,36 +259,11 @@ class Sampler:
 
 
 # -- load and faults ------------------------------------------------------------------------------------------
-class PausingClient(TritonClient):
-    """A client that waits ``pause_s`` after a failed request before it reports the failure, as a client that
-    retries would: without it, the load test's workers retry a server that is down in a tight loop (thousands of
-    errors a second, and CPU taken from the restart)."""
-
-    def __init__(self, *args, pause_s: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pause_s = pause_s
-
-    def transcribe(self, *args, **kwargs):
-        try:
-            return super().transcribe(*args, **kwargs)
-        except Exception:
-            time.sleep(self.pause_s)
-            raise
-
-    def stream(self, *args, **kwargs):
-        try:
-            yield from super().stream(*args, **kwargs)
-        except Exception:
-            time.sleep(self.pause_s)
-            raise
-
-
-def mixed_load(serve: Serve, clips, concurrency: int, seconds: float, stream_share: float, pause_s: float) -> dict:
-    """gRPC and HTTP clients side by side for ``seconds``: one load report each."""
+def mixed_load(serve: Serve, clips, concurrency: int, seconds: float, stream_share: float) -> dict:
+    """gRPC and HTTP clients side by side for ``seconds``: one load report each (a refused request's worker waits
+    before its next one, as ``client loadtest`` does)."""
     shares = {"grpc": (concurrency + 1) // 2, "http": concurrency // 2}
-    clients = {
-        p: PausingClient(serve.grpc if p == "grpc" else serve.http, p, timeout_s=120, pause_s=pause_s) for p in shares
-    }
+    clients = {p: TritonClient(serve.grpc if p == "grpc" else serve.http, p, timeout_s=120) for p in shares}
     try:
         with ThreadPoolExecutor(2) as pool:
             futures = {
@@ -473,9 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="first send only the longest clip from every client for this long (not counted in --minutes)",
     )
-    p.add_argument(
-        "--error-pause-s", type=float, default=1.0, help="a client waits this long after a failed request (1)"
-    )
     p.add_argument("--faults", type=int, default=0, help="kill a model process this many times under the load")
     p.add_argument("--fault-every-s", type=float, default=60.0, help="seconds between faults (60)")
     p.add_argument("--fault-targets", default="llm,canary_qwen_stream", help="processes killed in turn")
@@ -515,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def segment(clip_set, seconds: float, **tags) -> None:
                 sampler.segment = len(segments) + 1
-                report = mixed_load(serve, clip_set, args.concurrency, seconds, args.stream_share, args.error_pause_s)
+                report = mixed_load(serve, clip_set, args.concurrency, seconds, args.stream_share)
                 last = sampler.sample()
                 segments.append({"segment": sampler.segment, "t_s": last["t_s"], **tags, **report})
                 errors = sum(sum(r["errors"].values()) for r in report.values())

@@ -139,13 +139,17 @@ def write_files(folder: Path) -> list[str]:
     return paths
 
 
-def reference_texts(files: list[str], backend: str, model: str) -> dict[str, str]:
-    """``canary-qwen transcribe --backend B --model M --json FILES``: text by file."""
+def transcribe_json(files: list[str], backend: str, model: str) -> str:
+    """What ``canary-qwen transcribe --backend B --model M --json FILES`` prints."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["transcribe", "--backend", backend, "--model", str(model), "--json", *files]) == 0
-    rows = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-    return {row["audio"]: row["text"] for row in rows}
+    return out.getvalue()
+
+
+def reference_texts(files: list[str], backend: str, model: str) -> dict[str, str]:
+    """``transcribe --json``'s text by file."""
+    return {row["audio"]: row["text"] for row in map(json.loads, transcribe_json(files, backend, model).splitlines())}
 
 
 def sse_events(body: str) -> list[dict]:

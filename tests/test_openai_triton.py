@@ -13,6 +13,7 @@ import http.client
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from test_openai_support import (
     parse_cues,
     reference_texts,
     sse_events,
+    transcribe_json,
     write_files,
 )
 
@@ -210,13 +212,19 @@ def test_32_concurrent_requests_equal_their_references(server, files, reference)
     assert server.metric("canary_qwen_openai_requests_in_flight") == 0
 
 
-def test_the_load_test_command_targets_the_openai_server(server, files, capsys):
-    from canary_qwen.cli import main
-
-    argv = ["client", "loadtest", "--openai", server.base_url, "--concurrency", "2", "--duration", "2", "--json"]
-    assert main([*argv, files[0]]) == 0
-    report = json.loads(capsys.readouterr().out)
+def test_the_load_test_command_targets_the_openai_server(server, files, tiny_export, work):
+    """Every answer checked against `transcribe --json` (token ids of plain answers through verbose_json; OpenAI's
+    stream events carry text only)."""
+    reference = work / "reference.jsonl"
+    reference.write_text(transcribe_json(files[:2], "onnx", tiny_export))
+    argv = [sys.executable, "-m", "canary_qwen.cli", "client", "loadtest", "--openai", server.base_url]
+    argv += ["--concurrency", "2", "--duration", "2", "--json", "--reference", str(reference), *files[:2]]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "HTTP Request" not in run.stderr  # nothing logged per request
+    report = json.loads(run.stdout)
     assert report["ok"] == report["requests"] > 0 and report["streams"] > 0 and not report["errors"]
+    assert report["compared"]["unary"] + report["compared"]["stream"] == report["ok"] and not report["mismatches"]
 
 
 def _post(server, fields: dict, file: tuple[str, bytes] | None) -> httpx.Response:
@@ -384,7 +392,9 @@ def test_a_stream_the_client_leaves_stops_decoding(triton, server, client, tiny_
     assert "".join(e.delta for e in short if e.type == "transcript.text.delta")  # and it serves on
 
 
-def test_triton_down_gives_503_in_time_and_failover_works(triton, work, files, reference):
+def test_triton_down_gives_503_in_time_and_failover_works(triton, work, files, reference, capsys):
+    from canary_qwen.cli import main
+
     dead = free_ports(1)[0]
     with openai_server(["--triton", f"127.0.0.1:{dead}", "--timeout-s", "5"], work / "down", ready=False) as down:
         status, body = down.get("/health")
@@ -399,6 +409,14 @@ def test_triton_down_gives_503_in_time_and_failover_works(triton, work, files, r
                 create(c, files[0])
             with pytest.raises(openai.InternalServerError):
                 list(create(c, files[0], stream=True))
+        # the load test counts these as refused, not failed, and waits as Retry-After (1 s) says between them:
+        # 2 clients for 3 s send at most 2 x (3 + 1) requests
+        argv = ["client", "loadtest", "--openai", down.base_url, "--model", MODEL, "--concurrency", "2"]
+        capsys.readouterr()
+        assert main([*argv, "--duration", "3", "--json", files[0]]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["refused"] == {"InternalServerError": report["requests"]} and not report["errors"]
+        assert 2 <= report["requests"] <= 8
     with openai_server(["--triton", f"127.0.0.1:{dead},{triton.grpc_url}"], work / "failover") as both:
         with openai.OpenAI(base_url=both.base_url, api_key="none", max_retries=0) as c:
             assert [create(c, files[0]).text for _ in range(3)] == [reference[files[0]]] * 3

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import HAVE_TRITON, NO_TRITON, make_clip, needs_server, running_server, stream_counts, wait_for_counts
+from test_openai_support import transcribe_json
 
 import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
@@ -287,15 +288,26 @@ def test_a_killed_serve_leaves_no_server_and_no_shared_memory(repo, tmp_path):
 
 
 @needs_server
-def test_load_command_reports_latencies(server, clips, tmp_path, capsys):
+def test_load_command_reports_latencies_and_answers_that_differ(server, clips, tiny_export, tmp_path, capsys):
+    """Every answer (plain and streamed, text and token ids) checked against `transcribe --json`; a reference
+    that does not hold is reported per mode and fails the run."""
     files = [str(tmp_path / f"{i}.wav") for i in range(4)]
     for path, clip in zip(files, clips):
         sf.write(path, clip, 16000, subtype="FLOAT")
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text(transcribe_json(files, "onnx", tiny_export))
     argv = ["client", "loadtest", "--url", server.grpc_url, "--concurrency", "4", "--duration", "2", "--json"]
-    assert main([*argv, *files]) == 0
+    assert main([*argv, "--reference", str(reference), *files]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["errors"] == {} and report["ok"] >= 4 and report["streams"] >= 2
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] and report["first_piece_ms"]["p50"] > 0
+    assert report["compared"]["unary"] + report["compared"]["stream"] == report["ok"] and not report["mismatches"]
+    rows = [json.loads(line) for line in reference.read_text().splitlines()]
+    rows[0]["token_ids"] = rows[0]["token_ids"][:-1]  # one file's reference one token short
+    reference.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*argv, "--reference", str(reference), *files]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert sum(report["mismatches"].values()) > 0 and not report["errors"]
 
 
 def _answered(server) -> float:

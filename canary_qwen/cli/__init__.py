@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Progress of long steps (engine builds, benchmark skips) goes to stderr, results to stdout.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for chatty in ("httpx", "httpcore"):  # a line per HTTP request (the openai client's) is noise, not progress
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    # Progress of long steps (engine builds, benchmark skips) goes to stderr, results to stdout. Other libraries
+    # say only what is wrong: their INFO lines (one per HTTP request from the openai client's httpx) are noise.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("canary_qwen").setLevel(logging.INFO)
     try:
         return args.run(args)
     except CanaryQwenError as e:

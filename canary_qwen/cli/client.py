@@ -32,7 +32,10 @@ LOADTEST_DESCRIPTION = """\
 Load test running Canary-Qwen Triton servers: --concurrency clients send requests one after another for
 --duration seconds, taking the audio files (cut into windows of at most 40 s) in turn; --stream-share of
 the requests are streams. Prints how many requests were answered, latency percentiles (p50/p90/p99, and
-the time to the first streamed piece), throughput and the errors by kind; exits 1 if any request failed.
+the time to the first streamed piece), throughput, and the requests refused (busy, rate limited, server down
+or restarting: the client then waits as the server's Retry-After says, or 1 s) apart from those that failed.
+With --reference, every answer is checked against `transcribe --json`'s for the same file. Exits 1 if any
+request failed or differed from the reference.
 """
 
 
@@ -117,6 +120,12 @@ def add_client_parser(subparsers) -> None:
         "--max-new-tokens", type=int, default=None, help="decoding budget per request (default: the server's)"
     )
     load.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a response (default: 120)")
+    load.add_argument(
+        "--reference",
+        metavar="FILE.jsonl",
+        help="what `canary-qwen transcribe --json` printed for the same files (and --max-new-tokens): every answer's "
+        "text and token ids are checked against it, and the report counts those that differ, per mode",
+    )
     load.add_argument("--json", action="store_true", help="print the report as one JSON object")
     load.set_defaults(run=run_client_loadtest)
 
@@ -237,33 +246,49 @@ def _run_streaming(args, out, err) -> int:
 
 
 def run_client_loadtest(args, out=None) -> int:
-    from ..client.loadtest import OpenAITarget, format_report, run_load
+    import os
+
+    from ..client.loadtest import OpenAITarget, Target, format_report, read_reference, run_load
     from ..client.triton import TritonClient
+    from ..errors import UsageError
     from ..pipeline.audio import load_audio
     from ..pipeline.windowing import plan_windows
 
     out = out or sys.stdout
-    clips = plan_windows([load_audio(path) for path in args.files]).windows
-    target: OpenAITarget | TritonClient
+    plan = plan_windows([load_audio(path) for path in args.files])
+    expected = None
+    if args.reference:
+        reference = read_reference(args.reference)
+        missing = [p for p in args.files if os.path.realpath(p) not in reference]
+        if missing or len(plan.windows) != len(args.files):
+            raise UsageError(
+                f"--reference must hold every file, each at most one window long (missing: {', '.join(missing)})"
+                if missing
+                else "--reference compares whole files: give files no longer than one window (40 s)"
+            )
+        expected = [reference[os.path.realpath(p)] for p in args.files]
+    target: Target
     if args.openai:
         target = OpenAITarget(args.openai, args.model, timeout_s=args.timeout)
     else:
         target = TritonClient(args.url, args.protocol, timeout_s=args.timeout)
-    with target:
-        if isinstance(target, TritonClient):
-            target.check()
-            if args.stream_share > 0:
-                target.check(target.stream_model)
+        target.check()
+        if args.stream_share > 0:
+            target.check(target.stream_model)
+    try:
         report = run_load(
             target,
-            clips,
+            plan.windows,
             concurrency=args.concurrency,
             duration_s=args.duration,
             stream_share=args.stream_share,
             max_new_tokens=args.max_new_tokens,
+            expected=expected,
         )
+    finally:
+        target.close()
     print(json.dumps(report.as_dict()) if args.json else format_report(report), file=out, flush=True)
-    return 1 if report.errors else 0
+    return 1 if report.errors or report.mismatches else 0
 
 
 def _joined(plan, windows):
