@@ -1,7 +1,9 @@
-"""One precision type: the names users type, and what each means to torch, numpy, ONNX and Triton."""
+"""One precision type: the names users type, what each means to torch, numpy, ONNX and Triton, and which one a
+backend runs in unless asked (``default_precision``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 
 from .errors import UsageError
@@ -13,6 +15,7 @@ class Precision(str, Enum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"  # int8 weights and activations in every linear (torch-fast on CPUs with VNNI/AMX), fp32 elsewhere
 
     @classmethod
     def parse(cls, name: str | Precision) -> Precision:
@@ -25,17 +28,25 @@ class Precision(str, Enum):
                 return p
         raise UsageError(f"unknown precision {name!r} (one of {', '.join(p.value for p in cls)})")
 
+    @classmethod
+    def floats(cls) -> tuple[Precision, ...]:
+        """The floating-point ones: what every tensor of a model can be held in."""
+        return (cls.FP32, cls.BF16, cls.FP16)
+
     @property
     def long_name(self) -> str:
-        """The name torch, numpy/ml_dtypes and TensorRT-LLM use: float32, bfloat16, float16."""
-        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.value]
+        """The name torch, numpy/ml_dtypes and TensorRT-LLM use: float32, bfloat16, float16 (and int8)."""
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}[self.value]
 
     @property
     def triton_type(self) -> str:
-        return {"fp32": "TYPE_FP32", "bf16": "TYPE_BF16", "fp16": "TYPE_FP16"}[self.value]
+        return f"TYPE_{self.value.upper()}"
 
     @property
     def torch_dtype(self):
+        """The torch dtype of a model held in this precision (int8 is a way to run the linears, not one)."""
+        if self is Precision.INT8:
+            raise UsageError("int8 quantizes the linears of an fp32 model: it is no dtype to hold a model in")
         import torch
 
         return getattr(torch, self.long_name)
@@ -54,3 +65,15 @@ class Precision(str, Enum):
     @classmethod
     def choices(cls, *members: Precision) -> tuple[str, ...]:
         return tuple(p.value for p in (members or tuple(cls)))
+
+
+def default_precision(device: str, takes: Sequence[Precision]) -> Precision | None:
+    """What a backend that ``takes`` these precisions runs in on ``device`` unless asked: bf16 on a CUDA GPU (the
+    released weights' own dtype, and the GPUs' fast path), fp32 elsewhere (the reference's tokens; on the CPUs
+    measured bf16 was slower than fp32, docs/benchmarks.md). None for a backend that takes none: it runs in its
+    export's or server's precision."""
+    if not takes:
+        return None
+    if str(device).startswith("cuda") and Precision.BF16 in takes:
+        return Precision.BF16
+    return Precision.FP32

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from canary_qwen.backends.cpu_linear import PackedLinear, cpu_has_bf16_units
-from canary_qwen.backends.fast_torch import FastTorchBackend, length_buckets
+from canary_qwen.backends.fast_torch import DenseLinear, FastTorchBackend, length_buckets
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.errors import ArtifactError, BackendUnavailable
@@ -156,7 +156,7 @@ def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
 def test_fast_path_packs_bf16_weights_where_the_cpu_has_bf16_units(tiny_checkpoint):
     fast = FastTorchBackend(str(tiny_checkpoint), dtype="bf16")
     if not cpu_has_bf16_units():
-        assert fast.head is None  # emulated bf16 would be slower than fp32: the plain weights stay
+        assert isinstance(fast.head, DenseLinear)  # emulated bf16 would be slower than fp32: the plain weights stay
         pytest.skip("this CPU has no AVX512-BF16 or AMX units")
     plain = TorchBackend(str(tiny_checkpoint), dtype="bf16", merge_lora=True).model
     x = torch.randn(5, plain.llm_cfg.hidden_size).bfloat16()

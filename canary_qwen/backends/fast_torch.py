@@ -66,9 +66,6 @@ def length_buckets(lengths: list[int], max_batch: int, min_fill: float = 0.8) ->
     return batches
 
 
-INT8 = "int8"
-
-
 class StaticKVCache:
     """[layers, slots, kv_heads, max_len, head_dim] keys and values plus the filled length per slot."""
 
@@ -87,28 +84,32 @@ class FastTorchBackend:
         model: str,
         *,
         device: str = "cpu",
-        dtype: str = "bf16",
+        dtype: str | None = None,
         # A decode step reads every weight once whatever the slot count, so more slots cost little until
         # the step turns compute-bound (docs/fast-path.md). A call never opens more slots than clips.
         max_slots: int = 256,
         encoder_batch: int | None = None,
         cuda_graphs: bool = True,
     ):
+        from .registry import resolve_dtype
+
         self.device = resolve_device(device)
         # "int8": int8 weights and activations in every linear (Int8Linear), fp32 everywhere else.
-        self.dtype = INT8 if dtype == INT8 else Precision.parse(dtype).value
-        if self.dtype == INT8 and self.device.type != "cpu":
+        precision = resolve_dtype(self.name, dtype, self.device.type)
+        assert precision is not None
+        self.dtype = precision.value
+        if self.dtype == Precision.INT8 and self.device.type != "cpu":
             raise BackendUnavailable(f"torch-fast int8 runs on a CPU, not on {self.device} (use bf16 there)")
-        if self.dtype == INT8 and not Int8Linear.available():
+        if self.dtype == Precision.INT8 and not Int8Linear.available():
             raise BackendUnavailable(
                 "torch-fast int8 needs a CPU with int8 dot-product units (AVX512-VNNI or AMX) and a PyTorch "
                 "build with oneDNN's quantized linear ops; this machine lacks them"
             )
         # int8 reads the weights as stored (bf16 for the released model) and makes each matrix fp32 only on
         # its way to int8, LoRA merged there in fp32: loading never holds an fp32 copy of the whole model.
-        int8 = self.dtype == INT8
+        int8 = self.dtype == Precision.INT8
         self.model, self.tokenizer, self.files = load_model(
-            model, dtype=None if int8 else Precision.parse(dtype).torch_dtype, device=self.device, merge_lora=not int8
+            model, dtype=None if int8 else precision.torch_dtype, device=self.device, merge_lora=not int8
         )
         # On a CPU each clip is encoded alone: in a padded batch its frames come out a few ulps different (the
         # mel and convolution kernels block by shape), which int8's activation rounding turns into other tokens
@@ -118,7 +119,6 @@ class FastTorchBackend:
             encoder_batch = 1 if self.device.type == "cpu" else 64
         self.max_slots, self.encoder_batch, self.cuda_graphs = max_slots, encoder_batch, cuda_graphs
         self.timings: dict[str, float] = {}
-        self.head = None  # the output layer as a module when prepacked, else model.logits' dense matmul
         if int8:
             self._prepack_for_cpu(Int8Linear)
             self.model.float()  # what stays dense: norms, convolutions, biases, embeddings, positions
@@ -127,6 +127,7 @@ class FastTorchBackend:
             self._prepack_for_cpu(PackedLinear)
         else:
             self._fuse_layers(DenseLinear)
+            self.head = DenseLinear(self.model.output_weight())
 
     def _prepack_for_cpu(self, linear: type[PackedLinear] | type[Int8Linear]) -> None:
         """The encoder's, projection's and LLM's linears and the output layer with oneDNN-prepacked weights:
@@ -158,7 +159,7 @@ class FastTorchBackend:
             layers[i] = fused(layer, linear)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(hidden) if self.head is None else self.head(hidden).float()
+        return self.head(hidden).float()
 
     @contextmanager
     def _timed(self, stage: str):
@@ -437,13 +438,19 @@ class FastTorchEngine:
 
 
 class DenseLinear(nn.Module):
-    """``x @ weight.T + bias`` over the tensors given (the fused matrices where nothing prepacks them)."""
+    """``x @ weight.T + bias`` over the tensors given (the fused matrices where nothing prepacks them).
+
+    On a CPU a one-row input is computed as two rows: MKL's one-row kernel sums in another order than its
+    many-row one (bf16 on CPUs without bf16 units, measured), so a sequence decoding alone would get other bits
+    than in a batch. A decode step reads the weights once either way."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            return nn.functional.linear(torch.cat((x, x)), self.weight, self.bias)[:1]
         return nn.functional.linear(x, self.weight, self.bias)
 
 

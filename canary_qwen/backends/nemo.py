@@ -11,7 +11,6 @@ from ..decoding import token_budgets, until_eos
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
 from ..model.prompt import user_message
-from ..precision import Precision
 from .base import Transcription, pad_waveforms
 
 
@@ -20,7 +19,7 @@ class NemoBackend:
     # SALM.generate takes one max_new_tokens for the whole batch: per-clip budgets become their maximum.
     budget_scope = "per-batch"
 
-    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "fp32"):
+    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str | None = None):
         try:
             from nemo.collections.speechlm2.models import SALM
         except ImportError as e:
@@ -28,15 +27,16 @@ class NemoBackend:
         import torch
         from transformers import GenerationConfig
 
+        from .registry import resolve_dtype
         from .torch_ref import resolve_device
 
         self.torch, self.generation_config = torch, GenerationConfig
         self.device = device
-        self.dtype = Precision.parse(dtype).value
         self.torch_device = resolve_device(device)
-        self.model = (
-            SALM.from_pretrained(str(model_dir)).eval().to(Precision.parse(dtype).torch_dtype).to(self.torch_device)
-        )
+        precision = resolve_dtype(self.name, dtype, self.torch_device.type)
+        assert precision is not None
+        self.dtype = precision.value
+        self.model = SALM.from_pretrained(str(model_dir)).eval().to(precision.torch_dtype).to(self.torch_device)
 
     def transcribe(
         self,

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailable, UsageError
-from ..precision import Precision
+from ..precision import Precision, default_precision
 from .base import Transcriber
 
 CHECKPOINT, EXPORT, SERVER = "checkpoint", "export", "server"  # what a backend's source is
-FLOATS = Precision.choices()
+FLOATS = Precision.floats()
 
 
 @dataclass(frozen=True)
@@ -22,54 +22,58 @@ class BackendSpec:
     name: str
     source: str  # CHECKPOINT (directory or hub id), EXPORT (`canary-qwen export` output) or SERVER (host:port)
     help: str
-    make: Callable[[str, str, str], Transcriber]  # (source, device, dtype) -> backend
+    make: Callable[[str, str, Precision | None], Transcriber]  # (source, device, dtype) -> backend
     continuous: bool = False  # batches by itself as requests come: give it every clip of a run at once
-    dtypes: tuple[str, ...] = ()  # precisions it can be asked for; () = fixed by its export or server
+    dtypes: tuple[Precision, ...] = ()  # precisions it can be asked for; () = fixed by its export or server
 
-    def check_dtype(self, dtype: str) -> None:
-        """Refuse a precision this backend cannot be asked for (one it would silently ignore)."""
-        if dtype not in self.dtypes:
+    def dtype(self, requested: str | None, device: str) -> Precision | None:
+        """The precision to make it in on ``device``: ``requested`` (refused when it cannot take it: it would be
+        silently ignored), else the default (``default_precision``); None where its export or server fixes it."""
+        if requested is None:
+            return default_precision(device, self.dtypes)
+        if requested not in self.dtypes:
             fixed = "its precision is that of its export or server" if not self.dtypes else ", ".join(self.dtypes)
-            raise UsageError(f"{self.name} does not run in {dtype!r} ({fixed})")
+            raise UsageError(f"{self.name} does not run in {requested!r} ({fixed})")
+        return Precision.parse(requested)
 
 
-def _torch(source: str, device: str, dtype: str) -> Transcriber:
+def _torch(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from .torch_ref import TorchBackend
 
     return TorchBackend(source, device=device, dtype=dtype)
 
 
-def _torch_fast(source: str, device: str, dtype: str) -> Transcriber:
+def _torch_fast(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from .fast_torch import FastTorchBackend
 
     return FastTorchBackend(source, device=device, dtype=dtype)
 
 
-def _onnx(source: str, device: str, dtype: str) -> Transcriber:
+def _onnx(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from .onnx_runtime import OnnxBackend
 
     return OnnxBackend(source, device=device)
 
 
-def _trt(source: str, device: str, dtype: str) -> Transcriber:
+def _trt(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from .trt import TrtLlmBackend
 
     return TrtLlmBackend(source, device=device)
 
 
-def _vllm(source: str, device: str, dtype: str) -> Transcriber:
+def _vllm(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from .vllm import VllmBackend
 
     return VllmBackend(source, device=device, dtype=dtype)
 
 
-def _nemo(source: str, device: str, dtype: str) -> Transcriber:
+def _nemo(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from .nemo import NemoBackend
 
     return NemoBackend(source, device=device, dtype=dtype)
 
 
-def _triton(source: str, device: str, dtype: str) -> Transcriber:
+def _triton(source: str, device: str, dtype: Precision | None) -> Transcriber:
     from ..client.triton import TritonBackend
 
     return TritonBackend(source)
@@ -84,7 +88,7 @@ BACKENDS: dict[str, BackendSpec] = {
             CHECKPOINT,
             "static KV cache, continuous batching, CUDA-graph decode on a GPU; int8 linears on CPUs with VNNI/AMX",
             _torch_fast,
-            dtypes=(*FLOATS, "int8"),
+            dtypes=(*FLOATS, Precision.INT8),
         ),
         BackendSpec("onnx", EXPORT, "ONNX Runtime on an export (CPU; CUDA with onnxruntime-gpu)", _onnx),
         BackendSpec(
@@ -117,20 +121,18 @@ def backend_spec(name: str) -> BackendSpec:
         raise BackendUnavailable(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
 
 
-DTYPE_CHOICES = tuple(dict.fromkeys(d for spec in BACKENDS.values() for d in spec.dtypes))
+DTYPE_CHOICES = tuple(dict.fromkeys(d.value for spec in BACKENDS.values() for d in spec.dtypes))
 DTYPE_HELP = (
-    "precision of torch / torch-fast / vllm / nemo (default: fp32); int8: torch-fast's int8 linears (CPUs with "
-    "VNNI or AMX); onnx, trt and triton run in their export's or server's precision"
+    "precision of torch / torch-fast / vllm / nemo (default: bf16 on CUDA, fp32 elsewhere); int8: torch-fast's int8 "
+    "linears (CPUs with VNNI or AMX); onnx, trt and triton run in their export's or server's precision"
 )
 
 
-def resolve_dtype(name: str, requested: str | None) -> str:
-    """The precision to make backend ``name`` in: fp32 unless asked; asking one it cannot take is refused."""
-    if requested is None:
-        return "fp32"
-    backend_spec(name).check_dtype(requested)
-    return requested
+def resolve_dtype(name: str, requested: str | None, device: str = "cpu") -> Precision | None:
+    """The precision backend ``name`` is made in on ``device`` (every entry point asks this): ``requested``, or the
+    default; one it cannot take is refused."""
+    return backend_spec(name).dtype(requested, device)
 
 
-def create_backend(name: str, source: str, *, device: str = "cpu", dtype: str = "fp32") -> Transcriber:
-    return backend_spec(name).make(source, device, dtype)
+def create_backend(name: str, source: str, *, device: str = "cpu", dtype: str | None = None) -> Transcriber:
+    return backend_spec(name).make(source, device, resolve_dtype(name, dtype, device))

@@ -10,7 +10,6 @@ from ..errors import BackendUnavailable
 from ..model.generate import greedy_tokens, splice_audio
 from ..model.prompt import prompt_ids
 from ..model.salm import load_model
-from ..precision import Precision
 from .base import Transcription, pad_waveforms
 
 
@@ -25,11 +24,15 @@ def resolve_device(device: str) -> torch.device:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: str, *, device: str = "cpu", dtype: str = "fp32", merge_lora: bool = False):
+    def __init__(self, model: str, *, device: str = "cpu", dtype: str | None = None, merge_lora: bool = False):
+        from .registry import resolve_dtype
+
         self.device = resolve_device(device)
-        self.dtype = Precision.parse(dtype).value
+        precision = resolve_dtype(self.name, dtype, self.device.type)
+        assert precision is not None
+        self.dtype = precision.value
         self.model, self.tokenizer, self.files = load_model(
-            model, dtype=Precision.parse(dtype).torch_dtype, device=self.device, merge_lora=merge_lora
+            model, dtype=precision.torch_dtype, device=self.device, merge_lora=merge_lora
         )
 
     @torch.inference_mode()

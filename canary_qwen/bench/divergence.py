@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..backends.fast_torch import INT8, FastTorchBackend
+from ..backends.fast_torch import FastTorchBackend
 from ..backends.onnx_runtime import OnnxBackend
 from ..backends.registry import create_backend
 from ..backends.torch_ref import TorchBackend
@@ -101,7 +101,7 @@ def onnx_forced_logits(backend: OnnxBackend, audio: np.ndarray, prefix: list[int
 
 def reference_dtype(dtype: str) -> str:
     """The reference's precision: ``dtype`` itself, fp32 for the fast path's int8 (which has no reference)."""
-    return "fp32" if dtype == INT8 else dtype
+    return "fp32" if dtype == Precision.INT8 else dtype
 
 
 def run_paths(
@@ -159,7 +159,7 @@ def explain(
         return found
     # int8 exists only in the fast path: its error is that of its own logits (the reference is fp32 then).
     # Made first: its loading peak (fp32 weights before quantizing) then stays below the fp32 reference's.
-    fast = FastTorchBackend(model, device=device, dtype=dtype) if dtype == INT8 else None
+    fast = FastTorchBackend(model, device=device, dtype=dtype) if dtype == Precision.INT8 else None
     fp32 = TorchBackend(model, device=device, dtype="fp32")
     reduced = None if fast else TorchBackend(model, device=device, dtype=dtype)
     graphs = None if export is None else OnnxBackend(export, device=device)
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--dtype",
         default="bf16",
-        choices=(*Precision.choices(), INT8),
+        choices=Precision.choices(),
         help="precision of every path (default: bf16); int8: torch-fast in int8 against the fp32 reference",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

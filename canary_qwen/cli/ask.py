@@ -21,7 +21,12 @@ def add_ask(sub) -> None:
         "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="answer budget in tokens (default: %(default)s)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", choices=Precision.choices(Precision.FP32, Precision.BF16), default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=Precision.choices(*Precision.floats()),
+        default=None,
+        help="default: bf16 on cuda, fp32 on cpu",
+    )
     p.set_defaults(run=run_ask)
 
 

@@ -22,7 +22,7 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--precision",
-        choices=Precision.choices(),
+        choices=Precision.choices(*Precision.floats()),
         default="fp32",
         help="TensorRT/TensorRT-LLM precision (default: fp32)",
     )

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ..backends.registry import DTYPE_CHOICES
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
 
@@ -66,7 +67,13 @@ def add_serve_openai(sub) -> None:
     mode.add_argument("--model", default=None, help="checkpoint (torch-fast) or export (onnx, vllm) directory")
     mode.add_argument("--backend", choices=LOCAL_BACKENDS, default=None, help="local engine for --model")
     mode.add_argument("--device", default="cpu", help="local engine: cpu or cuda (default: cpu)")
-    mode.add_argument("--dtype", default=None, help="local engine: precision (default: the backend's own)")
+    mode.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="local engine: torch-fast's or vllm's precision (default: bf16 on cuda, fp32 on cpu; onnx runs in its "
+        "export's)",
+    )
     mode.add_argument(
         "--max-batch", type=int, default=16, help="local engine: windows decoded together at most (default: 16)"
     )

@@ -12,7 +12,6 @@ from ..backends.registry import (
     DTYPE_HELP,
     SERVER,
     create_backend,
-    resolve_dtype,
 )
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import UsageError
@@ -80,8 +79,7 @@ def run_transcribe(args) -> int:
         args.batch_size = sys.maxsize if BACKENDS[args.backend].continuous else 8
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be at least 1")
-    dtype = resolve_dtype(args.backend, args.dtype)
-    backend = create_backend(args.backend, args.model, device=args.device, dtype=dtype)
+    backend = create_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
     failed = 0
     start = time.perf_counter()
     audio_s = 0.0

@@ -87,22 +87,23 @@ def run_transcribe_corpus(args) -> int:
     if not server and not args.model:
         raise UsageError(f"--backend {args.backend} needs --model")
     urls = tuple(u.strip() for u in args.url.split(",") if u.strip()) if args.url else ()
-    options = DecodeOptions(
-        backend=args.backend,
-        model=args.model or (DEFAULT_MODEL if server else ""),
-        urls=urls,
-        dtype=resolve_dtype(args.backend, args.dtype),
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        prompt=args.prompt,
-        max_window_s=args.max_window_s or None,
-    )
     cluster = ClusterOptions(
         address=args.ray_address,
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
         files_per_task=args.files_per_task,
+    )
+    dtype = resolve_dtype(args.backend, args.dtype, cluster.device)
+    options = DecodeOptions(
+        backend=args.backend,
+        model=args.model or (DEFAULT_MODEL if server else ""),
+        urls=urls,
+        dtype=None if dtype is None else dtype.value,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        max_window_s=args.max_window_s or None,
     )
     summary = transcribe_corpus(list_audio(args.input), args.output, options, cluster, retry_failed=args.retry_failed)
     print(

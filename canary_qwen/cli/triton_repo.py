@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..backends.registry import DTYPE_CHOICES
 from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS
 from ..errors import UsageError
 
@@ -87,8 +88,10 @@ def add_triton_repo_parser(subparsers) -> None:
     )
     p.add_argument(
         "--dtype",
+        choices=DTYPE_CHOICES,
         default=None,
-        help="torch-fast: fp32, bf16 or int8 (CPUs with VNNI/AMX); vllm: fp32 or bf16 (default: fp32)",
+        help="torch-fast: fp32, bf16, fp16 or int8 (CPUs with VNNI/AMX); vllm: fp32, bf16 or fp16 (default: bf16 on "
+        "cuda, fp32 on cpu)",
     )
     p.add_argument(
         "--engines", default=None, help="trt: folder with encoder.plan and llm_engine/ (default: ARTIFACTS/trt)"

@@ -39,7 +39,7 @@ class DecodeOptions:
     backend: str
     model: str  # checkpoint / export for local backends; for triton a label of what the servers serve
     urls: tuple[str, ...] = ()  # triton servers, one client per worker, dealt round-robin
-    dtype: str = "fp32"
+    dtype: str | None = None  # the backend's precision (resolve_dtype); None where its export or server fixes it
     batch_size: int = 8
     max_new_tokens: int = MAX_NEW_TOKENS
     prompt: str | None = None
@@ -76,6 +76,11 @@ class ClusterOptions:
             raise UsageError("--workers and --files-per-task must be at least 1")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise UsageError("--cpus-per-worker must be positive and --gpus-per-worker not negative")
+
+    @property
+    def device(self) -> str:
+        """Where each worker runs its backend."""
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
 
 
 @dataclass
@@ -259,7 +264,7 @@ def _results(ray, todo: list[str], options: DecodeOptions, cluster: ClusterOptio
         fn_constructor_kwargs={
             "options": options,
             "fingerprint": fp,
-            "device": "cuda" if cluster.gpus_per_worker > 0 else "cpu",
+            "device": cluster.device,
             "dealer": dealer,
         },
         batch_size=None,

@@ -34,7 +34,7 @@ def open_engine(
 ) -> StepEngine:
     """``backend``'s engine on ``source`` (a checkpoint for torch-fast, an export for vllm and onnx), sized for
     ``max_batch`` clips decoding at once, each up to ``max_audio_s`` and ``max_new_tokens_limit`` new tokens.
-    ``dtype``: torch-fast's and vLLM's precision (default fp32); ``kv_cache_gib``: vLLM's KV cache on a CPU."""
+    ``dtype``: torch-fast's and vLLM's precision (default: ``default_precision`` for ``device``); ``kv_cache_gib``: vLLM's KV cache on a CPU."""
     if backend not in ENGINES:
         raise UsageError(f"no in-process engine {backend!r} (one of {', '.join(ENGINES)})")
     if max_batch < 1 or max_new_tokens_limit < 1 or not max_audio_s > 0:
@@ -43,7 +43,7 @@ def open_engine(
     if backend == "torch-fast":
         from ..backends.fast_torch import FastTorchBackend
 
-        fast = FastTorchBackend(source, device=device, dtype=dtype or "fp32", max_slots=max_batch)
+        fast = FastTorchBackend(source, device=device, dtype=dtype, max_slots=max_batch)
         return fast.engine(slots=max_batch, max_len=positions)
     if dtype is not None and backend == "onnx":
         raise UsageError("onnx runs in its export's precision: leave dtype out")
@@ -58,7 +58,7 @@ def open_engine(
     return VllmEngine(
         manifest,
         device=device,
-        dtype=dtype or "fp32",
+        dtype=dtype,
         kv_cache_gib=kv_cache_gib,
         max_model_len=positions,
         encoder=OnnxEncoder(manifest.onnx_graph("encoder"), device, arena=False),

@@ -134,18 +134,19 @@ def generate_engine_repo(
 
     ``max_batch``: requests decoding together (torch-fast's cache slots; vLLM batches as its KV cache allows);
     each engine is sized for the longest clip and the largest budget the bounds allow. ``dtype``: the engine's
-    precision (torch-fast: fp32, bf16 or int8; vllm: fp32 or bf16; default fp32). ``kv_cache_gib``: the KV cache
+    precision (torch-fast: fp32, bf16, fp16 or int8; vllm: fp32, bf16 or fp16; default: ``default_precision``
+    for ``device``). ``kv_cache_gib``: the KV cache
     vLLM reserves on a CPU. The limits and queue bounds are the onnx flavour's (``generate_onnx_repo``).
     """
     if engine not in FLAVORS:
         raise UsageError(f"unknown engine flavour {engine!r} (one of {', '.join(FLAVORS)})")
     if max_batch < 1 or kv_cache_gib <= 0:
         raise UsageError("max_batch must be >= 1, kv_cache_gib > 0")
-    from ..backends.registry import backend_spec
+    from ..backends.registry import resolve_dtype
 
-    precision = dtype or "fp32"
-    backend_spec(engine).check_dtype(precision)
-    settings: dict = {"max_batch": max_batch, "device": device, "dtype": precision}
+    precision = resolve_dtype(engine, dtype, device)
+    assert precision is not None  # both engines take a precision
+    settings: dict = {"max_batch": max_batch, "device": device, "dtype": precision.value}
     if engine == "vllm":
         manifest = read_manifest(source)
         export_root = manifest.root
