@@ -29,6 +29,16 @@ class Precision(str, Enum):
         raise UsageError(f"unknown precision {name!r} (one of {', '.join(p.value for p in cls)})")
 
     @classmethod
+    def parse_float(cls, name: str | Precision) -> Precision:
+        """``parse`` where tensors are held or written (fp32, bf16, fp16): int8 is refused."""
+        precision = cls.parse(name)
+        if precision not in cls.floats():
+            raise UsageError(
+                f"{name!r} is no precision to hold tensors in (one of {', '.join(cls.choices(*cls.floats()))})"
+            )
+        return precision
+
+    @classmethod
     def floats(cls) -> tuple[Precision, ...]:
         """The floating-point ones: what every tensor of a model can be held in."""
         return (cls.FP32, cls.BF16, cls.FP16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backends.registry import BACKENDS, DEFAULT_BACKEND, SERVER, resolve_dtype
+from ..backends.registry import BACKENDS, DEFAULT_BACKEND, SERVER
 from ..client.triton import DEFAULT_MODEL
 from ..errors import UsageError
 from .transcribe import add_decoding_options
@@ -94,12 +94,11 @@ def run_transcribe_corpus(args) -> int:
         gpus_per_worker=args.gpus_per_worker,
         files_per_task=args.files_per_task,
     )
-    dtype = resolve_dtype(args.backend, args.dtype, cluster.device)
     options = DecodeOptions(
         backend=args.backend,
         model=args.model or (DEFAULT_MODEL if server else ""),
         urls=urls,
-        dtype=None if dtype is None else dtype.value,
+        dtype=args.dtype,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         prompt=args.prompt,

@@ -104,7 +104,7 @@ class EmbeddingsClient:
             self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
             inputs = {i["name"]: i["data_type"] for i in config.get("input", [])}
             self.trt = "prompt_embedding_table" in inputs
-            self.table_dtype = Precision.parse(inputs.get("prompt_embedding_table", "TYPE_BF16")).long_name
+            self.table_dtype = Precision.parse_float(inputs.get("prompt_embedding_table", "TYPE_BF16")).long_name
         except BaseException:
             self.client.close()
             raise

@@ -18,12 +18,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from ..backends.registry import SERVER, backend_spec, create_backend
+from ..backends.registry import SERVER, backend_spec, create_backend, resolve_dtype
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import ExternalToolError, UsageError, import_optional
 from ..pipeline.batching import FileResult, transcribe_files
@@ -39,7 +39,7 @@ class DecodeOptions:
     backend: str
     model: str  # checkpoint / export for local backends; for triton a label of what the servers serve
     urls: tuple[str, ...] = ()  # triton servers, one client per worker, dealt round-robin
-    dtype: str | None = None  # the backend's precision (resolve_dtype); None where its export or server fixes it
+    dtype: str | None = None  # the backend's precision; None: its default on the workers' device
     batch_size: int = 8
     max_new_tokens: int = MAX_NEW_TOKENS
     prompt: str | None = None
@@ -221,6 +221,8 @@ def transcribe_corpus(
 ) -> Summary:
     """Transcribe ``paths`` not yet in ``out`` with these options; returns the closing summary's numbers."""
     ray = import_optional("ray", RAY_REQUIREMENT)
+    dtype = resolve_dtype(options.backend, options.dtype, cluster.device)  # the default is part of the identity
+    options = replace(options, dtype=None if dtype is None else dtype.value)
     identity = options.identity()
     fp = fingerprint(identity)
     with ResultStore(out) as store:

@@ -73,7 +73,7 @@ def export_all(
         if target not in TARGETS:
             raise UsageError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
         precision, quantize = TARGETS[target]["precision"], TARGETS[target]["quantize"]
-    precision = Precision.parse(precision).value
+    precision = Precision.parse_float(precision).value
     quantization = None if quantize is None else parse_method(quantize)
     if max_batch < 1 or max_audio_s <= 0:
         raise UsageError("--max-batch must be >= 1 and --max-audio-s > 0")
@@ -98,7 +98,7 @@ def export_all(
         if name == "encoder.onnx":
             written = export_encoder(model, path)
         elif name.startswith("encoder_"):
-            written = export_encoder(model, path, Precision.parse(precision).torch_dtype)
+            written = export_encoder(model, path, Precision.parse_float(precision).torch_dtype)
         elif name == "decoder.onnx":
             written = export_decoder(model, path)
             # Nothing after this needs the model: free it before a quantizer loads the decoder graph

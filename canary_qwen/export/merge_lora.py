@@ -111,7 +111,7 @@ def merge_lora_checkpoint(
     ``dtype``: "bfloat16", "float32" or "float16" (the merge itself is always fp32). Weights larger
     than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` plus an index.
     """
-    precision = Precision.parse(dtype)
+    precision = Precision.parse_float(dtype)
     out_dtype = precision.torch_dtype
     files = resolve_checkpoint(source)
     tokenizer = QwenTokenizer(files.tokenizer_dir, files.config.audio_locator_tag)

@@ -140,7 +140,7 @@ def quantize_llm(
         raise UsageError("--calib-count and --calib-batch must be >= 1")
     from ..precision import Precision
 
-    out_dtype = Precision.parse(dtype)
+    out_dtype = Precision.parse_float(dtype)
     if out_dtype not in (Precision.BF16, Precision.FP16):
         raise UsageError(f"--dtype must be bf16 or fp16 (TensorRT-LLM's quantized kernels), got {dtype!r}")
     mtq = import_optional("modelopt.torch.quantization", MODELOPT_REQUIREMENT)

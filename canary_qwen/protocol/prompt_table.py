@@ -32,7 +32,7 @@ def resolve_dtype(dtype) -> np.dtype:
     """
     if isinstance(dtype, str):
         try:
-            return Precision.parse(dtype).numpy_dtype
+            return Precision.parse_float(dtype).numpy_dtype
         except UsageError:
             raise PromptTableError(f"unknown table dtype {dtype!r} (bfloat16, float16 or float32)") from None
     return np.dtype(dtype)

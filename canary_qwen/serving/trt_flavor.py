@@ -158,7 +158,7 @@ def _flag(value: bool) -> str:
 
 
 def _triton_dtype(dtype: str) -> str:
-    return Precision.parse(dtype).triton_type
+    return Precision.parse_float(dtype).triton_type
 
 
 def encoder_config(

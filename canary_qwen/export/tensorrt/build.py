@@ -78,7 +78,7 @@ def build_engines(
         )
         record["encoder_profile"] = asdict(profile)
     if only in (None, "llm"):
-        dtype = Precision.parse(manifest.data["precision"]).long_name
+        dtype = Precision.parse_float(manifest.data["precision"]).long_name
         quantized_checkpoint = None
         if quantized is not None:
             done = manifest.data.get("llm_quantized", {})
@@ -88,7 +88,7 @@ def build_engines(
                     f"run `canary-qwen quantize --artifacts {export_dir} --method {quantized}` first"
                 )
             quantized_checkpoint = manifest.artifact(done[quantized]["trtllm_checkpoint"])
-            dtype = Precision.parse(done[quantized]["dtype"]).long_name
+            dtype = Precision.parse_float(done[quantized]["dtype"]).long_name
         log(
             f"building the TensorRT-LLM engine ({dtype}, batch <= {max_batch}, {manifest.model['max_audio_frames']} audio frames per clip)"
         )

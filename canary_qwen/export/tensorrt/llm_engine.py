@@ -138,7 +138,7 @@ def trtllm_build_commands(
     chunked context) and the GEMM plugin in the model dtype. With ``quantized_checkpoint`` (a TensorRT-LLM
     checkpoint from ``canary-qwen quantize``) there is nothing to convert: [trtllm-build command] only.
     """
-    dtype = Precision.parse(dtype).long_name  # trtllm-build and convert_checkpoint.py take the long names
+    dtype = Precision.parse_float(dtype).long_name  # trtllm-build and convert_checkpoint.py take the long names
     sizes = engine_sizes(
         max_batch=max_batch,
         max_audio_frames=max_audio_frames,
