@@ -1,24 +1,30 @@
 """What one request may ask for and how many may wait: the one bounds type every server applies (the python
-Triton flavours' models and queues, the OpenAI-compatible server)."""
+Triton flavours' models and queues, the OpenAI-compatible server). A command builds it once from its flags; a
+generated Triton repository carries it in each model's config as one parameter (``parameters``), which the model
+reads back with ``from_parameters``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 
-from .errors import InputError, UsageError
+from .defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WINDOW_S, QUEUE_TIMEOUT_S
+from .errors import ArtifactError, InputError, UsageError
+
+PARAMETER = "request_bounds"  # the model-config parameter that holds them, as JSON
 
 
 @dataclass(frozen=True)
 class RequestBounds:
-    """``max_audio_s``: longest clip (one window); ``max_new_tokens``: a request's default budget, at most
-    ``max_new_tokens_limit``; ``max_queue``: requests that may wait; ``queue_timeout_s``: how long one may
-    wait before it is refused (0: no limit)."""
+    """``max_audio_s``: longest clip (one window; None: the export's, else the model's training window);
+    ``max_new_tokens``: a request's default budget, at most ``max_new_tokens_limit``; ``max_queue``: requests that
+    may wait; ``queue_timeout_s``: how long one may wait before it is refused (0: no limit)."""
 
-    max_audio_s: float
-    max_new_tokens: int
-    max_new_tokens_limit: int
-    max_queue: int
-    queue_timeout_s: float
+    max_audio_s: float | None = None
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT
+    max_queue: int = MAX_QUEUE
+    queue_timeout_s: float = QUEUE_TIMEOUT_S
 
     def __post_init__(self):
         if min(self.max_new_tokens, self.max_queue) < 1 or self.queue_timeout_s < 0:
@@ -27,23 +33,44 @@ class RequestBounds:
             raise UsageError(
                 f"max_new_tokens {self.max_new_tokens} is over max_new_tokens_limit {self.max_new_tokens_limit}"
             )
-        if not self.max_audio_s > 0:
+        if self.max_audio_s is not None and not self.max_audio_s > 0:
             raise UsageError(f"max_audio_s must be > 0, got {self.max_audio_s}")
+
+    def with_audio_limit(self, export_max_audio_s: float | None) -> RequestBounds:
+        """These bounds with ``max_audio_s`` set: as given, else the export's, else the training window."""
+        if self.max_audio_s is not None:
+            return self
+        return replace(self, max_audio_s=float(export_max_audio_s or MAX_WINDOW_S))
+
+    @property
+    def audio_s(self) -> float:
+        """``max_audio_s``, set (the training window where it is None)."""
+        return MAX_WINDOW_S if self.max_audio_s is None else self.max_audio_s
 
     @property
     def queue(self) -> tuple[int, int]:
         """A Triton queue policy: (max_queue_size, timeout in microseconds; 0: no limit)."""
         return self.max_queue, round(self.queue_timeout_s * 1e6)
 
-    @property
-    def budgets(self) -> dict:
-        """The parameters the decoding models read: default budget and the most a request may ask for."""
-        return {"max_new_tokens": self.max_new_tokens, "max_new_tokens_limit": self.max_new_tokens_limit}
+    def parameters(self) -> dict[str, str]:
+        """The model-config parameter that carries these bounds."""
+        return {PARAMETER: json.dumps(asdict(self.with_audio_limit(None)), sort_keys=True)}
 
-    def budget(self, requested: int | None) -> int:
-        """A request's token budget: the default when it names none; outside 1..limit an InputError."""
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> RequestBounds:
+        """The bounds a model's config carries (``parameters``)."""
+        try:
+            return cls(**json.loads(params[PARAMETER]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(
+                f"the model's config has no valid {PARAMETER} parameter ({e}): regenerate the repository with "
+                "`canary-qwen triton-repo`"
+            ) from None
+
+    def budget(self, requested: int | None, *, least: int = 1, name: str = "max_new_tokens") -> int:
+        """A request's token budget: the default when it names none; outside ``least``..limit an InputError."""
         if requested is None:
             return self.max_new_tokens
-        if not 1 <= requested <= self.max_new_tokens_limit:
-            raise InputError(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, got {requested}")
+        if not least <= requested <= self.max_new_tokens_limit:
+            raise InputError(f"{name} must be between {least} and {self.max_new_tokens_limit}, got {requested}")
         return int(requested)

@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from safetensors.torch import load_file, save_file
 
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.export.manifest import record_engine_build
 from canary_qwen.export.tensorrt.encoder_engine import EncoderProfile
 from canary_qwen.model.synthetic import make_checkpoint
@@ -117,6 +118,14 @@ def running_server(repo, work_dir, startup_timeout: float = 120.0):
         yield server
 
 
+def read_bounds(model_dir) -> RequestBounds:
+    """The request bounds a generated model's config carries, read as the model reads them at start."""
+    from canary_qwen.serving.config_check import parse_model_config
+
+    config = parse_model_config(Path(model_dir) / "config.pbtxt")
+    return RequestBounds.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+
+
 def stream_counts(server, model: str = "canary_qwen_stream") -> dict[str, float]:
     """What a streaming python model counted (canary_qwen/serving/models/metrics.py), from the server's metrics
     endpoint: tokens generated, and requests finished, cancelled and failed."""
@@ -145,11 +154,14 @@ def wait_for_counts(read, until, timeout: float = 60.0) -> dict[str, float]:
     return counts
 
 
-def write_engines(root, manifest, *, vocab_size: int, max_batch: int = 8, dtype: str = "bfloat16"):
+def write_engines(
+    root, manifest, *, vocab_size: int, max_batch: int = 8, dtype: str = "bfloat16", max_new_tokens: int = 128
+):
     """What `canary-qwen build-engines` leaves for the trt flavour, without TensorRT: trt/encoder.plan and
     trt/llm_engine/ with the config.json trtllm-build writes (pretrained_config + build_config), and the
     manifest's build record. The generator reads only that config and record; the engine bytes are linked,
-    never parsed, so they are placeholders here. ``vocab_size``: the engine's, where fake ids start."""
+    never parsed, so they are placeholders here. ``vocab_size``: the engine's, where fake ids start;
+    ``max_new_tokens``: the answer length it is built for (max_seq_len - max_input_len)."""
     profile = EncoderProfile(opt_samples=4 * 16000, max_samples=8 * 16000)
     record_engine_build(
         manifest.root,
@@ -173,7 +185,7 @@ def write_engines(root, manifest, *, vocab_size: int, max_batch: int = 8, dtype:
     build = {
         "max_batch_size": max_batch,
         "max_input_len": 600,
-        "max_seq_len": 728,
+        "max_seq_len": 600 + max_new_tokens,
         "max_prompt_embedding_table_size": max_batch * 500,
     }
     config = {"version": "1.2.0", "pretrained_config": pretrained, "build_config": build}

@@ -13,6 +13,7 @@ from conftest import make_clip
 
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import EngineLoop
 from canary_qwen.engines.local import open_engine, positions_for
 from canary_qwen.errors import InputError, Overloaded, UsageError
@@ -62,9 +63,8 @@ def reference(tiny_checkpoint, clips):
 
 @pytest.fixture(scope="module")
 def fast_loop(tiny_checkpoint):
-    engine = open_engine(
-        "torch-fast", str(tiny_checkpoint), max_batch=4, max_audio_s=MAX_AUDIO_S, max_new_tokens_limit=LIMIT
-    )
+    bounds = RequestBounds(max_audio_s=MAX_AUDIO_S, max_new_tokens_limit=LIMIT)
+    engine = open_engine("torch-fast", str(tiny_checkpoint), max_batch=4, bounds=bounds)
     loop = EngineLoop(engine, name="torch-fast", max_pending=12)
     yield loop
     loop.close()
@@ -130,7 +130,9 @@ def test_refusals_leave_the_other_requests_untouched(fast_loop, clips, reference
 
 
 def test_a_full_loop_refuses_at_once(tiny_checkpoint, clips):
-    engine = open_engine("torch-fast", str(tiny_checkpoint), max_batch=1, max_audio_s=2, max_new_tokens_limit=LIMIT)
+    engine = open_engine(
+        "torch-fast", str(tiny_checkpoint), max_batch=1, bounds=RequestBounds(max_audio_s=2, max_new_tokens_limit=LIMIT)
+    )
     loop = EngineLoop(engine, name="one slot", max_pending=2)
     try:
         ids, held = prompt_ids(loop.tokenizer, None), [Collect(stop_after=50), Collect(stop_after=50)]

@@ -37,6 +37,7 @@ from test_openai_support import (
 )
 
 from canary_qwen.backends.onnx_runtime import OnnxBackend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.openai_api.formats import cue_text
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 from canary_qwen.serving.server import free_ports
@@ -59,7 +60,11 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def triton(tiny_export, work):
     repo = generate_onnx_repo(
-        tiny_export, work / "repo", max_batch=8, queue_delay_us=5000, max_new_tokens_limit=TOKEN_LIMIT, max_queue=64
+        tiny_export,
+        work / "repo",
+        max_batch=8,
+        queue_delay_us=5000,
+        bounds=RequestBounds(max_new_tokens_limit=TOKEN_LIMIT, max_queue=64),
     )
     with running_server(repo, work / "triton") as server:
         yield server

@@ -10,6 +10,7 @@ from canary_qwen.backends.registry import BACKENDS, create_backend, resolve_dtyp
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.backends import BackendOptions, RunSpec
 from canary_qwen.bench.backends import create_backend as bench_backend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines.local import open_engine
 from canary_qwen.errors import UsageError
 from canary_qwen.precision import Precision, default_precision
@@ -41,7 +42,7 @@ def test_every_entry_point_gives_torch_fast_the_same_default(tiny_checkpoint, tm
     made = {
         "constructor": FastTorchBackend(ckpt).dtype,
         "transcribe": create_backend("torch-fast", ckpt).dtype,
-        "serve-openai": open_engine("torch-fast", ckpt, max_batch=1, max_audio_s=2).backend.dtype,
+        "serve-openai": open_engine("torch-fast", ckpt, max_batch=1, bounds=RequestBounds(max_audio_s=2)).backend.dtype,
         "bench": bench_backend(RunSpec.parse("torch-fast"), BackendOptions(model=ckpt)).dtype,
         "torch constructor": TorchBackend(ckpt).dtype,
     }

@@ -21,6 +21,7 @@ from conftest import HAVE_TRITON, NO_TRITON, make_clip, needs_server
 
 import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.client.triton import TritonClient
 from canary_qwen.errors import UsageError
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
@@ -70,7 +71,7 @@ def repo(tiny_export, tmp_path_factory):
         tmp_path_factory.mktemp("restart") / "repo",
         max_batch=8,
         queue_delay_us=20000,
-        max_new_tokens_limit=TOKEN_LIMIT,
+        bounds=RequestBounds(max_new_tokens_limit=TOKEN_LIMIT),
     )
 
 

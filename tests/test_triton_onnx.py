@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_clip, needs_server, running_server
+from conftest import make_clip, needs_server, read_bounds, running_server
 
 from canary_qwen.backends.base import Transcription
 from canary_qwen.backends.onnx_runtime import OnnxBackend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli.client import add_client_parser
 from canary_qwen.client.triton import (
     InferenceError,
@@ -69,7 +70,7 @@ def repo(export_dir, tmp_path_factory):
         tmp_path_factory.mktemp("build") / "repo",
         max_batch=MAX_BATCH,
         queue_delay_us=QUEUE_DELAY_US,
-        max_audio_s=MAX_AUDIO_S,
+        bounds=RequestBounds(max_audio_s=MAX_AUDIO_S),
     )
     moved = tmp_path_factory.mktemp("served") / "repo"
     shutil.move(str(built), str(moved))  # the served repository has been moved: nothing may point back
@@ -147,7 +148,7 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
         if name != "canary_qwen":
             policy = parse_model_config(repo / name / "config.pbtxt").dynamic_batching.default_queue_policy
             assert (policy.max_queue_size, policy.default_timeout_microseconds) == (64, 60_000_000), name
-    assert llm.parameters["max_new_tokens_limit"].string_value == "512"
+    assert read_bounds(repo / "llm").max_new_tokens_limit == 512
     ens = parse_model_config(repo / "canary_qwen" / "config.pbtxt")
     assert ens.platform == "ensemble"
     assert [(i.name, i.optional) for i in ens.input] == [("AUDIO", False), ("PROMPT", True), ("MAX_NEW_TOKENS", True)]
@@ -159,7 +160,7 @@ def test_every_config_parses_and_the_ensemble_is_wired(repo, export_dir):
         "TEXT",
         "OUTPUT_IDS",
     ]
-    assert stream.parameters["max_audio_s"].string_value == str(MAX_AUDIO_S)
+    assert read_bounds(repo / "canary_qwen_stream").max_audio_s == MAX_AUDIO_S
 
     # relocatable: no absolute paths; artifacts live in the version folders (hard links of the export)
     for cfg_file in repo.glob("*/config.pbtxt"):
@@ -187,15 +188,14 @@ def test_generate_arguments_and_regeneration(export_dir, tmp_path):
         cfg = parse_model_config(out / name / "config.pbtxt")
         assert cfg.max_batch_size == 4 and cfg.instance_group[0].count == 3
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
-    assert parse_model_config(out / "preprocessing" / "config.pbtxt").parameters["max_audio_s"].string_value == "40.0"
+    assert read_bounds(out / "preprocessing").max_audio_s == 40.0  # the export's
     assert check_ensemble(out) == []
     with pytest.raises(ValueError, match="max_batch"):
         generate_onnx_repo(export_dir, tmp_path / "bad", max_batch=0)
     with pytest.raises(ValueError, match="over max_new_tokens_limit 512"):
-        generate_onnx_repo(export_dir, tmp_path / "bad", max_new_tokens=600)
-    out = generate_onnx_repo(
-        export_dir, out, max_queue=3, queue_timeout_s=0, max_new_tokens_limit=40, max_new_tokens=20
-    )
+        RequestBounds(max_new_tokens=600)
+    bounds = RequestBounds(max_queue=3, queue_timeout_s=0, max_new_tokens_limit=40, max_new_tokens=20)
+    out = generate_onnx_repo(export_dir, out, bounds=bounds)
     for name in ("preprocessing", "encoder", "llm", "postprocessing", "canary_qwen_stream"):
         policy = parse_model_config(out / name / "config.pbtxt").dynamic_batching.default_queue_policy
         assert (policy.max_queue_size, policy.default_timeout_microseconds) == (3, 0), name

@@ -24,6 +24,7 @@ from test_openai_support import transcribe_json
 
 import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli import main
 from canary_qwen.client.triton import (
     InferenceError,
@@ -50,9 +51,7 @@ def repo(tiny_export, tmp_path_factory):
         tmp_path_factory.mktemp("resilience") / "repo",
         max_batch=8,
         queue_delay_us=20000,
-        max_audio_s=MAX_AUDIO_S,
-        max_queue=MAX_QUEUE,
-        max_new_tokens_limit=TOKEN_LIMIT,
+        bounds=RequestBounds(max_audio_s=MAX_AUDIO_S, max_queue=MAX_QUEUE, max_new_tokens_limit=TOKEN_LIMIT),
     )
 
 

@@ -10,9 +10,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import make_clip, needs_server, running_server, stream_counts, wait_for_counts
+from conftest import make_clip, needs_server, read_bounds, running_server, stream_counts, wait_for_counts
 
 from canary_qwen.backends.torch_ref import TorchBackend
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli import main
 from canary_qwen.client.triton import InferenceError, TritonClient
 from canary_qwen.errors import UsageError
@@ -34,11 +35,13 @@ def repo(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint,
         tmp_path_factory.mktemp("tfast") / "repo",
         max_batch=SLOTS,
-        max_audio_s=MAX_AUDIO_S,
-        max_new_tokens=BUDGET,
-        max_new_tokens_limit=TOKEN_LIMIT,
-        max_queue=32,
-        queue_timeout_s=30,
+        bounds=RequestBounds(
+            max_audio_s=MAX_AUDIO_S,
+            max_new_tokens=BUDGET,
+            max_new_tokens_limit=TOKEN_LIMIT,
+            max_queue=32,
+            queue_timeout_s=30,
+        ),
     )
 
 
@@ -66,10 +69,8 @@ def test_repository_is_one_engine_model_streaming_and_behind_the_ensemble(repo, 
     assert engine.parameters["engine"].string_value == "torch-fast"
     assert engine.max_batch_size == SLOTS
     assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
-    assert (
-        engine.dynamic_batching.default_queue_policy.max_queue_size,
-        engine.parameters["max_audio_s"].string_value,
-    ) == (32, "8.0")
+    assert engine.dynamic_batching.default_queue_policy.max_queue_size == 32
+    assert read_bounds(repo / "canary_qwen_stream").max_audio_s == MAX_AUDIO_S
     steps = parse_model_config(repo / "canary_qwen" / "config.pbtxt").ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["canary_qwen_stream"]
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["canary_qwen", "canary_qwen_stream"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import make_clip, running_server, write_engines
 
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.errors import ArtifactError, InputError, UsageError
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.export.manifest import read_manifest
@@ -38,7 +39,7 @@ def trt_repo(export_dir, tmp_path_factory):
     manifest = read_manifest(export_dir)
     write_engines(export_dir / "trt", manifest, vocab_size=ENGINE_VOCAB)
     return trt_flavor.generate_trt_repo(
-        export_dir, tmp_path_factory.mktemp("trt") / "repo", max_batch=MAX_BATCH, max_audio_s=8.0
+        export_dir, tmp_path_factory.mktemp("trt") / "repo", max_batch=MAX_BATCH, bounds=RequestBounds(max_audio_s=8.0)
     )
 
 
@@ -150,7 +151,7 @@ def test_missing_engines_and_too_large_batches_are_clear_errors(export_dir, tmp_
     with pytest.raises(ValueError, match=r"max_batch must be in 1\.\.8"):
         trt_flavor.generate_trt_repo(export_dir, tmp_path / "b", max_batch=9)
     with pytest.raises(ValueError, match="at most 500 per request"):  # 41 s -> 513 frames
-        trt_flavor.generate_trt_repo(export_dir, tmp_path / "c", max_audio_s=41.0)
+        trt_flavor.generate_trt_repo(export_dir, tmp_path / "c", bounds=RequestBounds(max_audio_s=41.0))
 
 
 # -- the python models in the real server ------------------------------------------------------------------

@@ -12,9 +12,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm (scripts/setup.sh)")
 
-from conftest import make_clip, running_server  # noqa: E402
+from conftest import make_clip, read_bounds, running_server  # noqa: E402
 
 from canary_qwen.backends.torch_ref import TorchBackend  # noqa: E402
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.client.triton import TritonClient  # noqa: E402
 from canary_qwen.errors import UsageError  # noqa: E402
 from canary_qwen.export.artifacts import export_all  # noqa: E402
@@ -45,11 +46,13 @@ def repo(export_root, tmp_path_factory):
         "vllm",
         export_root,
         tmp_path_factory.mktemp("tvllm-repo") / "repo",
-        max_new_tokens=BUDGET,
-        max_new_tokens_limit=TOKEN_LIMIT,
-        max_queue=MAX_QUEUE,
-        queue_timeout_s=30,
-        max_audio_s=MAX_AUDIO_S,
+        bounds=RequestBounds(
+            max_new_tokens=BUDGET,
+            max_new_tokens_limit=TOKEN_LIMIT,
+            max_queue=MAX_QUEUE,
+            queue_timeout_s=30,
+            max_audio_s=MAX_AUDIO_S,
+        ),
         kv_cache_gib=0.0625,
     )
 
@@ -79,14 +82,12 @@ def test_repository_is_wired_and_bounded(repo, export_root, tmp_path):
     policy = engine.dynamic_batching.default_queue_policy
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (MAX_QUEUE, 30_000_000)
     assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
-    assert engine.parameters["max_new_tokens_limit"].string_value == str(TOKEN_LIMIT)
+    assert read_bounds(repo / "canary_qwen_stream").max_new_tokens_limit == TOKEN_LIMIT
     assert (repo / "canary_qwen_stream" / "1" / "export" / "lora" / "adapter_config.json").is_file()
     with pytest.raises(UsageError, match="max_audio_s must be > 0"):
-        generate_engine_repo("vllm", export_root, tmp_path / "bad", max_audio_s=0)
+        RequestBounds(max_audio_s=0)
     with pytest.raises(UsageError, match=f"over max_new_tokens_limit {TOKEN_LIMIT}"):
-        generate_engine_repo(
-            "vllm", export_root, tmp_path / "bad", max_new_tokens=TOKEN_LIMIT + 1, max_new_tokens_limit=TOKEN_LIMIT
-        )
+        RequestBounds(max_new_tokens=TOKEN_LIMIT + 1, max_new_tokens_limit=TOKEN_LIMIT)
 
 
 def test_32_concurrent_clients_each_get_the_reference_answer(server, clips, expected):

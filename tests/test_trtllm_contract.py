@@ -17,6 +17,7 @@ import trtllm_contract
 from conftest import make_clip, running_server, write_engines
 
 from canary_qwen.backends.onnx_runtime import OnnxBackend, OnnxEncoder
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.client.embeddings import trtllm_request_arrays
 from canary_qwen.errors import InputError
 from canary_qwen.export.artifacts import export_all
@@ -38,7 +39,14 @@ def export_dir(tiny_checkpoint, tmp_path_factory):
     root = export_all(tiny_checkpoint, tmp_path_factory.mktemp("export"), progress=False).root
     manifest = read_manifest(root)
     # an fp32 engine with the model's own vocabulary: the stand-in's tokens can then equal the onnx flavour's
-    write_engines(root / "trt", manifest, max_batch=4, dtype="float32", vocab_size=manifest.model["vocab_size"])
+    write_engines(
+        root / "trt",
+        manifest,
+        max_batch=4,
+        dtype="float32",
+        vocab_size=manifest.model["vocab_size"],
+        max_new_tokens=2048,
+    )
     return root
 
 
@@ -184,7 +192,7 @@ def standin_repo(export_dir, out: Path, trace_dir: Path | None = None, **options
     repo = trt_flavor.generate_trt_repo(
         export_dir,
         out,
-        max_audio_s=MAX_AUDIO_S,
+        bounds=RequestBounds(max_audio_s=MAX_AUDIO_S, max_new_tokens_limit=2048),
         engine_dir_in_server=str((out / "tensorrt_llm/1").resolve()),
         **options,
     )

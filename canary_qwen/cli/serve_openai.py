@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from ..backends.registry import DTYPE_CHOICES
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WINDOW_S
 from ..errors import UsageError
 
 LOCAL_BACKENDS = ("torch-fast", "onnx", "vllm")
@@ -104,13 +105,13 @@ def add_serve_openai(sub) -> None:
     limits.add_argument(
         "--max-new-tokens-limit",
         type=int,
-        default=512,
+        default=MAX_NEW_TOKENS_LIMIT,
         help="the most a request may ask for with max_new_tokens (default: %(default)s)",
     )
     limits.add_argument(
         "--max-in-flight",
         type=int,
-        default=64,
+        default=MAX_QUEUE,
         help="transcription requests handled at once; one more is refused with 429 (default: %(default)s)",
     )
     limits.add_argument(
@@ -191,8 +192,7 @@ def make_backend(args, settings):
             device=args.device,
             dtype=args.dtype,
             max_batch=args.max_batch,
-            max_audio_s=window,
-            max_new_tokens_limit=settings.bounds.max_new_tokens_limit,
+            bounds=replace(settings.bounds, max_audio_s=window),  # the engine sees one window at a time
         )
 
     return LocalEngine(

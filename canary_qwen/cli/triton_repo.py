@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..backends.registry import DTYPE_CHOICES
-from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS
+from ..bounds import RequestBounds
+from ..defaults import (
+    ENGINE_DIR_IN_SERVER,
+    KV_CACHE_FRACTION,
+    MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_QUEUE,
+    QUEUE_TIMEOUT_S,
+)
 from ..errors import UsageError
 
 DESCRIPTION = """\
@@ -64,21 +72,23 @@ def add_triton_repo_parser(subparsers) -> None:
     p.add_argument(
         "--max-new-tokens-limit",
         type=int,
-        default=512,
-        help="onnx, vllm, torch-fast: most tokens one request may ask for; a long decode holds up its batch (default: 512)",
+        default=MAX_NEW_TOKENS_LIMIT,
+        help="most tokens one request may ask for; a long decode holds up its batch (default: %(default)s; trt: at "
+        "most the new tokens its LLM engine was built for)",
     )
     p.add_argument(
         "--max-queue",
         type=int,
-        default=64,
-        help="onnx, vllm, torch-fast: requests each python model keeps queued before refusing more as busy (default: 64)",
+        default=MAX_QUEUE,
+        help="onnx, vllm, torch-fast: requests each python model keeps queued before refusing more as busy "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--queue-timeout-s",
         type=float,
-        default=60.0,
+        default=QUEUE_TIMEOUT_S,
         help="onnx, vllm, torch-fast: a request that waited this long in a queue is refused, its client has likely given up "
-        "(default: 60; 0: no limit)",
+        "(default: %(default)s; 0: no limit)",
     )
     p.add_argument(
         "--device",
@@ -126,6 +136,13 @@ def _run(args) -> int:
         raise UsageError(
             f"--dtype is for the torch-fast and vllm flavours; {args.flavor} runs in its export's precision"
         )
+    bounds = RequestBounds(
+        max_audio_s=args.max_audio_s,
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout_s,
+    )
     if args.flavor == "onnx":
         from ..serving.onnx_flavor import generate_onnx_repo
 
@@ -136,11 +153,7 @@ def _run(args) -> int:
             instances=args.instances,
             queue_delay_us=2000 if args.queue_delay_us is None else args.queue_delay_us,
             decoupled_streaming=streaming,
-            max_audio_s=args.max_audio_s,
-            max_new_tokens=args.max_new_tokens,
-            max_new_tokens_limit=args.max_new_tokens_limit,
-            max_queue=args.max_queue,
-            queue_timeout_s=args.queue_timeout_s,
+            bounds=bounds,
             device=args.device,
         )
         serve = f"canary-qwen serve --repo {repo}"
@@ -156,11 +169,7 @@ def _run(args) -> int:
             args.model or args.artifacts,
             args.out,
             max_batch=args.max_batch or (8 if args.flavor == "vllm" else 16),
-            max_audio_s=args.max_audio_s,
-            max_new_tokens=args.max_new_tokens,
-            max_new_tokens_limit=args.max_new_tokens_limit,
-            max_queue=args.max_queue,
-            queue_timeout_s=args.queue_timeout_s,
+            bounds=bounds,
             device=args.device,
             dtype=args.dtype,
             kv_cache_gib=args.kv_cache_gib,
@@ -180,8 +189,7 @@ def _run(args) -> int:
             llm_instances=args.instances,
             queue_delay_us=1000 if args.queue_delay_us is None else args.queue_delay_us,
             decoupled_streaming=streaming,
-            max_audio_s=args.max_audio_s,
-            max_new_tokens=args.max_new_tokens,
+            bounds=bounds,
             kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
             engine_dir_in_server=args.engine_dir_in_server,
         )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from ..defaults import MAX_WINDOW_S, SAMPLE_RATE
+from ..bounds import RequestBounds
+from ..defaults import SAMPLE_RATE
 from ..errors import UsageError
 from .base import StepEngine
 
@@ -28,18 +29,19 @@ def open_engine(
     device: str = "cpu",
     dtype: str | None = None,
     max_batch: int = 16,
-    max_audio_s: float = MAX_WINDOW_S,
-    max_new_tokens_limit: int = 512,
+    bounds: RequestBounds | None = None,
     kv_cache_gib: float = 1.0,
 ) -> StepEngine:
     """``backend``'s engine on ``source`` (a checkpoint for torch-fast, an export for vllm and onnx), sized for
-    ``max_batch`` clips decoding at once, each up to ``max_audio_s`` and ``max_new_tokens_limit`` new tokens.
+    ``max_batch`` clips decoding at once, each within ``bounds`` (its longest clip, the most new tokens; default:
+    ``RequestBounds()``).
     ``dtype``: torch-fast's and vLLM's precision (default: ``default_precision`` for ``device``); ``kv_cache_gib``: vLLM's KV cache on a CPU."""
     if backend not in ENGINES:
         raise UsageError(f"no in-process engine {backend!r} (one of {', '.join(ENGINES)})")
-    if max_batch < 1 or max_new_tokens_limit < 1 or not max_audio_s > 0:
-        raise UsageError("max_batch and max_new_tokens_limit must be >= 1, max_audio_s > 0")
-    positions = positions_for(max_audio_s, max_new_tokens_limit)
+    if max_batch < 1:
+        raise UsageError("max_batch must be >= 1")
+    bounds = bounds or RequestBounds()
+    positions = positions_for(bounds.audio_s, bounds.max_new_tokens_limit)
     if backend == "torch-fast":
         from ..backends.fast_torch import FastTorchBackend
 

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from ..backends.base import Transcription
 from ..bounds import RequestBounds
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S, SAMPLE_RATE
+from ..defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WINDOW_S, SAMPLE_RATE
 from ..errors import AudioError, InputError
 from ..pipeline.audio import load_audio
 from ..pipeline.windowing import SEARCH_S, WindowPlan, split_points
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 SERVED_MODEL = "canary-qwen-2.5b"
 MAX_UPLOAD_MB = 25  # vLLM's default (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)
 MAX_AUDIO_S = 1800.0  # longest upload, in seconds of audio (cut into windows of max_window_s)
-MAX_NEW_TOKENS_LIMIT = 512
-MAX_IN_FLIGHT = 64
 TIMEOUT_S = 300.0
 SSE = "text/event-stream"
 T = TypeVar("T")
@@ -63,7 +61,7 @@ def default_bounds() -> RequestBounds:
         max_audio_s=MAX_AUDIO_S,
         max_new_tokens=MAX_NEW_TOKENS,
         max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT,
-        max_queue=MAX_IN_FLIGHT,
+        max_queue=MAX_QUEUE,
         queue_timeout_s=TIMEOUT_S,
     )
 
@@ -88,7 +86,7 @@ class ServerSettings:
         if not self.max_window_s:
             return 1
         shortest = self.max_window_s - min(SEARCH_S, self.max_window_s / 2)  # split_points cuts no window shorter
-        return math.ceil(self.bounds.max_audio_s / shortest) + 1
+        return math.ceil(self.bounds.audio_s / shortest) + 1
 
 
 def _sse(event: dict) -> bytes:
@@ -424,15 +422,15 @@ def _decode(path: Path, filename: str | None, bounds: RequestBounds) -> np.ndarr
         seconds = info.frames / info.samplerate if info.samplerate > 0 else 0.0
     except Exception:  # not something libsndfile reads: load_audio says why below
         seconds = 0.0
-    if seconds > bounds.max_audio_s:
+    if seconds > bounds.audio_s:
         raise invalid(
-            f"{name}: the audio is {seconds:.1f} s long, over this server's {bounds.max_audio_s:g} s limit "
+            f"{name}: the audio is {seconds:.1f} s long, over this server's {bounds.audio_s:g} s limit "
             "(--max-audio-s); send it in parts",
             FILE_FIELD,
             "audio_too_long",
         )
     try:
-        return load_audio(path, max_duration_s=bounds.max_audio_s)
+        return load_audio(path, max_duration_s=bounds.audio_s)
     except AudioError as e:
         code = "audio_too_long" if "limit" in e.problem and "long" in e.problem else "invalid_audio"
         raise invalid(f"{name}: {e.problem}", FILE_FIELD, code) from None

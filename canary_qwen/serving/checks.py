@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import MAX_NEW_TOKENS, SAMPLE_RATE
+from ..bounds import RequestBounds
+from ..defaults import MAX_PROMPT_TOKENS, SAMPLE_RATE
 from ..errors import InputError
 
-MAX_NEW_TOKENS_LIMIT = 4096  # a sanity bound on what one request may ask for (repositories may set less)
-MAX_PROMPT_TOKENS = 1024
 MAX_PROMPT_BYTES = 64 * MAX_PROMPT_TOKENS  # refused before tokenizing: no 1,024-token prompt is this long
 MIN_AUDIO_SAMPLES = 320  # 20 ms, as the command line refuses shorter clips
 MAX_ABS_SAMPLE = 100.0  # float audio is in [-1, 1]; far beyond that is not audio (and overflows the mel frontend)
@@ -79,26 +78,17 @@ def read_strings(values: np.ndarray | None, rows: int, name: str = "PROMPT") -> 
     return out
 
 
-def read_budgets(
-    values: np.ndarray | None,
-    rows: int,
-    default: int = MAX_NEW_TOKENS,
-    limit: int = MAX_NEW_TOKENS_LIMIT,
-    least: int = 1,
-) -> list[int]:
-    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row, each in ``least``..``limit``."""
+def read_budgets(values: np.ndarray | None, rows: int, bounds: RequestBounds, least: int = 1) -> list[int]:
+    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row: the bounds' default, or each in
+    ``least``..the bounds' limit."""
     if values is None:
-        return [default] * rows
+        return [bounds.max_new_tokens] * rows
     flat = np.asarray(values).reshape(-1)
     if flat.size == 1 and rows > 1:
         flat = np.repeat(flat, rows)
     if flat.size != rows:
         raise InputError(f"MAX_NEW_TOKENS has {flat.size} values for {rows} rows")
-    budgets = [int(v) for v in flat]
-    for b in budgets:
-        if not least <= b <= limit:
-            raise InputError(f"MAX_NEW_TOKENS must be between {least} and {limit} on this server, got {b}")
-    return budgets
+    return [bounds.budget(int(v), least=least, name="MAX_NEW_TOKENS") for v in flat]
 
 
 def encode_prompt(tokenizer, prompt: str | None) -> list[int]:

@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..bounds import RequestBounds
-from ..defaults import MAX_NEW_TOKENS
 from ..engines.local import SOURCES
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
@@ -45,7 +44,6 @@ from .repo_files import (
     model_code,
     python_model,
     replace_model_dirs,
-    request_bounds,
     write_models,
     write_repo_info,
 )
@@ -90,7 +88,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             queue_delay_us=0,
             queue=bounds.queue,
             decoupled=True,
-            params={"engine": engine, "max_audio_s": bounds.max_audio_s, **bounds.budgets, **params},
+            params={"engine": engine, **bounds.parameters(), **params},
         ),
         ENSEMBLE: _ensemble(ENSEMBLE, max_batch, ensemble_outputs()),
     }
@@ -120,11 +118,7 @@ def generate_engine_repo(
     out_dir,
     *,
     max_batch: int = 16,
-    max_audio_s: float | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    max_new_tokens_limit: int = 512,
-    max_queue: int = 64,
-    queue_timeout_s: float = 60.0,
+    bounds: RequestBounds | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     kv_cache_gib: float = 1.0,
@@ -135,8 +129,8 @@ def generate_engine_repo(
     ``max_batch``: requests decoding together (torch-fast's cache slots; vLLM batches as its KV cache allows);
     each engine is sized for the longest clip and the largest budget the bounds allow. ``dtype``: the engine's
     precision (torch-fast: fp32, bf16, fp16 or int8; vllm: fp32, bf16 or fp16; default: ``default_precision``
-    for ``device``). ``kv_cache_gib``: the KV cache
-    vLLM reserves on a CPU. The limits and queue bounds are the onnx flavour's (``generate_onnx_repo``).
+    for ``device``). ``kv_cache_gib``: the KV cache vLLM reserves on a CPU. ``bounds``: the limits and queue, as
+    the onnx flavour's (``generate_onnx_repo``).
     """
     if engine not in FLAVORS:
         raise UsageError(f"unknown engine flavour {engine!r} (one of {', '.join(FLAVORS)})")
@@ -153,13 +147,8 @@ def generate_engine_repo(
         settings["kv_cache_gib"] = kv_cache_gib
     else:
         manifest, export_root = None, Path(source)
-    bounds = request_bounds(
-        manifest,
-        max_audio_s=max_audio_s,
-        max_new_tokens=max_new_tokens,
-        max_new_tokens_limit=max_new_tokens_limit,
-        max_queue=max_queue,
-        queue_timeout_s=queue_timeout_s,
+    bounds = (bounds or RequestBounds()).with_audio_limit(
+        None if manifest is None else manifest.data.get("max_audio_s")
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..bounds import RequestBounds
-from ..defaults import MAX_NEW_TOKENS
 from ..errors import UsageError
 from ..export.manifest import read_manifest
 from .config_check import check_ensemble
@@ -49,7 +48,6 @@ from .repo_files import (
     max_new_tokens_input,
     python_model,
     replace_model_dirs,
-    request_bounds,
     tensor,
     write_models,
     write_repo_info,
@@ -122,7 +120,7 @@ def model_configs(
     """config.pbtxt text for every model of the repository, by model name."""
     hidden = model["hidden_size"]
     runtime = {"device": device, "ort_threads": ort_threads}
-    max_audio_s, budgets, queue = bounds.max_audio_s, bounds.budgets, bounds.queue
+    limits, queue = bounds.parameters(), bounds.queue
     llm_in, llm_out = _llm_tensors(hidden)
     configs = {
         PREPROCESSING: python_model(
@@ -131,7 +129,7 @@ def model_configs(
             audio_inputs(),
             [tensor("PROMPT_IDS", "TYPE_INT64", [-1]), tensor("SAMPLES", "TYPE_FP32", [-1])],
             queue=queue,
-            params={"max_audio_s": max_audio_s},
+            params=limits,
         ),
         ENCODER: python_model(
             ENCODER,
@@ -141,7 +139,7 @@ def model_configs(
             instances=instances,
             queue_delay_us=queue_delay_us,
             queue=queue,
-            params={"max_audio_s": max_audio_s, **runtime},
+            params={**limits, **runtime},
         ),
         LLM: python_model(
             LLM,
@@ -151,7 +149,7 @@ def model_configs(
             instances=instances,
             queue_delay_us=queue_delay_us,
             queue=queue,
-            params={**budgets, **runtime},
+            params={**limits, **runtime},
         ),
         POSTPROCESSING: python_model(
             POSTPROCESSING,
@@ -174,7 +172,7 @@ def model_configs(
             queue_delay_us=queue_delay_us,
             queue=queue,
             decoupled=True,
-            params={"max_audio_s": max_audio_s, **budgets, **runtime},
+            params={**limits, **runtime},
         )
     return configs
 
@@ -187,11 +185,7 @@ def generate_onnx_repo(
     instances: int = 1,
     queue_delay_us: int = 2000,
     decoupled_streaming: bool = True,
-    max_audio_s: float | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    max_new_tokens_limit: int = 512,
-    max_queue: int = 64,
-    queue_timeout_s: float = 60.0,
+    bounds: RequestBounds | None = None,
     device: str = "cpu",
     ort_threads: int = 0,
 ) -> Path:
@@ -199,11 +193,10 @@ def generate_onnx_repo(
 
     ``max_batch``: largest batch each model takes (and the ensemble's max_batch_size); ``instances``:
     instances of encoder / llm / canary_qwen_stream; ``queue_delay_us``: how long their dynamic batchers wait to
-    fill a batch; ``max_audio_s``: longest clip accepted (default: the export's max_audio_s);
-    ``max_new_tokens``: default decoding budget (requests may send MAX_NEW_TOKENS, up to ``max_new_tokens_limit``:
-    one request decodes alone in its batch for as long as it asks, holding up the others); ``max_queue``: requests
-    each model keeps waiting before it refuses more (the client tries another server); ``queue_timeout_s``: longest
-    wait in a queue before a request is refused (a client has likely given up by then; 0: no limit); ``device``: cpu, or
+    fill a batch; ``bounds``: the longest clip accepted (default: the export's max_audio_s), the default decoding
+    budget and the most a request may ask for (one request decodes alone in its batch for as long as it asks,
+    holding up the others), the requests each model keeps waiting before it refuses more (the client tries another
+    server) and the longest wait in a queue before a request is refused; ``device``: cpu, or
     cuda with onnxruntime-gpu in the server's Python; ``ort_threads``: intra-op threads per session (0:
     ONNX Runtime's default). Folders of this repository's model names in ``out_dir`` are replaced;
     anything else there is left alone.
@@ -213,14 +206,7 @@ def generate_onnx_repo(
     if device != "cpu" and not device.startswith("cuda"):
         raise UsageError(f"device must be cpu or cuda, got {device!r}")
     manifest = read_manifest(export_dir)
-    bounds = request_bounds(
-        manifest,
-        max_audio_s=max_audio_s,
-        max_new_tokens=max_new_tokens,
-        max_new_tokens_limit=max_new_tokens_limit,
-        max_queue=max_queue,
-        queue_timeout_s=queue_timeout_s,
-    )
+    bounds = (bounds or RequestBounds()).with_audio_limit(manifest.data.get("max_audio_s"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = model_configs(

@@ -13,8 +13,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from ..bounds import RequestBounds
-from ..defaults import MAX_WINDOW_S
 from ..errors import ArtifactError
 from ..export.manifest import MANIFEST, Manifest
 
@@ -26,22 +24,6 @@ PREPROCESSING, POSTPROCESSING = "preprocessing", "postprocessing"
 
 
 # -- request bounds ----------------------------------------------------------------------------------------
-def request_bounds(
-    manifest: Manifest | None,
-    *,
-    max_audio_s: float | None,
-    max_new_tokens: int,
-    max_new_tokens_limit: int,
-    max_queue: int,
-    queue_timeout_s: float,
-) -> RequestBounds:
-    """The bounds checked (a clear UsageError for a bad one), ``max_audio_s`` defaulting to the export's (to the
-    model's training window without an export)."""
-    if max_audio_s is None:
-        max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S) if manifest is not None else MAX_WINDOW_S)
-    return RequestBounds(float(max_audio_s), max_new_tokens, max_new_tokens_limit, max_queue, queue_timeout_s)
-
-
 # -- config text ---------------------------------------------------------------------------------------
 def tensor(name: str, dtype: str, dims, *, scalar: bool = False, optional: bool = False, ragged: bool = False) -> str:
     """One input/output entry; ``scalar``: dims [1] that the model sees as [] (``reshape: { shape: [ ] }``)."""
@@ -55,7 +37,12 @@ def io_block(kind: str, tensors: list[str]) -> str:
 
 
 def params_block(params: dict) -> str:
-    return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+    return "".join(f'parameters {{ key: "{k}" value: {{ string_value: {_quoted(v)} }} }}\n' for k, v in params.items())
+
+
+def _quoted(value) -> str:
+    """A protobuf text-format string (a JSON value's quotes escaped)."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def python_model(

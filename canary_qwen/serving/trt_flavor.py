@@ -27,9 +27,11 @@ keeps it callable by plain HTTP/gRPC infer, without ``canary_qwen_stream``.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 from pathlib import Path, PurePosixPath
 
-from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION, MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..bounds import RequestBounds
+from ..defaults import ENGINE_DIR_IN_SERVER, KV_CACHE_FRACTION
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
 from ..export.tensorrt.llm_engine import default_engine_paths, engine_limits, read_engine_config
@@ -321,8 +323,7 @@ def _python_configs(
     table_type,
     vocab_size,
     table_dtype,
-    max_audio_s,
-    max_new_tokens,
+    bounds: RequestBounds,
     decoupled_streaming,
     stream_instances,
     min_samples,
@@ -342,7 +343,7 @@ def _python_configs(
                 tensor("AUDIO_LENGTH", "TYPE_INT64", [1]),
             ],
             # one clip per request; clips padded up to the encoder plan's profile minimum
-            params={"max_audio_s": max_audio_s, "min_samples": min_samples, "rows_per_request": 1},
+            params={**bounds.parameters(), "min_samples": min_samples, "rows_per_request": 1},
         ),
         PROMPT_TABLE: python_model(
             PROMPT_TABLE,
@@ -354,7 +355,7 @@ def _python_configs(
                 max_new_tokens_input(),
             ],
             table_outputs,
-            params={"vocab_size": vocab_size, "table_dtype": table_dtype, "max_new_tokens": max_new_tokens},
+            params={"vocab_size": vocab_size, "table_dtype": table_dtype, **bounds.parameters()},
         ),
         POSTPROCESSING: python_model(
             POSTPROCESSING,
@@ -377,8 +378,7 @@ def _python_configs(
             instances=stream_instances,
             decoupled=True,
             params={
-                "max_audio_s": max_audio_s,
-                "max_new_tokens": max_new_tokens,
+                **bounds.parameters(),
                 "encoder_model": ENCODER,
                 "llm_model": TENSORRT_LLM,
                 "prompt_table_model": PROMPT_TABLE,
@@ -440,6 +440,18 @@ def _engines(export_dir, engines_dir) -> tuple[Path, Path]:
     return plan, llm
 
 
+def _engine_bounds(bounds: RequestBounds, limits) -> RequestBounds:
+    """``bounds`` with the token limit the LLM engine holds: the new tokens it was built for (max_seq_len -
+    max_input_len) at most; a default budget over that is refused."""
+    engine_tokens = limits.max_seq_len - limits.max_input_len
+    if bounds.max_new_tokens > engine_tokens:
+        raise UsageError(
+            f"max_new_tokens {bounds.max_new_tokens} is over the {engine_tokens} new tokens the LLM engine was built "
+            "for (max_seq_len - max_input_len): lower it or rebuild the engine"
+        )
+    return replace(bounds, max_new_tokens_limit=min(bounds.max_new_tokens_limit, engine_tokens))
+
+
 def generate_trt_repo(
     export_dir,
     out_dir,
@@ -451,8 +463,7 @@ def generate_trt_repo(
     queue_delay_us: int = 1000,
     decoupled_streaming: bool = True,
     stream_instances: int | None = None,
-    max_audio_s: float | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    bounds: RequestBounds | None = None,
     kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FRACTION,
     enable_kv_cache_reuse: bool = True,
     engine_dir_in_server: str = ENGINE_DIR_IN_SERVER,
@@ -469,7 +480,9 @@ def generate_trt_repo(
     build record (``build-engines``) gives the encoder plan's profile minimum the clips are padded to.
     ``max_batch`` defaults to, and may not exceed, the LLM engine's max batch size. ``stream_instances``: instances
     of ``canary_qwen_stream``, each serving one stream at a time (default: ``max_batch``, the streams the engine
-    decodes together).
+    decodes together). ``bounds``: the longest clip (default: the export's max_audio_s) and the token budgets; a
+    request may ask for at most the new tokens the LLM engine was built for (max_seq_len - max_input_len), less
+    where ``bounds`` say less. Queue bounds are not applied here: TensorRT-LLM schedules its own requests.
     """
     manifest = read_manifest(export_dir)
     plan, llm = _engines(export_dir, engines_dir)
@@ -481,9 +494,10 @@ def generate_trt_repo(
             f"max_batch must be in 1..{limits.max_batch_size} (the LLM engine's max batch size), got {max_batch}"
         )
     stream_instances = max_batch if stream_instances is None else stream_instances
-    if min(encoder_instances, llm_instances, stream_instances, max_new_tokens) < 1 or queue_delay_us < 0:
-        raise UsageError("instances and max_new_tokens must be >= 1, queue_delay_us >= 0")
-    max_audio_s = float(manifest.data.get("max_audio_s", MAX_WINDOW_S)) if max_audio_s is None else float(max_audio_s)
+    if min(encoder_instances, llm_instances, stream_instances) < 1 or queue_delay_us < 0:
+        raise UsageError("instances must be >= 1, queue_delay_us >= 0")
+    bounds = _engine_bounds(bounds or RequestBounds(), limits).with_audio_limit(manifest.data.get("max_audio_s"))
+    max_audio_s = bounds.audio_s
     frames = math.ceil(max_audio_s * manifest.model["frames_per_second"])
     if frames > limits.max_prompt_vocab_size:
         raise UsageError(
@@ -508,8 +522,7 @@ def generate_trt_repo(
         table_type=_triton_dtype(limits.dtype),
         vocab_size=limits.vocab_size,
         table_dtype=limits.dtype,
-        max_audio_s=max_audio_s,
-        max_new_tokens=max_new_tokens,
+        bounds=bounds,
         decoupled_streaming=decoupled_streaming,
         stream_instances=stream_instances,
         min_samples=min_samples,
@@ -547,8 +560,7 @@ def generate_trt_repo(
             "queue_delay_us": queue_delay_us,
             "decoupled_streaming": decoupled_streaming,
             "stream_instances": stream_instances,
-            "max_audio_s": max_audio_s,
-            "max_new_tokens": max_new_tokens,
+            **asdict(bounds),
             "engine_dtype": limits.dtype,
             "embeddings_dtype": embeddings_dtype,
             "vocab_size": limits.vocab_size,

@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.backends.onnx_runtime import OnnxEncoder
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.errors import InputError
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.checks import check_audio, model_parameters
@@ -26,7 +27,7 @@ class TritonPythonModel:
             int(params.get("ort_threads", "0") or 0),
             arena=False,  # a long-running server (onnx_runtime.session)
         )
-        self.max_audio_s = float(params["max_audio_s"])
+        self.max_audio_s = RequestBounds.from_parameters(params).audio_s
         self.logger = pb_utils.Logger
 
     def execute(self, requests):

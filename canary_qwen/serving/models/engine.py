@@ -17,11 +17,11 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from canary_qwen.defaults import MAX_NEW_TOKENS
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import EngineLoop
 from canary_qwen.engines.local import SOURCES, open_engine
 from canary_qwen.errors import CanaryQwenError
-from canary_qwen.serving.checks import MAX_NEW_TOKENS_LIMIT, TextStream, model_parameters
+from canary_qwen.serving.checks import TextStream, model_parameters
 from canary_qwen.serving.models.metrics import ModelCounters
 from canary_qwen.serving.models.responses import CANCEL_CHECK_S, one_clip_request, piece_response
 
@@ -156,9 +156,7 @@ class TritonPythonModel:
         # ASCII, and importing vLLM or torch's compiler reads non-ASCII kernel templates that way.
         locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
         kind = params["engine"]
-        self.max_audio_s = float(params["max_audio_s"])
-        self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
-        self.budget_limit = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
+        self.bounds = RequestBounds.from_parameters(params)
         source = version_dir / SOURCES[kind]
         engine = open_engine(
             kind,
@@ -166,8 +164,7 @@ class TritonPythonModel:
             device=params.get("device", "cpu"),
             dtype=params.get("dtype") or None,
             max_batch=int(config["max_batch_size"]),
-            max_audio_s=self.max_audio_s,
-            max_new_tokens_limit=self.budget_limit,
+            bounds=self.bounds,
             kv_cache_gib=float(params.get("kv_cache_gib", "1")),
         )
         self.loop = EngineLoop(engine, name=f"{self.name} ({kind})")
@@ -179,9 +176,7 @@ class TritonPythonModel:
         for request in requests:
             reply = _Reply(request, self.tokenizer, self.outbox)
             try:
-                samples, ids, budget = one_clip_request(
-                    request, self.name, self.tokenizer, self.max_audio_s, self.default_budget, self.budget_limit, 0
-                )
+                samples, ids, budget = one_clip_request(request, self.name, self.tokenizer, self.bounds, 0)
                 self.loop.submit(ids, samples, budget, reply)
             except CanaryQwenError as e:
                 reply.fail(str(e))

@@ -12,11 +12,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.backends.onnx_runtime import OnnxDecoder
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.decoding import splice_and_pad
-from canary_qwen.defaults import MAX_NEW_TOKENS
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.checks import (
-    MAX_NEW_TOKENS_LIMIT,
     InputError,
     check_embeddings,
     check_prompt_ids,
@@ -40,8 +39,7 @@ class TritonPythonModel:
             arena=False,  # a long-running server (onnx_runtime.session)
         )
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
-        self.default_budget = int(params.get("max_new_tokens", MAX_NEW_TOKENS))
-        self.budget_limit = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
+        self.bounds = RequestBounds.from_parameters(params)
         self.logger = pb_utils.Logger
 
     def _read(self, request):
@@ -55,9 +53,7 @@ class TritonPythonModel:
             raise InputError(f"PROMPT_IDS has {len(ids)} rows but EMBEDDINGS has {len(embeds)}")
         prompts = [check_prompt_ids(row, self.info["placeholder_id"], len(self.embed_table)) for row in ids]
         budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-        budgets = read_budgets(
-            None if budget is None else budget.as_numpy(), len(embeds), self.default_budget, self.budget_limit
-        )
+        budgets = read_budgets(None if budget is None else budget.as_numpy(), len(embeds), self.bounds)
         return prompts, list(embeds), budgets
 
     def execute(self, requests):

@@ -17,14 +17,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from canary_qwen.backends.onnx_runtime import OnnxDecoder, OnnxEncoder
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.decoding import splice_and_pad
 from canary_qwen.errors import InputError
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.model.tokenizer import QwenTokenizer
-from canary_qwen.serving.checks import (
-    MAX_NEW_TOKENS_LIMIT,
-    model_parameters,
-)
+from canary_qwen.serving.checks import model_parameters
 from canary_qwen.serving.models.metrics import ModelCounters
 from canary_qwen.serving.models.responses import TextReply, one_clip_request
 
@@ -52,16 +50,12 @@ class TritonPythonModel:
         self.encoder = OnnxEncoder(manifest.onnx_graph("encoder"), device, threads, arena=False)
         self.decoder = OnnxDecoder(manifest.onnx_graph("decoder"), self.info, device, threads, arena=False)
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
-        self.max_audio_s = float(params["max_audio_s"])
-        self.default_budget = int(params["max_new_tokens"])
-        self.budget_limit = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
+        self.bounds = RequestBounds.from_parameters(params)
         self.name = args["model_name"]
         self.counters = ModelCounters(self.name)
 
     def _row(self, request) -> _Row:
-        samples, prompt_ids, budget = one_clip_request(
-            request, self.name, self.tokenizer, self.max_audio_s, self.default_budget, self.budget_limit
-        )
+        samples, prompt_ids, budget = one_clip_request(request, self.name, self.tokenizer, self.bounds)
         return _Row(request, samples, prompt_ids, budget, self.tokenizer, self.counters)
 
     def execute(self, requests):

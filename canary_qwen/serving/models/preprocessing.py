@@ -13,6 +13,7 @@ more rows (``tensorrt_llm`` answers the rows of one request separately and untag
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.errors import InputError
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.export.tensorrt.encoder_engine import pad_to_min_samples
@@ -27,7 +28,7 @@ class TritonPythonModel:
         self.with_length = any(o["name"] == "AUDIO_LENGTH" for o in config["output"])
         manifest = read_manifest(version_dir)
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
-        self.max_audio_s = float(params["max_audio_s"])
+        self.max_audio_s = RequestBounds.from_parameters(params).audio_s
         self.min_samples = int(params.get("min_samples", 0))
         self.max_rows = int(params.get("rows_per_request", 0))
 

@@ -15,6 +15,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.export.manifest import check_engine_build, installed_version, read_manifest
 from canary_qwen.protocol.trt_requests import tensorrt_llm_inputs
 from canary_qwen.serving.checks import model_parameters, read_budgets
@@ -46,14 +47,14 @@ class TritonPythonModel:
             vocab_size=int(params["vocab_size"]),
             table_dtype=params["table_dtype"],
         )
-        self.default_budget = int(params["max_new_tokens"])
+        self.bounds = RequestBounds.from_parameters(params)
 
     def _one(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS").as_numpy()
         frames = _as_float32(pb_utils.get_input_tensor_by_name(request, "EMBEDDINGS"))
         lengths = pb_utils.get_input_tensor_by_name(request, "EMBEDDING_LENGTH").as_numpy()
         budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-        budgets = read_budgets(None if budget is None else budget.as_numpy(), len(ids), self.default_budget)
+        budgets = read_budgets(None if budget is None else budget.as_numpy(), len(ids), self.bounds)
         inputs = tensorrt_llm_inputs(ids, frames, lengths, budgets, **self.settings)
         return pb_utils.InferenceResponse([_output(name, array) for name, array in inputs.items()])
 

@@ -7,16 +7,10 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import CANCELLED, FAILED, FINISHED
 from canary_qwen.errors import InputError
-from canary_qwen.serving.checks import (
-    MAX_NEW_TOKENS_LIMIT,
-    TextStream,
-    check_audio,
-    encode_prompt,
-    read_budgets,
-    read_strings,
-)
+from canary_qwen.serving.checks import TextStream, check_audio, encode_prompt, read_budgets, read_strings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05  # is_cancelled() is a round trip to the server process: ask a few times a second per stream
@@ -48,19 +42,16 @@ def piece_response(piece: str, ids: list[int]):
     )
 
 
-def one_clip_request(
-    request, name, tokenizer, max_audio_s, default_budget, budget_limit=MAX_NEW_TOKENS_LIMIT, least_budget=1
-):
-    """A streaming request's (samples [S], prompt ids, budget), checked; InputError when it is refused."""
-    audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), max_audio_s)
+def one_clip_request(request, name, tokenizer, bounds: RequestBounds, least_budget: int = 1):
+    """A streaming request's (samples [S], prompt ids, budget), checked against ``bounds``; InputError when it is
+    refused."""
+    audio = check_audio(pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy(), bounds.audio_s)
     if len(audio) != 1:
         raise InputError(f"{name} takes one clip per request, got a batch of {len(audio)}")
     prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT")
     prompt = read_strings(None if prompt is None else prompt.as_numpy(), 1)[0]
     budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-    budget = read_budgets(None if budget is None else budget.as_numpy(), 1, default_budget, budget_limit, least_budget)[
-        0
-    ]
+    (budget,) = read_budgets(None if budget is None else budget.as_numpy(), 1, bounds, least_budget)
     return audio[0], encode_prompt(tokenizer, prompt), budget
 
 

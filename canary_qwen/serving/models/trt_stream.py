@@ -18,6 +18,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.bounds import RequestBounds
 from canary_qwen.decoding import until_eos
 from canary_qwen.errors import InputError
 from canary_qwen.export.manifest import read_manifest
@@ -64,8 +65,7 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
         self.eos_id = manifest.model["eos_id"]
-        self.max_audio_s = float(params["max_audio_s"])
-        self.default_budget = int(params["max_new_tokens"])
+        self.bounds = RequestBounds.from_parameters(params)
         self.encoder_model = params["encoder_model"]
         self.prompt_table_model = params["prompt_table_model"]
         self.llm_model = params["llm_model"]
@@ -88,9 +88,7 @@ class TritonPythonModel:
         self.counters.close()
 
     def _stream(self, request, reply: TextReply) -> None:
-        samples, prompt_ids, budget = one_clip_request(
-            request, self.name, self.tokenizer, self.max_audio_s, self.default_budget
-        )
+        samples, prompt_ids, budget = one_clip_request(request, self.name, self.tokenizer, self.bounds)
         inputs = self._llm_inputs(samples[None], prompt_ids, budget)
         request_id = uuid.uuid4().hex  # the handle to stop it by
         llm_request = pb_utils.InferenceRequest(
