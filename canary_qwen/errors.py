@@ -40,6 +40,14 @@ class InputError(CanaryQwenError, ValueError):
     """A request whose tensors or options are not acceptable (answered to the caller, never a crash)."""
 
 
+class EngineFailed(CanaryQwenError, RuntimeError):
+    """An in-process engine failed while it decoded a request (the server's fault; the request may succeed again)."""
+
+
+class RequestTimeout(CanaryQwenError):
+    """No answer within the time a request is given (by a server, or by the engine in this process)."""
+
+
 class Overloaded(CanaryQwenError):
     """Too many requests at once: this one was refused at once instead of queued; retrying later can succeed."""
 

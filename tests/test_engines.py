@@ -29,7 +29,7 @@ class Collect:
 
     def __init__(self, stop_after: int | None = None):
         self.ids: list[int] = []
-        self.error: str | None = None
+        self.error: Exception | None = None
         self.calls_after_end = 0
         self.stop_after = stop_after
         self.done = threading.Event()
@@ -43,8 +43,8 @@ class Collect:
             self.finished_at = time.monotonic()
             self.done.set()
 
-    def fail(self, message):
-        self.error = message
+    def fail(self, error):
+        self.error = error
         self.done.set()
 
     def cancelled(self):
@@ -123,7 +123,8 @@ def test_refusals_leave_the_other_requests_untouched(fast_loop, clips, reference
     fast_loop.submit(wordy, make_clip(MAX_AUDIO_S, 9), LIMIT, too_long)
     fast_loop.submit(ids, clips[5], BUDGETS[5], good)
     assert too_long.done.wait(30) and good.done.wait(30)
-    assert too_long.error and "positions" in too_long.error and "fewer tokens" in too_long.error
+    assert isinstance(too_long.error, InputError)  # handed over as the exception, not as its text
+    assert "positions" in str(too_long.error) and "fewer tokens" in str(too_long.error)
     assert good.ids == reference[5].token_ids
     with pytest.raises(InputError, match=">= 0"):
         fast_loop.submit(ids, clips[0], -1, Collect())

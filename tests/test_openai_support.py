@@ -26,14 +26,15 @@ import soundfile as sf
 from conftest import make_clip
 
 from canary_qwen.cli import main
-from canary_qwen.client.triton import (
+from canary_qwen.client.errors import (
     InferenceError,
+    ModelFailedError,
     ModelNotReadyError,
     RequestTimeoutError,
     ServerBusyError,
     ServerUnreachableError,
 )
-from canary_qwen.errors import AudioError, BackendUnavailable, InputError, Overloaded
+from canary_qwen.errors import AudioError, BackendUnavailable, EngineFailed, InputError, Overloaded, RequestTimeout
 from canary_qwen.openai_api.errors import api_error
 from canary_qwen.openai_api.formats import cue_text, render
 from canary_qwen.openai_api.protocol import APIError, Segment, Transcript, TranscriptionRequest
@@ -255,11 +256,14 @@ def test_fields_refused(form, status, param, code):
             400,
             False,
         ),
-        (InferenceError("Triton at h:1 (canary_qwen): llm decoding failed: boom"), 502, False),
+        (ModelFailedError("Triton at h:1 (canary_qwen): llm decoding failed: boom"), 502, False),
+        (RequestTimeout("the local engine: no answer"), 504, False),
+        (EngineFailed("openai-engine failed: boom"), 500, False),
         (RuntimeError("a bug"), 500, False),
     ],
 )
 def test_error_table(error, status, retry):
+    """Statuses by the error's type alone."""
     e = api_error(error)
     assert e.status == status
     assert ("Retry-After" in e.headers()) == retry

@@ -28,14 +28,10 @@ from canary_qwen.backends.base import Transcription
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli.client import add_client_parser
-from canary_qwen.client.triton import (
-    InferenceError,
-    ModelNotReadyError,
-    ServerClient,
-    ServerUnreachableError,
-    TritonBackend,
-    TritonClient,
-)
+from canary_qwen.client.backend import TritonBackend
+from canary_qwen.client.errors import InferenceError, ModelNotReadyError, ServerUnreachableError
+from canary_qwen.client.transports import server_client
+from canary_qwen.client.triton import TritonClient
 from canary_qwen.errors import InputError
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.serving import onnx_flavor
@@ -484,7 +480,7 @@ def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(
     server, export_dir, clips, clip_files, expected
 ):
     from canary_qwen.client.embeddings import EmbeddingsClient
-    from canary_qwen.client.triton import TritonClientError
+    from canary_qwen.client.errors import TritonClientError
 
     with EmbeddingsClient(server.grpc_url, "grpc", export_dir=export_dir) as client:
         assert client.llm_model == "llm"  # no tensorrt_llm on this server
@@ -600,7 +596,7 @@ def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     arrays, request = trtllm_request_arrays(
         prompt, frames, placeholder_id=151669, end_id=151645, pad_id=151643, vocab_size=151936, max_new_tokens=64
     )
-    inputs = ServerClient("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
+    inputs = server_client("127.0.0.1:1", protocol)._infer_inputs(arrays)  # what the client puts on the wire
     by_name = {i.name(): i for i in inputs}
     required = {n for n, i in spec.items() if not i.optional}
     assert required <= set(by_name), f"missing required inputs {required - set(by_name)}"

@@ -26,13 +26,8 @@ import canary_qwen
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli import main
-from canary_qwen.client.triton import (
-    InferenceError,
-    RequestTimeoutError,
-    ServerBusyError,
-    ServerUnreachableError,
-    TritonClient,
-)
+from canary_qwen.client.errors import InferenceError, RequestTimeoutError, ServerBusyError, ServerUnreachableError
+from canary_qwen.client.triton import TritonClient
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 from canary_qwen.serving.server import DEAD_STUB_EXIT, python_stubs
 

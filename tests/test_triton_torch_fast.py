@@ -15,7 +15,8 @@ from conftest import make_clip, needs_server, read_bounds, running_server, strea
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli import main
-from canary_qwen.client.triton import InferenceError, TritonClient
+from canary_qwen.client.errors import InferenceError
+from canary_qwen.client.triton import TritonClient
 from canary_qwen.errors import UsageError
 from canary_qwen.serving.config_check import check_ensemble, parse_model_config
 from canary_qwen.serving.engine_flavor import generate_engine_repo

@@ -258,7 +258,8 @@ def test_served_embeddings_client_drives_tensorrt_llm_directly(served, export_di
 
 @pytest.mark.triton
 def test_served_ensemble_refuses_two_clips_in_one_request(served):
-    from canary_qwen.client.triton import InferenceError, TritonClient
+    from canary_qwen.client.errors import InferenceError
+    from canary_qwen.client.triton import TritonClient
 
     with TritonClient(served.grpc_url, "grpc") as client:
         arrays = {"AUDIO": np.stack([make_clip(1.0, 1), make_clip(1.0, 2)])}

@@ -74,7 +74,7 @@ def _nemo(source: str, device: str, dtype: Precision | None) -> Transcriber:
 
 
 def _triton(source: str, device: str, dtype: Precision | None) -> Transcriber:
-    from ..client.triton import TritonBackend
+    from ..client.backend import TritonBackend
 
     return TritonBackend(source)
 

@@ -146,7 +146,8 @@ def run_client_transcribe(args, out=None, err=None) -> int:
         return _run_via_embeddings(args, out, err)
     if args.stream:
         return _run_streaming(args, out, err)
-    from ..client.triton import TritonBackend, TritonClientError
+    from ..client.backend import TritonBackend
+    from ..client.errors import TritonClientError
     from ..pipeline.batching import transcribe_files
 
     try:
@@ -183,7 +184,8 @@ def run_client_transcribe(args, out=None, err=None) -> int:
 
 def _run_streaming(args, out, err) -> int:
     from ..backends.base import Transcription
-    from ..client.triton import InferenceError, TritonClient, TritonClientError
+    from ..client.errors import InferenceError, TritonClientError
+    from ..client.triton import TritonClient
     from ..errors import AudioError
     from ..pipeline.audio import load_audio
     from ..pipeline.batching import FileResult
@@ -308,7 +310,7 @@ def _summary(args, audio_s: float, wall: float, failed: int, err) -> int:
 
 def _run_via_embeddings(args, out, err) -> int:
     from ..client.embeddings import EmbeddingsClient
-    from ..client.triton import TritonClientError
+    from ..client.errors import TritonClientError
     from ..errors import ArtifactError, AudioError
     from ..pipeline.audio import load_audio
     from ..pipeline.batching import FileResult

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..backends.registry import BACKENDS, DEFAULT_BACKEND, SERVER
-from ..client.triton import DEFAULT_MODEL
+from ..client.wire import DEFAULT_MODEL
 from ..errors import UsageError
 from .transcribe import add_decoding_options
 

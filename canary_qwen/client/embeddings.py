@@ -29,7 +29,9 @@ from ..model.tokenizer import QwenTokenizer
 from ..precision import Precision
 from ..protocol import prompt_table
 from ..protocol.trt_requests import generated_rows
-from .triton import ModelNotReadyError, TritonClient, as_samples
+from .errors import ModelNotReadyError
+from .triton import TritonClient
+from .wire import as_samples
 
 LLM_MODELS = ("tensorrt_llm", "llm")  # looked for in this order
 

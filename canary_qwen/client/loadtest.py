@@ -26,7 +26,7 @@ import numpy as np
 
 from ..defaults import SAMPLE_RATE
 from ..errors import UsageError
-from .triton import ModelNotReadyError, ServerBusyError, ServerUnreachableError
+from .errors import ModelNotReadyError, ServerBusyError, ServerUnreachableError
 
 RETRY_S = 1.0  # the wait after a refusal that names none
 

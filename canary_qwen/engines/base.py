@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CanaryQwenError, InputError
 from ..model.tokenizer import QwenTokenizer
 
 AUDIO, EMBEDDINGS = "audio", "embeddings"  # what an engine's request carries (StepEngine.takes)
@@ -80,8 +80,9 @@ class Sink(Protocol):
         """New token ids (eos left out); ``finished`` on the last call."""
         ...
 
-    def fail(self, message: str) -> None:
-        """The request ends with this error (refused by the engine, or the engine failed)."""
+    def fail(self, error: CanaryQwenError) -> None:
+        """The request ends with this error: refused by the engine (InputError), the engine failed (EngineFailed),
+        or the loop stopped (BackendUnavailable)."""
         ...
 
     def cancelled(self) -> bool:

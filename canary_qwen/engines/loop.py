@@ -3,7 +3,9 @@
 ``submit`` only checks the request's budget and hands it over; between two engine steps the thread admits
 everything that arrived (one batch: the engine encodes and prefills it together), aborts the requests whose
 caller has gone, steps the engine and passes each request's new tokens to its sink. An engine failure ends
-every open request with the error and the loop goes on with the next arrivals.
+every open request with the error (``EngineFailed``) and the loop goes on with the next arrivals. Errors reach
+the sinks as exceptions: a refusal of the request (``InputError``), the engine's failure, ``BackendUnavailable``
+when the loop stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InputError, Overloaded
+from ..errors import BackendUnavailable, CanaryQwenError, EngineFailed, InputError, Overloaded
 from .base import CANCELLED, FAILED, FINISHED, EngineRequest, RequestCounts, Sink, StepEngine
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,9 @@ class EngineLoop:
         self.engine.close()
 
     # -- the engine's thread --------------------------------------------------------------------------
-    def _done(self, request_id: str, outcome: str, error: str | None = None, sink: Sink | None = None) -> None:
+    def _done(
+        self, request_id: str, outcome: str, error: CanaryQwenError | None = None, sink: Sink | None = None
+    ) -> None:
         """The request ends (open, or refused or gone before it opened: then ``sink``); ``error`` goes to its sink."""
         sink = self._open.pop(request_id, sink)
         with self._lock:
@@ -114,7 +118,7 @@ class EngineLoop:
             if refused is None:
                 self._open[request.request_id] = sink
             else:
-                self._done(request.request_id, FAILED, str(refused), sink)
+                self._done(request.request_id, FAILED, refused, sink)
 
     def _run(self) -> None:
         while not self._stopping:
@@ -141,22 +145,22 @@ class EngineLoop:
                         self._done(request_id, CANCELLED)
             except Exception as e:  # the engine failed: every open request gets the error, the loop goes on
                 log.exception("%s failed", self.name)
-                self._fail_open(f"{self.name} failed: {e}")
-        self._fail_open(f"{self.name} stopped")
+                self._fail_open(EngineFailed(f"{self.name} failed: {e}"))
+        self._fail_open(BackendUnavailable(f"{self.name} stopped"))
         while True:  # requests that arrived after the last admission
             try:
                 item = self._arrivals.get_nowait()
             except queue.Empty:
                 break
             if item is not None:
-                self._done(item[0].request_id, FAILED, f"{self.name} stopped", item[1])
+                self._done(item[0].request_id, FAILED, BackendUnavailable(f"{self.name} stopped"), item[1])
 
-    def _fail_open(self, message: str) -> None:
+    def _fail_open(self, error: CanaryQwenError) -> None:
         open_ids = list(self._open)
         if open_ids:
             _quietly(self.engine.abort, open_ids)
         for rid in open_ids:
-            self._done(rid, FAILED, message)
+            self._done(rid, FAILED, error)
 
 
 def _quietly(call, *args) -> bool:

@@ -22,9 +22,11 @@ from typing import Protocol
 import numpy as np
 
 from ..backends.base import Transcription
-from ..client.triton import DEFAULT_MODEL, DEFAULT_STREAM_MODEL, TritonClient, TritonClientError
+from ..client.errors import TritonClientError
+from ..client.triton import TritonClient
+from ..client.wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL
 from ..engines import EngineLoop, RequestCounts, StepEngine
-from ..errors import BackendUnavailable, CanaryQwenError, InputError
+from ..errors import BackendUnavailable, CanaryQwenError, RequestTimeout
 from ..serving.checks import TextStream, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -175,8 +177,8 @@ class _Sink:
             raise RuntimeError("the caller has gone")  # EngineLoop stops decoding this request
         _put(self.loop, self.queue, (list(ids), finished, None))
 
-    def fail(self, message: str) -> None:
-        _put(self.loop, self.queue, ([], True, message))
+    def fail(self, error: CanaryQwenError) -> None:
+        _put(self.loop, self.queue, ([], True, error))
 
     def cancelled(self) -> bool:
         return self.gone
@@ -251,21 +253,14 @@ class LocalEngine:
             try:
                 ids, finished, error = await asyncio.wait_for(sink.queue.get(), self.timeout_s)
             except asyncio.TimeoutError:
-                raise _timeout(self.timeout_s) from None
+                raise RequestTimeout(
+                    f"no answer from the engine within {self.timeout_s:g} s (the server's --timeout-s)"
+                ) from None
         else:
             ids, finished, error = await sink.queue.get()
         if error is not None:
-            raise self._failure(error)
+            raise error
         return ids, finished
-
-    def _failure(self, message: str) -> CanaryQwenError:
-        """The engine loop's message as the error it stands for (its wording: ``NAME failed: ...`` when the engine
-        failed, ``NAME stopped`` at shutdown, anything else is the engine's refusal of this request)."""
-        if message.startswith(f"{self.NAME} failed"):
-            return CanaryQwenError(message)
-        if message.startswith(f"{self.NAME} stopped"):
-            return BackendUnavailable(message)
-        return InputError(message)
 
     async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription:
         engine, sink = self._submit(window, prompt, budget)
@@ -304,9 +299,3 @@ class LocalEngine:
         self._closed = True
         if self.loop is not None:
             self.loop.close()
-
-
-def _timeout(seconds: float) -> CanaryQwenError:
-    from ..client.triton import RequestTimeoutError
-
-    return RequestTimeoutError(f"no answer from the engine within {seconds:g} s (the server's --timeout-s)")

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..client.triton import (
+from ..client.errors import (
     InferenceError,
+    ModelFailedError,
     ModelNotReadyError,
-    RequestTimeoutError,
     ServerBusyError,
     ServerUnreachableError,
     TritonClientError,
 )
-from ..errors import AudioError, BackendUnavailable, CanaryQwenError, InputError, Overloaded
+from ..errors import AudioError, BackendUnavailable, CanaryQwenError, InputError, Overloaded, RequestTimeout
 from .protocol import INVALID_REQUEST, RATE_LIMIT, SERVER_ERROR, APIError
 
 RETRY_AFTER_S = 1.0  # what Retry-After says to a refused request (busy or unavailable)
@@ -36,27 +36,24 @@ class Mapping:
 ERRORS: tuple[tuple[type[BaseException], Mapping], ...] = (
     (Overloaded, Mapping(429, RATE_LIMIT, "too_many_requests", retry=True)),
     (ServerBusyError, Mapping(503, SERVER_ERROR, "backend_busy", retry=True)),
-    (RequestTimeoutError, Mapping(504, SERVER_ERROR, "backend_timeout")),
+    (RequestTimeout, Mapping(504, SERVER_ERROR, "backend_timeout")),
     (ServerUnreachableError, Mapping(503, SERVER_ERROR, "backend_unavailable", retry=True)),
     (ModelNotReadyError, Mapping(503, SERVER_ERROR, "backend_unavailable", retry=True)),
     (BackendUnavailable, Mapping(503, SERVER_ERROR, "backend_unavailable", retry=True)),
     (AudioError, Mapping(400, INVALID_REQUEST, "invalid_audio", param="file")),
     (InputError, Mapping(400, INVALID_REQUEST, "invalid_value")),
-    # The Triton model's own message: a refused input (its InputError) is the caller's; a model that failed
-    # says "... failed: ..." (the python models' wording) and is the server's.
-    (InferenceError, Mapping(400, INVALID_REQUEST, "refused_by_model")),
+    (ModelFailedError, Mapping(502, SERVER_ERROR, "backend_error")),  # the Triton model failed: the server's fault
+    (InferenceError, Mapping(400, INVALID_REQUEST, "refused_by_model")),  # it refused the input: the caller's
     (TritonClientError, Mapping(502, SERVER_ERROR, "backend_error")),
     (CanaryQwenError, Mapping(500, SERVER_ERROR, "internal_error")),
 )
-_FAILED = Mapping(502, SERVER_ERROR, "backend_error")
 _BUG = Mapping(500, SERVER_ERROR, "internal_error")
 
 
 def mapping_for(error: BaseException) -> Mapping:
+    """By the error's type alone."""
     for kind, mapping in ERRORS:
         if isinstance(error, kind):
-            if kind is InferenceError and " failed: " in str(error):
-                return _FAILED
             return mapping
     return _BUG
 

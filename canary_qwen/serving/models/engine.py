@@ -122,16 +122,16 @@ class _Reply:
             self.outbox.publish()  # the engine counted it before handing it over: the client sees it counted
             self.sender.send(flags=FINAL)
 
-    def fail(self, message):
+    def fail(self, error):
         if self.closed:
             return
         self._close()
-        error = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+        answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
 
         def send_error():
             if not self.gone:
                 self.outbox.publish()
-                self.sender.send(error, flags=FINAL)
+                self.sender.send(answer, flags=FINAL)
 
         self.outbox.jobs.put(send_error)
 
@@ -179,7 +179,7 @@ class TritonPythonModel:
                 samples, ids, budget = one_clip_request(request, self.name, self.tokenizer, self.bounds, 0)
                 self.loop.submit(ids, samples, budget, reply)
             except CanaryQwenError as e:
-                reply.fail(str(e))
+                reply.fail(e)
         return None
 
     def finalize(self):
