@@ -77,6 +77,28 @@ class Precision(str, Enum):
         return tuple(p.value for p in (members or tuple(cls)))
 
 
+# What each backend can be asked to run in; the others run in their export's or server's precision.
+TAKES: dict[str, tuple[Precision, ...]] = {
+    "torch": Precision.floats(),
+    "torch-fast": (*Precision.floats(), Precision.INT8),
+    "vllm": Precision.floats(),
+    "nemo": Precision.floats(),
+}
+
+
+def resolve_precision(backend: str, requested: str | None, device: str = "cpu") -> Precision | None:
+    """The precision ``backend`` runs in on ``device`` (every entry point asks this): ``requested``, refused where
+    the backend cannot take it (it would be silently ignored), else ``default_precision``; None where its export or
+    server fixes it."""
+    takes = TAKES.get(backend, ())
+    if requested is None:
+        return default_precision(device, takes)
+    if requested not in takes:
+        fixed = ", ".join(takes) if takes else "its precision is that of its export or server"
+        raise UsageError(f"{backend} does not run in {requested!r} ({fixed})")
+    return Precision.parse(requested)
+
+
 def default_precision(device: str, takes: Sequence[Precision]) -> Precision | None:
     """What a backend that ``takes`` these precisions runs in on ``device`` unless asked: bf16 on a CUDA GPU (the
     released weights' own dtype, and the GPUs' fast path), fp32 elsewhere (the reference's tokens; on the CPUs

@@ -29,6 +29,7 @@ from canary_qwen.bench.report import portable_command
 from canary_qwen.bench.runner import batch_budgets
 from canary_qwen.cli.bench import add_bench_parser, command_line
 from canary_qwen.errors import BackendUnavailable, UsageError
+from canary_qwen.precision import TAKES, Precision
 
 SPEC = "mixed:0.5-2:6"
 HAVE_NEMO = importlib.util.find_spec("nemo") is not None
@@ -336,7 +337,8 @@ def test_one_run_compares_precisions_and_sources_of_a_backend(monkeypatch):
         engine.dtype = dtype
         return engine
 
-    monkeypatch.setitem(BACKENDS, "echo", BackendSpec("echo", SERVER, "test engine", make, dtypes=("fp32", "bf16")))
+    monkeypatch.setitem(BACKENDS, "echo", BackendSpec("echo", SERVER, "test engine", make))
+    monkeypatch.setitem(TAKES, "echo", (Precision.FP32, Precision.BF16))
     config = BenchConfig(
         backends=["echo", "echo:bf16", "echo=other:1"], batch_sizes=[2], synthetic="mixed:1-2:3", device="cpu"
     )

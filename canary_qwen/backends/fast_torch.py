@@ -32,7 +32,7 @@ from ..model.conformer import ConformerLayer, FeedForward
 from ..model.prompt import prompt_ids
 from ..model.qwen3 import DecoderLayer, apply_rope, merge_lora, rope_cos_sin
 from ..model.salm import load_model
-from ..precision import Precision
+from ..precision import Precision, resolve_precision
 from .base import Transcription, pad_waveforms
 from .cpu_heap import freed_memory_kept
 from .cpu_linear import (
@@ -91,11 +91,9 @@ class FastTorchBackend:
         encoder_batch: int | None = None,
         cuda_graphs: bool = True,
     ):
-        from .registry import resolve_dtype
-
         self.device = resolve_device(device)
         # "int8": int8 weights and activations in every linear (Int8Linear), fp32 everywhere else.
-        precision = resolve_dtype(self.name, dtype, self.device.type)
+        precision = resolve_precision(self.name, dtype, self.device.type)
         assert precision is not None
         self.dtype = precision.value
         if self.dtype == Precision.INT8 and self.device.type != "cpu":

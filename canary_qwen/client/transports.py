@@ -14,20 +14,12 @@ from collections.abc import Generator, Iterator, Sequence
 import numpy as np
 
 from .errors import answer_error, http_error_text
-from .server import INSTALL_HINT, ServerClient
+from .server import ServerClient
 from .wire import event_body, event_outputs
 
 
 class GrpcServer(ServerClient):
     protocol = "grpc"
-
-    def __init__(self, *args, **kwargs):
-        try:
-            import tritonclient.grpc as module
-        except ImportError as e:
-            raise ImportError(f"the Triton client needs tritonclient: {INSTALL_HINT}") from e
-        self._module = module
-        super().__init__(*args, **kwargs)
 
     def _new_client(self):
         return self._module.InferenceServerClient(self.url)
@@ -92,14 +84,6 @@ class GrpcServer(ServerClient):
 class HttpServer(ServerClient):
     protocol = "http"
     retries_stale_connections = True  # geventhttpclient does not retry a POST on a connection the server closed
-
-    def __init__(self, *args, **kwargs):
-        try:
-            import tritonclient.http as module
-        except ImportError as e:
-            raise ImportError(f"the Triton client needs tritonclient: {INSTALL_HINT}") from e
-        self._module = module
-        super().__init__(*args, **kwargs)
 
     def _new_client(self):
         # connection_timeout bounds connecting, network_timeout a whole request

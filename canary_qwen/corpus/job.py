@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.registry import SERVER, backend_spec, create_backend, resolve_dtype
+from ..backends.registry import SERVER, backend_spec, create_backend
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import ExternalToolError, UsageError, import_optional
 from ..pipeline.batching import FileResult, transcribe_files
+from ..precision import resolve_precision
 from .results import COLUMNS, ResultStore, fingerprint, model_identity
 
 RAY_REQUIREMENT = "ray[data] 2.60 (pip install 'canary-qwen[ray]')"
@@ -221,7 +222,7 @@ def transcribe_corpus(
 ) -> Summary:
     """Transcribe ``paths`` not yet in ``out`` with these options; returns the closing summary's numbers."""
     ray = import_optional("ray", RAY_REQUIREMENT)
-    dtype = resolve_dtype(options.backend, options.dtype, cluster.device)  # the default is part of the identity
+    dtype = resolve_precision(options.backend, options.dtype, cluster.device)  # the default is part of the identity
     options = replace(options, dtype=None if dtype is None else dtype.value)
     identity = options.identity()
     fp = fingerprint(identity)

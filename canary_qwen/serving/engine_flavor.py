@@ -29,6 +29,7 @@ from ..bounds import RequestBounds
 from ..engines.local import SOURCES
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
+from ..precision import resolve_precision
 from .config_check import check_ensemble
 from .repo_files import (
     ENSEMBLE,
@@ -136,9 +137,7 @@ def generate_engine_repo(
         raise UsageError(f"unknown engine flavour {engine!r} (one of {', '.join(FLAVORS)})")
     if max_batch < 1 or kv_cache_gib <= 0:
         raise UsageError("max_batch must be >= 1, kv_cache_gib > 0")
-    from ..backends.registry import resolve_dtype
-
-    precision = resolve_dtype(engine, dtype, device)
+    precision = resolve_precision(engine, dtype, device)
     assert precision is not None  # both engines take a precision
     settings: dict = {"max_batch": max_batch, "device": device, "dtype": precision.value}
     if engine == "vllm":
