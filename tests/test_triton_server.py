@@ -280,7 +280,7 @@ def test_start_failure_reports_log_tail(tmp_path):
 @needs_server
 def test_serve_forever_stops_on_sigterm(repo, tmp_path):
     code = (
-        "import sys; from canary_qwen.serving.server import serve_forever; "
+        "import sys; from canary_qwen.serving.supervisor import serve_forever; "
         f"sys.exit(serve_forever({str(repo)!r}, work_dir={str(tmp_path)!r}))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -475,9 +475,3 @@ def _killpg(pgid: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def serve_forever(repo_dir: str | os.PathLike, **kwargs) -> int:
-    """``canary_qwen.serving.supervisor.serve_forever`` (kept here, where it was first)."""
-    from .supervisor import serve_forever as supervise
-
-    return supervise(repo_dir, **kwargs)
