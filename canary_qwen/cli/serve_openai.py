@@ -161,7 +161,7 @@ def _triton_target(url: str, protocol: str | None) -> tuple[str, str]:
 
 def make_backend(args, settings):
     """The backend the arguments ask for (not started)."""
-    from ..openai_api.backends import LocalEngine, TritonForwarding
+    from ..openai_api.upstream import LocalEngine, TritonForwarding
 
     if (args.triton is None) == (args.model is None):
         raise UsageError("give --triton URL[,URL...], or --model DIR with --backend NAME (one of the two)")

@@ -1,10 +1,10 @@
 """The OpenAI-compatible speech-to-text server's handlers, on Starlette (served by uvicorn).
 
 ``POST /v1/audio/transcriptions`` reads the multipart upload as it streams in (``upload``), checks the fields
-(``protocol``), decodes the audio, cuts it into the windows ``canary-qwen transcribe`` uses, has the backend
-decode every window (concurrently; the backend batches them with the other requests in flight) and renders the
+(``protocol``), decodes the audio, cuts it into the windows ``canary-qwen transcribe`` uses, has the upstream
+decode every window (concurrently; the upstream batches them with the other requests in flight) and renders the
 joined text (``formats``), or streams it as server-sent events. ``GET /v1/models``, ``GET /health`` (200 only
-while the backend can answer), ``GET /metrics`` (Prometheus).
+while the upstream can answer), ``GET /metrics`` (Prometheus).
 
 At most ``bounds.max_queue`` transcription requests are handled at once; one more is refused at once (429 with
 ``Retry-After``). Every error is answered in OpenAI's shape (``errors``) and the server goes on serving.
@@ -38,7 +38,6 @@ from ..defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WIND
 from ..errors import AudioError, InputError
 from ..pipeline.audio import load_audio
 from ..pipeline.windowing import SEARCH_S, WindowPlan, split_points
-from .backends import Backend
 from .errors import RETRY_AFTER_S, api_error
 from .formats import compression_ratio, render
 from .metrics import CLIENT_CLOSED, Metrics
@@ -46,6 +45,7 @@ from .protocol import SERVER_ERROR, APIError, Segment, Transcript, Transcription
 from .protocol import delta_event as _delta
 from .protocol import done_event as _done
 from .upload import FILE_FIELD, read_upload
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 SERVED_MODEL = "canary-qwen-2.5b"
@@ -70,7 +70,7 @@ def default_bounds() -> RequestBounds:
 class ServerSettings:
     """``bounds``: ``max_audio_s`` the longest upload (seconds of audio), ``max_new_tokens`` /
     ``max_new_tokens_limit`` the budget per window (default / most a request may ask), ``max_queue`` the
-    transcription requests handled at once, ``queue_timeout_s`` the longest wait for the backend (0: none).
+    transcription requests handled at once, ``queue_timeout_s`` the longest wait for the upstream (0: none).
     ``max_window_s``: windows long audio is cut into (None: whole). ``max_upload_bytes``: the request body."""
 
     served_model: str = SERVED_MODEL
@@ -129,12 +129,12 @@ class _Refusal(JSONResponse):
 
 
 class OpenAIServer:
-    """The app (``.app``) around one backend. ``settings`` holds every limit."""
+    """The app (``.app``) around one upstream (Triton servers or a local engine). ``settings`` holds every limit."""
 
-    def __init__(self, backend: Backend, settings: ServerSettings | None = None):
-        self.backend = backend
+    def __init__(self, upstream: Upstream, settings: ServerSettings | None = None):
+        self.upstream = upstream
         self.settings = settings or ServerSettings()
-        self.metrics = Metrics(pending=backend.pending, counts=backend.counts)
+        self.metrics = Metrics(pending=upstream.pending, counts=upstream.counts)
         self.created = int(time.time())
         self._in_flight = 0
         self._decoder = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="openai-audio")
@@ -152,11 +152,11 @@ class OpenAIServer:
 
     @asynccontextmanager
     async def _lifespan(self, app) -> AsyncIterator[None]:
-        await self.backend.start()
+        await self.upstream.start()
         try:
             yield
         finally:
-            self.backend.close()
+            self.upstream.close()
             self._decoder.shutdown(wait=False, cancel_futures=True)
 
     # -- small endpoints --------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class OpenAIServer:
         return JSONResponse(model_card(name, self.created))
 
     async def health(self, request: Request) -> Response:
-        ready, why = await self.backend.ready()
+        ready, why = await self.upstream.ready()
         body = {"status": "ready" if ready else "unavailable", "detail": why, "model": self.settings.served_model}
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -251,7 +251,7 @@ class OpenAIServer:
                 raise invalid("'file' is required: the audio, as a multipart file part", FILE_FIELD, "missing")
             if upload.size == 0:
                 raise invalid(f"the uploaded file '{upload.filename}' is empty (0 bytes)", FILE_FIELD, "empty_file")
-            ready, why = await self.backend.ready()
+            ready, why = await self.upstream.ready()
             if not ready:
                 raise APIError(503, why, type=SERVER_ERROR, code="backend_unavailable", retry_after_s=RETRY_AFTER_S)
             loop = asyncio.get_running_loop()
@@ -299,7 +299,7 @@ class OpenAIServer:
         budget: int,
         audio_s: float,
     ) -> Transcript:
-        results = await _all(self.backend.transcribe(w, request.prompt, budget) for w in windows)
+        results = await _all(self.upstream.transcribe(w, request.prompt, budget) for w in windows)
         # The text is joined exactly as `canary-qwen transcribe` joins its windows' texts.
         joined = WindowPlan(windows, [0] * len(windows)).join(results, 1)[0]
         assert isinstance(joined, Transcription)
@@ -323,7 +323,7 @@ class OpenAIServer:
         sent = False
         for w in windows:
             first = True
-            async with aclosing(self.backend.stream(w, request.prompt, budget)) as stream:
+            async with aclosing(self.upstream.stream(w, request.prompt, budget)) as stream:
                 async for piece in stream:
                     if not piece:
                         continue
@@ -341,7 +341,7 @@ class OpenAIServer:
         start: float,
         audio_s: float,
     ) -> Response:
-        """Server-sent events. The first piece is awaited before the answer starts, so a backend that cannot
+        """Server-sent events. The first piece is awaited before the answer starts, so an upstream that cannot
         answer (Triton down, engine refusing) still gets its HTTP status; a later error is sent as an error event.
         The stream ends with the done event; a client that leaves stops the decoding."""
         pieces = self._pieces(fields, windows, budget)

@@ -1,4 +1,4 @@
-"""The two ways the OpenAI-compatible server answers, behind one interface: forwarding to Triton servers
+"""The two upstreams that answer the OpenAI-compatible server, behind one interface (``Upstream``): forwarding to Triton servers
 (:class:`TritonForwarding`, the existing :class:`~canary_qwen.client.triton.TritonClient` with its failover and
 timeouts) and a local engine in this process (:class:`LocalEngine`, an
 :class:`~canary_qwen.engines.EngineLoop` that batches every request in flight together).
@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 READY_CACHE_S = 1.0  # how long a readiness probe of the Triton servers is reused
 
 
-class Backend(Protocol):
+class Upstream(Protocol):
+    """What answers the OpenAI server's requests: Triton servers (``TritonForwarding``) or an engine in this process
+    (``LocalEngine``)."""
+
     description: str
 
     async def start(self) -> None:
