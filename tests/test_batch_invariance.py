@@ -33,15 +33,15 @@ def rows(backend, clips):
     """The clips' spliced prompts, lengths all different."""
     ids = prompt_ids(backend.tokenizer, None)
     with torch.inference_mode():
-        spliced = [backend._splice(ids, frames) for frames in backend.encode(clips)]
+        spliced = [backend.splice(ids, frames) for frames in backend.encode(clips)]
     assert len({r.shape[0] for r in spliced}) == len(spliced)
     return spliced
 
 
 def prefill(backend, rows, which: list[int], max_len: int):
-    cache = backend._cache(len(which), max_len)
+    cache = backend.forward.cache(len(which), max_len)
     with torch.inference_mode():
-        logits = backend._prefill(cache, list(range(len(which))), [rows[i] for i in which])
+        logits = backend.forward.prefill(cache, list(range(len(which))), [rows[i] for i in which])
     return logits, cache
 
 
@@ -64,11 +64,11 @@ def test_decode_logits_do_not_depend_on_the_other_slots(backend, rows):
     n = rows[shortest].shape[0]
     with torch.inference_mode():
         logits, cache = prefill(backend, rows, [shortest], max_len)
-        alone = backend._decode(cache, logits.argmax(-1), torch.ones(1, dtype=torch.long), [n])[0]
+        alone = backend.forward.decode(cache, logits.argmax(-1), torch.ones(1, dtype=torch.long), [n])[0]
         logits, cache = prefill(backend, rows, [shortest, longest], max_len)
         lengths = [n, rows[longest].shape[0]]
-        pair = backend._decode(copy.deepcopy(cache), logits.argmax(-1), torch.ones(2, dtype=torch.long), lengths)
-        idle = backend._decode(cache, logits.argmax(-1), torch.tensor([1, 0]), [n, 0])
+        pair = backend.forward.decode(copy.deepcopy(cache), logits.argmax(-1), torch.ones(2, dtype=torch.long), lengths)
+        idle = backend.forward.decode(cache, logits.argmax(-1), torch.tensor([1, 0]), [n, 0])
     assert torch.equal(pair[0], alone)
     assert torch.equal(idle[0], alone)
 

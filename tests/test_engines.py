@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import make_clip
 
+from canary_qwen.backends.engines import open_engine, positions_for
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import EngineLoop
-from canary_qwen.engines.local import open_engine, positions_for
 from canary_qwen.errors import InputError, Overloaded, UsageError
 from canary_qwen.model.prompt import prompt_ids
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from canary_qwen.backends.cpu_linear import PackedLinear, cpu_has_bf16_units
-from canary_qwen.backends.fast_torch import DenseLinear, FastTorchBackend, length_buckets
+from canary_qwen.backends.fast_layers import DenseLinear
+from canary_qwen.backends.fast_torch import FastTorchBackend, length_buckets
 from canary_qwen.backends.onnx_runtime import OnnxBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.errors import ArtifactError, BackendUnavailable

@@ -21,7 +21,8 @@ from canary_qwen.backends.cpu_linear import (
     row_kernel,
     silu_gate_quantize_rows,
 )
-from canary_qwen.backends.fast_torch import FastTorchBackend, FusedLayer, Int8FeedForward, Int8Layer
+from canary_qwen.backends.fast_layers import FusedLayer, Int8FeedForward, Int8Layer
+from canary_qwen.backends.fast_torch import FastTorchBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
 from canary_qwen.model.salm import load_model

@@ -184,7 +184,7 @@ def make_backend(args, settings):
     window = settings.max_window_s or settings.bounds.max_audio_s
 
     def open_engine():
-        from ..engines.local import open_engine
+        from ..backends.engines import open_engine
 
         return open_engine(
             args.backend,

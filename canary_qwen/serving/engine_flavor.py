@@ -25,8 +25,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..backends.engines import SOURCES
 from ..bounds import RequestBounds
-from ..engines.local import SOURCES
 from ..errors import ArtifactError, UsageError
 from ..export.manifest import read_manifest
 from ..precision import resolve_precision

@@ -17,9 +17,9 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
+from canary_qwen.backends.engines import SOURCES, open_engine
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import EngineLoop
-from canary_qwen.engines.local import SOURCES, open_engine
 from canary_qwen.errors import CanaryQwenError
 from canary_qwen.serving.checks import TextStream, model_parameters
 from canary_qwen.serving.models.metrics import ModelCounters

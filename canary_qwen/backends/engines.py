@@ -7,8 +7,8 @@ import math
 
 from ..bounds import RequestBounds
 from ..defaults import SAMPLE_RATE
+from ..engines.base import StepEngine
 from ..errors import UsageError
-from .base import StepEngine
 
 ENGINES = ("torch-fast", "vllm", "onnx")
 SOURCES = {"torch-fast": "checkpoint", "vllm": "export", "onnx": "export"}  # what each one loads
@@ -43,18 +43,18 @@ def open_engine(
     bounds = bounds or RequestBounds()
     positions = positions_for(bounds.audio_s, bounds.max_new_tokens_limit)
     if backend == "torch-fast":
-        from ..backends.fast_torch import FastTorchBackend
+        from .fast_torch import FastTorchBackend
 
         fast = FastTorchBackend(source, device=device, dtype=dtype, max_slots=max_batch)
         return fast.engine(slots=max_batch, max_len=positions)
     if dtype is not None and backend == "onnx":
         raise UsageError("onnx runs in its export's precision: leave dtype out")
-    from ..backends.onnx_runtime import OnnxBackend, OnnxEncoder
     from ..export.manifest import read_manifest
+    from .onnx_runtime import OnnxBackend, OnnxEncoder
 
     if backend == "onnx":
         return OnnxBackend(source, device=device, arena=False).engine(max_batch)  # a server's: see session()
-    from ..backends.vllm import VllmEngine
+    from .vllm import VllmEngine
 
     manifest = read_manifest(source)
     return VllmEngine(

@@ -1,0 +1,156 @@
+"""torch-fast's forward pass over the LLM: a static KV cache, a prefill whose projections and MLPs run on packed
+(unpadded) tokens with one causal attention call per sequence and logits for the last position only, and a decode
+step for every slot, eager or captured as a CUDA graph. A sequence's logits are the same alone or in any batch
+(tests/test_batch_invariance.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..model.qwen3 import rope_cos_sin
+
+
+class StaticKVCache:
+    """[layers, slots, kv_heads, max_len, head_dim] keys and values plus the filled length per slot."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+
+class DecoderForward:
+    """The forward pass of ``model``'s LLM (its layers fused, ``fast_layers``) with ``head`` as the output layer, on
+    ``device``; ``cuda_graphs``: decode steps captured as CUDA graphs on CUDA."""
+
+    def __init__(self, model, head: nn.Module, device: torch.device, cuda_graphs: bool):
+        self.model, self.head, self.device, self.cuda_graphs = model, head, device, cuda_graphs
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin for ``positions``, computed once per forward: every layer uses the same."""
+        return rope_cos_sin(positions[None], self.model.llm_cfg.head_dim, self.model.llm_cfg.rope_theta, dtype)
+
+    def prefill(self, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Run new sequences; returns last-position logits [len(slots), V].
+
+        Projections and MLPs run on the tokens packed end to end (no padding; their rows are independent:
+        per-row norms and quantization, and in int8 exact int32 sums). Attention runs per sequence on its
+        own length: a kernel's blocking follows the key length, so attending over a batch's longest would
+        make a sequence's bits depend on the others prefilled with it (a served request on its arrival
+        group). With this, a sequence's logits are the same alone or in any batch (tests/test_batch_invariance.py).
+        """
+        lengths = [p.shape[0] for p in prompts]
+        x = torch.cat(prompts)
+        # Index tensors are built on the host and copied once (not hundreds of tiny device kernels).
+        counts = torch.tensor(lengths)
+        positions = torch.cat([torch.arange(length) for length in lengths]).to(self.device)
+        rope = self.rope(positions, x.dtype)
+        for li, layer in enumerate(self.model.llm.layers):
+            q, k, v = layer.qkv(x, rope)
+            attended = []
+            for slot, qs, ks, vs in zip(slots, q.split(lengths), k.split(lengths), v.split(lengths)):
+                qs, ks, vs = (t.transpose(0, 1)[None] for t in (qs, ks, vs))  # [1, heads, length, d]
+                cache.k[li, slot, :, : ks.shape[2]] = ks[0]
+                cache.v[li, slot, :, : vs.shape[2]] = vs[0]
+                o = nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=layer.head_dim**-0.5, enable_gqa=True
+                )
+                attended.append(o[0].transpose(0, 1))
+            x = layer.mlp_residual(layer.attention_residual(torch.cat(attended).reshape(x.shape[0], -1), x))
+        at = torch.tensor(slots, device=self.device)
+        cache.lengths[at] = counts.to(self.device)
+        last = (counts.cumsum(0) - 1).to(self.device)
+        return self.logits(self.model.llm.norm(x[last]))
+
+    def decode(
+        self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, lengths: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """One token for every slot (idle slots too); returns logits [slots, V].
+
+        With ``lengths`` (each slot's filled length on the host, 0 for idle slots), each running slot attends
+        over exactly its own keys, one attention call per slot: its bits then never depend on the other slots
+        (a kernel's blocking follows the key length) and idle slots cost nothing. Without (the static shapes a
+        CUDA graph needs), every slot attends over the whole cache, masked beyond its length. Idle slots keep
+        length 0, so they only ever touch position 0 of their own cache row.
+        """
+        slots = torch.arange(tokens.shape[0], device=self.device)
+        positions = cache.lengths
+        visible = None
+        if lengths is None:
+            span = torch.arange(cache.k.shape[3], device=self.device)
+            visible = (span[None] <= positions[:, None])[:, None, None]
+        x = self.model.embed_tokens(tokens)
+        rope = self.rope(positions, x.dtype)
+        for li, layer in enumerate(self.model.llm.layers):
+            q, k, v = layer.qkv(x, rope)
+            cache.k[li, slots, :, positions] = k
+            cache.v[li, slots, :, positions] = v
+            scale = layer.head_dim**-0.5
+            if lengths is None:
+                o = nn.functional.scaled_dot_product_attention(
+                    q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=scale, enable_gqa=True
+                )
+            else:
+                o = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[2])
+                for slot, filled in enumerate(lengths):
+                    if filled:
+                        o[slot] = nn.functional.scaled_dot_product_attention(
+                            q[slot, :, None][None],
+                            cache.k[li, slot, :, : filled + 1][None],
+                            cache.v[li, slot, :, : filled + 1][None],
+                            scale=scale,
+                            enable_gqa=True,
+                        )[0]
+            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x))
+        cache.lengths += active
+        return self.logits(self.model.llm.norm(x))
+
+    def decoder(self, cache: StaticKVCache):
+        """The decode step ``(tokens, active, lengths)`` for this cache: eager, each slot over its own keys,
+        or captured as a CUDA graph over the whole cache on CUDA (when enabled)."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            return lambda tokens, active, lengths: self.decode(cache, tokens, active, lengths)
+        return _GraphedDecode(self.decode, cache)
+
+    def cache(self, slots: int, max_len: int) -> StaticKVCache:
+        cfg = self.model.llm_cfg
+        return StaticKVCache(
+            cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim, self.model.dtype, self.device
+        )
+
+
+class _GraphedDecode:
+    """``step(cache, tokens, active)`` captured once as a CUDA graph over static input buffers; each call
+    copies the inputs in and replays it (one launch for the whole step instead of hundreds of kernels).
+
+    The warm-up runs before capture (as CUDA graphs require) use ``active`` all zero: lengths stay as
+    they are, and the keys/values they write sit at each slot's next position, which the next real
+    step overwrites.
+    """
+
+    def __init__(self, step, cache: StaticKVCache):
+        slots = cache.lengths.shape[0]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=cache.k.device)
+        self.active = torch.zeros(slots, dtype=torch.long, device=cache.k.device)
+        side = torch.cuda.Stream(cache.k.device)
+        side.wait_stream(torch.cuda.current_stream(cache.k.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(cache, self.tokens, self.active)
+        torch.cuda.current_stream(cache.k.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(cache, self.tokens, self.active)
+
+    def __call__(self, tokens: torch.Tensor, active: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        self.tokens.copy_(tokens)  # the graph attends over the whole cache, masked by the device's lengths
+        self.active.copy_(active)
+        self.graph.replay()
+        return self.logits
