@@ -4,6 +4,9 @@ bundled Triton server."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -152,6 +155,27 @@ def wait_for_counts(read, until, timeout: float = 60.0) -> dict[str, float]:
         assert time.monotonic() < deadline, f"counts never got there: {counts}"
         time.sleep(0.1)
     return counts
+
+
+def perf_analyzer(url: str, protocol: str, model: str, out_dir, *, streaming: bool = False) -> str:
+    """Triton's perf_analyzer against ``model`` with a real clip as --input-data (every input, optional ones too:
+    it would fill missing ones with random data); its report. Skips where the binary is missing."""
+    binary = shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
+    if binary is None:
+        pytest.skip(
+            "no perf_analyzer binary: scripts/install_perf_analyzer.py (run by scripts/setup.sh) puts it in "
+            ".venv/bin on Linux x86_64; it did not run or could not download it"
+        )
+    clip = make_clip(1.0, 7)
+    data = Path(out_dir) / "input.json"
+    inputs = {"AUDIO": {"content": clip.tolist(), "shape": [len(clip)]}, "PROMPT": ["Transcribe the following:"]}
+    data.write_text(json.dumps({"data": [{**inputs, "MAX_NEW_TOKENS": [16]}]}))
+    argv = [binary, "-m", model, "-u", url, "-i", protocol, "--input-data", str(data), "--concurrency-range", "1:2"]
+    argv += ["--measurement-interval", "1500", "--stability-percentage", "100", "--max-trials", "3"]
+    run = subprocess.run([*argv, *(["--streaming"] if streaming else [])], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Throughput" in run.stdout
+    return run.stdout
 
 
 def write_engines(

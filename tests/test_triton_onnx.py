@@ -13,16 +13,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_clip, needs_server, read_bounds, running_server
+from conftest import make_clip, needs_server, perf_analyzer, read_bounds, running_server
 
 from canary_qwen.backends.base import Transcription
 from canary_qwen.backends.onnx_runtime import OnnxBackend
@@ -507,61 +504,9 @@ def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(
     assert out.getvalue() == f"{clip_files[0]}\t{expected[0].text}\n{clip_files[1]}\t{expected[1].text}\n"
 
 
-def _perf_analyzer() -> str | None:
-    found = shutil.which("perf_analyzer") or shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
-    return found
-
-
 @needs_server
 def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
-    binary = _perf_analyzer()
-    if binary is None:
-        pytest.skip(
-            "no perf_analyzer binary: scripts/install_perf_analyzer.py (run by scripts/setup.sh) puts it in "
-            ".venv/bin on Linux x86_64; it did not run or could not download it"
-        )
-    data = tmp_path / "input.json"
-    clip = make_clip(1.0, 7)
-    # every input, optional ones included: perf_analyzer would fill missing ones with random data
-    data.write_text(
-        json.dumps(
-            {
-                "data": [
-                    {
-                        "AUDIO": {"content": clip.tolist(), "shape": [len(clip)]},
-                        "PROMPT": ["Transcribe the following:"],
-                        "MAX_NEW_TOKENS": [16],
-                    }
-                ]
-            }
-        )
-    )
-    run = subprocess.run(
-        [
-            binary,
-            "-m",
-            "canary_qwen",
-            "-u",
-            server.http_url,
-            "-i",
-            "http",
-            "--input-data",
-            str(data),
-            "--concurrency-range",
-            "1:2",
-            "--measurement-interval",
-            "1500",
-            "--stability-percentage",
-            "100",
-            "--max-trials",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "Throughput" in run.stdout
+    perf_analyzer(server.http_url, "http", "canary_qwen", tmp_path)
 
 
 # -- last: the shared server stops cleanly ---------------------------------------------------------------
