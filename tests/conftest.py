@@ -3,6 +3,7 @@ bundled Triton server."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -155,6 +156,18 @@ def wait_for_counts(read, until, timeout: float = 60.0) -> dict[str, float]:
         assert time.monotonic() < deadline, f"counts never got there: {counts}"
         time.sleep(0.1)
     return counts
+
+
+def plain_infer(url: str, protocol: str, clip: np.ndarray, model: str = "canary_qwen") -> tuple[str, list[int]]:
+    """One clip through tritonclient's plain infer (HTTP /v2/models/MODEL/infer, gRPC ModelInfer), as any Triton
+    user sends it: (TEXT, OUTPUT_IDS)."""
+    module = importlib.import_module(f"tritonclient.{protocol}")
+    with module.InferenceServerClient(url) as client:
+        audio = module.InferInput("AUDIO", [1, len(clip)], "FP32")
+        audio.set_data_from_numpy(np.asarray(clip, dtype=np.float32)[None])
+        outputs = [module.InferRequestedOutput(n) for n in ("TEXT", "OUTPUT_IDS")]
+        result = client.infer(model, [audio], outputs=outputs)
+    return result.as_numpy("TEXT").reshape(-1)[0].decode(), result.as_numpy("OUTPUT_IDS").reshape(-1).tolist()
 
 
 def perf_analyzer(url: str, protocol: str, model: str, out_dir, *, streaming: bool = False) -> str:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import make_clip, needs_server, perf_analyzer, read_bounds, running_server
+from conftest import make_clip, needs_server, perf_analyzer, plain_infer, read_bounds, running_server
 
 from canary_qwen.backends.base import Transcription
 from canary_qwen.backends.onnx_runtime import OnnxBackend
@@ -505,8 +505,16 @@ def test_embeddings_mode_finds_the_llm_and_says_when_http_cannot_stream(
 
 
 @needs_server
-def test_perf_analyzer_runs_against_the_ensemble(server, tmp_path):
-    perf_analyzer(server.http_url, "http", "canary_qwen", tmp_path)
+@pytest.mark.parametrize(
+    "protocol, model, streaming",
+    [("http", "canary_qwen", False), ("grpc", "canary_qwen", False), ("grpc", "canary_qwen_stream", True)],
+)
+def test_standard_clients_reach_both_models(server, clips, expected, tmp_path, protocol, model, streaming):
+    """tritonclient's plain infer gets the local tokens; perf_analyzer measures the ensemble and the stream model."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    if not streaming:
+        assert plain_infer(url, protocol, clips[1]) == (expected[1].text, expected[1].token_ids)
+    perf_analyzer(url, protocol, model, tmp_path, streaming=streaming)
 
 
 # -- last: the shared server stops cleanly ---------------------------------------------------------------

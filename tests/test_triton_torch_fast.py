@@ -10,7 +10,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import make_clip, needs_server, read_bounds, running_server, stream_counts, wait_for_counts
+from conftest import (
+    make_clip,
+    needs_server,
+    perf_analyzer,
+    plain_infer,
+    read_bounds,
+    running_server,
+    stream_counts,
+    wait_for_counts,
+)
 
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bounds import RequestBounds
@@ -63,7 +72,7 @@ def reference(tiny_checkpoint):
     return TorchBackend(str(tiny_checkpoint))
 
 
-def test_repository_is_one_engine_model_streaming_and_behind_the_ensemble(repo, tiny_checkpoint, tmp_path, capsys):
+def test_repository_is_one_engine_model_streaming_and_a_unary_model_over_it(repo, tiny_checkpoint, tmp_path, capsys):
     assert check_ensemble(repo) == []
     engine = parse_model_config(repo / "canary_qwen_stream" / "config.pbtxt")  # the engine, streaming
     assert engine.model_transaction_policy.decoupled
@@ -72,8 +81,9 @@ def test_repository_is_one_engine_model_streaming_and_behind_the_ensemble(repo, 
     assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
     assert engine.dynamic_batching.default_queue_policy.max_queue_size == 32
     assert read_bounds(repo / "canary_qwen_stream").max_audio_s == MAX_AUDIO_S
-    steps = parse_model_config(repo / "canary_qwen" / "config.pbtxt").ensemble_scheduling.step
-    assert [s.model_name for s in steps] == ["canary_qwen_stream"]
+    unary = parse_model_config(repo / "canary_qwen" / "config.pbtxt")  # standard clients' entry: not decoupled
+    assert unary.backend == "python" and not unary.model_transaction_policy.decoupled
+    assert unary.parameters["engine_model"].string_value == "canary_qwen_stream" and unary.input[0].allow_ragged_batch
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["canary_qwen", "canary_qwen_stream"]
     # The checkpoint is linked in NeMo's offline layout: no hub access at load.
     held = repo / "canary_qwen_stream" / "1" / "checkpoint"
@@ -95,6 +105,24 @@ def test_served_tokens_equal_the_reference_for_mixed_lengths_and_budgets(server,
         got = [client.infer(c, max_new_tokens=b, with_ids=True) for c, b in zip(clips, budgets)]
     assert [ids for _, ids in got] == [w.token_ids for w in want]
     assert [text for text, _ in got] == [w.text for w in want]
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_standard_unary_inference_gets_the_reference_tokens(server, clips, reference, protocol):
+    """tritonclient's plain infer (HTTP /v2/models/canary_qwen/infer, gRPC ModelInfer), as any Triton user sends
+    it, concurrent requests of different lengths batched together, each with the reference's ids."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    want = reference.transcribe(clips[:4], max_new_tokens=BUDGET)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda clip: plain_infer(url, protocol, clip), clips[:4]))
+    assert got == [(w.text, w.token_ids) for w in want]
+
+
+@needs_server
+@pytest.mark.parametrize("model, streaming", [("canary_qwen", False), ("canary_qwen_stream", True)])
+def test_perf_analyzer_measures_the_engine(server, tmp_path, model, streaming):
+    perf_analyzer(server.grpc_url, "grpc", model, tmp_path, streaming=streaming)
 
 
 @needs_server

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm (scripts/setup.sh)")
 
-from conftest import make_clip, read_bounds, running_server  # noqa: E402
+from conftest import make_clip, plain_infer, read_bounds, running_server  # noqa: E402
 
 from canary_qwen.backends.torch_ref import TorchBackend  # noqa: E402
 from canary_qwen.bounds import RequestBounds
@@ -113,6 +113,13 @@ def test_32_concurrent_clients_each_get_the_reference_answer(server, clips, expe
         if ids:
             assert ids == want.token_ids, f"client {i}"
     assert sum(1 for _, ids in got if ids) == 12  # the gRPC ensemble clients compared their ids too
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_standard_unary_inference_gets_the_reference_tokens(server, clips, expected, protocol):
+    """tritonclient's plain infer, as any Triton user sends it (the engine is reached through canary_qwen)."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    assert [plain_infer(url, protocol, c) for c in clips[:3]] == [(w.text, w.token_ids) for w in expected[:3]]
 
 
 def test_budget_and_bad_audio_get_answers_and_the_server_keeps_serving(server, clips, expected):

@@ -4,7 +4,7 @@ an in-process engine (``canary_qwen.engines``) for every request, under the name
 | model | inputs | outputs |
 | --- | --- | --- |
 | ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
-| ``canary_qwen`` (ensemble over it, decoupled) | as ``canary_qwen_stream`` | TEXT, OUTPUT_IDS pieces |
+| ``canary_qwen`` (python, not decoupled; ``models/gather.py``) | as ``canary_qwen_stream`` (AUDIO ragged) | TEXT, OUTPUT_IDS: the engine's pieces joined, one response |
 
 The streaming model is the engine itself, not an ensemble step: Triton checks an ensemble request's cancellation
 only between its steps and never tells the model running a step (its ``is_cancelled()`` stays false), so a stream
@@ -12,9 +12,10 @@ whose reader leaves must reach the engine directly to stop decoding.
 
 The engine (parameter ``engine``) is torch-fast (the fast PyTorch path on a checkpoint: int8 on CPUs with
 VNNI/AMX, bf16 and CUDA graphs on GPUs) or vLLM (on an export, its encoder in ONNX Runtime). Requests join the
-running batch between decode steps; a cancelled stream stops decoding. ``canary_qwen`` contains the decoupled
-engine, so both models are decoupled: Triton serves them over gRPC streaming and HTTP generate_stream (``canary-qwen
-client`` reads them to their final response by itself). The vllm flavour's server needs vLLM *and* numpy < 2
+running batch between decode steps; a cancelled stream stops decoding. ``canary_qwen`` sends each request of its
+batch to the engine at once (BLS) and answers with the joined pieces, so Triton's standard unary inference (HTTP
+``/v2/models/canary_qwen/infer``, gRPC ModelInfer, perf_analyzer) reaches the engine; streams go to
+``canary_qwen_stream`` (gRPC streaming, HTTP generate_stream). The vllm flavour's server needs vLLM *and* numpy < 2
 (the bundled Triton 2.51 python stub returns empty outputs under numpy 2): scripts/setup.sh makes
 ``.venv-vllm`` that way.
 """
@@ -38,18 +39,18 @@ from .repo_files import (
     audio_inputs,
     copy_artifacts,
     ensemble_outputs,
-    ensemble_step,
-    io_block,
     link_or_copy,
     max_new_tokens_input,
     model_code,
     python_model,
     replace_model_dirs,
+    tensor,
     write_models,
     write_repo_info,
 )
 
 ENGINE = STREAM
+GATHER_INSTANCES = 2
 FLAVORS = ("torch-fast", "vllm")
 # Replaced when a repository is written again: its models, and those the vllm flavour had before it was one model.
 MODEL_NAMES = (ENGINE, ENSEMBLE, "preprocessing", "encoder", "vllm")
@@ -62,19 +63,6 @@ def _llm_artifacts(manifest) -> tuple[str, ...]:
     if "llm_merged" in have:
         return ("llm_merged",)
     raise ArtifactError(f"{manifest.root} has no llm_merged (nor llm_base + lora): re-run `canary-qwen export`")
-
-
-def _ensemble(name: str, max_batch: int, outputs: list[str]) -> str:
-    names = [o.split('"')[1] for o in outputs]
-    inputs = {"AUDIO": "AUDIO", "PROMPT": "PROMPT", "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"}
-    return (
-        f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
-        + io_block("input", audio_inputs() + [max_new_tokens_input()])
-        + io_block("output", outputs)
-        + "ensemble_scheduling {\n  step [\n"
-        + ensemble_step(ENGINE, inputs, {n: n for n in names})
-        + "\n  ]\n}\n"
-    )
 
 
 def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params: dict) -> dict[str, str]:
@@ -91,7 +79,18 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             decoupled=True,
             params={"engine": engine, **bounds.parameters(), **params},
         ),
-        ENSEMBLE: _ensemble(ENSEMBLE, max_batch, ensemble_outputs()),
+        # Not decoupled, so unary clients reach it; AUDIO ragged, so clips of any lengths share an execute, whose
+        # requests all go to the engine at once. Two instances: a batch gathers while the one before is decoding.
+        ENSEMBLE: python_model(
+            ENSEMBLE,
+            max_batch,
+            [tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)] + audio_inputs()[1:] + [max_new_tokens_input()],
+            ensemble_outputs(),
+            instances=GATHER_INSTANCES,
+            queue_delay_us=0,
+            queue=bounds.queue,
+            params={"engine_model": ENGINE},
+        ),
     }
 
 
@@ -156,6 +155,7 @@ def generate_engine_repo(
     counts = write_models(out, manifest, configs, {})
     version_dir = out / ENGINE / VERSION
     (version_dir / "model.py").write_text(model_code("engine.py"))
+    (out / ENSEMBLE / VERSION / "model.py").write_text(model_code("gather.py"))
     data = version_dir / SOURCES[engine]
     if manifest is not None:
         artifacts = ("tokenizer", "embed_tokens", manifest.onnx_name("encoder"), *_llm_artifacts(manifest))
