@@ -19,6 +19,7 @@ from canary_qwen.decoding import until_eos
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.model.prompt import text_prompt_ids
 from canary_qwen.model.synthetic import make_checkpoint
+from canary_qwen.model.tokenizer import QwenTokenizer
 
 pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm (scripts/setup.sh)")
 from canary_qwen.backends.vllm import VllmBackend, lora_rank_cap  # noqa: E402
@@ -138,13 +139,23 @@ def test_an_adapter_of_any_rank_transcribes_and_answers(rank, clips, tmp_path):
         engine.close()
 
 
-def test_stdout_carries_only_results(lora_export, clip_files):
-    """vLLM logs to stdout unless told otherwise: `transcribe --backend vllm --json` prints JSON lines alone there."""
-    argv = [sys.executable, "-m", "canary_qwen.cli", "transcribe", "--backend", "vllm", "--json"]
-    argv += ["--model", str(lora_export[1].root), "--max-new-tokens", "4", *clip_files[:2]]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+def test_stdout_carries_only_results(lora_export, clip_files, clips):
+    """vLLM logs to stdout unless told otherwise: `transcribe --backend vllm --json` and `ask --json` print their
+    JSON alone there."""
+    ckpt, manifest = lora_export
+    command = [sys.executable, "-m", "canary_qwen.cli"]
+    argv = [*command, "transcribe", "--backend", "vllm", "--json", "--model", str(manifest.root)]
+    run = subprocess.run([*argv, "--max-new-tokens", "4", *clip_files[:2]], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert [json.loads(line)["audio"] for line in run.stdout.splitlines()] == clip_files[:2]
+    argv = [*command, "ask", "--json", "--model", str(manifest.root), "--about", clip_files[0], "--max-new-tokens"]
+    run = subprocess.run([*argv, "6", "Summarise:"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (answer,) = [json.loads(line) for line in run.stdout.splitlines()]
+    heard = TorchBackend(str(ckpt)).transcribe(clips[:1])[0].text
+    tok = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
+    want = _hf_greedy(manifest.artifact("llm_base"), text_prompt_ids(tok, f"Summarise:\n\n{heard}"), tok, 6)
+    assert answer == {"text": tok.decode(want).strip(), "token_ids": want, "transcript": heard}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ..defaults import MAX_NEW_TOKENS
 from ..precision import Precision
 
@@ -27,6 +29,11 @@ def add_ask(sub) -> None:
         default=None,
         help="default: bf16 on cuda, fp32 on cpu",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object: {"text", "token_ids", "transcript"} (transcript: of --about, else null)',
+    )
     p.set_defaults(run=run_ask)
 
 
@@ -36,11 +43,17 @@ def run_ask(args) -> int:
     from ..pipeline.batching import transcribe_files
 
     backend = VllmBackend(args.model, device=args.device, dtype=args.dtype)
-    question = args.question
+    question, transcript = args.question, None
     if args.about:
         (heard,) = transcribe_files(backend, [args.about])
         if heard.transcription is None:
             raise CanaryQwenError(heard.error or f"{args.about}: not transcribed")
-        question = f"{question}\n\n{heard.transcription.text}"
-    print(backend.chat([question], max_new_tokens=args.max_new_tokens)[0].text)
+        transcript = heard.transcription.text
+        question = f"{question}\n\n{transcript}"
+    (answer,) = backend.chat([question], max_new_tokens=args.max_new_tokens)
+    if args.json:
+        row = {"text": answer.text, "token_ids": answer.token_ids, "transcript": transcript}
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    else:
+        print(answer.text, flush=True)
     return 0
