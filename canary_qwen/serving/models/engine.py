@@ -53,7 +53,13 @@ class _Outbox:
                 job = self.jobs.get(timeout=max(0.0, next_check - time.monotonic()))
             except queue.Empty:
                 job = None
-            if job is not None:
+            jobs = [] if job is None else [job]
+            while True:  # what else is waiting: consecutive pieces of one reply go out as one response
+                try:
+                    jobs.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for job in _coalesced(j for j in jobs if j is not None):
                 try:
                     job()
                 except Exception:  # the client went away: nothing more goes to it
@@ -82,6 +88,53 @@ class _Outbox:
         self.thread.join(10)
 
 
+class _Failure:
+    """A reply's error answer, as the outbox's job."""
+
+    __slots__ = ("reply", "answer")
+
+    def __init__(self, reply, answer):
+        self.reply, self.answer = reply, answer
+
+    def __call__(self):
+        if not self.reply.gone:
+            self.reply.outbox.publish()
+            self.reply.sender.send(self.answer, flags=FINAL)
+
+
+class _Send:
+    """A reply's next ids (and whether they end it), as the outbox's job."""
+
+    __slots__ = ("reply", "ids", "finished")
+
+    def __init__(self, reply, ids: list[int], finished: bool):
+        self.reply, self.ids, self.finished = reply, ids, finished
+
+    def __call__(self):
+        self.reply._send(self.ids, self.finished)
+
+
+def _coalesced(jobs):
+    """The jobs in order, with each reply's consecutive sends merged into one: a response is a round trip to the
+    server process, and when the outbox falls behind the engine (a step is faster than a send) it catches up in
+    one. Other jobs (a failure) end a reply's run."""
+    out: list = []
+    open_send: dict = {}  # reply -> its last send in ``out``, while nothing else of that reply came after
+    for job in jobs:
+        reply = getattr(job, "reply", None)
+        last = open_send.get(reply)
+        if isinstance(job, _Send) and last is not None and not last.finished:
+            last.ids += job.ids
+            last.finished = job.finished
+            continue
+        if isinstance(job, _Send):
+            open_send[reply] = job
+        else:
+            open_send.pop(reply, None)
+        out.append(job)
+    return out
+
+
 class _Reply:
     """One request's sink (``canary_qwen.engines.Sink``): what the engine's thread hands it goes out through the
     outbox, piece by piece, in order; ``cancelled`` reads what the outbox found out."""
@@ -107,7 +160,7 @@ class _Reply:
             return
         if finished:
             self._close()
-        self.outbox.jobs.put(lambda: self._send(list(ids), finished))
+        self.outbox.jobs.put(_Send(self, list(ids), finished))
 
     def _send(self, ids, finished):
         if self.gone:
@@ -115,25 +168,19 @@ class _Reply:
         piece = "".join(self.text.push(t) for t in ids)
         if finished:
             piece += self.text.finish()
-        if piece or ids or (finished and not self.sent_any):  # a request answered with no tokens still gets one
-            self.sender.send(piece_response(piece, ids))
-            self.sent_any = True
-        if finished:
             self.outbox.publish()  # the engine counted it before handing it over: the client sees it counted
+        flags = FINAL if finished else 0
+        if piece or ids or (finished and not self.sent_any):  # a request answered with no tokens still gets one
+            self.sender.send(piece_response(piece, ids), flags=flags)
+            self.sent_any = True
+        elif finished:
             self.sender.send(flags=FINAL)
 
     def fail(self, error):
         if self.closed:
             return
         self._close()
-        answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-
-        def send_error():
-            if not self.gone:
-                self.outbox.publish()
-                self.sender.send(answer, flags=FINAL)
-
-        self.outbox.jobs.put(send_error)
+        self.outbox.jobs.put(_Failure(self, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))))
 
     def end(self):
         """The client cancelled (outbox thread): no more text, but the final flag all the same, since Triton 2.51
