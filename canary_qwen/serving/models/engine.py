@@ -169,9 +169,13 @@ class _Reply:
         if finished:
             piece += self.text.finish()
             self.outbox.publish()  # the engine counted it before handing it over: the client sees it counted
-        flags = FINAL if finished else 0
         if piece or ids or (finished and not self.sent_any):  # a request answered with no tokens still gets one
-            self.sender.send(piece_response(piece, ids), flags=flags)
+            try:
+                self.sender.send(piece_response(piece, ids), flags=FINAL if finished else 0)
+            except Exception:
+                if not finished:
+                    raise
+                self.sender.send(flags=FINAL)  # the client went away: the final flag all the same (see end)
             self.sent_any = True
         elif finished:
             self.sender.send(flags=FINAL)

@@ -98,7 +98,10 @@ class TextReply:
         try:
             self.sender.send(response, flags=FINAL if final else 0)
         except Exception:  # the client went away between our checks: nothing more goes to it
-            self.end()
+            if final:
+                self._final_flag()
+            else:
+                self.end()
 
     def finish(self) -> None:
         """The held-back tail of the text, with the final flag."""
@@ -110,6 +113,9 @@ class TextReply:
         if self.closed:
             return
         self._close(CANCELLED)
+        self._final_flag()
+
+    def _final_flag(self) -> None:
         try:
             self.sender.send(flags=FINAL)
         except Exception:
