@@ -184,7 +184,10 @@ def perf_analyzer(url: str, protocol: str, model: str, out_dir, *, streaming: bo
     inputs = {"AUDIO": {"content": clip.tolist(), "shape": [len(clip)]}, "PROMPT": ["Transcribe the following:"]}
     data.write_text(json.dumps({"data": [{**inputs, "MAX_NEW_TOKENS": [16]}]}))
     argv = [binary, "-m", model, "-u", url, "-i", protocol, "--input-data", str(data), "--concurrency-range", "1:2"]
-    argv += ["--measurement-interval", "1500", "--stability-percentage", "100", "--max-trials", "3"]
+    # It must measure, not judge: a 2-core machine that also runs the server never holds a latency within a
+    # tight band, so counted windows of a few requests each, and any spread up to 10x counts as stable.
+    argv += ["--measurement-mode", "count_windows", "--measurement-request-count", "8"]
+    argv += ["--stability-percentage", "1000", "--max-trials", "10"]
     run = subprocess.run([*argv, *(["--streaming"] if streaming else [])], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Throughput" in run.stdout
