@@ -118,4 +118,5 @@ DTYPE_HELP = (
 
 
 def create_backend(name: str, source: str, *, device: str = "cpu", dtype: str | None = None) -> Transcriber:
-    return backend_spec(name).make(source, device, resolve_precision(backend_spec(name).name, dtype, device))
+    spec = backend_spec(name)  # an unknown name is refused with the known ones
+    return spec.make(source, device, resolve_precision(spec.name, dtype, device))
