@@ -8,8 +8,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 
-from .defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WINDOW_S, QUEUE_TIMEOUT_S
+from .defaults import (
+    MAX_ANSWER_TOKENS,
+    MAX_ANSWER_TOKENS_LIMIT,
+    MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_PROMPT_TOKENS,
+    MAX_QUEUE,
+    MAX_WINDOW_S,
+    QUEUE_TIMEOUT_S,
+)
 from .errors import ArtifactError, InputError, UsageError
+from .modes import ASR, LLM
 
 PARAMETER = "request_bounds"  # the model-config parameter that holds them, as JSON
 
@@ -17,22 +27,31 @@ PARAMETER = "request_bounds"  # the model-config parameter that holds them, as J
 @dataclass(frozen=True)
 class RequestBounds:
     """``max_audio_s``: longest clip (one window; None: the export's, else the model's training window);
-    ``max_new_tokens``: a request's default budget, at most ``max_new_tokens_limit``; ``max_queue``: requests that
-    may wait; ``queue_timeout_s``: how long one may wait before it is refused (0: no limit)."""
+    ``max_new_tokens``: a transcription's default budget, at most ``max_new_tokens_limit``; ``max_answer_tokens``:
+    an LLM-mode answer's default budget, at most ``max_answer_tokens_limit``; ``max_prompt_tokens``: the longest
+    LLM-mode dialogue; ``max_queue``: requests that may wait; ``queue_timeout_s``: how long one may wait before it
+    is refused (0: no limit)."""
 
     max_audio_s: float | None = None
     max_new_tokens: int = MAX_NEW_TOKENS
     max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT
     max_queue: int = MAX_QUEUE
     queue_timeout_s: float = QUEUE_TIMEOUT_S
+    max_answer_tokens: int = MAX_ANSWER_TOKENS
+    max_answer_tokens_limit: int = MAX_ANSWER_TOKENS_LIMIT
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
 
     def __post_init__(self):
-        if min(self.max_new_tokens, self.max_queue) < 1 or self.queue_timeout_s < 0:
-            raise UsageError("max_new_tokens and max_queue must be >= 1, queue_timeout_s >= 0")
-        if self.max_new_tokens > self.max_new_tokens_limit:
-            raise UsageError(
-                f"max_new_tokens {self.max_new_tokens} is over max_new_tokens_limit {self.max_new_tokens_limit}"
-            )
+        if min(self.max_new_tokens, self.max_queue, self.max_answer_tokens, self.max_prompt_tokens) < 1:
+            raise UsageError("max_new_tokens, max_answer_tokens, max_prompt_tokens and max_queue must be >= 1")
+        if self.queue_timeout_s < 0:
+            raise UsageError(f"queue_timeout_s must be >= 0, got {self.queue_timeout_s}")
+        for default, limit in (
+            ("max_new_tokens", "max_new_tokens_limit"),
+            ("max_answer_tokens", "max_answer_tokens_limit"),
+        ):
+            if getattr(self, default) > getattr(self, limit):
+                raise UsageError(f"{default} {getattr(self, default)} is over {limit} {getattr(self, limit)}")
         if self.max_audio_s is not None and not self.max_audio_s > 0:
             raise UsageError(f"max_audio_s must be > 0, got {self.max_audio_s}")
 
@@ -67,10 +86,29 @@ class RequestBounds:
                 "`canary-qwen triton-repo`"
             ) from None
 
-    def budget(self, requested: int | None, *, least: int = 1, name: str = "max_new_tokens") -> int:
-        """A request's token budget: the default when it names none; outside ``least``..limit an InputError."""
+    def budget(self, requested: int | None, *, mode: str = ASR, least: int = 1, name: str = "max_new_tokens") -> int:
+        """A request's token budget in ``mode`` (ASR or LLM): the mode's default when it names none; outside
+        ``least``..the mode's limit an InputError."""
+        default, limit = (
+            (self.max_new_tokens, self.max_new_tokens_limit)
+            if mode == ASR
+            else (self.max_answer_tokens, self.max_answer_tokens_limit)
+        )
         if requested is None:
-            return self.max_new_tokens
-        if not least <= requested <= self.max_new_tokens_limit:
-            raise InputError(f"{name} must be between {least} and {self.max_new_tokens_limit}, got {requested}")
+            return default
+        if not least <= requested <= limit:
+            raise InputError(f"{name} must be between {least} and {limit}, got {requested}")
         return int(requested)
+
+    def check_dialogue(self, tokens: int) -> None:
+        """An InputError when an LLM-mode dialogue of ``tokens`` tokens is over ``max_prompt_tokens``."""
+        if tokens > self.max_prompt_tokens:
+            raise InputError(
+                f"the dialogue takes {tokens} tokens; this server takes at most {self.max_prompt_tokens}: "
+                "send a shorter one"
+            )
+
+    @property
+    def llm_positions(self) -> int:
+        """Sequence positions an LLM-mode request may need: the longest dialogue and the longest answer."""
+        return self.max_prompt_tokens + self.max_answer_tokens_limit

@@ -231,3 +231,19 @@ def write_engines(
     config = {"version": "1.2.0", "pretrained_config": pretrained, "build_config": build}
     (root / "llm_engine" / "config.json").write_text(json.dumps(config))
     return root
+
+
+# -- LLM mode -----------------------------------------------------------------------------------------------
+def dialogue_cases():
+    """Text-only dialogues every LLM-mode parity test runs: one question, and a system turn with two user turns."""
+    from canary_qwen.model.prompt import Turn
+
+    return {
+        "question": [Turn("user", "Summarise: the cat sat on the mat while the dog slept.")],
+        "system-two-turns": [
+            Turn("system", "You answer in one short sentence."),
+            Turn("user", "What is the capital of France?"),
+            Turn("assistant", "<think>easy</think>\n\nParis."),
+            Turn("user", "And of Italy?"),
+        ],
+    }

@@ -26,6 +26,7 @@ from canary_qwen.backends.fast_torch import FastTorchBackend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
 from canary_qwen.model.salm import load_model
+from canary_qwen.model.synthetic import make_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not Int8Linear.available(), reason="this CPU or PyTorch build has no oneDNN int8 matmul with VNNI/AMX"
@@ -127,22 +128,32 @@ def test_row_kernels_run_eagerly_where_inductor_cannot_compile():
     assert quantize is quantize_rows
 
 
-def test_int8_layer_fuses_without_changing_the_arithmetic(tiny_checkpoint):
+@pytest.fixture(scope="module")
+def every_projection_lora(tmp_path_factory):
+    """A tiny checkpoint with LoRA on all seven projections: the MLP's pairs take Int8Layer's unfused route."""
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return make_checkpoint(tmp_path_factory.mktemp("lora7") / "ckpt", "tiny", seed=5, lora_targets=targets)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "every_projection_lora"])
+def test_int8_layer_fuses_without_changing_the_arithmetic(checkpoint, request):
     """``Int8Layer`` (norms, silu(gate) * up and residual adds inside the compiled row kernels) computes what
     the same ``Int8Linear``s give with the steps done one by one, up to float rounding (a swapped byte at a
-    .5 step moves an output by ~1e-6 of its size; any misplaced row scale by 100 %)."""
-    model, _, _ = load_model(str(tiny_checkpoint), dtype=torch.float32, merge_lora=True)
+    .5 step moves an output by ~1e-6 of its size; any misplaced row scale by 100 %), the LoRA's rows (ASR)
+    and the others (LLM) mixed in one batch."""
+    model, _, _ = load_model(str(request.getfixturevalue(checkpoint)), dtype=torch.float32)
     fused = Int8Layer(model.llm.layers[0], Int8Linear)
     stepwise = copy.copy(fused)
     stepwise.__class__ = FusedLayer
     torch.manual_seed(3)
     x = 3 * torch.randn(50, model.llm_cfg.hidden_size)
     attention = torch.randn(50, fused.n_heads * fused.head_dim)
+    on = (torch.arange(50) % 3 != 0).float()[:, None]
     with torch.inference_mode():
         for name, run in (
-            ("qkv", lambda layer: layer.qkv_projection(x)),
-            ("attention", lambda layer: layer.attention_residual(attention, x) - x),
-            ("mlp", lambda layer: layer.mlp_residual(x) - x),
+            ("qkv", lambda layer: layer.qkv_projection(x, on)),
+            ("attention", lambda layer: layer.attention_residual(attention, x, on) - x),
+            ("mlp", lambda layer: layer.mlp_residual(x, on) - x),
         ):
             assert relative_error(run(fused), run(stepwise)) < 1e-5, name
 

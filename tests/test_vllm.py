@@ -17,7 +17,7 @@ from conftest import CHECKPOINT_VARIANTS, boost_token
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.decoding import until_eos
 from canary_qwen.export.artifacts import export_all
-from canary_qwen.model.prompt import text_prompt_ids
+from canary_qwen.model.prompt import Turn, dialogue_ids
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.model.tokenizer import QwenTokenizer
 
@@ -92,10 +92,11 @@ class TestOneEngineForBothModes:
         messages = ["Summarise: the cat sat on the mat.", "hello", "What is 2 + 2?"]
         tok = lora_engine.tokenizer
         manifest = lora_export[1]
-        want = [_hf_greedy(manifest.artifact("llm_base"), text_prompt_ids(tok, m), tok, 16) for m in messages]
-        assert [t.token_ids for t in lora_engine.chat(messages, max_new_tokens=16)] == want
+        want = [_hf_greedy(manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", m)]), tok, 16) for m in messages]
+        got = lora_engine.answer([[Turn("user", m)] for m in messages], max_new_tokens=16)
+        assert [t.token_ids for t in got] == want
         # the merged model (adapter on) answers the first differently: LLM mode really has the adapter off
-        assert _hf_greedy(manifest.artifact("llm_merged"), text_prompt_ids(tok, messages[0]), tok, 16) != want[0]
+        assert _hf_greedy(manifest.artifact("llm_merged"), dialogue_ids(tok, [Turn("user", messages[0])]), tok, 16) != want[0]
 
 
 @pytest.mark.parametrize("variant", [v for v in CHECKPOINT_VARIANTS if v != "qv-lora"])  # qv-lora: above
@@ -133,8 +134,8 @@ def test_an_adapter_of_any_rank_transcribes_and_answers(rank, clips, tmp_path):
         assert engine.engine.lora is not None
         assert [t.token_ids for t in engine.transcribe(clips, max_new_tokens=BUDGET)] == want
         tok = engine.tokenizer
-        hf = _hf_greedy(manifest.artifact("llm_base"), text_prompt_ids(tok, "hello"), tok, 8)
-        assert engine.chat(["hello"], max_new_tokens=8)[0].token_ids == hf
+        hf = _hf_greedy(manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", "hello")]), tok, 8)
+        assert engine.answer([[Turn("user", "hello")]], max_new_tokens=8)[0].token_ids == hf
     finally:
         engine.close()
 
@@ -148,13 +149,13 @@ def test_stdout_carries_only_results(lora_export, clip_files, clips):
     run = subprocess.run([*argv, "--max-new-tokens", "4", *clip_files[:2]], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert [json.loads(line)["audio"] for line in run.stdout.splitlines()] == clip_files[:2]
-    argv = [*command, "ask", "--json", "--model", str(manifest.root), "--about", clip_files[0], "--max-new-tokens"]
-    run = subprocess.run([*argv, "6", "Summarise:"], capture_output=True, text=True, timeout=600)
+    argv = [*command, "ask", "--backend", "vllm", "--json", "--model", str(manifest.root), "--about", clip_files[0]]
+    run = subprocess.run([*argv, "--max-new-tokens", "6", "Summarise:"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     (answer,) = [json.loads(line) for line in run.stdout.splitlines()]
     heard = TorchBackend(str(ckpt)).transcribe(clips[:1])[0].text
     tok = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
-    want = _hf_greedy(manifest.artifact("llm_base"), text_prompt_ids(tok, f"Summarise:\n\n{heard}"), tok, 6)
+    want = _hf_greedy(manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", f"Summarise:\n\n{heard}")]), tok, 6)
     assert answer == {"text": tok.decode(want).strip(), "token_ids": want, "transcript": heard}
 
 
@@ -194,11 +195,12 @@ def test_cli_transcribe_and_ask(lora_export, clip_files, clips, capsys):
 
     question = "Summarise this transcript:"
     assert (
-        main(["ask", "--model", str(manifest.root), "--about", clip_files[0], "--max-new-tokens", "12", question]) == 0
+        main(["ask", "--backend", "vllm", "--model", str(manifest.root), "--about", clip_files[0], "--max-new-tokens", "12", question])
+        == 0
     )
     tok = reference.tokenizer
     heard = reference.transcribe(clips[:1])[0].text
-    ids = text_prompt_ids(tok, f"{question}\n\n{heard}")
+    ids = dialogue_ids(tok, [Turn("user", f"{question}\n\n{heard}")])
     assert (
         capsys.readouterr().out.strip() == tok.decode(_hf_greedy(manifest.artifact("llm_base"), ids, tok, 12)).strip()
     )

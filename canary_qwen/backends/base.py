@@ -8,11 +8,14 @@ from typing import Protocol
 
 import numpy as np
 
-from ..defaults import MAX_NEW_TOKENS
+from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS
+from ..model.prompt import Turn
 
 
 @dataclass
 class Transcription:
+    """A decoded answer, in either mode: its text and greedy token ids (eos left out)."""
+
     text: str
     token_ids: list[int] = field(default_factory=list)
 
@@ -32,6 +35,17 @@ class Transcriber(Protocol):
         *,
         prompt: str | None = None,
         max_new_tokens: int | Sequence[int] = MAX_NEW_TOKENS,
+    ) -> list[Transcription]: ...
+
+
+class Answerer(Protocol):
+    """LLM mode: answers text-only dialogues (each ending with a user turn) with the speech LoRA off; ``max_new_tokens``
+    is one budget for every dialogue or one each. Backends that transcribe and answer from one set of weights."""
+
+    name: str
+
+    def answer(
+        self, dialogues: Sequence[Sequence[Turn]], *, max_new_tokens: int | Sequence[int] = MAX_ANSWER_TOKENS
     ) -> list[Transcription]: ...
 
 

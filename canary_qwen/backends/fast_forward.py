@@ -18,8 +18,12 @@ class StaticKVCache:
 
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (layers, slots, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Off CUDA graphs a slot only ever reads the keys it wrote, so the cache is left unwritten: the pages of
+        # positions no request reaches (most of a row sized for long LLM answers) are never made resident. The
+        # graphed decode attends over the whole cache, masked, where a stray NaN would still reach the output.
+        make = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
 
 
@@ -37,8 +41,19 @@ class DecoderForward:
         """cos/sin for ``positions``, computed once per forward: every layer uses the same."""
         return rope_cos_sin(positions[None], self.model.llm_cfg.head_dim, self.model.llm_cfg.rope_theta, dtype)
 
-    def prefill(self, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Run new sequences; returns last-position logits [len(slots), V].
+    def adapter_rows(self, adapter: Sequence[bool], repeats: Sequence[int] | None = None) -> torch.Tensor:
+        """[N, 1] in the model's dtype: 1 for the rows decoded with the LoRA (ASR), 0 without (LLM); each
+        sequence's flag repeated ``repeats`` times (its packed tokens) where given."""
+        flags = torch.tensor([float(a) for a in adapter])
+        if repeats is not None:
+            flags = flags.repeat_interleave(torch.tensor(list(repeats)))
+        return flags[:, None].to(self.device, self.model.dtype)
+
+    def prefill(
+        self, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor], adapter: Sequence[bool]
+    ) -> torch.Tensor:
+        """Run new sequences, ``adapter[i]``: sequence i with the LoRA (ASR) or without (LLM); returns last-position
+        logits [len(slots), V].
 
         Projections and MLPs run on the tokens packed end to end (no padding; their rows are independent:
         per-row norms and quantization, and in int8 exact int32 sums). Attention runs per sequence on its
@@ -52,8 +67,9 @@ class DecoderForward:
         counts = torch.tensor(lengths)
         positions = torch.cat([torch.arange(length) for length in lengths]).to(self.device)
         rope = self.rope(positions, x.dtype)
+        on = self.adapter_rows(adapter, lengths)
         for li, layer in enumerate(self.model.llm.layers):
-            q, k, v = layer.qkv(x, rope)
+            q, k, v = layer.qkv(x, rope, on)
             attended = []
             for slot, qs, ks, vs in zip(slots, q.split(lengths), k.split(lengths), v.split(lengths)):
                 qs, ks, vs = (t.transpose(0, 1)[None] for t in (qs, ks, vs))  # [1, heads, length, d]
@@ -63,16 +79,22 @@ class DecoderForward:
                     qs, ks, vs, is_causal=True, scale=layer.head_dim**-0.5, enable_gqa=True
                 )
                 attended.append(o[0].transpose(0, 1))
-            x = layer.mlp_residual(layer.attention_residual(torch.cat(attended).reshape(x.shape[0], -1), x))
+            x = layer.mlp_residual(layer.attention_residual(torch.cat(attended).reshape(x.shape[0], -1), x, on), on)
         at = torch.tensor(slots, device=self.device)
         cache.lengths[at] = counts.to(self.device)
         last = (counts.cumsum(0) - 1).to(self.device)
         return self.logits(self.model.llm.norm(x[last]))
 
     def decode(
-        self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, lengths: Sequence[int] | None = None
+        self,
+        cache: StaticKVCache,
+        tokens: torch.Tensor,
+        active: torch.Tensor,
+        on: torch.Tensor,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """One token for every slot (idle slots too); returns logits [slots, V].
+        """One token for every slot (idle slots too), ``on`` [slots, 1] the LoRA's rows (``adapter_rows``); returns
+        logits [slots, V].
 
         With ``lengths`` (each slot's filled length on the host, 0 for idle slots), each running slot attends
         over exactly its own keys, one attention call per slot: its bits then never depend on the other slots
@@ -89,7 +111,7 @@ class DecoderForward:
         x = self.model.embed_tokens(tokens)
         rope = self.rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
-            q, k, v = layer.qkv(x, rope)
+            q, k, v = layer.qkv(x, rope, on)
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
             scale = layer.head_dim**-0.5
@@ -108,16 +130,16 @@ class DecoderForward:
                             scale=scale,
                             enable_gqa=True,
                         )[0]
-            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x))
+            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x, on), on)
         cache.lengths += active
         return self.logits(self.model.llm.norm(x))
 
     def decoder(self, cache: StaticKVCache):
-        """The decode step ``(tokens, active, lengths)`` for this cache: eager, each slot over its own keys,
+        """The decode step ``(tokens, active, on, lengths)`` for this cache: eager, each slot over its own keys,
         or captured as a CUDA graph over the whole cache on CUDA (when enabled)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
-            return lambda tokens, active, lengths: self.decode(cache, tokens, active, lengths)
-        return _GraphedDecode(self.decode, cache)
+            return lambda tokens, active, on, lengths: self.decode(cache, tokens, active, on, lengths)
+        return _GraphedDecode(self.decode, cache, self.adapter_rows([True] * cache.lengths.shape[0]))
 
     def cache(self, slots: int, max_len: int) -> StaticKVCache:
         cfg = self.model.llm_cfg
@@ -127,7 +149,7 @@ class DecoderForward:
 
 
 class _GraphedDecode:
-    """``step(cache, tokens, active)`` captured once as a CUDA graph over static input buffers; each call
+    """``step(cache, tokens, active, on)`` captured once as a CUDA graph over static input buffers; each call
     copies the inputs in and replays it (one launch for the whole step instead of hundreds of kernels).
 
     The warm-up runs before capture (as CUDA graphs require) use ``active`` all zero: lengths stay as
@@ -135,22 +157,26 @@ class _GraphedDecode:
     step overwrites.
     """
 
-    def __init__(self, step, cache: StaticKVCache):
+    def __init__(self, step, cache: StaticKVCache, on: torch.Tensor):
         slots = cache.lengths.shape[0]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=cache.k.device)
         self.active = torch.zeros(slots, dtype=torch.long, device=cache.k.device)
+        self.on = on.clone()
         side = torch.cuda.Stream(cache.k.device)
         side.wait_stream(torch.cuda.current_stream(cache.k.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                step(cache, self.tokens, self.active)
+                step(cache, self.tokens, self.active, self.on)
         torch.cuda.current_stream(cache.k.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(cache, self.tokens, self.active)
+            self.logits = step(cache, self.tokens, self.active, self.on)
 
-    def __call__(self, tokens: torch.Tensor, active: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, active: torch.Tensor, on: torch.Tensor, lengths: Sequence[int]
+    ) -> torch.Tensor:
         self.tokens.copy_(tokens)  # the graph attends over the whole cache, masked by the device's lengths
         self.active.copy_(active)
+        self.on.copy_(on)
         self.graph.replay()
         return self.logits

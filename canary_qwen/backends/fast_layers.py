@@ -1,13 +1,16 @@
 """torch-fast's layers: the LLM's decoder layers with q/k/v and gate/up fused, over dense, oneDNN-packed or int8
-linears, and the encoder's feed-forward blocks in int8 (the work between matmuls in compiled row kernels)."""
+linears, the speech LoRA kept beside them and applied per row, and the encoder's feed-forward blocks in int8 (the
+work between matmuls in compiled row kernels)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..model.conformer import FeedForward
-from ..model.qwen3 import DecoderLayer, apply_rope
+from ..model.qwen3 import DecoderLayer, LoraLinear, apply_rope
 from .cpu_linear import (
     Int8Linear,
     bias_silu_quantize_rows,
@@ -35,10 +38,50 @@ class DenseLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
+class LoraPath(nn.Module):
+    """The LoRA pairs of one fused projection, kept beside its weight and added per row: ``add(out, x, on)`` adds
+    ``scaling * B (A x)`` to each pair's columns of ``out`` in the rows where ``on`` [N, 1] is 1 (ASR rows) and
+    nothing where it is 0 (LLM rows), so both modes share one batch and one set of weights. The pairs' A matrices
+    take the same input and run as one matmul. ``x * 1`` and ``out + 0`` are exact: a row gets the bits it gets in
+    a batch of its own mode."""
+
+    def __init__(self, projections: Sequence[LoraLinear]):
+        super().__init__()
+        with_lora = [(p, start) for p, start in _column_starts(projections) if p.lora_A is not None]
+        self.down = DenseLinear(torch.cat([p.lora_A for p, _ in with_lora]))
+        self.ups = []  # (first rank row, rank, first output column, B, scaling)
+        rank_start = 0
+        for p, column in with_lora:
+            rank = p.lora_A.shape[0]
+            self.ups.append((rank_start, rank, column, DenseLinear(p.lora_B), p.scaling))
+            rank_start += rank
+
+    @classmethod
+    def of(cls, projections: Sequence[LoraLinear]) -> LoraPath | None:
+        return cls(projections) if any(p.lora_A is not None for p in projections) else None
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        low = self.down(x)
+        for rank_start, rank, column, up, scaling in self.ups:
+            delta = up(low[:, rank_start : rank_start + rank]) * scaling * on
+            out[:, column : column + delta.shape[1]] += delta
+        return out
+
+
+def _column_starts(projections: Sequence[LoraLinear]) -> list[tuple[LoraLinear, int]]:
+    """Each projection with the first column of its output in the fused matrix (the projections stacked)."""
+    starts, column = [], 0
+    for p in projections:
+        starts.append((p, column))
+        column += p.weight.shape[0]
+    return starts
+
+
 class FusedLayer(nn.Module):
-    """A Qwen3 decoder layer (LoRA merged) with q/k/v as one matmul and gate/up as another: one pass over
-    the input instead of three and two, and in int8 one activation quantization each. Every output
-    element is the same dot product as the separate matrices' (in int8 exactly so: int32 sums)."""
+    """A Qwen3 decoder layer with q/k/v as one matmul and gate/up as another: one pass over the input instead of
+    three and two, and in int8 one activation quantization each. Every output element is the same dot product as
+    the separate matrices' (in int8 exactly so: int32 sums). The LoRA pairs stay unmerged (``LoraPath``); every
+    method takes ``on`` [N, 1], 1 for the rows decoded with the adapter (ASR) and 0 for those without (LLM)."""
 
     def __init__(self, layer: DecoderLayer, linear):
         super().__init__()
@@ -50,11 +93,15 @@ class FusedLayer(nn.Module):
         self.o_proj = linear(attn.o_proj.weight)
         self.gate_up_proj = linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         self.down_proj = linear(mlp.down_proj.weight)
+        self.qkv_lora = LoraPath.of([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_lora = LoraPath.of([attn.o_proj])
+        self.gate_up_lora = LoraPath.of([mlp.gate_proj, mlp.up_proj])
+        self.down_lora = LoraPath.of([mlp.down_proj])
 
-    def qkv(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, rope, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] (packed tokens, before the layer's norm) -> q [N, heads, d], k/v [N, kv_heads, d], RoPE applied."""
         n, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_projection(x).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
+        q, k, v = self.qkv_projection(x, on).split([self.n_heads * d, self.n_kv * d, self.n_kv * d], -1)
         q = self.q_norm(q.reshape(n, self.n_heads, d))
         k = self.k_norm(k.reshape(n, self.n_kv, d))
         cos, sin = rope
@@ -62,36 +109,55 @@ class FusedLayer(nn.Module):
         k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
         return q, k, v.reshape(n, self.n_kv, d)
 
-    def qkv_projection(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv_proj(self.input_norm(x))
+    @staticmethod
+    def _with_lora(out: torch.Tensor, lora: LoraPath | None, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        return out if lora is None else lora.add(out, x, on)
 
-    def attention_residual(self, attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def qkv_projection(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        normed = self.input_norm(x)
+        return self._with_lora(self.qkv_proj(normed), self.qkv_lora, normed, on)
+
+    def attention_residual(self, attention: torch.Tensor, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
         """x plus the attention's output ([N, heads * d]) projected."""
-        return x + self.o_proj(attention)
+        return x + self._with_lora(self.o_proj(attention), self.o_lora, attention, on)
 
-    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp_residual(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
         """x plus the MLP of x (after the post-attention norm)."""
-        gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, -1)
-        return x + self.down_proj(nn.functional.silu(gate) * up)
+        normed = self.post_norm(x)
+        gate, up = self._with_lora(self.gate_up_proj(normed), self.gate_up_lora, normed, on).chunk(2, -1)
+        hidden = nn.functional.silu(gate) * up
+        return x + self._with_lora(self.down_proj(hidden), self.down_lora, hidden, on)
 
 
 class Int8Layer(FusedLayer):
     """``FusedLayer`` on ``Int8Linear``s with the work between matmuls in compiled row kernels (cpu_linear):
     each norm with the quantization after it, silu(gate) * up with the gate/up product's row scales and the
     down matmul's quantization, each residual add with a matmul's row scales. Eager, these were as many
-    passes over the activations as operations (~20 % of a prefill's MLP time, docs/fast-path.md)."""
+    passes over the activations as operations (~20 % of a prefill's MLP time, docs/fast-path.md). The LoRA pairs
+    run in fp32 on the fp32 activations (the norm's output is computed apart for them)."""
 
-    def qkv_projection(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv_projection(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
         quantized, scale = row_kernel(rms_norm_quantize_rows)(x, self.input_norm.weight, self.input_norm.eps)
-        return self.qkv_proj.scaled(self.qkv_proj.product(quantized), scale)
+        out = self.qkv_proj.scaled(self.qkv_proj.product(quantized), scale)
+        return out if self.qkv_lora is None else self.qkv_lora.add(out, self.input_norm(x), on)
 
-    def attention_residual(self, attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(attention, residual=x)
+    def attention_residual(self, attention: torch.Tensor, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        out = self.o_proj(attention, residual=x)
+        return out if self.o_lora is None else self.o_lora.add(out, attention, on)
 
-    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp_residual(self, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
         quantized, scale = row_kernel(rms_norm_quantize_rows)(x, self.post_norm.weight, self.post_norm.eps)
-        hidden, hidden_scale = row_kernel(silu_gate_quantize_rows)(self.gate_up_proj.product(quantized), scale)
-        return self.down_proj.scaled(self.down_proj.product(hidden), hidden_scale, residual=x)
+        if self.gate_up_lora is None and self.down_lora is None:
+            hidden, hidden_scale = row_kernel(silu_gate_quantize_rows)(self.gate_up_proj.product(quantized), scale)
+            return self.down_proj.scaled(self.down_proj.product(hidden), hidden_scale, residual=x)
+        # LoRA on the MLP (not in the released model): its pairs need the fp32 activations between the matmuls.
+        gate_up = self.gate_up_proj.scaled(self.gate_up_proj.product(quantized), scale)
+        if self.gate_up_lora is not None:
+            self.gate_up_lora.add(gate_up, self.post_norm(x), on)
+        gate, up = gate_up.chunk(2, -1)
+        hidden = nn.functional.silu(gate) * up
+        out = self.down_proj(hidden, residual=x)
+        return out if self.down_lora is None else self.down_lora.add(out, hidden, on)
 
 
 class Int8FeedForward(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch
 from ..engines.base import AUDIO, EngineRequest
 from ..errors import InputError, UsageError
 from ..model.tokenizer import QwenTokenizer
+from ..modes import ASR
 from .cpu_heap import freed_memory_kept
 from .fast_forward import DecoderForward
 
@@ -30,7 +31,19 @@ class Scheduled(Protocol):
 
     def splice(self, ids: list[int], audio: torch.Tensor) -> torch.Tensor: ...
 
+    def embed(self, ids: list[int]) -> torch.Tensor: ...
+
     def timed(self, stage: str) -> AbstractContextManager: ...
+
+
+class Queued(NamedTuple):
+    """A request waiting for a slot: its prompt's embeddings [L, H], budget >= 1, and whether it runs through the
+    LoRA (ASR) or not (LLM)."""
+
+    request_id: str
+    row: torch.Tensor
+    budget: int
+    adapter: bool
 
 
 class FastTorchEngine:
@@ -41,7 +54,8 @@ class FastTorchEngine:
     ``decoding.TokenStreams``: eos or a full budget ends it, and its slot is free at once), then decodes
     one more token for the rest. Requests admitted between steps join the running batch. Off CUDA graphs,
     each sequence attends over its own keys only, so its tokens are the same whichever requests share the
-    batch (a served answer is the local one).
+    batch (a served answer is the local one). ASR rows (a clip) run through the LoRA and LLM rows (text only)
+    without it, in the same batch (``fast_layers.LoraPath``).
     """
 
     takes = AUDIO
@@ -52,8 +66,10 @@ class FastTorchEngine:
         self.backend, self.tokenizer, self.max_len = backend, backend.tokenizer, max_len
         self.cache = backend.forward.cache(slots, max_len)
         self._decode = backend.forward.decoder(self.cache)
-        self._waiting: deque[tuple[str, torch.Tensor, int]] = deque()
+        self._waiting: deque[Queued] = deque()
         self._running: dict[int, list] = {}  # slot -> [request id, budget, tokens handed out]
+        self._adapter = [True] * slots  # per slot: its row runs through the LoRA (ASR)
+        self._on = backend.forward.adapter_rows(self._adapter)  # the same on the device, remade at each admission
         self._lengths = [0] * slots  # cache.lengths on the host: no device sync to find each attention's keys
         self._next = torch.full((slots,), backend.tokenizer.pad_id, dtype=torch.long, device=backend.device)
         self._heap = ExitStack()
@@ -62,15 +78,24 @@ class FastTorchEngine:
 
     @torch.inference_mode()
     def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
-        """Encode the clips as one batch (by length, ``FastTorchBackend.encode``), splice and queue them."""
+        """Encode the clips as one batch (by length, ``FastTorchBackend.encode``), splice and queue them; LLM rows
+        are their dialogue's embeddings."""
+        clips = [r for r in requests if r.mode == ASR]
         with self.backend.timed("encode"):
-            embeds = self.backend.encode([np.asarray(r.source, dtype=np.float32) for r in requests])
+            frames = dict(
+                zip(
+                    (r.request_id for r in clips),
+                    self.backend.encode([np.asarray(r.source, dtype=np.float32) for r in clips]) if clips else [],
+                )
+            )
         refusals: list[InputError | None] = []
-        for request, frames in zip(requests, embeds):
-            row = self.backend.splice(list(request.prompt_ids), frames)
+        for request in requests:
+            ids = list(request.prompt_ids)
+            asr = request.mode == ASR
+            row = self.backend.splice(ids, frames[request.request_id]) if asr else self.backend.embed(ids)
             refusals.append(self._refusal(row.shape[0], request.budget))
             if refusals[-1] is None:
-                self._waiting.append((request.request_id, row, request.budget))
+                self._waiting.append(Queued(request.request_id, row, request.budget, asr))
         return refusals
 
     def _refusal(self, positions: int, budget: int) -> InputError | None:
@@ -81,13 +106,13 @@ class FastTorchEngine:
             f"the engine holds {self.max_len}: send shorter audio or ask for fewer tokens"
         )
 
-    def queue_prompts(self, prompts: Sequence[tuple[str, torch.Tensor, int]]) -> None:
-        """Queue spliced prompts (request id, row [L, H], budget >= 1) that are known to fit."""
-        for request_id, row, budget in prompts:
-            refused = self._refusal(row.shape[0], budget)
+    def queue_prompts(self, prompts: Sequence[Queued]) -> None:
+        """Queue embedded prompts (budget >= 1) that are known to fit."""
+        for queued in prompts:
+            refused = self._refusal(queued.row.shape[0], queued.budget)
             if refused is not None:
                 raise refused
-            self._waiting.append((request_id, row, budget))
+            self._waiting.append(queued)
 
     @property
     def busy(self) -> bool:
@@ -95,7 +120,7 @@ class FastTorchEngine:
 
     def abort(self, request_ids: Sequence[str]) -> None:
         gone = set(request_ids)
-        self._waiting = deque(w for w in self._waiting if w[0] not in gone)
+        self._waiting = deque(w for w in self._waiting if w.request_id not in gone)
         for slot in [s for s, run in self._running.items() if run[0] in gone]:
             self._retire(slot)
 
@@ -112,11 +137,15 @@ class FastTorchEngine:
             admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
             taken = free[: len(admitted)]
             with backend.timed("prefill"):
-                logits = backend.forward.prefill(self.cache, taken, [row for _, row, _ in admitted])
+                logits = backend.forward.prefill(
+                    self.cache, taken, [q.row for q in admitted], [q.adapter for q in admitted]
+                )
             self._next[taken] = logits.argmax(-1)
-            for slot, (request_id, row, budget) in zip(taken, admitted):
-                self._running[slot] = [request_id, budget, 0]
-                self._lengths[slot] = row.shape[0]
+            for slot, queued in zip(taken, admitted):
+                self._running[slot] = [queued.request_id, queued.budget, 0]
+                self._lengths[slot] = queued.row.shape[0]
+                self._adapter[slot] = queued.adapter
+            self._on = backend.forward.adapter_rows(self._adapter)
         events: list[tuple[str, list[int], bool]] = []
         emitted = self._next.tolist()
         for slot, run in list(self._running.items()):
@@ -132,7 +161,7 @@ class FastTorchEngine:
             active = torch.zeros(len(self._lengths), dtype=torch.long, device=backend.device)
             active[list(self._running)] = 1
             with backend.timed("decode"):
-                self._next = self._decode(self._next, active, self._lengths).argmax(-1)
+                self._next = self._decode(self._next, active, self._on, self._lengths).argmax(-1)
             for slot in self._running:
                 self._lengths[slot] += 1
         return events

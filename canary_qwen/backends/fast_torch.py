@@ -4,8 +4,9 @@ oneDNN (``fast_layers``), length-bucketed encoder batches, and the decoder run b
 cache slot at once and queued clips take it over). On CUDA a decode step is captured once per call as a CUDA graph
 and replayed for every token.
 
-Greedy tokens are those of the reference (same weights with LoRA merged; q/k/v and gate/up each as one
-matrix, ``FusedLayer``); only the order of floating-point operations differs. ``dtype="int8"`` (CPUs
+Greedy tokens are those of the reference (same weights, q/k/v and gate/up each as one matrix, ``FusedLayer``; the
+LoRA kept apart and applied per row, so transcriptions and LLM-mode answers share one batch); only the order of
+floating-point operations differs. ``dtype="int8"`` (CPUs
 with VNNI or AMX) runs every linear in int8 (``cpu_linear.Int8Linear``), the norms, SiLU and residual
 adds between them in compiled row kernels (``Int8Layer``, ``Int8FeedForward``): several times faster,
 and its tokens part from fp32's at near-ties (docs/accuracy.md). On a CPU, freed memory stays in the
@@ -20,11 +21,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..decoding import splice_row, token_budgets
-from ..defaults import MAX_NEW_TOKENS
+from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
 from ..model.conformer import ConformerLayer
-from ..model.prompt import prompt_ids
-from ..model.qwen3 import DecoderLayer, merge_lora
+from ..model.prompt import dialogue_ids, prompt_ids
+from ..model.qwen3 import DecoderLayer
 from ..model.salm import load_model
 from ..precision import Precision, resolve_precision
 from .base import Transcription, pad_waveforms
@@ -37,7 +38,7 @@ from .cpu_linear import (
 )
 from .fast_forward import DecoderForward
 from .fast_layers import DenseLinear, FusedLayer, Int8FeedForward, Int8Layer
-from .fast_scheduler import FastTorchEngine
+from .fast_scheduler import FastTorchEngine, Queued
 from .torch_ref import resolve_device
 
 
@@ -86,10 +87,10 @@ class FastTorchBackend:
                 "build with oneDNN's quantized linear ops; this machine lacks them"
             )
         # int8 reads the weights as stored (bf16 for the released model) and makes each matrix fp32 only on
-        # its way to int8, LoRA merged there in fp32: loading never holds an fp32 copy of the whole model.
+        # its way to int8: loading never holds an fp32 copy of the whole model. The LoRA stays unmerged (LoraPath).
         int8 = self.dtype == Precision.INT8
         self.model, self.tokenizer, self.files = load_model(
-            model, dtype=None if int8 else precision.torch_dtype, device=self.device, merge_lora=not int8
+            model, dtype=None if int8 else precision.torch_dtype, device=self.device
         )
         # On a CPU each clip is encoded alone: in a padded batch its frames come out a few ulps different (the
         # mel and convolution kernels block by shape), which int8's activation rounding turns into other tokens
@@ -129,15 +130,13 @@ class FastTorchBackend:
 
     def _fuse_layers(self, linear) -> None:
         """The LLM's layers as ``FusedLayer``s, one at a time (memory grows by one layer's matrices). An int8
-        load's layers come as stored, LoRA unmerged: each is made fp32 and merged on its way."""
+        load's layers come as stored: each is made fp32 on its way."""
         int8 = linear is Int8Linear
         fused = Int8Layer if int8 else FusedLayer
         layers = self.model.llm.layers
         for i, layer in enumerate(layers):
             assert isinstance(layer, DecoderLayer)
-            if int8:
-                merge_lora(layer.float())
-            layers[i] = fused(layer, linear)
+            layers[i] = fused(layer.float() if int8 else layer, linear)
 
     @contextmanager
     def timed(self, stage: str):
@@ -167,6 +166,10 @@ class FastTorchBackend:
 
         return splice_row(ids, audio, embed, self.tokenizer.placeholder_id)
 
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """A text-only prompt's embeddings [L, H] (LLM mode)."""
+        return self.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
+
     @torch.inference_mode()
     def next_token_logits(self, audio, prefix: list[int], prompt: str | None = None) -> torch.Tensor:
         """Logits [V] (fp32) of the token after the prompt, the clip and ``prefix``, teacher-forced in one
@@ -174,7 +177,7 @@ class FastTorchBackend:
         row = self.splice(prompt_ids(self.tokenizer, prompt), self.encode([audio])[0])
         if prefix:
             row = torch.cat((row, self.model.embed_tokens(torch.tensor(prefix, device=self.device))))
-        return self.forward.prefill(self.forward.cache(1, row.shape[0]), [0], [row])[0].float()
+        return self.forward.prefill(self.forward.cache(1, row.shape[0]), [0], [row], [True])[0].float()
 
     # -- scheduler -------------------------------------------------------------------------------
     def engine(self, *, slots: int, max_len: int) -> FastTorchEngine:
@@ -189,23 +192,33 @@ class FastTorchBackend:
         with freed_memory_kept() if self.device.type == "cpu" else nullcontext():
             return self._transcribe(audios, prompt, max_new_tokens)
 
+    def answer(self, dialogues, *, max_new_tokens=MAX_ANSWER_TOKENS) -> list[Transcription]:
+        """LLM mode (``Answerer``): the dialogues through the same engine as transcriptions, the LoRA left out."""
+        if not len(dialogues):
+            return []
+        with freed_memory_kept() if self.device.type == "cpu" else nullcontext(), torch.inference_mode():
+            rows = [self.embed(dialogue_ids(self.tokenizer, d)) for d in dialogues]
+            return self._decode(rows, token_budgets(max_new_tokens, len(rows)), adapter=False)
+
     @torch.inference_mode()
     def _transcribe(self, audios, prompt, max_new_tokens) -> list[Transcription]:
-        """Every clip through one engine sized for this call, longest prompts first."""
-        tok = self.tokenizer
-        ids = prompt_ids(tok, prompt)
+        ids = prompt_ids(self.tokenizer, prompt)
         budgets = token_budgets(max_new_tokens, len(audios))
         with self.timed("encode"):
             embeds = self.encode(audios)
-        prompts = [self.splice(ids, a) for a in embeds]
+        return self._decode([self.splice(ids, a) for a in embeds], budgets, adapter=True)
+
+    def _decode(self, prompts: list[torch.Tensor], budgets: list[int], *, adapter: bool) -> list[Transcription]:
+        """Every prompt through one engine sized for this call, longest first."""
+        tok = self.tokenizer
         engine = FastTorchEngine(
             self,
             slots=min(self.max_slots, len(prompts)),
             max_len=max(p.shape[0] + b for p, b in zip(prompts, budgets)),
-            heap=False,  # transcribe() holds the setting
+            heap=False,  # transcribe() and answer() hold the setting
         )
         order = sorted(range(len(prompts)), key=lambda i: -prompts[i].shape[0])
-        engine.queue_prompts([(str(i), prompts[i], budgets[i]) for i in order if budgets[i] > 0])
+        engine.queue_prompts([Queued(str(i), prompts[i], budgets[i], adapter) for i in order if budgets[i] > 0])
         tokens: list[list[int]] = [[] for _ in prompts]
         while engine.busy:
             for request_id, new, _ in engine.step():

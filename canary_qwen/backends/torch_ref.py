@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding import token_budgets
-from ..defaults import MAX_NEW_TOKENS
+from ..decoding import left_pad, token_budgets
+from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS
 from ..errors import BackendUnavailable
 from ..model.generate import greedy_tokens, splice_audio
-from ..model.prompt import prompt_ids
+from ..model.prompt import dialogue_ids, prompt_ids
+from ..model.qwen3 import adapter_off
 from ..model.salm import load_model
 from ..precision import resolve_precision
 from .base import Transcription, pad_waveforms
@@ -33,6 +34,7 @@ class TorchBackend:
         self.model, self.tokenizer, self.files = load_model(
             model, dtype=precision.torch_dtype, device=self.device, merge_lora=merge_lora
         )
+        self.merged = merge_lora and self.files.config.lora is not None
 
     @torch.inference_mode()
     def encode(self, audios) -> list[torch.Tensor]:
@@ -51,4 +53,21 @@ class TorchBackend:
         tokens = greedy_tokens(
             self.model, embeds, valid, token_budgets(max_new_tokens, len(audios)), tok.eos_id, tok.pad_id
         )
+        return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]
+
+    @torch.inference_mode()
+    def answer(self, dialogues, *, max_new_tokens=MAX_ANSWER_TOKENS) -> list[Transcription]:
+        """LLM mode (``Answerer``): the dialogues decoded together, left-padded, with every LoRA pair left out."""
+        if not len(dialogues):
+            return []
+        if self.merged:
+            raise BackendUnavailable("this model's LoRA is merged into its weights: load it unmerged for LLM mode")
+        tok = self.tokenizer
+        rows = [self.model.embed_tokens(torch.tensor(dialogue_ids(tok, d), device=self.device)) for d in dialogues]
+        embeds, valid = left_pad(rows)
+        budgets = token_budgets(max_new_tokens, len(dialogues))
+        with adapter_off(self.model):
+            tokens = greedy_tokens(
+                self.model, embeds, torch.from_numpy(valid).to(self.device), budgets, tok.eos_id, tok.pad_id
+            )
         return [Transcription(text=tok.decode(t).strip(), token_ids=t) for t in tokens]

@@ -2,8 +2,8 @@
 them in the prompt, and vLLM decodes every clip of a call from prompt embeddings with its continuous batching.
 
 An export written with ``--lora-adapter`` holds the base Qwen3 (``llm_base``) and the LoRA as a PEFT adapter
-(``lora``): one engine then transcribes through the adapter and answers text-only prompts without it (LLM mode,
-:meth:`VllmBackend.chat`). Without them the merged checkpoint (``llm_merged``) serves transcription only.
+(``lora``): one engine then transcribes through the adapter and answers text-only dialogues without it (LLM mode,
+:meth:`VllmBackend.answer`). Without them the merged checkpoint (``llm_merged``) serves transcription only.
 
 :class:`VllmEngine` is shared with the Triton ``vllm`` model, which feeds it requests as they arrive.
 """
@@ -18,11 +18,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ..decoding import splice_row, token_budgets
-from ..defaults import MAX_NEW_TOKENS
+from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS
 from ..engines.base import AUDIO, EMBEDDINGS, EngineRequest
 from ..errors import BackendUnavailable, InputError, import_optional
 from ..export.manifest import Manifest, read_manifest
-from ..model.prompt import prompt_ids, text_prompt_ids
+from ..model.prompt import dialogue_ids, prompt_ids
+from ..modes import ASR
 from ..model.tokenizer import QwenTokenizer
 from ..precision import resolve_precision
 from .base import Transcription
@@ -169,17 +170,32 @@ class VllmEngine:
         self.engine.add_request(request_id, prompt, params, lora_request=self.lora if adapter else None)
 
     def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
-        """Queue requests (``StepEngine.admit``); their audio, if any, encoded as one batch."""
-        sources = [r.source for r in requests]
-        frames = sources if self.encoder is None else self.encoder([np.asarray(s, dtype=np.float32) for s in sources])
+        """Queue requests (``StepEngine.admit``); their audio, if any, encoded as one batch. LLM-mode rows go in as
+        token ids with the adapter left out."""
+        sources = [r.source for r in requests if r.mode == ASR]
+        if self.encoder is not None and sources:
+            sources = self.encoder([np.asarray(s, dtype=np.float32) for s in sources])
+        clips = iter(sources)
         refusals: list[InputError | None] = []
-        for request, clip in zip(requests, frames):
+        for request in requests:
             try:
-                self.add(request.request_id, self.audio_prompt(request.prompt_ids, clip), request.budget)
+                if request.mode == ASR:
+                    self.add(request.request_id, self.audio_prompt(request.prompt_ids, next(clips)), request.budget)
+                else:
+                    self.add(request.request_id, self.text_prompt(request.prompt_ids), request.budget, adapter=False)
                 refusals.append(None)
             except InputError as e:
                 refusals.append(e)
         return refusals
+
+    def text_prompt(self, ids: Sequence[int]) -> dict:
+        """A text-only dialogue's ids as a request (LLM mode: the export must hold the LoRA apart)."""
+        if self.lora is None:
+            raise InputError(
+                "this export has the LoRA merged (no llm_base/lora artifacts), so it has no LLM mode: re-export with "
+                "`canary-qwen export --lora-adapter`"
+            )
+        return {"prompt_token_ids": [int(i) for i in ids]}
 
     def step(self) -> Iterator[tuple[str, list[int], bool]]:
         """One engine iteration: (request id, new token ids with eos left out, finished) per request that advanced."""
@@ -247,13 +263,11 @@ class VllmBackend:
         prompts = [self.engine.audio_prompt(ids, frames) for frames in self.encoder(audios)]
         return self._answers(self.engine.run(prompts, token_budgets(max_new_tokens, len(audios))))
 
-    def chat(
-        self, messages: Sequence[str], *, max_new_tokens: int | Sequence[int] = MAX_NEW_TOKENS
-    ) -> list[Transcription]:
-        """LLM mode: each message is one user turn with no audio, answered by the base Qwen3 (adapter off)."""
+    def answer(self, dialogues, *, max_new_tokens=MAX_ANSWER_TOKENS) -> list[Transcription]:
+        """LLM mode (``Answerer``): the dialogues answered by the base Qwen3, the adapter left out."""
         if self.engine.lora is None:
             raise BackendUnavailable(
                 f"{self.manifest.root} has no llm_base/lora artifacts: re-export with `canary-qwen export --lora-adapter`"
             )
-        prompts = [{"prompt_token_ids": text_prompt_ids(self.tokenizer, m)} for m in messages]
-        return self._answers(self.engine.run(prompts, token_budgets(max_new_tokens, len(messages)), adapter=False))
+        prompts = [self.engine.text_prompt(dialogue_ids(self.tokenizer, d)) for d in dialogues]
+        return self._answers(self.engine.run(prompts, token_budgets(max_new_tokens, len(dialogues)), adapter=False))

@@ -1,34 +1,52 @@
-"""``canary-qwen ask``: LLM mode, a text question answered by the LLM with the LoRA off (vLLM)."""
+"""``canary-qwen ask``: LLM mode, a question (about recordings) answered by the LLM with the speech LoRA off."""
 
 from __future__ import annotations
 
 import json
 
-from ..defaults import MAX_NEW_TOKENS
-from ..precision import Precision
+from ..backends.registry import BACKENDS, DEFAULT_BACKEND, DTYPE_CHOICES, DTYPE_HELP, create_backend
+from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..errors import CanaryQwenError, UsageError
+from ..model.prompt import Turn, about
+
+ANSWERING = tuple(name for name, spec in BACKENDS.items() if spec.answers)
 
 
 def add_ask(sub) -> None:
     p = sub.add_parser(
         "ask",
-        help="LLM mode: answer a text prompt (about a transcript) with the LoRA off (vllm)",
-        description="Canary-Qwen's LLM mode: the Qwen3 answers a text-only user turn with the speech LoRA switched "
-        "off. With --about FILE the file is transcribed first (through the LoRA, by the same vLLM engine) and the "
-        "transcript follows the question. Needs an export written with `canary-qwen export --lora-adapter` and vLLM.",
+        help="LLM mode: answer a question (about recordings) with the speech LoRA off",
+        description="Canary-Qwen's LLM mode, as the model card runs it: the Qwen3 answers a text-only dialogue with "
+        "the speech LoRA switched off. With --about FILE each file is first transcribed (through the LoRA, by the "
+        "same engine, long files windowed as `transcribe` does) and the transcripts follow the question after a "
+        "blank line. Greedy decoding; the answer alone goes to stdout.",
     )
-    p.add_argument("question", help="the user turn, e.g. 'Summarise this transcript:'")
-    p.add_argument("--model", required=True, help="export directory with llm_base/ and lora/")
-    p.add_argument("--about", default=None, help="audio file whose transcript is appended to the question")
+    p.add_argument("question", help="the user turn, e.g. 'Summarise this call.'")
     p.add_argument(
-        "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="answer budget in tokens (default: %(default)s)"
+        "--model",
+        required=True,
+        help="checkpoint directory or Hugging Face id (torch, torch-fast) / export written with --lora-adapter (vllm)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=ANSWERING,
+        default=DEFAULT_BACKEND,
+        help="; ".join(f"{n}: {BACKENDS[n].help}" for n in ANSWERING)
+        + f" (default: {DEFAULT_BACKEND}, the fastest path with the reference's tokens)",
+    )
+    p.add_argument(
+        "--about",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an audio file whose transcript is appended to the question (repeat for several, in order)",
+    )
+    p.add_argument("--system", default=None, help="a system turn before the question")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=MAX_ANSWER_TOKENS, help="answer budget in tokens (default: %(default)s)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument(
-        "--dtype",
-        choices=Precision.choices(*Precision.floats()),
-        default=None,
-        help="default: bf16 on cuda, fp32 on cpu",
-    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
     p.add_argument(
         "--json",
         action="store_true",
@@ -37,20 +55,26 @@ def add_ask(sub) -> None:
     p.set_defaults(run=run_ask)
 
 
-def run_ask(args) -> int:
-    from ..backends.vllm import VllmBackend
-    from ..errors import CanaryQwenError
+def transcripts(backend, files: list[str]) -> str:
+    """The files' transcripts (ASR mode, windowed as ``transcribe`` does), joined by blank lines."""
     from ..pipeline.batching import transcribe_files
 
-    backend = VllmBackend(args.model, device=args.device, dtype=args.dtype)
-    question, transcript = args.question, None
-    if args.about:
-        (heard,) = transcribe_files(backend, [args.about])
+    texts = []
+    for heard in transcribe_files(backend, files, max_new_tokens=MAX_NEW_TOKENS, max_window_s=MAX_WINDOW_S):
         if heard.transcription is None:
-            raise CanaryQwenError(heard.error or f"{args.about}: not transcribed")
-        transcript = heard.transcription.text
-        question = f"{question}\n\n{transcript}"
-    (answer,) = backend.chat([question], max_new_tokens=args.max_new_tokens)
+            raise CanaryQwenError(heard.error or f"{heard.path}: not transcribed")
+        texts.append(heard.transcription.text)
+    return "\n\n".join(texts)
+
+
+def run_ask(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    backend = create_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+    transcript = transcripts(backend, args.about) if args.about else None
+    question = args.question if transcript is None else about(args.question, transcript)
+    dialogue = ([Turn("system", args.system)] if args.system is not None else []) + [Turn("user", question)]
+    (answer,) = backend.answer([dialogue], max_new_tokens=args.max_new_tokens)
     if args.json:
         row = {"text": answer.text, "token_ids": answer.token_ids, "transcript": transcript}
         print(json.dumps(row, ensure_ascii=False), flush=True)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import CanaryQwenError, InputError
 from ..model.tokenizer import QwenTokenizer
+from ..modes import ASR, LLM
 
 AUDIO, EMBEDDINGS = "audio", "embeddings"  # what an engine's request carries (StepEngine.takes)
 FINISHED, CANCELLED, FAILED = "finished", "cancelled", "failed"  # how a request ends (RequestCounts)
@@ -37,13 +38,19 @@ class RequestCounts:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One clip to transcribe: ``source`` is 16 kHz mono float32 samples [S] for an engine that takes AUDIO,
-    the clip's projected encoder frames [T, H] for one that takes EMBEDDINGS; ``budget`` >= 0 new tokens."""
+    """One row to decode, ``budget`` >= 0 new tokens. In ASR mode ``source`` is the clip that fills the prompt's
+    placeholder: 16 kHz mono float32 samples [S] for an engine that takes AUDIO, its projected encoder frames
+    [T, H] for one that takes EMBEDDINGS. In LLM mode ``source`` is None: ``prompt_ids`` are a text-only
+    dialogue, answered with the LoRA off."""
 
     request_id: str
     prompt_ids: Sequence[int]
-    source: np.ndarray
+    source: np.ndarray | None
     budget: int
+
+    @property
+    def mode(self) -> str:
+        return LLM if self.source is None else ASR
 
 
 class StepEngine(Protocol):

@@ -47,8 +47,9 @@ class EngineLoop:
         self._thread.start()
 
     # -- callers -------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], source: np.ndarray, budget: int, sink: Sink) -> str:
-        """Queue one clip; its answer goes to ``sink``. A budget of 0 is answered at once with no tokens."""
+    def submit(self, prompt_ids: Sequence[int], source: np.ndarray | None, budget: int, sink: Sink) -> str:
+        """Queue one row (``EngineRequest``: a clip and its prompt, or with ``source`` None a text-only dialogue in
+        LLM mode); its answer goes to ``sink``. A budget of 0 is answered at once with no tokens."""
         if budget < 0:
             raise InputError(f"a token budget must be >= 0, got {budget}")
         if self._stopping:

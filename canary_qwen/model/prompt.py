@@ -1,8 +1,12 @@
-"""NeMo's ``qwen`` prompt format for one user turn followed by the assistant prefix."""
+"""NeMo's ``qwen`` prompt format: one user turn with the audio placeholder (ASR mode), or a text-only dialogue
+(LLM mode), each followed by the assistant prefix."""
 
 from __future__ import annotations
 
-from ..errors import UsageError
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import InputError, UsageError
 
 DEFAULT_PROMPT = "Transcribe the following:"
 
@@ -22,11 +26,47 @@ def user_turn_text(prompt: str | None, audio_locator_tag: str) -> str:
     return f"<|im_start|>user\n{user_message(prompt, audio_locator_tag)}<|im_end|>\n"
 
 
-def text_prompt_ids(tokenizer, message: str) -> list[int]:
-    """A user turn without audio (LLM mode) followed by the assistant prefix, tokenized as :func:`prompt_ids`."""
-    if tokenizer.audio_locator_tag in message:
-        raise UsageError(f"a text-only prompt cannot hold the audio placeholder {tokenizer.audio_locator_tag}")
-    return tokenizer.encode(f"<|im_start|>user\n{message}<|im_end|>\n") + tokenizer.encode(ASSISTANT_PREFIX)
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of an LLM-mode dialogue: ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+def about(question: str, transcript: str) -> str:
+    """A user turn asking ``question`` about a transcript, as the model card writes it."""
+    return f"{question}\n\n{transcript}"
+
+
+def dialogue_ids(tokenizer, turns: Sequence[Turn]) -> list[int]:
+    """A text-only dialogue (LLM mode) ending with a user turn, then the assistant prefix.
+
+    The released checkpoint's ``qwen`` format has user and assistant turns only; system turns are written as NeMo's
+    ``qwen3`` format writes them, which for inference is ``qwen`` plus that role: ``<|im_start|>system\n...``.
+    As there, an empty system turn at the start is dropped, an earlier assistant turn keeps only what follows its
+    ``</think>``, thinking stays on (no empty think block is added), and each turn is tokenized alone."""
+    if not turns:
+        raise InputError("the dialogue has no turns")
+    for turn in turns:
+        if turn.role not in ROLES:
+            raise InputError(f"unknown role {turn.role!r} (one of {', '.join(ROLES)})")
+        if tokenizer.audio_locator_tag in turn.content:
+            raise InputError(f"a text turn cannot hold the audio placeholder {tokenizer.audio_locator_tag}")
+    if turns[-1].role != "user":
+        raise InputError(f"the dialogue must end with a user turn, not {turns[-1].role!r}")
+    if turns[0].role == "system" and not turns[0].content.strip():
+        turns = turns[1:]
+    ids: list[int] = []
+    for i, turn in enumerate(turns):
+        content = turn.content
+        if turn.role == "assistant" and i < len(turns) - 1 and "</think>" in content:
+            content = content.split("</think>")[1].strip()
+        ids += tokenizer.encode(f"<|im_start|>{turn.role}\n{content}<|im_end|>\n")
+    return ids + tokenizer.encode(ASSISTANT_PREFIX)
 
 
 def prompt_ids(tokenizer, prompt: str | None) -> list[int]:

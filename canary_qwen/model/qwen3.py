@@ -3,6 +3,9 @@ plus PEFT numerically, with a KV cache for greedy decoding."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -23,17 +26,19 @@ class RMSNorm(nn.Module):
 
 
 class LoraLinear(nn.Linear):
-    """``nn.Linear`` that may carry a LoRA pair; ``merge()`` folds it in (W += scaling * B @ A, fp32)."""
+    """``nn.Linear`` that may carry a LoRA pair; ``merge()`` folds it in (W += scaling * B @ A, fp32).
+    ``adapter_on`` False leaves the pair out (LLM mode, :func:`adapter_off`)."""
 
     def __init__(self, in_features: int, out_features: int, lora: LoraConfig | None):
         super().__init__(in_features, out_features, bias=False)
         self.scaling = lora.scaling if lora else 0.0
         self.lora_A = nn.Parameter(torch.zeros(lora.r, in_features)) if lora else None
         self.lora_B = nn.Parameter(torch.zeros(out_features, lora.r)) if lora else None
+        self.adapter_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.adapter_on:
             out = out + nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scaling
         return out
 
@@ -44,6 +49,19 @@ class LoraLinear(nn.Linear):
         delta = self.lora_B.float() @ self.lora_A.float() * self.scaling
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         self.lora_A = self.lora_B = None
+
+
+@contextmanager
+def adapter_off(module: nn.Module) -> Iterator[None]:
+    """Every LoRA pair below ``module`` left out while inside (PEFT's ``disable_adapter``, NeMo's LLM mode)."""
+    layers = [m for m in module.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.adapter_on = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_on = True
 
 
 def merge_lora(module: nn.Module) -> None:
