@@ -19,7 +19,7 @@ from .defaults import (
     QUEUE_TIMEOUT_S,
 )
 from .errors import ArtifactError, InputError, UsageError
-from .modes import ASR, LLM
+from .modes import ASR
 
 PARAMETER = "request_bounds"  # the model-config parameter that holds them, as JSON
 

@@ -92,11 +92,16 @@ class TestOneEngineForBothModes:
         messages = ["Summarise: the cat sat on the mat.", "hello", "What is 2 + 2?"]
         tok = lora_engine.tokenizer
         manifest = lora_export[1]
-        want = [_hf_greedy(manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", m)]), tok, 16) for m in messages]
+        want = [
+            _hf_greedy(manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", m)]), tok, 16) for m in messages
+        ]
         got = lora_engine.answer([[Turn("user", m)] for m in messages], max_new_tokens=16)
         assert [t.token_ids for t in got] == want
         # the merged model (adapter on) answers the first differently: LLM mode really has the adapter off
-        assert _hf_greedy(manifest.artifact("llm_merged"), dialogue_ids(tok, [Turn("user", messages[0])]), tok, 16) != want[0]
+        assert (
+            _hf_greedy(manifest.artifact("llm_merged"), dialogue_ids(tok, [Turn("user", messages[0])]), tok, 16)
+            != want[0]
+        )
 
 
 @pytest.mark.parametrize("variant", [v for v in CHECKPOINT_VARIANTS if v != "qv-lora"])  # qv-lora: above
@@ -155,7 +160,9 @@ def test_stdout_carries_only_results(lora_export, clip_files, clips):
     (answer,) = [json.loads(line) for line in run.stdout.splitlines()]
     heard = TorchBackend(str(ckpt)).transcribe(clips[:1])[0].text
     tok = QwenTokenizer(manifest.artifact("tokenizer"), manifest.model["audio_locator_tag"])
-    want = _hf_greedy(manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", f"Summarise:\n\n{heard}")]), tok, 6)
+    want = _hf_greedy(
+        manifest.artifact("llm_base"), dialogue_ids(tok, [Turn("user", f"Summarise:\n\n{heard}")]), tok, 6
+    )
     assert answer == {"text": tok.decode(want).strip(), "token_ids": want, "transcript": heard}
 
 
@@ -195,7 +202,20 @@ def test_cli_transcribe_and_ask(lora_export, clip_files, clips, capsys):
 
     question = "Summarise this transcript:"
     assert (
-        main(["ask", "--backend", "vllm", "--model", str(manifest.root), "--about", clip_files[0], "--max-new-tokens", "12", question])
+        main(
+            [
+                "ask",
+                "--backend",
+                "vllm",
+                "--model",
+                str(manifest.root),
+                "--about",
+                clip_files[0],
+                "--max-new-tokens",
+                "12",
+                question,
+            ]
+        )
         == 0
     )
     tok = reference.tokenizer

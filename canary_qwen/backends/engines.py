@@ -33,15 +33,16 @@ def open_engine(
     kv_cache_gib: float = 1.0,
 ) -> StepEngine:
     """``backend``'s engine on ``source`` (a checkpoint for torch-fast, an export for vllm and onnx), sized for
-    ``max_batch`` clips decoding at once, each within ``bounds`` (its longest clip, the most new tokens; default:
-    ``RequestBounds()``).
+    ``max_batch`` rows decoding at once, each within ``bounds`` (its longest clip and the most new tokens, or in LLM
+    mode its longest dialogue and answer; default: ``RequestBounds()``).
     ``dtype``: torch-fast's and vLLM's precision (default: ``default_precision`` for ``device``); ``kv_cache_gib``: vLLM's KV cache on a CPU."""
     if backend not in ENGINES:
         raise UsageError(f"no in-process engine {backend!r} (one of {', '.join(ENGINES)})")
     if max_batch < 1:
         raise UsageError("max_batch must be >= 1")
     bounds = bounds or RequestBounds()
-    positions = positions_for(bounds.audio_s, bounds.max_new_tokens_limit)
+    # A row holds the longest transcription or, in the engines with LLM mode, the longest dialogue and answer.
+    positions = max(positions_for(bounds.audio_s, bounds.max_new_tokens_limit), bounds.llm_positions)
     if backend == "torch-fast":
         from .fast_torch import FastTorchBackend
 

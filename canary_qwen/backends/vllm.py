@@ -23,8 +23,8 @@ from ..engines.base import AUDIO, EMBEDDINGS, EngineRequest
 from ..errors import BackendUnavailable, InputError, import_optional
 from ..export.manifest import Manifest, read_manifest
 from ..model.prompt import dialogue_ids, prompt_ids
-from ..modes import ASR
 from ..model.tokenizer import QwenTokenizer
+from ..modes import ASR
 from ..precision import resolve_precision
 from .base import Transcription
 

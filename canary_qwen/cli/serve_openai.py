@@ -1,4 +1,5 @@
-"""``canary-qwen serve-openai``: an OpenAI-compatible speech-to-text server in front of Triton or a local engine."""
+"""``canary-qwen serve-openai``: an OpenAI-compatible server (speech to text, and chat in LLM mode) in front of Triton
+or a local engine."""
 
 from __future__ import annotations
 
@@ -7,17 +8,29 @@ import logging
 import sys
 from dataclasses import replace
 
-from ..backends.registry import DTYPE_CHOICES
-from ..defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WINDOW_S
+from ..backends.registry import BACKENDS, DTYPE_CHOICES
+from ..defaults import (
+    MAX_ANSWER_TOKENS,
+    MAX_ANSWER_TOKENS_LIMIT,
+    MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_PROMPT_TOKENS,
+    MAX_QUEUE,
+    MAX_WINDOW_S,
+)
 from ..errors import UsageError
 
 LOCAL_BACKENDS = ("torch-fast", "onnx", "vllm")
+ANSWERING = tuple(name for name in LOCAL_BACKENDS if BACKENDS[name].answers)
 DESCRIPTION = """\
-Serve OpenAI's speech-to-text API (what `client.audio.transcriptions.create` of the official `openai` client, and
-`vllm serve`, speak) for Canary-Qwen:
+Serve OpenAI's speech-to-text and chat APIs (what `client.audio.transcriptions.create` and
+`client.chat.completions.create` of the official `openai` client, and `vllm serve`, speak) for Canary-Qwen:
 
   POST /v1/audio/transcriptions   multipart: file, model, response_format (json|text|verbose_json|srt|vtt),
                                   prompt, language, temperature, stream; max_new_tokens (extra_body)
+  POST /v1/chat/completions       LLM mode (the speech LoRA off): system/user/assistant messages, text and
+                                  input_audio parts (each audio part transcribed, its transcript in its place),
+                                  max_completion_tokens, stream; local torch-fast or vllm engine only
   GET  /v1/models                 the one served model (--served-model-name)
   GET  /health                    200 when the engine, or a Triton server behind it, can answer; else 503
   GET  /metrics                   Prometheus: requests by status, audio seconds, latency, requests in flight
@@ -109,10 +122,29 @@ def add_serve_openai(sub) -> None:
         help="the most a request may ask for with max_new_tokens (default: %(default)s)",
     )
     limits.add_argument(
+        "--max-answer-tokens",
+        type=int,
+        default=MAX_ANSWER_TOKENS,
+        help="chat completions (LLM mode): an answer's budget when a request names none (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-answer-tokens-limit",
+        type=int,
+        default=MAX_ANSWER_TOKENS_LIMIT,
+        help="the most a chat request may ask for with max_completion_tokens (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS,
+        help="the longest dialogue a chat request may send, in tokens, transcripts of its audio included "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
         "--max-in-flight",
         type=int,
         default=MAX_QUEUE,
-        help="transcription requests handled at once; one more is refused with 429 (default: %(default)s)",
+        help="requests (transcriptions and chat) handled at once; one more is refused with 429 (default: %(default)s)",
     )
     limits.add_argument(
         "--timeout-s",
@@ -137,6 +169,9 @@ def _settings(args):
         max_new_tokens_limit=args.max_new_tokens_limit,
         max_queue=args.max_in_flight,
         queue_timeout_s=args.timeout_s,
+        max_answer_tokens=args.max_answer_tokens,
+        max_answer_tokens_limit=args.max_answer_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
     return ServerSettings(
         served_model=args.served_model_name,
@@ -200,6 +235,7 @@ def make_backend(args, settings):
         f"{args.backend} on {args.model} ({args.device})",
         max_pending=settings.bounds.max_queue * settings.windows_per_upload,
         timeout_s=args.timeout_s,
+        answers=args.backend in ANSWERING,
     )
 
 

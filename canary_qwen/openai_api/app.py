@@ -3,33 +3,33 @@
 ``POST /v1/audio/transcriptions`` reads the multipart upload as it streams in (``upload``), checks the fields
 (``protocol``), decodes the audio, cuts it into the windows ``canary-qwen transcribe`` uses, has the upstream
 decode every window (concurrently; the upstream batches them with the other requests in flight) and renders the
-joined text (``formats``), or streams it as server-sent events. ``GET /v1/models``, ``GET /health`` (200 only
-while the upstream can answer), ``GET /metrics`` (Prometheus).
+joined text (``formats``), or streams it as server-sent events. ``POST /v1/chat/completions`` answers in LLM mode
+(``chat``). ``GET /v1/models``, ``GET /health`` (200 only while the upstream can answer), ``GET /metrics``
+(Prometheus).
 
-At most ``bounds.max_queue`` transcription requests are handled at once; one more is refused at once (429 with
-``Retry-After``). Every error is answered in OpenAI's shape (``errors``) and the server goes on serving.
+At most ``bounds.max_queue`` requests are handled at once; one more is refused at once (429 with ``Retry-After``).
+Every error is answered in OpenAI's shape (``errors``) and the server goes on serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
+import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import soundfile as sf
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..backends.base import Transcription
@@ -38,8 +38,10 @@ from ..defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WIND
 from ..errors import AudioError, InputError
 from ..pipeline.audio import load_audio
 from ..pipeline.windowing import SEARCH_S, WindowPlan, split_points
+from .chat import ChatCompletions
 from .errors import RETRY_AFTER_S, api_error
 from .formats import compression_ratio, render
+from .http import EventStream, error_response, gather_all, sse, until_disconnect
 from .metrics import CLIENT_CLOSED, Metrics
 from .protocol import SERVER_ERROR, APIError, Segment, Transcript, TranscriptionRequest, invalid, model_card
 from .protocol import delta_event as _delta
@@ -52,8 +54,6 @@ SERVED_MODEL = "canary-qwen-2.5b"
 MAX_UPLOAD_MB = 25  # vLLM's default (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)
 MAX_AUDIO_S = 1800.0  # longest upload, in seconds of audio (cut into windows of max_window_s)
 TIMEOUT_S = 300.0
-SSE = "text/event-stream"
-T = TypeVar("T")
 
 
 def default_bounds() -> RequestBounds:
@@ -89,45 +89,6 @@ class ServerSettings:
         return math.ceil(self.bounds.audio_s / shortest) + 1
 
 
-def _sse(event: dict) -> bytes:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-
-
-def _error_response(error: APIError) -> Response:
-    if error.close_connection:
-        return _Refusal(error)
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-class _Refusal(JSONResponse):
-    """An error answered while the request body still streams in (413), then the connection closed.
-
-    A server that closes a connection with unread data in it resets it, and a client still sending (curl) may
-    lose the answer; one that reads the rest to discard it (uvicorn, by default) reads a body of any size. So, as
-    nginx does: the answer is sent whole, what the client still sends is read and dropped for at most
-    ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes (never kept), then the connection is closed."""
-
-    LINGER_S = 2.0
-    LINGER_BYTES = 16 * 2**20
-
-    def __init__(self, error: APIError):
-        super().__init__(error.body(), status_code=error.status, headers=error.headers())
-
-    async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": True})
-        dropped, deadline = 0, time.monotonic() + self.LINGER_S
-        while dropped < self.LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
-            try:
-                message = await asyncio.wait_for(receive(), left)
-            except asyncio.TimeoutError:
-                break
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                break
-            dropped += len(message.get("body", b""))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
 class OpenAIServer:
     """The app (``.app``) around one upstream (Triton servers or a local engine). ``settings`` holds every limit."""
 
@@ -141,6 +102,7 @@ class OpenAIServer:
         self.app = Starlette(
             routes=[
                 Route("/v1/audio/transcriptions", self.transcriptions, methods=["POST"]),
+                Route("/v1/chat/completions", ChatCompletions(self), methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
@@ -164,11 +126,11 @@ class OpenAIServer:
         assert isinstance(exc, HTTPException)
         code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return _error_response(APIError(exc.status_code, message, code=code))
+        return error_response(APIError(exc.status_code, message, code=code))
 
     async def _bug(self, request: Request, exc: Exception) -> Response:
         log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return _error_response(api_error(exc))
+        return error_response(api_error(exc))
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [model_card(self.settings.served_model, self.created)]})
@@ -179,7 +141,7 @@ class OpenAIServer:
             error = APIError(
                 404, f"The model '{name}' does not exist on this server", param="model", code="model_not_found"
             )
-            return _error_response(error)
+            return error_response(error)
         return JSONResponse(model_card(name, self.created))
 
     async def health(self, request: Request) -> Response:
@@ -191,22 +153,27 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     # -- transcriptions -------------------------------------------------------------------------------
-    async def transcriptions(self, request: Request) -> Response:
-        start = time.perf_counter()
-        bounds = self.settings.bounds
-        if self._in_flight >= bounds.max_queue:
+    def take_slot(self) -> APIError | None:
+        """Count one more request in flight, or the 429 that refuses it (``bounds.max_queue`` are in flight)."""
+        if self._in_flight >= self.settings.bounds.max_queue:
             error = APIError(
                 429,
-                f"this server already handles {self._in_flight} transcription requests (its limit, --max-in-flight): "
-                "retry shortly",
+                f"this server already handles {self._in_flight} requests (its limit, --max-in-flight): retry shortly",
                 type="rate_limit_error",
                 code="too_many_requests",
                 retry_after_s=RETRY_AFTER_S,
             )
             self.metrics.answered(error.status)
-            return _error_response(error)
+            return error
         self._in_flight += 1
         self.metrics.in_flight.inc()
+        return None
+
+    async def transcriptions(self, request: Request) -> Response:
+        start = time.perf_counter()
+        refused = self.take_slot()
+        if refused is not None:
+            return error_response(refused)
         handed_over = False  # a stream releases its slot when it ends
         try:
             request_, samples = await self._read(request)
@@ -217,9 +184,7 @@ class OpenAIServer:
                 response = await self._stream(request, request_, windows, budget, start, audio_s)
                 handed_over = True
                 return response
-            transcript = await self._until_disconnect(
-                request, self._transcript(request_, windows, spans, budget, audio_s)
-            )
+            transcript = await until_disconnect(request, self._transcript(request_.prompt, windows, spans, budget))
             body, media_type = render(transcript, request_.response_format)
             self.metrics.answered(200, seconds=time.perf_counter() - start, audio_s=audio_s)
             return Response(body, media_type=media_type)
@@ -231,12 +196,12 @@ class OpenAIServer:
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("transcription failed")
             self.metrics.answered(error.status)
-            return _error_response(error)
+            return error_response(error)
         finally:
             if not handed_over:
-                self._release()
+                self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self._in_flight -= 1
         self.metrics.in_flight.dec()
 
@@ -260,6 +225,12 @@ class OpenAIServer:
             upload.close()
         return fields, samples
 
+    async def samples_of(self, data: bytes, name: str) -> np.ndarray:
+        """Audio bytes (a chat message's ``input_audio`` part) as 16 kHz mono float32, or a 400 saying what is wrong."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._decoder, _decode_bytes, data, name, self.settings.bounds, self.settings.tmp_dir
+        )
+
     def _windows(self, samples: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
         """The windows ``canary-qwen transcribe`` cuts (pipeline.windowing) and their sample spans."""
         window = self.settings.max_window_s
@@ -272,34 +243,16 @@ class OpenAIServer:
         except InputError as e:
             raise invalid(str(e), "max_new_tokens") from None
 
-    async def _until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
-        """``work``'s result; cancelled (which stops its decoding) when the client disconnects first."""
-        task = asyncio.ensure_future(work)
-
-        async def disconnected() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not task.done():
-                task.cancel()
-        if not task.done() or task.cancelled():
-            raise ClientDisconnect()
-        return task.result()
+    async def transcript_of(self, samples: np.ndarray, budget: int) -> str:
+        """The text ``canary-qwen transcribe`` gives for ``samples`` (default prompt, windowed, ``budget`` each)."""
+        windows, spans = self._windows(samples)
+        return (await self._transcript(None, windows, spans, budget)).text
 
     async def _transcript(
-        self,
-        request: TranscriptionRequest,
-        windows: list[np.ndarray],
-        spans: list[tuple[int, int]],
-        budget: int,
-        audio_s: float,
+        self, prompt: str | None, windows: list[np.ndarray], spans: list[tuple[int, int]], budget: int
     ) -> Transcript:
-        results = await _all(self.upstream.transcribe(w, request.prompt, budget) for w in windows)
+        audio_s = spans[-1][1] / SAMPLE_RATE
+        results = await gather_all(self.upstream.transcribe(w, prompt, budget) for w in windows)
         # The text is joined exactly as `canary-qwen transcribe` joins its windows' texts.
         joined = WindowPlan(windows, [0] * len(windows)).join(results, 1)[0]
         assert isinstance(joined, Transcription)
@@ -353,7 +306,7 @@ class OpenAIServer:
                 return None
 
         try:
-            first = await self._until_disconnect(request, first_piece())
+            first = await until_disconnect(request, first_piece())
         except BaseException:
             await pieces.aclose()
             raise
@@ -363,7 +316,7 @@ class OpenAIServer:
             nonlocal finished
             if not finished:
                 finished = True
-                self._release()
+                self.release()
                 self.metrics.answered(status, seconds=time.perf_counter() - start, audio_s=audio_s)
 
         async def events() -> AsyncGenerator[bytes, None]:
@@ -372,46 +325,25 @@ class OpenAIServer:
                 async with aclosing(pieces):
                     if first is not None:
                         text += first
-                        yield _sse(_delta(first))
+                        yield sse(_delta(first))
                         async for piece in pieces:
                             text += piece
-                            yield _sse(_delta(piece))
-                yield _sse(_done(text))
+                            yield sse(_delta(piece))
+                yield sse(_done(text))
                 finish(200)
             except Exception as e:
                 error = api_error(e)
                 finish(error.status)
-                yield _sse(error.body())
+                yield sse(error.body())
 
-        return _EventStream(events(), pieces, finish)
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events that, however the response ends (done, error, the client gone before or while it
-    streams), close the event and piece generators (which stops the decoding) and release the request's slot."""
-
-    def __init__(self, events: AsyncGenerator[bytes, None], pieces: AsyncGenerator, finish: Callable[[int], None]):
-        super().__init__(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._events, self._pieces, self._finish = events, pieces, finish
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._events.aclose()
-            await self._pieces.aclose()
-            self._finish(CLIENT_CLOSED)
+        return EventStream(events(), pieces, finish)
 
 
-async def _all(calls) -> list:
-    """Await every call concurrently; the first failure cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            if not t.done():
-                t.cancel()
+def _decode_bytes(data: bytes, name: str, bounds: RequestBounds, tmp_dir: str | None) -> np.ndarray:
+    with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="canary-qwen-audio-") as f:
+        f.write(data)
+        f.flush()
+        return _decode(Path(f.name), name, bounds)
 
 
 def _decode(path: Path, filename: str | None, bounds: RequestBounds) -> np.ndarray:

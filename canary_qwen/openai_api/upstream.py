@@ -6,7 +6,8 @@ timeouts) and a local engine in this process (:class:`LocalEngine`, an
 Both take one window of 16 kHz mono float32 samples at a time: ``transcribe`` answers its text and token ids,
 ``stream`` yields its text in pieces that join to that text. A caller that goes away (its task is cancelled, or
 it stops reading a stream) stops that window's decoding: the local engine aborts it at the next step, a Triton
-stream is cancelled.
+stream is cancelled. The local engine also answers LLM-mode dialogues (``answer``, ``answer_pieces``) in the same
+batch as the windows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +29,7 @@ from ..client.triton import TritonClient
 from ..client.wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL
 from ..engines import EngineLoop, RequestCounts, StepEngine
 from ..errors import BackendUnavailable, CanaryQwenError, RequestTimeout
+from ..model.prompt import Turn, dialogue_ids
 from ..serving.checks import TextStream, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class Upstream(Protocol):
     (``LocalEngine``)."""
 
     description: str
+    answers: bool  # has LLM mode (answer, answer_pieces, dialogue): chat completions
 
     async def start(self) -> None:
         """Begin loading (returns at once; ``ready`` says when it is done)."""
@@ -60,6 +64,16 @@ class Upstream(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class Answering(Upstream, Protocol):
+    """An upstream with LLM mode (``answers`` True): what chat completions call."""
+
+    def dialogue(self, turns: list[Turn]) -> list[int]: ...
+
+    async def answer(self, prompt_ids: list[int], budget: int) -> Transcription: ...
+
+    def answer_pieces(self, prompt_ids: list[int], budget: int) -> AsyncGenerator[tuple[str, int], None]: ...
 
 
 _PIECE, _END, _ERROR = "piece", "end", "error"
@@ -91,6 +105,7 @@ class TritonForwarding:
     ):
         self.client = TritonClient(urls, protocol, model, stream_model=stream_model, timeout_s=timeout_s)
         self.description = f"Triton {protocol}://{self.client.url} (models {model}, {stream_model})"
+        self.answers = False  # the Triton models take audio requests only (docs/llm-mode.md)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="openai-triton")
         self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="openai-triton-health")
         self._probed: tuple[float, bool, str] = (0.0, False, "not checked yet")
@@ -191,7 +206,8 @@ class LocalEngine:
     """A step engine in this process, owned by an :class:`EngineLoop` thread: windows of every request in flight
     are admitted between steps and decoded together. ``open_engine`` builds it (in a thread, at ``start``: the
     server answers ``/health`` with 503 while it loads); ``max_pending`` bounds the windows submitted at once
-    (one more is refused: ``Overloaded``, 429). ``timeout_s`` bounds each wait for the engine (0: none)."""
+    (one more is refused: ``Overloaded``, 429). ``timeout_s`` bounds each wait for the engine (0: none).
+    ``answers``: the engine has LLM mode (torch-fast, vllm)."""
 
     NAME = "openai-engine"
 
@@ -202,12 +218,14 @@ class LocalEngine:
         *,
         max_pending: int | None = None,
         timeout_s: float = 0.0,
+        answers: bool = True,
     ):
         self._open = open_engine
         self.description = description
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self.loop: EngineLoop | None = None
+        self.answers = answers
         self._state = "not started"
         self._closed = False
         self._loader: threading.Thread | None = None
@@ -245,11 +263,10 @@ class LocalEngine:
             raise BackendUnavailable(f"{self.description} is not ready ({self._state})")
         return self.loop
 
-    def _submit(self, window: np.ndarray, prompt: str | None, budget: int) -> tuple[EngineLoop, _Sink]:
-        engine = self._engine()
+    def _submit(self, prompt_ids: list[int], source: np.ndarray | None, budget: int) -> _Sink:
         sink = _Sink(asyncio.get_running_loop())
-        engine.submit(encode_prompt(engine.tokenizer, prompt), np.asarray(window, dtype=np.float32), budget, sink)
-        return engine, sink
+        self._engine().submit(prompt_ids, source, budget, sink)
+        return sink
 
     async def _next(self, sink: _Sink) -> tuple[list[int], bool]:
         if self.timeout_s > 0:
@@ -265,8 +282,9 @@ class LocalEngine:
             raise error
         return ids, finished
 
-    async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription:
-        engine, sink = self._submit(window, prompt, budget)
+    async def _decode(self, prompt_ids: list[int], source: np.ndarray | None, budget: int) -> Transcription:
+        """One row decoded whole (``EngineLoop.submit``: a clip, or with ``source`` None a dialogue in LLM mode)."""
+        sink = self._submit(prompt_ids, source, budget)
         ids: list[int] = []
         finished = False
         try:
@@ -275,22 +293,50 @@ class LocalEngine:
                 ids.extend(new)
         finally:
             sink.gone = not finished  # a cancelled caller: the engine aborts it at the next step
-        return Transcription(text=engine.tokenizer.decode(ids).strip(), token_ids=ids)
+        return Transcription(text=self._engine().tokenizer.decode(ids).strip(), token_ids=ids)
 
-    async def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]:
-        engine, sink = self._submit(window, prompt, budget)
-        text = TextStream(engine.tokenizer)
+    async def _pieces(
+        self, prompt_ids: list[int], source: np.ndarray | None, budget: int
+    ) -> AsyncGenerator[tuple[str, int], None]:
+        """One row's text in pieces that join to its whole text, each with the tokens it adds."""
+        sink = self._submit(prompt_ids, source, budget)
+        text = TextStream(self._engine().tokenizer)
         finished = False
         try:
             while not finished:
                 new, finished = await self._next(sink)
                 for token in new:
-                    if piece := text.push(token):
-                        yield piece
+                    piece = text.push(token)
+                    yield piece, 1
             if rest := text.finish():
-                yield rest
+                yield rest, 0
         finally:
             sink.gone = True
+
+    def _window(self, prompt: str | None) -> list[int]:
+        return encode_prompt(self._engine().tokenizer, prompt)
+
+    async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription:
+        return await self._decode(self._window(prompt), np.asarray(window, dtype=np.float32), budget)
+
+    async def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]:
+        pieces = self._pieces(self._window(prompt), np.asarray(window, dtype=np.float32), budget)
+        async with aclosing(pieces):
+            async for piece, _ in pieces:
+                if piece:
+                    yield piece
+
+    def dialogue(self, turns: list[Turn]) -> list[int]:
+        """A dialogue's prompt ids (an InputError where it is not one the model takes)."""
+        return dialogue_ids(self._engine().tokenizer, turns)
+
+    async def answer(self, prompt_ids: list[int], budget: int) -> Transcription:
+        """LLM mode: the dialogue ``prompt_ids`` (``dialogue``) answered whole."""
+        return await self._decode(prompt_ids, None, budget)
+
+    def answer_pieces(self, prompt_ids: list[int], budget: int) -> AsyncGenerator[tuple[str, int], None]:
+        """LLM mode: the answer in text pieces, each with the tokens it adds (a piece may be empty)."""
+        return self._pieces(prompt_ids, None, budget)
 
     def pending(self) -> int:
         return self.loop.pending if self.loop is not None else 0
