@@ -63,7 +63,9 @@ def reference(tiny_checkpoint, clips):
 
 @pytest.fixture(scope="module")
 def fast_loop(tiny_checkpoint):
-    bounds = RequestBounds(max_audio_s=MAX_AUDIO_S, max_new_tokens_limit=LIMIT)
+    # LLM-mode bounds small enough that a row is sized by the longest clip and budget (the refusal test needs that)
+    llm = dict(max_answer_tokens=16, max_answer_tokens_limit=16, max_prompt_tokens=32)
+    bounds = RequestBounds(max_audio_s=MAX_AUDIO_S, max_new_tokens_limit=LIMIT, **llm)
     engine = open_engine("torch-fast", str(tiny_checkpoint), max_batch=4, bounds=bounds)
     loop = EngineLoop(engine, name="torch-fast", max_pending=12)
     yield loop
@@ -128,6 +130,25 @@ def test_refusals_leave_the_other_requests_untouched(fast_loop, clips, reference
     assert good.ids == reference[5].token_ids
     with pytest.raises(InputError, match=">= 0"):
         fast_loop.submit(ids, clips[0], -1, Collect())
+
+
+def test_llm_mode_rows_share_the_loop_with_clips(fast_loop, clips, reference, tiny_checkpoint):
+    """A text-only dialogue (source None: LLM mode) submitted among clips gets the local ``answer``'s tokens, and the
+    clips their transcriptions."""
+    from canary_qwen.backends.fast_torch import FastTorchBackend
+    from canary_qwen.model.prompt import Turn, dialogue_ids
+
+    turns = [Turn("user", "Summarise the call.")]
+    want = FastTorchBackend(str(tiny_checkpoint)).answer([turns], max_new_tokens=12)[0].token_ids
+    ids = prompt_ids(fast_loop.tokenizer, None)
+    answer, heard = Collect(), [Collect() for _ in clips[:3]]
+    fast_loop.submit(ids, clips[0], BUDGETS[0], heard[0])
+    fast_loop.submit(dialogue_ids(fast_loop.tokenizer, turns), None, 12, answer)
+    for clip, budget, sink in zip(clips[1:3], BUDGETS[1:3], heard[1:]):
+        fast_loop.submit(ids, clip, budget, sink)
+    assert answer.done.wait(60) and all(h.done.wait(60) for h in heard)
+    assert answer.error is None and answer.ids == want
+    assert [h.ids for h in heard] == [r.token_ids for r in reference[:3]]
 
 
 def test_a_full_loop_refuses_at_once(tiny_checkpoint, clips):
