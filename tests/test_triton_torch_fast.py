@@ -9,6 +9,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from conftest import (
     make_clip,
@@ -223,3 +224,93 @@ def test_serve_fails_at_start_with_the_reason_when_the_engine_cannot_load(tiny_c
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model 'canary_qwen_stream' did not load" in errors[0], run.stderr[-2000:]
     assert "CUDA" in errors[0]
+
+
+# -- LLM mode: the same engine answers text-only dialogues ------------------------------------------------------
+@pytest.fixture(scope="module")
+def fast_local(tiny_checkpoint):
+    """The local torch-fast engine the server runs (fp32 on a CPU)."""
+    from canary_qwen.backends.fast_torch import FastTorchBackend
+
+    return FastTorchBackend(str(tiny_checkpoint))
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_dialogues_are_answered_as_locally_unary_and_streamed(server, fast_local, clips, reference, protocol):
+    """DIALOGUE in place of AUDIO: the local ``answer``'s ids, whole and streamed, while clips decode beside them."""
+    from conftest import dialogue_cases
+
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    cases = list(dialogue_cases().values())
+    want = [fast_local.answer([turns], max_new_tokens=BUDGET)[0] for turns in cases]
+    heard = reference.transcribe(clips[:2], max_new_tokens=BUDGET)
+    with TritonClient(url, protocol, timeout_s=60) as client, ThreadPoolExecutor(4) as pool:
+        asr = [pool.submit(client.infer, clip, max_new_tokens=BUDGET, with_ids=True) for clip in clips[:2]]
+        got = [client.ask(turns, max_new_tokens=BUDGET) for turns in cases]
+        streamed = ["".join(p for p, _ in client.ask_stream(turns, max_new_tokens=BUDGET)) for turns in cases]
+        assert [a.result(60) for a in asr] == [(h.text, h.token_ids) for h in heard]
+    assert got == [(w.text, w.token_ids) for w in want]
+    assert streamed == [w.text for w in want]
+
+
+@needs_server
+def test_a_standard_client_sends_a_dialogue(server, fast_local):
+    """tritonclient's plain infer with a DIALOGUE tensor (no AUDIO), as any Triton user would send it."""
+    import json as json_
+
+    import numpy as np
+    import tritonclient.http as http
+
+    turns = [{"role": "user", "content": "What is the capital of France?"}]
+    from canary_qwen.model.prompt import Turn
+
+    want = fast_local.answer([[Turn(**t) for t in turns]], max_new_tokens=BUDGET)[0]
+    with http.InferenceServerClient(server.http_url) as client:
+        dialogue = http.InferInput("DIALOGUE", [1, 1], "BYTES")
+        dialogue.set_data_from_numpy(np.array([[json_.dumps(turns).encode()]], dtype=object))
+        budget = http.InferInput("MAX_NEW_TOKENS", [1, 1], "INT32")
+        budget.set_data_from_numpy(np.array([[BUDGET]], dtype=np.int32))
+        result = client.infer("canary_qwen", [dialogue, budget])
+    assert result.as_numpy("OUTPUT_IDS").reshape(-1).tolist() == want.token_ids
+    assert result.as_numpy("TEXT").reshape(-1)[0].decode() == want.text
+
+
+@needs_server
+def test_bad_dialogues_are_refused_with_the_reason(server, clips):
+    from canary_qwen.model.prompt import Turn
+
+    with TritonClient(server.grpc_url, "grpc", timeout_s=60) as client:
+        with pytest.raises(InferenceError, match="must end with a user turn"):
+            client.ask([Turn("user", "hi"), Turn("assistant", "hello")])
+        with pytest.raises(InferenceError, match="MAX_NEW_TOKENS must be between 0 and 1024"):
+            client.ask([Turn("user", "hi")], max_new_tokens=5000)
+        with pytest.raises(InferenceError, match="dialogue takes .* at most 1024"):
+            client.ask([Turn("user", "word " * 3000)])
+        arrays = {"DIALOGUE": np.array([[b"not json"]], dtype=object)}
+        with pytest.raises(InferenceError, match="DIALOGUE is not JSON"):
+            client.call("canary_qwen", arrays, ["TEXT"])
+        assert client.infer(clips[1], max_new_tokens=3, with_ids=True)[1]  # the engine goes on
+
+
+@needs_server
+def test_client_ask_json_equals_local_ask_json(server, tiny_checkpoint, tmp_path):
+    """`client ask --about FILE --system TEXT --json` through the server prints what `ask` prints locally."""
+    import json as json_
+
+    import soundfile as sf
+
+    path = tmp_path / "clip.wav"
+    sf.write(path, make_clip(2.0, 11), 16000, subtype="FLOAT")
+    tail = ["--about", str(path), "--system", "Be brief.", "--max-new-tokens", "16", "--json", "Summarise this:"]
+    command = [sys.executable, "-m", "canary_qwen.cli"]
+    local = subprocess.run([*command, "ask", "--model", str(tiny_checkpoint), *tail], capture_output=True, text=True)
+    served = subprocess.run(
+        [*command, "client", "ask", "--url", server.http_url, *tail], capture_output=True, text=True
+    )
+    assert local.returncode == 0 and served.returncode == 0, local.stderr[-2000:] + served.stderr[-2000:]
+    assert json_.loads(served.stdout) == json_.loads(local.stdout)
+    streamed = subprocess.run(
+        [*command, "client", "ask", "--stream", "--url", server.http_url, *tail], capture_output=True, text=True
+    )
+    assert json_.loads(streamed.stdout) == json_.loads(local.stdout)

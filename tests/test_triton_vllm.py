@@ -28,6 +28,8 @@ BUDGET = 20
 TOKEN_LIMIT = 40
 MAX_QUEUE = 48  # above the 32 concurrent clients below
 MAX_AUDIO_S = 8.0  # the engine holds 100 frames + 64 prompt positions + TOKEN_LIMIT
+# LLM-mode bounds whose rows (dialogue + answer) fit within that: the refusal test below needs the ASR row to size it
+LLM_BOUNDS = dict(max_prompt_tokens=128, max_answer_tokens=BUDGET, max_answer_tokens_limit=TOKEN_LIMIT)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def repo(export_root, tmp_path_factory):
             max_queue=MAX_QUEUE,
             queue_timeout_s=30,
             max_audio_s=MAX_AUDIO_S,
+            **LLM_BOUNDS,
         ),
         kv_cache_gib=0.0625,
     )
@@ -136,3 +139,19 @@ def test_budget_and_bad_audio_get_answers_and_the_server_keeps_serving(server, c
         with pytest.raises(Exception, match="positions .* the engine holds 204"):
             client.infer(make_clip(MAX_AUDIO_S, 5), prompt=wordy, max_new_tokens=TOKEN_LIMIT)
         assert client.infer(clips[1])[0] == expected[1].text
+
+
+def test_dialogues_are_answered_in_llm_mode_beside_clips(server, checkpoint, clips, expected):
+    """DIALOGUE in place of AUDIO: the vLLM engine answers with the adapter off (the torch reference's LLM-mode ids,
+    themselves NeMo's: tests/test_llm_mode.py), whole and streamed, while clips decode through it."""
+    from conftest import dialogue_cases
+
+    cases = list(dialogue_cases().values())
+    want = TorchBackend(str(checkpoint)).answer(cases, max_new_tokens=BUDGET)
+    with TritonClient(server.grpc_url, "grpc", timeout_s=120) as client, ThreadPoolExecutor(2) as pool:
+        asr = [pool.submit(client.infer, clip, max_new_tokens=BUDGET, with_ids=True) for clip in clips[:2]]
+        got = [client.ask(turns, max_new_tokens=BUDGET) for turns in cases]
+        streamed = ["".join(p for p, _ in client.ask_stream(turns, max_new_tokens=BUDGET)) for turns in cases]
+        assert [a.result(120) for a in asr] == [(e.text, e.token_ids) for e in expected[:2]]
+    assert got == [(w.text, w.token_ids) for w in want]
+    assert streamed == [w.text for w in want]

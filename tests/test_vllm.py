@@ -103,6 +103,39 @@ class TestOneEngineForBothModes:
             != want[0]
         )
 
+    def test_a_step_mixing_both_modes_gives_each_row_its_own(self, lora_export, lora_engine, clips):
+        """Transcriptions and LLM-mode answers admitted together (one running batch, as the served engine has them)
+        each get the reference's ids. vLLM 0.32 on a CPU applies the adapter to every row of such a step, so LLM
+        rows carry a zero adapter (``zero_adapter``); without it they got the adapter's tokens (measured)."""
+        from conftest import dialogue_cases
+
+        from canary_qwen.engines.base import EngineRequest
+        from canary_qwen.model.prompt import prompt_ids
+
+        reference = TorchBackend(str(lora_export[0]))
+        cases = list(dialogue_cases().values())
+        want = [t.token_ids for t in reference.transcribe(clips[:2], max_new_tokens=12)]
+        want += [t.token_ids for t in reference.answer(cases, max_new_tokens=12)]
+        engine, tok = lora_engine.engine, lora_engine.tokenizer
+        frames = lora_engine.encoder(clips[:2])
+        requests = [EngineRequest(f"{i}", prompt_ids(tok, None), f, 12) for i, f in enumerate(frames)]
+        requests += [EngineRequest(f"{2 + i}", dialogue_ids(tok, c), None, 12) for i, c in enumerate(cases)]
+        got: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        assert engine.admit(requests) == [None] * len(requests)
+        while engine.busy:
+            for request_id, new, _ in engine.step():
+                got[request_id].extend(new)
+        assert [got[r.request_id] for r in requests] == want
+
+    def test_llm_mode_dialogues_equal_the_reference(self, lora_export, lora_engine):
+        """vLLM's LLM mode gives the torch reference's ids (the reference gives NeMo's: tests/test_llm_mode.py) for a
+        question and for a system turn with two user turns."""
+        from conftest import dialogue_cases
+
+        cases = list(dialogue_cases().values())
+        want = TorchBackend(str(lora_export[0])).answer(cases, max_new_tokens=16)
+        assert [t.token_ids for t in lora_engine.answer(cases, max_new_tokens=16)] == [w.token_ids for w in want]
+
 
 @pytest.mark.parametrize("variant", [v for v in CHECKPOINT_VARIANTS if v != "qv-lora"])  # qv-lora: above
 def test_nemo_parity_variants_identical_to_reference(variant, clips, tmp_path):

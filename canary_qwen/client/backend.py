@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -58,6 +59,17 @@ class TritonBackend:
             if isinstance(r, Exception):
                 raise r
         return [Transcription(text=text, token_ids=ids) for text, ids in results]
+
+    def answer(self, dialogues, *, max_new_tokens: int | Sequence[int] | None = None) -> list[Transcription]:
+        """LLM mode (``Answerer``; the torch-fast and vllm flavours): the dialogues as concurrent requests.
+        ``max_new_tokens`` None: the server's LLM-mode default."""
+        if not len(dialogues):
+            return []
+        budgets = [None] * len(dialogues) if max_new_tokens is None else token_budgets(max_new_tokens, len(dialogues))
+        with ThreadPoolExecutor(max(1, min(self.concurrency, len(dialogues)))) as pool:
+            answers = list(pool.map(lambda i: self.client.ask(dialogues[i], max_new_tokens=budgets[i]),
+                                    range(len(dialogues))))  # fmt: skip
+        return [Transcription(text=text, token_ids=ids) for text, ids in answers]
 
     def close(self) -> None:
         self.client.close()

@@ -18,7 +18,7 @@ from .errors import (
     TritonClientError,
     answer_error,
 )
-from .wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL, request_arrays, split_url, text_and_ids
+from .wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL, dialogue_arrays, request_arrays, split_url, text_and_ids
 
 INSTALL_HINT = "pip install 'tritonclient[all]'  (or: pip install 'canary-qwen[serve]')"
 CHECK_TIMEOUT_S = 10.0  # health and configuration calls: a server that does not answer these is not worth waiting for
@@ -263,7 +263,17 @@ class ServerClient:
     ) -> tuple[str, list[int]]:
         """One clip through this client's model: (text, token ids; the ids only ``with_ids``). A decoupled model (the
         engine flavours' ensemble, ``canary_qwen_stream``) is read to its final response, its pieces joined."""
-        arrays = request_arrays(audio, prompt, max_new_tokens)
+        return self._answer(request_arrays(audio, prompt, max_new_tokens), with_ids)
+
+    def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int]]:
+        """LLM mode (the engine flavours): a text-only dialogue's answer, (text, token ids)."""
+        return self._answer(dialogue_arrays(turns, max_new_tokens), True)
+
+    def ask_stream(self, turns, *, max_new_tokens: int | None = None) -> Generator[tuple[str, list[int]], None, None]:
+        """LLM mode: the answer's (text piece, token ids) from the stream model, as they come."""
+        return self.pieces(self.stream_model, dialogue_arrays(turns, max_new_tokens))
+
+    def _answer(self, arrays: dict[str, np.ndarray], with_ids: bool) -> tuple[str, list[int]]:
         if self.is_decoupled(self.model):
             text, ids = "", list[int]()
             for piece, piece_ids in self.pieces(self.model, arrays):

@@ -150,6 +150,16 @@ class TritonClient:
         finally:
             pieces.close()
 
+    def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int]]:
+        """LLM mode (the torch-fast and vllm flavours): the answer to a text-only dialogue (``model.prompt.Turn``s
+        ending with a user turn) as (text, token ids), the speech LoRA off."""
+        return self._failover.first_answer(lambda s: s.ask(turns, max_new_tokens=max_new_tokens))
+
+    def ask_stream(self, turns, *, max_new_tokens: int | None = None) -> Generator[tuple[str, list[int]], None, None]:
+        """LLM mode: (text piece, token ids) of the answer as the server produces them; joined they equal ``ask``.
+        A stream cut off mid-way goes on at the next server, as ``stream_with_ids`` does."""
+        return self._failover.stream(lambda s: s.ask_stream(turns, max_new_tokens=max_new_tokens), TextResume())
+
     def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Generator:
         """One request to a decoupled model over gRPC streaming: its results (tritonclient InferResult) as they
         come, up to the one with the final flag. Sent to another server only while nothing came back."""

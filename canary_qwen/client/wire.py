@@ -58,6 +58,16 @@ def request_arrays(audio, prompt: str | None, max_new_tokens: int | None) -> dic
     return arrays
 
 
+def dialogue_arrays(turns, max_new_tokens: int | None) -> dict[str, np.ndarray]:
+    """An LLM-mode request's tensors (batch dimension 1): DIALOGUE (the turns, ``model.prompt.Turn``, as JSON) and
+    MAX_NEW_TOKENS where given."""
+    dialogue = json.dumps([{"role": t.role, "content": t.content} for t in turns], ensure_ascii=False)
+    arrays = {"DIALOGUE": np.array([[dialogue.encode("utf-8")]], dtype=object)}
+    if max_new_tokens is not None:
+        arrays["MAX_NEW_TOKENS"] = np.array([[int(max_new_tokens)]], dtype=np.int32)
+    return arrays
+
+
 def text_and_ids(outputs: Mapping[str, np.ndarray | None]) -> tuple[str, list[int]]:
     """An answer's (or a streamed piece's) TEXT and OUTPUT_IDS; missing ones are empty."""
     text = outputs.get("TEXT")

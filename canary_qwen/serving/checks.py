@@ -108,6 +108,23 @@ def encode_prompt(tokenizer, prompt: str | None) -> list[int]:
     return ids
 
 
+def read_dialogue(value: str) -> list:
+    """A ``DIALOGUE`` string (JSON: a list of ``{"role", "content"}`` turns, ending with a user turn) as turns
+    (``canary_qwen.model.prompt.Turn``), or an InputError saying what is wrong; roles and content are checked where
+    the turns are tokenized (``dialogue_ids``)."""
+    from ..model.prompt import Turn
+
+    try:
+        turns = json.loads(value)
+    except ValueError as e:
+        raise InputError(f"DIALOGUE is not JSON ({e}): send a list of {{role, content}} turns") from None
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in turns
+    ):
+        raise InputError('DIALOGUE must be a JSON list of {"role": ..., "content": ...} turns (strings)')
+    return [Turn(t["role"], t["content"]) for t in turns]
+
+
 def check_prompt_ids(ids: np.ndarray, placeholder_id: int, vocab_rows: int) -> list[int]:
     """One row of ``PROMPT_IDS`` (as the llm model receives it) checked: exactly one placeholder, ids in range."""
     row = [int(i) for i in np.asarray(ids).reshape(-1)]

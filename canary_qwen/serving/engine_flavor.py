@@ -3,8 +3,12 @@ an in-process engine (``canary_qwen.engines``) for every request, under the name
 
 | model | inputs | outputs |
 | --- | --- | --- |
-| ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1], PROMPT string [1] (optional), MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
+| ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1] and PROMPT string [1] (optional), or DIALOGUE string [1]; MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
 | ``canary_qwen`` (python, not decoupled; ``models/gather.py``) | as ``canary_qwen_stream`` (AUDIO ragged) | TEXT, OUTPUT_IDS: the engine's pieces joined, one response |
+
+Both modes of the model come from the one engine: a request with AUDIO is transcribed (ASR mode, through the
+LoRA), one with DIALOGUE instead (JSON turns, ``checks.read_dialogue``) is answered in LLM mode (the LoRA off),
+each within its mode's bounds; they decode in the same running batch.
 
 The streaming model is the engine itself, not an ensemble step: Triton checks an ensemble request's cancellation
 only between its steps and never tells the model running a step (its ``is_cancelled()`` stays false), so a stream
@@ -38,13 +42,13 @@ from .repo_files import (
     VERSION,
     audio_inputs,
     copy_artifacts,
+    dialogue_input,
     ensemble_outputs,
     link_or_copy,
     max_new_tokens_input,
     model_code,
     python_model,
     replace_model_dirs,
-    tensor,
     write_models,
     write_repo_info,
 )
@@ -72,7 +76,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
         ENGINE: python_model(
             ENGINE,
             max_batch,
-            audio_inputs() + [max_new_tokens_input()],
+            audio_inputs(optional=True) + [dialogue_input(), max_new_tokens_input()],
             ensemble_outputs(),
             queue_delay_us=0,
             queue=bounds.queue,
@@ -84,7 +88,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
         ENSEMBLE: python_model(
             ENSEMBLE,
             max_batch,
-            [tensor("AUDIO", "TYPE_FP32", [-1], ragged=True)] + audio_inputs()[1:] + [max_new_tokens_input()],
+            audio_inputs(optional=True, ragged=True) + [dialogue_input(), max_new_tokens_input()],
             ensemble_outputs(),
             instances=GATHER_INSTANCES,
             queue_delay_us=0,

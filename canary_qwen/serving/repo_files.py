@@ -66,9 +66,18 @@ def python_model(
     return text + params_block(params or {})
 
 
-def audio_inputs() -> list[str]:
-    """AUDIO (16 kHz float32 samples) and the optional PROMPT string: what a client sends."""
-    return [tensor("AUDIO", "TYPE_FP32", [-1]), tensor("PROMPT", "TYPE_STRING", [1], optional=True)]
+def audio_inputs(*, optional: bool = False, ragged: bool = False) -> list[str]:
+    """AUDIO (16 kHz float32 samples) and the optional PROMPT string: what a client sends. ``optional``: AUDIO may be
+    left out (models with LLM mode, which take a DIALOGUE instead)."""
+    return [
+        tensor("AUDIO", "TYPE_FP32", [-1], optional=optional, ragged=ragged),
+        tensor("PROMPT", "TYPE_STRING", [1], optional=True),
+    ]
+
+
+def dialogue_input() -> str:
+    """DIALOGUE: an LLM-mode request in place of AUDIO, its turns as JSON (``checks.read_dialogue``)."""
+    return tensor("DIALOGUE", "TYPE_STRING", [1], optional=True)
 
 
 def max_new_tokens_input() -> str:

@@ -2,7 +2,8 @@
 request (decoupled).
 
 AUDIO + PROMPT (optional) + MAX_NEW_TOKENS (optional) -> a stream of responses, each with the TEXT piece and
-the OUTPUT_IDS its tokens added, then the final flag; the pieces join to the transcription's text.
+the OUTPUT_IDS its tokens added, then the final flag; the pieces join to the transcription's text. DIALOGUE (JSON
+turns) in place of AUDIO is answered in LLM mode (the LoRA off) by the same engine, in the same batch.
 
 ``execute`` only checks a request and submits it to the ``EngineLoop``, whose thread owns the engine: between
 two steps it admits what arrived (one batch, encoded together; it joins the running batch), stops the requests
@@ -23,7 +24,7 @@ from canary_qwen.engines import EngineLoop
 from canary_qwen.errors import CanaryQwenError
 from canary_qwen.serving.checks import TextStream, model_parameters
 from canary_qwen.serving.models.metrics import ModelCounters
-from canary_qwen.serving.models.responses import CANCEL_CHECK_S, one_clip_request, piece_response
+from canary_qwen.serving.models.responses import CANCEL_CHECK_S, engine_request, piece_response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PUSH_S = 0.5  # how often the engine's counts go to Triton's metrics (each push is a round trip)
@@ -227,7 +228,7 @@ class TritonPythonModel:
         for request in requests:
             reply = _Reply(request, self.tokenizer, self.outbox)
             try:
-                samples, ids, budget = one_clip_request(request, self.name, self.tokenizer, self.bounds, 0)
+                samples, ids, budget = engine_request(request, self.name, self.tokenizer, self.bounds)
                 self.loop.submit(ids, samples, budget, reply)
             except CanaryQwenError as e:
                 reply.fail(e)

@@ -2,8 +2,8 @@
 response, so Triton's standard unary inference (HTTP ``/v2/models/canary_qwen/infer``, gRPC ModelInfer,
 ``perf_analyzer``) reaches an engine that streams.
 
-AUDIO + PROMPT (optional) + MAX_NEW_TOKENS (optional) -> TEXT and OUTPUT_IDS, the joined pieces of the engine model
-(``canary_qwen_stream``, decoupled) for the same inputs. ``execute`` is a coroutine: every request of the batch is
+AUDIO + PROMPT (optional) + MAX_NEW_TOKENS (optional), or DIALOGUE in place of AUDIO (LLM mode) -> TEXT and
+OUTPUT_IDS, the joined pieces of the engine model (``canary_qwen_stream``, decoupled) for the same inputs. ``execute`` is a coroutine: every request of the batch is
 sent to the engine at once (BLS, ``async_exec``), so they decode together in its running batch; the model checks
 nothing itself (the engine refuses bad requests, and its error is this request's answer).
 """
@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from canary_qwen.serving.checks import model_parameters
 
-INPUTS = ("AUDIO", "PROMPT", "MAX_NEW_TOKENS")
+INPUTS = ("AUDIO", "PROMPT", "DIALOGUE", "MAX_NEW_TOKENS")
 OUTPUTS = ["TEXT", "OUTPUT_IDS"]
 
 

@@ -10,7 +10,16 @@ import triton_python_backend_utils as pb_utils
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import CANCELLED, FAILED, FINISHED
 from canary_qwen.errors import InputError
-from canary_qwen.serving.checks import TextStream, check_audio, encode_prompt, read_budgets, read_strings
+from canary_qwen.model.prompt import dialogue_ids
+from canary_qwen.modes import LLM
+from canary_qwen.serving.checks import (
+    TextStream,
+    check_audio,
+    encode_prompt,
+    read_budgets,
+    read_dialogue,
+    read_strings,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05  # is_cancelled() is a round trip to the server process: ask a few times a second per stream
@@ -53,6 +62,24 @@ def one_clip_request(request, name, tokenizer, bounds: RequestBounds, least_budg
     budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
     (budget,) = read_budgets(None if budget is None else budget.as_numpy(), 1, bounds, least_budget)
     return audio[0], encode_prompt(tokenizer, prompt), budget
+
+
+def engine_request(request, name, tokenizer, bounds: RequestBounds):
+    """An engine model's request as (samples [S] or None, prompt ids, budget): a clip (AUDIO, PROMPT), or a text-only
+    dialogue (DIALOGUE, LLM mode: samples None), each within its mode's bounds; InputError when it is refused."""
+    dialogue = pb_utils.get_input_tensor_by_name(request, "DIALOGUE")
+    if dialogue is None:
+        if pb_utils.get_input_tensor_by_name(request, "AUDIO") is None:
+            raise InputError(f"{name} takes AUDIO (transcription) or DIALOGUE (LLM mode); the request has neither")
+        return one_clip_request(request, name, tokenizer, bounds, 0)
+    if pb_utils.get_input_tensor_by_name(request, "AUDIO") is not None:
+        raise InputError(f"{name} takes AUDIO or DIALOGUE, not both: send the audio's transcript in the dialogue")
+    (text,) = read_strings(dialogue.as_numpy(), 1, "DIALOGUE")
+    ids = dialogue_ids(tokenizer, read_dialogue(text or ""))
+    bounds.check_dialogue(len(ids))
+    budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
+    requested = None if budget is None else int(np.asarray(budget.as_numpy()).reshape(-1)[0])
+    return None, ids, bounds.budget(requested, mode=LLM, least=0, name="MAX_NEW_TOKENS")
 
 
 class TextReply:
