@@ -47,14 +47,13 @@ class LoraPath(nn.Module):
 
     def __init__(self, projections: Sequence[LoraLinear]):
         super().__init__()
-        with_lora = [(p, start) for p, start in _column_starts(projections) if p.lora_A is not None]
-        self.down = DenseLinear(torch.cat([p.lora_A for p, _ in with_lora]))
+        pairs = _lora_pairs(projections)
+        self.down = DenseLinear(torch.cat([a for a, _, _, _ in pairs]))
         self.ups = []  # (first rank row, rank, first output column, B, scaling)
         rank_start = 0
-        for p, column in with_lora:
-            rank = p.lora_A.shape[0]
-            self.ups.append((rank_start, rank, column, DenseLinear(p.lora_B), p.scaling))
-            rank_start += rank
+        for a, b, scaling, column in pairs:
+            self.ups.append((rank_start, a.shape[0], column, DenseLinear(b), scaling))
+            rank_start += a.shape[0]
 
     @classmethod
     def of(cls, projections: Sequence[LoraLinear]) -> LoraPath | None:
@@ -68,13 +67,16 @@ class LoraPath(nn.Module):
         return out
 
 
-def _column_starts(projections: Sequence[LoraLinear]) -> list[tuple[LoraLinear, int]]:
-    """Each projection with the first column of its output in the fused matrix (the projections stacked)."""
-    starts, column = [], 0
+def _lora_pairs(projections: Sequence[LoraLinear]) -> list[tuple[torch.Tensor, torch.Tensor, float, int]]:
+    """(A, B, scaling, first output column in the fused matrix) of each projection that has a pair (the projections'
+    outputs stacked in order)."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor, float, int]] = []
+    column = 0
     for p in projections:
-        starts.append((p, column))
+        if p.lora_A is not None and p.lora_B is not None:
+            pairs.append((p.lora_A, p.lora_B, p.scaling, column))
         column += p.weight.shape[0]
-    return starts
+    return pairs
 
 
 class FusedLayer(nn.Module):

@@ -196,9 +196,9 @@ class VllmEngine:
     def admit(self, requests: Sequence[EngineRequest]) -> list[InputError | None]:
         """Queue requests (``StepEngine.admit``); their audio, if any, encoded as one batch. LLM-mode rows go in as
         token ids with the adapter left out."""
-        sources = [r.source for r in requests if r.mode == ASR]
+        sources = [np.asarray(r.source, dtype=np.float32) for r in requests if r.mode == ASR]
         if self.encoder is not None and sources:
-            sources = self.encoder([np.asarray(s, dtype=np.float32) for s in sources])
+            sources = self.encoder(sources)
         clips = iter(sources)
         refusals: list[InputError | None] = []
         for request in requests:

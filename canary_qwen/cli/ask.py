@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from typing import cast
 
+from ..backends.base import Answerer
 from ..backends.registry import BACKENDS, DEFAULT_BACKEND, DTYPE_CHOICES, DTYPE_HELP, create_backend
 from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import CanaryQwenError, UsageError
@@ -87,7 +89,8 @@ def print_answer(text: str, token_ids: list[int], transcript: str | None, as_jso
 def run_ask(args) -> int:
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    backend = create_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+    # The --backend choices are those with LLM mode (BackendSpec.answers): each is an Answerer too.
+    backend = cast(Answerer, create_backend(args.backend, args.model, device=args.device, dtype=args.dtype))
     dialogue, transcript = dialogue_of(backend, args.question, args.system, args.about)
     (answer,) = backend.answer([dialogue], max_new_tokens=args.max_new_tokens)
     print_answer(answer.text, answer.token_ids, transcript, args.json)

@@ -19,6 +19,9 @@ from ..defaults import (
     MAX_WINDOW_S,
 )
 from ..errors import UsageError
+from ..openai_api.realtime_protocol import LiveSettings
+
+LIVE = LiveSettings()  # the live-session limits' defaults
 
 LOCAL_BACKENDS = ("torch-fast", "onnx", "vllm")
 ANSWERING = tuple(name for name in LOCAL_BACKENDS if BACKENDS[name].answers)
@@ -31,6 +34,9 @@ Serve OpenAI's speech-to-text and chat APIs (what `client.audio.transcriptions.c
   POST /v1/chat/completions       LLM mode (the speech LoRA off): system/user/assistant messages, text and
                                   input_audio parts (each audio part transcribed, its transcript in its place),
                                   max_completion_tokens, stream; local torch-fast or vllm engine only
+  GET  /v1/realtime               live transcription (WebSocket, OpenAI's Realtime transcription sessions):
+                                  16-bit PCM at 24 or 16 kHz in; server VAD or client commits; partial text from
+                                  re-decodes (words two in a row agree on), each turn's exact text when it ends
   GET  /v1/models                 the one served model (--served-model-name)
   GET  /health                    200 when the engine, or a Triton server behind it, can answer; else 503
   GET  /metrics                   Prometheus: requests by status, audio seconds, latency, requests in flight
@@ -153,6 +159,34 @@ def add_serve_openai(sub) -> None:
         help="longest wait for the backend: each Triton request or streamed piece, each wait for the local "
         "engine's next tokens; past it the request gets 504; 0: none (default: %(default)s)",
     )
+    live = p.add_argument_group("live transcription (GET /v1/realtime)")
+    live.add_argument(
+        "--max-sessions", type=int, default=LIVE.max_sessions, help="live sessions at once (default: %(default)s)"
+    )
+    live.add_argument(
+        "--partial-interval-s",
+        type=float,
+        default=LIVE.partial_interval_s,
+        help="how often a turn so far is re-decoded for partial text (default: %(default)s)",
+    )
+    live.add_argument(
+        "--max-buffer-s",
+        type=float,
+        default=LIVE.max_buffer_s,
+        help="uncommitted audio a session may hold, seconds; more is refused (default: %(default)s)",
+    )
+    live.add_argument(
+        "--session-idle-s",
+        type=float,
+        default=LIVE.idle_timeout_s,
+        help="a session with no event for this long is closed (default: %(default)s)",
+    )
+    live.add_argument(
+        "--max-message-kb",
+        type=int,
+        default=LIVE.max_message_bytes // 1024,
+        help="largest event a session takes, KiB (default: %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(run=run_serve_openai)
 
@@ -173,11 +207,23 @@ def _settings(args):
         max_answer_tokens_limit=args.max_answer_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens,
     )
+    if args.max_sessions < 1 or min(args.partial_interval_s, args.max_buffer_s, args.session_idle_s) <= 0:
+        raise UsageError("--max-sessions must be >= 1; --partial-interval-s, --max-buffer-s, --session-idle-s > 0")
+    if args.max_message_kb < 1:
+        raise UsageError("--max-message-kb must be >= 1")
+    live = LiveSettings(
+        max_sessions=args.max_sessions,
+        max_buffer_s=args.max_buffer_s,
+        idle_timeout_s=args.session_idle_s,
+        max_message_bytes=args.max_message_kb * 1024,
+        partial_interval_s=args.partial_interval_s,
+    )
     return ServerSettings(
         served_model=args.served_model_name,
         bounds=bounds,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_window_s=args.max_window_s or None,
+        live=live,
     )
 
 

@@ -4,7 +4,7 @@
 (``protocol``), decodes the audio, cuts it into the windows ``canary-qwen transcribe`` uses, has the upstream
 decode every window (concurrently; the upstream batches them with the other requests in flight) and renders the
 joined text (``formats``), or streams it as server-sent events. ``POST /v1/chat/completions`` answers in LLM mode
-(``chat``). ``GET /v1/models``, ``GET /health`` (200 only while the upstream can answer), ``GET /metrics``
+(``chat``); ``GET /v1/realtime`` runs live transcription sessions (``realtime``). ``GET /v1/models``, ``GET /health`` (200 only while the upstream can answer), ``GET /metrics``
 (Prometheus).
 
 At most ``bounds.max_queue`` requests are handled at once; one more is refused at once (429 with ``Retry-After``).
@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from ..backends.base import Transcription
 from ..bounds import RequestBounds
@@ -46,6 +46,8 @@ from .metrics import CLIENT_CLOSED, Metrics
 from .protocol import SERVER_ERROR, APIError, Segment, Transcript, TranscriptionRequest, invalid, model_card
 from .protocol import delta_event as _delta
 from .protocol import done_event as _done
+from .realtime import Realtime
+from .realtime_protocol import LiveSettings
 from .upload import FILE_FIELD, read_upload
 from .upstream import Upstream
 
@@ -79,6 +81,7 @@ class ServerSettings:
     max_window_s: float | None = MAX_WINDOW_S
     tmp_dir: str | None = None
     decode_threads: int = 4
+    live: LiveSettings = field(default_factory=LiveSettings)
 
     @property
     def windows_per_upload(self) -> int:
@@ -103,6 +106,7 @@ class OpenAIServer:
             routes=[
                 Route("/v1/audio/transcriptions", self.transcriptions, methods=["POST"]),
                 Route("/v1/chat/completions", ChatCompletions(self), methods=["POST"]),
+                WebSocketRoute("/v1/realtime", Realtime(self)),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
@@ -243,10 +247,10 @@ class OpenAIServer:
         except InputError as e:
             raise invalid(str(e), "max_new_tokens") from None
 
-    async def transcript_of(self, samples: np.ndarray, budget: int) -> str:
-        """The text ``canary-qwen transcribe`` gives for ``samples`` (default prompt, windowed, ``budget`` each)."""
+    async def transcript_of(self, samples: np.ndarray, budget: int, prompt: str | None = None) -> str:
+        """The text ``canary-qwen transcribe`` gives for ``samples`` (windowed, ``budget`` tokens each)."""
         windows, spans = self._windows(samples)
-        return (await self._transcript(None, windows, spans, budget)).text
+        return (await self._transcript(prompt, windows, spans, budget)).text
 
     async def _transcript(
         self, prompt: str | None, windows: list[np.ndarray], spans: list[tuple[int, int]], budget: int

@@ -41,6 +41,9 @@ class Metrics:
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight", "Transcription requests being handled now", registry=self.registry
         )
+        self.live_sessions = Gauge(
+            f"{PREFIX}_live_sessions", "Live transcription sessions open now (GET /v1/realtime)", registry=self.registry
+        )
         self.engine_pending = Gauge(
             f"{PREFIX}_engine_pending",
             "Windows submitted to the in-process engine and not finished (0 when forwarding)",
