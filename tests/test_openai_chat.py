@@ -20,6 +20,7 @@ from conftest import dialogue_cases, make_clip
 from test_openai_support import MODEL, assert_openai_error, create, openai_server, reference_texts, write_files
 
 from canary_qwen.backends.fast_torch import FastTorchBackend
+from canary_qwen.model.prompt import dialogue_ids
 
 openai = pytest.importorskip("openai")
 BUDGET = 24
@@ -247,3 +248,30 @@ def test_silence_is_a_transcript_too(client):
                                                     "format": "wav"}}  # fmt: skip
     answer = chat(client, [{"role": "user", "content": [{"type": "text", "text": "What is said?"}, part]}])
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_through_triton(tiny_checkpoint, work, asked, local):
+    """`serve-openai --triton` on the torch-fast flavour (the real bundled server): the audio transcribed and the
+    dialogue answered by Triton's engine, whole and streamed, with the dialogue's tokens as the server counted them."""
+    from conftest import HAVE_TRITON, running_server
+
+    from canary_qwen.serving.engine_flavor import generate_engine_repo
+
+    if not HAVE_TRITON:
+        pytest.skip("nvidia-pytriton (bundled tritonserver) not installed")
+    repo = generate_engine_repo("torch-fast", tiny_checkpoint, work / "repo", max_batch=8)
+    with running_server(repo, work / "triton") as triton:
+        with openai_server(["--triton", f"grpc://{triton.grpc_url}"], work / "over-triton") as server:
+            with openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=120) as client:
+                path = next(iter(asked))
+                answer = chat(client, about_messages(path))
+                chunks = list(chat(client, about_messages(path), stream=True, stream_options={"include_usage": True}))
+                turns = dialogue_cases()["system-two-turns"]
+                text_answer = chat(client, [{"role": t.role, "content": t.content} for t in turns])
+    assert answer.choices[0].message.content == asked[path]["text"]
+    assert answer.usage.completion_tokens == len(asked[path]["token_ids"])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == asked[path]["text"]
+    assert chunks[-1].usage.prompt_tokens == answer.usage.prompt_tokens > 0
+    want = local.answer([turns], max_new_tokens=BUDGET)[0]
+    assert text_answer.choices[0].message.content == want.text
+    assert text_answer.usage.prompt_tokens == len(dialogue_ids(local.tokenizer, turns))

@@ -303,7 +303,7 @@ def run_client_ask(args) -> int:
             print_answer(answer.text, answer.token_ids, transcript, args.json)
             return 0
         text, ids = "", list[int]()
-        for piece, piece_ids in backend.client.ask_stream(dialogue, max_new_tokens=args.max_new_tokens):
+        for piece, piece_ids, _ in backend.client.ask_stream(dialogue, max_new_tokens=args.max_new_tokens):
             text, ids = text + piece, ids + piece_ids
             if not args.json:
                 print(piece, end="", flush=True)

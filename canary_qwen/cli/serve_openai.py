@@ -33,7 +33,7 @@ Serve OpenAI's speech-to-text and chat APIs (what `client.audio.transcriptions.c
                                   prompt, language, temperature, stream; max_new_tokens (extra_body)
   POST /v1/chat/completions       LLM mode (the speech LoRA off): system/user/assistant messages, text and
                                   input_audio parts (each audio part transcribed, its transcript in its place),
-                                  max_completion_tokens, stream; local torch-fast or vllm engine only
+                                  max_completion_tokens, stream; a torch-fast or vllm engine (here or in Triton)
   GET  /v1/realtime               live transcription (WebSocket, OpenAI's Realtime transcription sessions):
                                   16-bit PCM at 24 or 16 kHz in; server VAD or client commits; partial text from
                                   re-decodes (words two in a row agree on), each turn's exact text when it ends
@@ -282,6 +282,7 @@ def make_backend(args, settings):
         max_pending=settings.bounds.max_queue * settings.windows_per_upload,
         timeout_s=args.timeout_s,
         answers=args.backend in ANSWERING,
+        max_prompt_tokens=settings.bounds.max_prompt_tokens,
     )
 
 

@@ -69,7 +69,7 @@ class TritonBackend:
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(dialogues)))) as pool:
             answers = list(pool.map(lambda i: self.client.ask(dialogues[i], max_new_tokens=budgets[i]),
                                     range(len(dialogues))))  # fmt: skip
-        return [Transcription(text=text, token_ids=ids) for text, ids in answers]
+        return [Transcription(text=text, token_ids=ids) for text, ids, _ in answers]
 
     def close(self) -> None:
         self.client.close()

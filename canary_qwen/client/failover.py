@@ -114,10 +114,10 @@ class Failover(Generic[S]):
         raise error
 
 
-class TextResume(Resume[tuple[str, list[int]]]):
-    """(text piece, token ids) streams: greedy decoding gives every server the same text and ids, so the next
+class TextResume(Resume[tuple]):
+    """(text piece, token ids, ...) streams: greedy decoding gives every server the same text and ids, so the next
     server's are delivered from where those already delivered end; one whose text does not continue them is an
-    error."""
+    error. Fields after the ids go on as the server sent them."""
 
     def __init__(self):
         super().__init__()
@@ -131,8 +131,8 @@ class TextResume(Resume[tuple[str, list[int]]]):
     def start(self) -> None:
         self.seen_text, self.seen_ids = "", 0
 
-    def fresh(self, item: tuple[str, list[int]]) -> tuple[str, list[int]] | None:
-        piece, ids = item
+    def fresh(self, item: tuple) -> tuple | None:
+        piece, ids, *rest = item
         self.seen_text += piece
         fresh_ids = ids[max(0, self.ids - self.seen_ids) :]
         self.seen_ids += len(ids)
@@ -144,7 +144,7 @@ class TextResume(Resume[tuple[str, list[int]]]):
         if not (fresh or fresh_ids):
             return None
         self.ids += len(fresh_ids)
-        return fresh, fresh_ids
+        return (fresh, fresh_ids, *rest)
 
     def whole(self) -> bool:
         return self.seen_text.startswith(self.text)

@@ -18,7 +18,15 @@ from .errors import (
     TritonClientError,
     answer_error,
 )
-from .wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL, dialogue_arrays, request_arrays, split_url, text_and_ids
+from .wire import (
+    DEFAULT_MODEL,
+    DEFAULT_STREAM_MODEL,
+    dialogue_arrays,
+    prompt_tokens,
+    request_arrays,
+    split_url,
+    text_and_ids,
+)
 
 INSTALL_HINT = "pip install 'tritonclient[all]'  (or: pip install 'canary-qwen[serve]')"
 CHECK_TIMEOUT_S = 10.0  # health and configuration calls: a server that does not answer these is not worth waiting for
@@ -265,13 +273,24 @@ class ServerClient:
         engine flavours' ensemble, ``canary_qwen_stream``) is read to its final response, its pieces joined."""
         return self._answer(request_arrays(audio, prompt, max_new_tokens), with_ids)
 
-    def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int]]:
-        """LLM mode (the engine flavours): a text-only dialogue's answer, (text, token ids)."""
-        return self._answer(dialogue_arrays(turns, max_new_tokens), True)
+    def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int], int | None]:
+        """LLM mode (the engine flavours): a text-only dialogue's answer, (text, token ids, the dialogue's tokens)."""
+        arrays = dialogue_arrays(turns, max_new_tokens)
+        if not self.is_decoupled(self.model):
+            outputs = self.call(self.model, arrays, ["TEXT", "OUTPUT_IDS", "PROMPT_TOKENS"])
+            return (*text_and_ids(outputs), prompt_tokens(outputs))
+        text, ids, count = "", list[int](), None
+        for piece, piece_ids, tokens in self.ask_stream(turns, max_new_tokens=max_new_tokens):
+            text, ids, count = text + piece, ids + piece_ids, tokens
+        return text.strip(), ids, count
 
-    def ask_stream(self, turns, *, max_new_tokens: int | None = None) -> Generator[tuple[str, list[int]], None, None]:
-        """LLM mode: the answer's (text piece, token ids) from the stream model, as they come."""
-        return self.pieces(self.stream_model, dialogue_arrays(turns, max_new_tokens))
+    def ask_stream(
+        self, turns, *, max_new_tokens: int | None = None
+    ) -> Generator[tuple[str, list[int], int | None], None, None]:
+        """LLM mode: the answer's (text piece, token ids, the dialogue's tokens) from the stream model, as they come."""
+        self.check(self.stream_model)
+        for outputs in self._responses(self.stream_model, dialogue_arrays(turns, max_new_tokens)):
+            yield (*text_and_ids(outputs), prompt_tokens(outputs))
 
     def _answer(self, arrays: dict[str, np.ndarray], with_ids: bool) -> tuple[str, list[int]]:
         if self.is_decoupled(self.model):

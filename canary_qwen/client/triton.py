@@ -150,14 +150,17 @@ class TritonClient:
         finally:
             pieces.close()
 
-    def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int]]:
+    def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int], int | None]:
         """LLM mode (the torch-fast and vllm flavours): the answer to a text-only dialogue (``model.prompt.Turn``s
-        ending with a user turn) as (text, token ids), the speech LoRA off."""
+        ending with a user turn), the speech LoRA off: (text, token ids, the dialogue's tokens as the server
+        counted them)."""
         return self._failover.first_answer(lambda s: s.ask(turns, max_new_tokens=max_new_tokens))
 
-    def ask_stream(self, turns, *, max_new_tokens: int | None = None) -> Generator[tuple[str, list[int]], None, None]:
-        """LLM mode: (text piece, token ids) of the answer as the server produces them; joined they equal ``ask``.
-        A stream cut off mid-way goes on at the next server, as ``stream_with_ids`` does."""
+    def ask_stream(
+        self, turns, *, max_new_tokens: int | None = None
+    ) -> Generator[tuple[str, list[int], int | None], None, None]:
+        """LLM mode: (text piece, token ids, the dialogue's tokens) of the answer as the server produces them; joined
+        they equal ``ask``. A stream cut off mid-way goes on at the next server, as ``stream_with_ids`` does."""
         return self._failover.stream(lambda s: s.ask_stream(turns, max_new_tokens=max_new_tokens), TextResume())
 
     def stream_results(self, model: str, arrays: dict[str, np.ndarray]) -> Generator:

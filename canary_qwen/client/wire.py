@@ -79,6 +79,12 @@ def text_and_ids(outputs: Mapping[str, np.ndarray | None]) -> tuple[str, list[in
     )
 
 
+def prompt_tokens(outputs: Mapping[str, np.ndarray | None]) -> int | None:
+    """An answer's PROMPT_TOKENS (the engine models send it), or None."""
+    value = outputs.get("PROMPT_TOKENS")
+    return None if value is None or not np.asarray(value).size else int(np.asarray(value).reshape(-1)[0])
+
+
 def event_body(arrays: Mapping[str, np.ndarray]) -> bytes:
     """One clip's request as Triton's generate_stream takes it: JSON fields become inputs (a list gets the batch
     dimension added)."""

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import InputError
+from ..model.prompt import Turn
 from ..modes import LLM
 from .chat_protocol import ChatRequest, Completion, turns
 from .errors import RETRY_AFTER_S, api_error
@@ -56,14 +57,13 @@ class ChatCompletions:
             except InputError as e:
                 raise invalid(str(e), "max_completion_tokens") from None
             heard = await until_disconnect(request, self._transcripts(fields))
-            prompt_ids = upstream.dialogue(turns(fields.messages, heard))
-            bounds.check_dialogue(len(prompt_ids))
-            completion = Completion(fields.model, len(prompt_ids))
+            dialogue = turns(fields.messages, heard)
+            completion = Completion(fields.model)
             if fields.stream:
-                response = await self._stream(request, upstream, prompt_ids, budget, completion, fields, start)
+                response = await self._stream(request, upstream, dialogue, budget, completion, fields, start)
                 handed_over = True
                 return response
-            answer = await until_disconnect(request, upstream.answer(prompt_ids, budget))
+            answer, completion.prompt_tokens = await until_disconnect(request, upstream.answer(dialogue, budget))
             reason = "length" if len(answer.token_ids) >= budget else "stop"
             server.metrics.answered(200, seconds=time.perf_counter() - start)
             return JSONResponse(completion.body(answer.text, len(answer.token_ids), reason))
@@ -96,8 +96,8 @@ class ChatCompletions:
         if not upstream.answers:
             raise APIError(
                 400,
-                f"{upstream.description} transcribes only: chat completions (LLM mode) need serve-openai's local "
-                "engine (--engine torch-fast or vllm)",
+                f"{upstream.description} transcribes only: chat completions (LLM mode) need a torch-fast or vllm "
+                "engine (here, or in the Triton repository with --triton)",
                 code="unsupported_endpoint",
             )
         ready, why = await upstream.ready()
@@ -117,7 +117,7 @@ class ChatCompletions:
         self,
         request: Request,
         upstream: Answering,
-        prompt_ids: list[int],
+        dialogue: list[Turn],
         budget: int,
         completion: Completion,
         fields: ChatRequest,
@@ -127,9 +127,9 @@ class ChatCompletions:
         asked for, then ``[DONE]``. The first piece is awaited before the answer starts, so a refusal still gets its
         HTTP status."""
         server = self.server
-        pieces = upstream.answer_pieces(prompt_ids, budget)
+        pieces = upstream.answer_pieces(dialogue, budget)
 
-        async def first_piece() -> tuple[str, int] | None:
+        async def first_piece() -> tuple[str, int, int] | None:
             try:
                 return await pieces.__anext__()
             except StopAsyncIteration:
@@ -155,11 +155,11 @@ class ChatCompletions:
                 yield sse(completion.chunk({"role": "assistant", "content": ""}))
                 async with aclosing(pieces):
                     if first is not None:
-                        for piece, count in [first]:
+                        for piece, count, completion.prompt_tokens in [first]:
                             tokens += count
                             if piece:
                                 yield sse(completion.chunk({"content": piece}))
-                        async for piece, count in pieces:
+                        async for piece, count, _ in pieces:
                             tokens += count
                             if piece:
                                 yield sse(completion.chunk({"content": piece}))

@@ -202,7 +202,7 @@ class Completion:
     """One answer: its id, text and token counts; ``finish_reason`` ``stop`` (eos) or ``length`` (the budget)."""
 
     model: str
-    prompt_tokens: int
+    prompt_tokens: int = 0  # the dialogue's tokens, once the upstream has counted them
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 

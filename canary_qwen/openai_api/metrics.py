@@ -12,6 +12,7 @@ from ..engines import RequestCounts
 
 PREFIX = "canary_qwen_openai"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LIVE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 CLIENT_CLOSED = 499  # the status counted for a request whose client went away before its answer (nginx's)
 
 
@@ -43,6 +44,19 @@ class Metrics:
         )
         self.live_sessions = Gauge(
             f"{PREFIX}_live_sessions", "Live transcription sessions open now (GET /v1/realtime)", registry=self.registry
+        )
+        self.live_partial_lag = Histogram(
+            f"{PREFIX}_live_partial_lag_seconds",
+            "Live sessions: from the arrival of the last audio a re-decode covers to its hypothesis (how far the "
+            "partial text trails the speech)",
+            buckets=LIVE_BUCKETS,
+            registry=self.registry,
+        )
+        self.live_final = Histogram(
+            f"{PREFIX}_live_final_seconds",
+            "Live sessions: from a turn's commit (end of speech found, or the client's commit) to its completed text",
+            buckets=LIVE_BUCKETS,
+            registry=self.registry,
         )
         self.engine_pending = Gauge(
             f"{PREFIX}_engine_pending",

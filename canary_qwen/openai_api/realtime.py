@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,7 @@ class LiveSession:
         self.audio = np.zeros(0, dtype=np.float32)  # 16 kHz samples kept (the turn, or the padding before one)
         self.offset = 0  # the session sample at audio[0]
         self.received = 0  # 16 kHz samples received in the session
+        self.received_at = 0.0  # when the last of them arrived (monotonic)
         self.turn: _Turn | None = None
         self.previous_item: str | None = None
         self.items = 0
@@ -201,6 +203,7 @@ class LiveSession:
                 "it first; this audio was dropped", "buffer_full", "audio")  # fmt: skip
         self.audio = np.concatenate((self.audio, samples))
         self.received += len(samples)
+        self.received_at = time.monotonic()
         if self.vad is None:
             if self.turn is None and len(samples):
                 self.turn = self._new_turn(self.received - len(samples))
@@ -238,7 +241,7 @@ class LiveSession:
         await self.send(self.events("input_audio_buffer.committed", item_id=turn.item_id,
                                     previous_item_id=self.previous_item))  # fmt: skip
         self.previous_item = turn.item_id
-        task = asyncio.ensure_future(self._complete(turn.item_id, samples))
+        task = asyncio.ensure_future(self._complete(turn.item_id, samples, time.monotonic()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -254,7 +257,7 @@ class LiveSession:
         self.audio, self.offset = self.audio[cut:], self.offset + cut
 
     # -- decoding -------------------------------------------------------------------------------------------
-    async def _complete(self, item_id: str, samples: np.ndarray) -> None:
+    async def _complete(self, item_id: str, samples: np.ndarray, committed_at: float) -> None:
         try:
             text = await self.server.transcript_of(
                 samples, self.server.settings.bounds.max_new_tokens, self.config.prompt
@@ -267,6 +270,7 @@ class LiveSession:
                                         content_index=0, error={"type": error.type, "code": error.code,
                                                                 "message": error.message}))  # fmt: skip
             return
+        self.server.metrics.live_final.observe(time.monotonic() - committed_at)
         usage = {"type": "duration", "seconds": round(len(samples) / SAMPLE_RATE, 3)}
         await self.send(self.events("conversation.item.input_audio_transcription.completed", item_id=item_id,
                                     content_index=0, transcript=text, usage=usage))  # fmt: skip
@@ -280,7 +284,7 @@ class LiveSession:
             turn = self.turn
             if turn is None or self.received <= turn.decoded_to:
                 continue
-            turn.decoded_to = self.received
+            turn.decoded_to, covered_at = self.received, self.received_at
             samples = self.audio[turn.start - self.offset : self.received - self.offset].copy()
             try:
                 text = await self.server.transcript_of(
@@ -291,6 +295,7 @@ class LiveSession:
             except Exception:  # a partial is a preview: the turn's completed (or failed) event says what happened
                 log.debug("a partial decode failed", exc_info=True)
                 continue
+            self.server.metrics.live_partial_lag.observe(time.monotonic() - covered_at)
             words = turn.agreement.update(text)
             if words and self.turn is turn:
                 shown_before = len(turn.agreement.shown) - len(words)

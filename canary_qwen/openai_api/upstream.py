@@ -6,8 +6,8 @@ timeouts) and a local engine in this process (:class:`LocalEngine`, an
 Both take one window of 16 kHz mono float32 samples at a time: ``transcribe`` answers its text and token ids,
 ``stream`` yields its text in pieces that join to that text. A caller that goes away (its task is cancelled, or
 it stops reading a stream) stops that window's decoding: the local engine aborts it at the next step, a Triton
-stream is cancelled. The local engine also answers LLM-mode dialogues (``answer``, ``answer_pieces``) in the same
-batch as the windows.
+stream is cancelled. Both also answer LLM-mode dialogues (``answer``, ``answer_pieces``): the local engine in the same
+batch as the windows (torch-fast, vllm), Triton through its engine flavours' DIALOGUE requests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Protocol
@@ -28,7 +28,7 @@ from ..client.errors import TritonClientError
 from ..client.triton import TritonClient
 from ..client.wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL
 from ..engines import EngineLoop, RequestCounts, StepEngine
-from ..errors import BackendUnavailable, CanaryQwenError, RequestTimeout
+from ..errors import BackendUnavailable, CanaryQwenError, InputError, RequestTimeout
 from ..model.prompt import Turn, dialogue_ids
 from ..serving.checks import TextStream, encode_prompt
 
@@ -69,11 +69,14 @@ class Upstream(Protocol):
 class Answering(Upstream, Protocol):
     """An upstream with LLM mode (``answers`` True): what chat completions call."""
 
-    def dialogue(self, turns: list[Turn]) -> list[int]: ...
+    async def answer(self, turns: list[Turn], budget: int) -> tuple[Transcription, int]:
+        """LLM mode: the dialogue's answer whole, and the dialogue's length in tokens."""
+        ...
 
-    async def answer(self, prompt_ids: list[int], budget: int) -> Transcription: ...
-
-    def answer_pieces(self, prompt_ids: list[int], budget: int) -> AsyncGenerator[tuple[str, int], None]: ...
+    def answer_pieces(self, turns: list[Turn], budget: int) -> AsyncGenerator[tuple[str, int, int], None]:
+        """LLM mode: (text piece, the tokens it adds, the dialogue's length in tokens); the pieces join to the
+        answer's text (a piece may be empty)."""
+        ...
 
 
 _PIECE, _END, _ERROR = "piece", "end", "error"
@@ -105,7 +108,7 @@ class TritonForwarding:
     ):
         self.client = TritonClient(urls, protocol, model, stream_model=stream_model, timeout_s=timeout_s)
         self.description = f"Triton {protocol}://{self.client.url} (models {model}, {stream_model})"
-        self.answers = False  # the Triton models take audio requests only (docs/llm-mode.md)
+        self.answers = True  # the torch-fast and vllm flavours take DIALOGUE requests; the others refuse them
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="openai-triton")
         self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="openai-triton-health")
         self._probed: tuple[float, bool, str] = (0.0, False, "not checked yet")
@@ -139,22 +142,30 @@ class TritonForwarding:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     async def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]:
+        stream = self._pieces(lambda: self.client.stream(window, prompt, max_new_tokens=budget))
+        async with aclosing(stream) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def _pieces(self, open_stream: Callable[[], Iterator]) -> AsyncGenerator:
+        """The items of the blocking stream ``open_stream()`` (run in the pool), as they come; a caller that stops
+        reading closes it, which cancels the request on the server."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
         def produce() -> None:
-            pieces = self.client.stream(window, prompt, max_new_tokens=budget)
+            items = open_stream()
             try:
-                for piece in pieces:
+                for item in items:
                     if stop.is_set():
                         return  # closing the stream (below) cancels the request on the server
-                    _put(loop, queue, (_PIECE, piece))
+                    _put(loop, queue, (_PIECE, item))
                 _put(loop, queue, (_END, None))
             except BaseException as e:
                 _put(loop, queue, (_ERROR, e))
             finally:
-                close = getattr(pieces, "close", None)
+                close = getattr(items, "close", None)
                 if close is not None:
                     close()
 
@@ -169,6 +180,19 @@ class TritonForwarding:
                 yield value
         finally:
             stop.set()
+
+    async def answer(self, turns: list[Turn], budget: int) -> tuple[Transcription, int]:
+        def call() -> tuple[Transcription, int]:
+            text, ids, prompt_tokens = self.client.ask(turns, max_new_tokens=budget)
+            return Transcription(text=text, token_ids=ids), prompt_tokens or 0
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def answer_pieces(self, turns: list[Turn], budget: int) -> AsyncGenerator[tuple[str, int, int], None]:
+        stream = self._pieces(lambda: self.client.ask_stream(turns, max_new_tokens=budget))
+        async with aclosing(stream) as pieces:
+            async for piece, ids, prompt_tokens in pieces:
+                yield piece, len(ids), prompt_tokens or 0
 
     def pending(self) -> int:
         return 0
@@ -207,7 +231,7 @@ class LocalEngine:
     are admitted between steps and decoded together. ``open_engine`` builds it (in a thread, at ``start``: the
     server answers ``/health`` with 503 while it loads); ``max_pending`` bounds the windows submitted at once
     (one more is refused: ``Overloaded``, 429). ``timeout_s`` bounds each wait for the engine (0: none).
-    ``answers``: the engine has LLM mode (torch-fast, vllm)."""
+    ``answers``: the engine has LLM mode (torch-fast, vllm); ``max_prompt_tokens``: the longest dialogue it takes."""
 
     NAME = "openai-engine"
 
@@ -219,6 +243,7 @@ class LocalEngine:
         max_pending: int | None = None,
         timeout_s: float = 0.0,
         answers: bool = True,
+        max_prompt_tokens: int | None = None,
     ):
         self._open = open_engine
         self.description = description
@@ -226,6 +251,7 @@ class LocalEngine:
         self.timeout_s = timeout_s
         self.loop: EngineLoop | None = None
         self.answers = answers
+        self.max_prompt_tokens = max_prompt_tokens
         self._state = "not started"
         self._closed = False
         self._loader: threading.Thread | None = None
@@ -326,17 +352,25 @@ class LocalEngine:
                 if piece:
                     yield piece
 
-    def dialogue(self, turns: list[Turn]) -> list[int]:
-        """A dialogue's prompt ids (an InputError where it is not one the model takes)."""
-        return dialogue_ids(self._engine().tokenizer, turns)
+    def _dialogue(self, turns: list[Turn]) -> list[int]:
+        """A dialogue's prompt ids, within ``max_prompt_tokens`` (an InputError otherwise)."""
+        ids = dialogue_ids(self._engine().tokenizer, turns)
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise InputError(
+                f"the dialogue takes {len(ids)} tokens; this server takes at most {self.max_prompt_tokens}: "
+                "send a shorter one"
+            )
+        return ids
 
-    async def answer(self, prompt_ids: list[int], budget: int) -> Transcription:
-        """LLM mode: the dialogue ``prompt_ids`` (``dialogue``) answered whole."""
-        return await self._decode(prompt_ids, None, budget)
+    async def answer(self, turns: list[Turn], budget: int) -> tuple[Transcription, int]:
+        ids = self._dialogue(turns)
+        return await self._decode(ids, None, budget), len(ids)
 
-    def answer_pieces(self, prompt_ids: list[int], budget: int) -> AsyncGenerator[tuple[str, int], None]:
-        """LLM mode: the answer in text pieces, each with the tokens it adds (a piece may be empty)."""
-        return self._pieces(prompt_ids, None, budget)
+    async def answer_pieces(self, turns: list[Turn], budget: int) -> AsyncGenerator[tuple[str, int, int], None]:
+        ids = self._dialogue(turns)
+        async with aclosing(self._pieces(ids, None, budget)) as pieces:
+            async for piece, count in pieces:
+                yield piece, count, len(ids)
 
     def pending(self) -> int:
         return self.loop.pending if self.loop is not None else 0

@@ -3,8 +3,8 @@ an in-process engine (``canary_qwen.engines``) for every request, under the name
 
 | model | inputs | outputs |
 | --- | --- | --- |
-| ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1] and PROMPT string [1] (optional), or DIALOGUE string [1]; MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, per response |
-| ``canary_qwen`` (python, not decoupled; ``models/gather.py``) | as ``canary_qwen_stream`` (AUDIO ragged) | TEXT, OUTPUT_IDS: the engine's pieces joined, one response |
+| ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1] and PROMPT string [1] (optional), or DIALOGUE string [1]; MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, PROMPT_TOKENS int32 [1], per response |
+| ``canary_qwen`` (python, not decoupled; ``models/gather.py``) | as ``canary_qwen_stream`` (AUDIO ragged) | TEXT, OUTPUT_IDS: the engine's pieces joined, PROMPT_TOKENS, one response |
 
 Both modes of the model come from the one engine: a request with AUDIO is transcribed (ASR mode, through the
 LoRA), one with DIALOGUE instead (JSON turns, ``checks.read_dialogue``) is answered in LLM mode (the LoRA off),
@@ -47,6 +47,7 @@ from .repo_files import (
     link_or_copy,
     max_new_tokens_input,
     model_code,
+    prompt_tokens_output,
     python_model,
     replace_model_dirs,
     write_models,
@@ -77,7 +78,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             ENGINE,
             max_batch,
             audio_inputs(optional=True) + [dialogue_input(), max_new_tokens_input()],
-            ensemble_outputs(),
+            ensemble_outputs() + [prompt_tokens_output()],
             queue_delay_us=0,
             queue=bounds.queue,
             decoupled=True,
@@ -89,7 +90,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             ENSEMBLE,
             max_batch,
             audio_inputs(optional=True, ragged=True) + [dialogue_input(), max_new_tokens_input()],
-            ensemble_outputs(),
+            ensemble_outputs() + [prompt_tokens_output()],
             instances=GATHER_INSTANCES,
             queue_delay_us=0,
             queue=bounds.queue,

@@ -89,6 +89,11 @@ def ensemble_outputs() -> list[str]:
     return [tensor("TEXT", "TYPE_STRING", [1]), tensor("OUTPUT_IDS", "TYPE_INT64", [-1])]
 
 
+def prompt_tokens_output() -> str:
+    """PROMPT_TOKENS: a request's prompt length in tokens (the engine models; an API's usage counts it)."""
+    return tensor("PROMPT_TOKENS", "TYPE_INT32", [1])
+
+
 def ensemble_step(model: str, inputs: dict, outputs: dict) -> str:
     maps = "".join(f' input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
     maps += "".join(f' output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())

@@ -2,7 +2,7 @@
 request (decoupled).
 
 AUDIO + PROMPT (optional) + MAX_NEW_TOKENS (optional) -> a stream of responses, each with the TEXT piece and
-the OUTPUT_IDS its tokens added, then the final flag; the pieces join to the transcription's text. DIALOGUE (JSON
+the OUTPUT_IDS its tokens added (and PROMPT_TOKENS, the prompt's length), then the final flag; the pieces join to the transcription's text. DIALOGUE (JSON
 turns) in place of AUDIO is answered in LLM mode (the LoRA off) by the same engine, in the same batch.
 
 ``execute`` only checks a request and submits it to the ``EngineLoop``, whose thread owns the engine: between
@@ -142,6 +142,7 @@ class _Reply:
 
     def __init__(self, request, tokenizer, outbox):
         self.request = request
+        self.prompt_tokens = 0  # the request's prompt length, sent with every piece (PROMPT_TOKENS)
         self.sender = request.get_response_sender()
         self.text = TextStream(tokenizer)
         self.outbox = outbox
@@ -172,7 +173,7 @@ class _Reply:
             self.outbox.publish()  # the engine counted it before handing it over: the client sees it counted
         if piece or ids or (finished and not self.sent_any):  # a request answered with no tokens still gets one
             try:
-                self.sender.send(piece_response(piece, ids), flags=FINAL if finished else 0)
+                self.sender.send(piece_response(piece, ids, self.prompt_tokens), flags=FINAL if finished else 0)
             except Exception:
                 if not finished:
                     raise
@@ -229,6 +230,7 @@ class TritonPythonModel:
             reply = _Reply(request, self.tokenizer, self.outbox)
             try:
                 samples, ids, budget = engine_request(request, self.name, self.tokenizer, self.bounds)
+                reply.prompt_tokens = len(ids)
                 self.loop.submit(ids, samples, budget, reply)
             except CanaryQwenError as e:
                 reply.fail(e)

@@ -41,14 +41,16 @@ def respond_each(requests, handle, name: str):
     return responses
 
 
-def piece_response(piece: str, ids: list[int]):
-    """One response of a stream: a TEXT piece and the OUTPUT_IDS of the tokens that made it."""
-    return pb_utils.InferenceResponse(
-        [
-            pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object)),
-            pb_utils.Tensor("OUTPUT_IDS", np.array([ids], dtype=np.int64)),
-        ]
-    )
+def piece_response(piece: str, ids: list[int], prompt_tokens: int | None = None):
+    """One response of a stream: a TEXT piece and the OUTPUT_IDS of the tokens that made it; with ``prompt_tokens``
+    also PROMPT_TOKENS (the engine models: the request's prompt length, for an API's usage)."""
+    tensors = [
+        pb_utils.Tensor("TEXT", np.array([[piece.encode("utf-8")]], dtype=object)),
+        pb_utils.Tensor("OUTPUT_IDS", np.array([ids], dtype=np.int64)),
+    ]
+    if prompt_tokens is not None:
+        tensors.append(pb_utils.Tensor("PROMPT_TOKENS", np.array([prompt_tokens], dtype=np.int32)))
+    return pb_utils.InferenceResponse(tensors)
 
 
 def one_clip_request(request, name, tokenizer, bounds: RequestBounds, least_budget: int = 1):
