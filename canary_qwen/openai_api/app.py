@@ -41,7 +41,7 @@ from ..pipeline.windowing import SEARCH_S, WindowPlan, split_points
 from .chat import ChatCompletions
 from .errors import RETRY_AFTER_S, api_error
 from .formats import compression_ratio, render
-from .http import EventStream, error_response, gather_all, sse, until_disconnect
+from .http import EventStream, error_response, first_item, gather_all, once, sse, until_disconnect
 from .metrics import CLIENT_CLOSED, Metrics
 from .protocol import SERVER_ERROR, APIError, Segment, Transcript, TranscriptionRequest, invalid, model_card
 from .protocol import delta_event as _delta
@@ -302,26 +302,13 @@ class OpenAIServer:
         answer (Triton down, engine refusing) still gets its HTTP status; a later error is sent as an error event.
         The stream ends with the done event; a client that leaves stops the decoding."""
         pieces = self._pieces(fields, windows, budget)
+        first = await first_item(request, pieces)
 
-        async def first_piece() -> str | None:
-            try:
-                return await pieces.__anext__()
-            except StopAsyncIteration:
-                return None
+        def end(status: int) -> None:
+            self.release()
+            self.metrics.answered(status, seconds=time.perf_counter() - start, audio_s=audio_s)
 
-        try:
-            first = await until_disconnect(request, first_piece())
-        except BaseException:
-            await pieces.aclose()
-            raise
-        finished = False
-
-        def finish(status: int) -> None:
-            nonlocal finished
-            if not finished:
-                finished = True
-                self.release()
-                self.metrics.answered(status, seconds=time.perf_counter() - start, audio_s=audio_s)
+        finish = once(end)
 
         async def events() -> AsyncGenerator[bytes, None]:
             text = ""

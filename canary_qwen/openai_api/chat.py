@@ -20,7 +20,7 @@ from ..model.prompt import Turn
 from ..modes import LLM
 from .chat_protocol import ChatRequest, Completion, turns
 from .errors import RETRY_AFTER_S, api_error
-from .http import EventStream, error_response, gather_all, sse, until_disconnect
+from .http import EventStream, error_response, first_item, gather_all, once, sse, until_disconnect
 from .metrics import CLIENT_CLOSED
 from .protocol import SERVER_ERROR, APIError, invalid
 from .upstream import Answering
@@ -128,26 +128,13 @@ class ChatCompletions:
         HTTP status."""
         server = self.server
         pieces = upstream.answer_pieces(dialogue, budget)
+        first = await first_item(request, pieces)
 
-        async def first_piece() -> tuple[str, int, int] | None:
-            try:
-                return await pieces.__anext__()
-            except StopAsyncIteration:
-                return None
+        def end(status: int) -> None:
+            server.release()
+            server.metrics.answered(status, seconds=time.perf_counter() - start)
 
-        try:
-            first = await until_disconnect(request, first_piece())
-        except BaseException:
-            await pieces.aclose()
-            raise
-        finished = False
-
-        def finish(status: int) -> None:
-            nonlocal finished
-            if not finished:
-                finished = True
-                server.release()
-                server.metrics.answered(status, seconds=time.perf_counter() - start)
+        finish = once(end)
 
         async def events() -> AsyncGenerator[bytes, None]:
             tokens = 0

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..model.prompt import Turn
-from .protocol import APIError, invalid
+from .protocol import check_model, invalid
 
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "aiff", "webm")
@@ -70,16 +70,7 @@ class ChatRequest:
         """Check the body against what this model can do; an :class:`APIError` names the first field that is wrong."""
         if not isinstance(body, dict):
             raise invalid("the body must be a JSON object", None, "invalid_json")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise invalid("'model' is required: the name of the served model (GET /v1/models)", "model", "missing")
-        if model != served_model:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist on this server; it serves '{served_model}'",
-                param="model",
-                code="model_not_found",
-            )
+        model = check_model(body.get("model"), served_model)
         temperature = body.get("temperature")
         if temperature is not None and (not _is_number(temperature) or temperature != 0):
             raise invalid(

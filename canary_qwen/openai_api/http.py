@@ -104,3 +104,33 @@ async def gather_all(calls) -> list:
         for t in tasks:
             if not t.done():
                 t.cancel()
+
+
+async def first_item(request: Request, items: AsyncGenerator[T, None]) -> T | None:
+    """The first of a stream's ``items`` (None when there is none), awaited before a response starts so that a
+    refusal still gets its HTTP status; the stream is closed when this fails or the client leaves first."""
+
+    async def first() -> T | None:
+        try:
+            return await items.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    try:
+        return await until_disconnect(request, first())
+    except BaseException:
+        await items.aclose()
+        raise
+
+
+def once(action: Callable[[int], None]) -> Callable[[int], None]:
+    """``action(status)`` the first time only: a stream ends once, whether done, failed or left by its client."""
+    done = False
+
+    def call(status: int) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action(status)
+
+    return call

@@ -75,6 +75,21 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value",
     return APIError(status, message, param=param, code=code)
 
 
+def check_model(model: object, served_model: str) -> str:
+    """A request's ``model``: required, and the served model's name (any other: 404 ``model_not_found``)."""
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("'model' is required: the name of the served model (GET /v1/models)", "model", "missing")
+    model = model.strip()
+    if model != served_model:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist on this server; it serves '{served_model}'",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
 # -- the request --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TranscriptionRequest:
@@ -92,16 +107,7 @@ class TranscriptionRequest:
     def from_form(cls, form: dict[str, str], served_model: str) -> TranscriptionRequest:
         """Check the form fields (strings by name) against what this model can do; an :class:`APIError` names the
         first field that is wrong."""
-        model = form.get("model", "").strip()
-        if not model:
-            raise invalid("'model' is required: the name of the served model (GET /v1/models)", "model", "missing")
-        if model != served_model:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist on this server; it serves '{served_model}'",
-                param="model",
-                code="model_not_found",
-            )
+        model = check_model(form.get("model"), served_model)
         response_format = form.get("response_format", "").strip() or "json"
         if response_format not in RESPONSE_FORMATS:
             raise invalid(

@@ -75,6 +75,7 @@ class _Turn:
     start: int
     agreement: LocalAgreement = field(default_factory=LocalAgreement)
     decoded_to: int = 0  # the sample its last partial decode reached
+    sent: list[str] = field(default_factory=list)  # the words its deltas carried
 
 
 class LiveSession:
@@ -94,6 +95,7 @@ class LiveSession:
         self._resampler: Any = None  # soxr.ResampleStream, made for a rate other than 16 kHz
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._partial: asyncio.Future | None = None  # the re-decode in flight
 
     def _vad(self) -> EnergyVad | None:
         vad = self.config.vad
@@ -119,6 +121,8 @@ class LiveSession:
             return
         finally:
             partials.cancel()
+            if self._partial is not None:
+                self._partial.cancel()
             for task in self._tasks:
                 task.cancel()  # the engine aborts their decoding at its next step
 
@@ -236,6 +240,8 @@ class LiveSession:
         """The turn ends at sample ``end``: committed, and its audio decoded whole for ``completed``."""
         turn, self.turn = self.turn, None
         assert turn is not None
+        if self._partial is not None:
+            self._partial.cancel()
         samples = self.audio[turn.start - self.offset : end - self.offset].copy()
         self._drop_before(end)
         await self.send(self.events("input_audio_buffer.committed", item_id=turn.item_id,
@@ -276,32 +282,48 @@ class LiveSession:
                                     content_index=0, transcript=text, usage=usage))  # fmt: skip
 
     async def _partials(self) -> None:
-        """Every ``partial_interval_s``: the turn so far re-decoded where audio came since its last decode, and the
-        words two hypotheses in a row agree on sent as a delta."""
-        interval = self.live.partial_interval_s
+        """Every ``partial_interval_s``: the turn so far decoded again where audio came since its last decode, and
+        the words two hypotheses in a row agree on sent as a delta. A re-decode of the turn's last moments is of no
+        use once it ends: committing cancels it."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.live.partial_interval_s)
             turn = self.turn
             if turn is None or self.received <= turn.decoded_to:
                 continue
             turn.decoded_to, covered_at = self.received, self.received_at
             samples = self.audio[turn.start - self.offset : self.received - self.offset].copy()
-            try:
-                text = await self.server.transcript_of(
-                    samples, self.server.settings.bounds.max_new_tokens, self.config.prompt
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a partial is a preview: the turn's completed (or failed) event says what happened
-                log.debug("a partial decode failed", exc_info=True)
+            window = self.server.settings.max_window_s
+            if window and len(samples) > window * SAMPLE_RATE:
+                continue  # past one window the turn's text comes with its end (cut as transcribe cuts it)
+            self._partial = asyncio.ensure_future(self._hypothesis(turn, samples))
+            await asyncio.wait({self._partial})
+            if self._partial.cancelled() or self._partial.exception() is not None:
+                if self._partial.exception() is not None:  # a preview: the turn's completed or failed event tells
+                    log.debug("a partial decode failed", exc_info=self._partial.exception())
                 continue
             self.server.metrics.live_partial_lag.observe(time.monotonic() - covered_at)
-            words = turn.agreement.update(text)
-            if words and self.turn is turn:
-                shown_before = len(turn.agreement.shown) - len(words)
-                delta = (" " if shown_before else "") + " ".join(words)
+            words = self._partial.result()
+            if self.turn is turn and words[: len(turn.sent)] == turn.sent and len(words) > len(turn.sent):
+                delta = (" " if turn.sent else "") + " ".join(words[len(turn.sent) :])
+                turn.sent = words
                 await self.send(self.events("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,
                                             content_index=0, delta=delta))  # fmt: skip
+
+    async def _hypothesis(self, turn: _Turn, samples: np.ndarray) -> list[str]:
+        """The turn's agreed words after one more decode. Where the upstream can force the answer's start (a local
+        engine), the tokens agreed so far are forced and only ``partial_new_tokens`` more decoded (cheap: no
+        re-decode of what is settled), the agreement kept on tokens, and the last agreed word held back (its next
+        token may extend it). Otherwise (Triton) the turn is decoded whole and the agreement kept on words."""
+        upstream, prompt = self.server.upstream, self.config.prompt
+        tokenizer = upstream.tokenizer
+        if upstream.continues and tokenizer is not None:
+            start = list(turn.agreement.shown)
+            new = await upstream.continue_transcript(samples, prompt, start, self.live.partial_new_tokens)
+            turn.agreement.update(start + new.token_ids)
+            return tokenizer.decode(turn.agreement.shown).split()[:-1]
+        text = await self.server.transcript_of(samples, self.server.settings.bounds.max_new_tokens, prompt)
+        turn.agreement.update(text.split())
+        return list(turn.agreement.shown)
 
 
 def _ms(sample: int) -> int:

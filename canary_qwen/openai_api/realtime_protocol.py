@@ -29,14 +29,16 @@ _ENGLISH = re.compile(r"^(en([-_][a-z0-9]+)?|eng|english)$", re.IGNORECASE)
 class LiveSettings:
     """Limits of live sessions: ``max_sessions`` at once (one more is refused with an error event), the uncommitted
     audio a session may hold (``max_buffer_s``), how long it may stay silent (``idle_timeout_s``: no event at all),
-    the largest event (``max_message_bytes``) and how often the turn so far is re-decoded for partial text
-    (``partial_interval_s``)."""
+    the largest event (``max_message_bytes``), how often the turn so far is re-decoded for partial text
+    (``partial_interval_s``) and how many new tokens a re-decode adds after the agreed ones (``partial_new_tokens``,
+    where the upstream can force an answer's start)."""
 
     max_sessions: int = 16
     max_buffer_s: float = 120.0
     idle_timeout_s: float = 60.0
     max_message_bytes: int = 2**20
     partial_interval_s: float = 0.5
+    partial_new_tokens: int = 8
 
 
 class EventError(Exception):

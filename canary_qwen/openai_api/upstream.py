@@ -30,6 +30,7 @@ from ..client.wire import DEFAULT_MODEL, DEFAULT_STREAM_MODEL
 from ..engines import EngineLoop, RequestCounts, StepEngine
 from ..errors import BackendUnavailable, CanaryQwenError, InputError, RequestTimeout
 from ..model.prompt import Turn, dialogue_ids
+from ..model.tokenizer import QwenTokenizer
 from ..serving.checks import TextStream, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class Upstream(Protocol):
     (``LocalEngine``)."""
 
     description: str
-    answers: bool  # has LLM mode (answer, answer_pieces, dialogue): chat completions
+    answers: bool  # has LLM mode (answer, answer_pieces): chat completions
+    continues: bool  # can decode a clip with the start of its answer given (continue_transcript): live partials
 
     async def start(self) -> None:
         """Begin loading (returns at once; ``ready`` says when it is done)."""
@@ -54,6 +56,17 @@ class Upstream(Protocol):
     async def transcribe(self, window: np.ndarray, prompt: str | None, budget: int) -> Transcription: ...
 
     def stream(self, window: np.ndarray, prompt: str | None, budget: int) -> AsyncGenerator[str, None]: ...
+
+    async def continue_transcript(
+        self, window: np.ndarray, prompt: str | None, start: list[int], budget: int
+    ) -> Transcription:
+        """Up to ``budget`` tokens after ``start``, the answer's first tokens forced (``continues`` only)."""
+        ...
+
+    @property
+    def tokenizer(self) -> QwenTokenizer | None:
+        """The engine's tokenizer where it runs here (None where the work is elsewhere, or before it loaded)."""
+        ...
 
     def pending(self) -> int:
         """Windows being decoded or waiting (0 where the work is elsewhere)."""
@@ -109,6 +122,7 @@ class TritonForwarding:
         self.client = TritonClient(urls, protocol, model, stream_model=stream_model, timeout_s=timeout_s)
         self.description = f"Triton {protocol}://{self.client.url} (models {model}, {stream_model})"
         self.answers = True  # the torch-fast and vllm flavours take DIALOGUE requests; the others refuse them
+        self.continues = False  # requests carry a prompt's text, not the answer's first tokens
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="openai-triton")
         self._probe_pool = ThreadPoolExecutor(1, thread_name_prefix="openai-triton-health")
         self._probed: tuple[float, bool, str] = (0.0, False, "not checked yet")
@@ -194,6 +208,15 @@ class TritonForwarding:
             async for piece, ids, prompt_tokens in pieces:
                 yield piece, len(ids), prompt_tokens or 0
 
+    async def continue_transcript(
+        self, window: np.ndarray, prompt: str | None, start: list[int], budget: int
+    ) -> Transcription:
+        raise BackendUnavailable("Triton requests carry no forced answer start (continues is False)")
+
+    @property
+    def tokenizer(self) -> QwenTokenizer | None:
+        return None
+
     def pending(self) -> int:
         return 0
 
@@ -251,6 +274,7 @@ class LocalEngine:
         self.timeout_s = timeout_s
         self.loop: EngineLoop | None = None
         self.answers = answers
+        self.continues = True
         self.max_prompt_tokens = max_prompt_tokens
         self._state = "not started"
         self._closed = False
@@ -351,6 +375,15 @@ class LocalEngine:
             async for piece, _ in pieces:
                 if piece:
                     yield piece
+
+    async def continue_transcript(
+        self, window: np.ndarray, prompt: str | None, start: list[int], budget: int
+    ) -> Transcription:
+        return await self._decode(self._window(prompt) + list(start), np.asarray(window, dtype=np.float32), budget)
+
+    @property
+    def tokenizer(self) -> QwenTokenizer | None:
+        return None if self.loop is None else self.loop.tokenizer
 
     def _dialogue(self, turns: list[Turn]) -> list[int]:
         """A dialogue's prompt ids, within ``max_prompt_tokens`` (an InputError otherwise)."""

@@ -72,21 +72,20 @@ class EnergyVad:
 
 
 class LocalAgreement:
-    """LocalAgreement-2 over words: ``update(hypothesis)`` returns the words to show next, those the hypothesis and
-    the one before agree on beyond the words shown already; shown words are never taken back (when later hypotheses
-    disagree with them, nothing more is shown until the turn's final text)."""
+    """LocalAgreement-2: ``update(hypothesis)`` (a sequence: words, or token ids) returns the items to show next, those
+    the hypothesis and the one before agree on beyond the items shown already (``shown``); shown items are never
+    taken back (when later hypotheses disagree with them, nothing more is shown until the turn's final text)."""
 
     def __init__(self):
-        self.shown: list[str] = []
-        self._previous: list[str] | None = None
+        self.shown: list = []
+        self._previous: list | None = None
 
-    def update(self, hypothesis: str) -> list[str]:
-        words = hypothesis.split()
-        previous, self._previous = self._previous, words
+    def update(self, hypothesis: list) -> list:
+        previous, self._previous = self._previous, list(hypothesis)
         if previous is None:
             return []
         agreed = []
-        for a, b in zip(previous, words):
+        for a, b in zip(previous, hypothesis):
             if a != b:
                 break
             agreed.append(a)
