@@ -132,18 +132,34 @@ def test_encoder_batches_keep_padding_small():
 
 
 def test_fast_path_packs_its_cpu_weights(tiny_checkpoint):
-    """The token-identity tests above ran the packed linears: they are in place and compute the same."""
+    """The token-identity tests above ran the packed linears: they are in place and compute the same, the LoRA kept
+    beside them and added to the rows that run through it (ASR) only."""
+    from canary_qwen.model.qwen3 import adapter_off
+
     assert PackedLinear.available(), "this PyTorch build has no oneDNN linear ops"
     fast = FastTorchBackend(str(tiny_checkpoint), dtype="fp32")
-    plain = TorchBackend(str(tiny_checkpoint), dtype="fp32", merge_lora=True).model
+    plain = TorchBackend(str(tiny_checkpoint), dtype="fp32").model
     x = torch.randn(5, plain.llm_cfg.hidden_size)
     ours, theirs = fast.model.llm.layers[1], plain.llm.layers[1]
-    # q/k/v and gate/up as one packed matrix each: every output is the separate matrices' output.
+    # q/k/v and gate/up as one packed matrix each (the base weights): every output is the separate matrices' output.
     fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     for name, parts in fused.items():
         modules = [getattr(theirs.self_attn if hasattr(theirs.self_attn, p) else theirs.mlp, p) for p in parts]
         assert isinstance(getattr(ours, name), PackedLinear), name
-        torch.testing.assert_close(getattr(ours, name)(x), torch.cat([m(x) for m in modules], -1), rtol=1e-5, atol=1e-6)
+        base = torch.cat([torch.nn.functional.linear(x, m.weight) for m in modules], -1)
+        torch.testing.assert_close(getattr(ours, name)(x), base, rtol=1e-5, atol=1e-6)
+    # With the LoRA: rows flagged 1 get q/k/v through it, rows flagged 0 without it, in one call.
+    qkv = [theirs.self_attn.q_proj, theirs.self_attn.k_proj, theirs.self_attn.v_proj]
+    normed = theirs.input_layernorm(x)
+    with torch.no_grad():
+        adapted = torch.cat([m(normed) for m in qkv], -1)
+        with adapter_off(plain):
+            unadapted = torch.cat([m(normed) for m in qkv], -1)
+        on = torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0]])
+        mixed = ours.qkv_projection(x, on)
+    assert not torch.allclose(adapted, unadapted)
+    torch.testing.assert_close(mixed[on[:, 0] == 1], adapted[on[:, 0] == 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[on[:, 0] == 0], unadapted[on[:, 0] == 0], rtol=1e-5, atol=1e-6)
     assert isinstance(ours.o_proj, PackedLinear) and isinstance(ours.down_proj, PackedLinear)
     torch.testing.assert_close(ours.o_proj(x), theirs.self_attn.o_proj(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.head(x), x @ plain.output_weight().T, rtol=1e-5, atol=1e-6)
