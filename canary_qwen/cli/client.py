@@ -8,6 +8,8 @@ import sys
 import time
 
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S, SAMPLE_RATE
+from .client_ask import add_client_ask
+from .client_live import add_client_live
 
 DESCRIPTION = """\
 Transcribe audio files with a Canary-Qwen Triton server (`canary-qwen serve`, or the NGC container).
@@ -96,47 +98,8 @@ def add_client_parser(subparsers) -> None:
         help="with --via-embeddings: LLM model name (default: tensorrt_llm or llm, whichever the server has)",
     )
     t.set_defaults(run=run_client_transcribe)
-    ask = actions.add_parser(
-        "ask",
-        help="LLM mode through a Triton server (torch-fast or vllm flavour): answer a question about recordings",
-        description="Canary-Qwen's LLM mode served: the server's engine answers a text-only dialogue with the speech "
-        "LoRA off (`canary-qwen ask`, served). With --about FILE each file is first transcribed by the same server "
-        "(windowed as `client transcribe` does) and the transcripts follow the question after a blank line. Needs "
-        "a torch-fast or vllm repository (`canary-qwen triton-repo --flavor torch-fast|vllm`); the answer alone "
-        "goes to stdout.",
-    )
-    ask.add_argument("question", help="the user turn, e.g. 'Summarise this call.'")
-    ask.add_argument("--url", required=True, help=URL_HELP)
-    ask.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
-    ask.add_argument("--about", action="append", default=[], metavar="FILE", help="audio whose transcript follows")
-    ask.add_argument("--system", default=None, help="a system turn before the question")
-    ask.add_argument(
-        "--max-new-tokens", type=int, default=None, help="answer budget (default: the server's LLM-mode default)"
-    )
-    ask.add_argument("--stream", action="store_true", help="print the answer piece by piece as it is decoded")
-    ask.add_argument("--model", default="canary_qwen", help="model to send requests to (default: canary_qwen)")
-    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a response (default: 300)")
-    ask.add_argument(
-        "--json",
-        action="store_true",
-        help='one JSON object, as `canary-qwen ask --json`: {"text", "token_ids", "transcript"}',
-    )
-    ask.set_defaults(run=run_client_ask)
-    live = actions.add_parser(
-        "live",
-        help="play audio files into a live transcription session (serve-openai's /v1/realtime)",
-        description="Play audio files at real-time pace (--speed for faster) into live transcription sessions of "
-        "`canary-qwen serve-openai` (GET /v1/realtime, OpenAI's Realtime transcription protocol, through the "
-        "official openai client): one session per file, 16 kHz PCM in 100 ms appends, the server's VAD finding the "
-        "turns. The partial text updates in place on a terminal; each turn's final text prints as PATH<TAB>TEXT. "
-        "--json prints every server event as one JSON line instead. Exits 1 if any turn failed.",
-    )
-    live.add_argument("files", nargs="+", help="audio files (any format and rate the transcribe action reads)")
-    live.add_argument("--openai", required=True, metavar="URL", help="the server, http://HOST:PORT[/v1]")
-    live.add_argument("--speed", type=float, default=1.0, help="times real time (default: 1)")
-    live.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the last text (default: 120)")
-    live.add_argument("--json", action="store_true", help="print every server event as one JSON line")
-    live.set_defaults(run=run_client_live)
+    add_client_ask(actions, URL_HELP)
+    add_client_live(actions)
     load = actions.add_parser(
         "loadtest",
         help="load test running servers: concurrent clients, latency percentiles, errors",
@@ -286,71 +249,6 @@ def _run_streaming(args, out, err) -> int:
     finally:
         client.close()
     return _summary(args, audio_s, time.perf_counter() - start, failed, err)
-
-
-def run_client_ask(args) -> int:
-    from ..client.backend import TritonBackend
-    from ..errors import UsageError
-    from .ask import dialogue_of, print_answer
-
-    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.timeout <= 0:
-        raise UsageError("--max-new-tokens must be at least 1, --timeout > 0")
-    backend = TritonBackend(args.url, args.protocol, args.model, timeout_s=args.timeout)
-    try:
-        dialogue, transcript = dialogue_of(backend, args.question, args.system, args.about)
-        if not args.stream:
-            (answer,) = backend.answer([dialogue], max_new_tokens=args.max_new_tokens)
-            print_answer(answer.text, answer.token_ids, transcript, args.json)
-            return 0
-        text, ids = "", list[int]()
-        for piece, piece_ids, _ in backend.client.ask_stream(dialogue, max_new_tokens=args.max_new_tokens):
-            text, ids = text + piece, ids + piece_ids
-            if not args.json:
-                print(piece, end="", flush=True)
-        if args.json:
-            print_answer(text.strip(), ids, transcript, True)
-        else:
-            print(flush=True)
-        return 0
-    finally:
-        backend.close()
-
-
-class _LiveDisplay:
-    """One file's session on stdout: every event as JSON, or the partial text updating in place on a terminal and
-    each turn's final text as PATH<TAB>TEXT."""
-
-    def __init__(self, path: str, as_json: bool):
-        self.path, self.as_json = path, as_json
-        self.tty = sys.stdout.isatty() and not as_json
-        self.partial: dict[str, str] = {}
-
-    def __call__(self, event: dict) -> None:
-        if self.as_json:
-            print(json.dumps(event, ensure_ascii=False), flush=True)
-            return
-        kind, item = event.get("type", ""), event.get("item_id", "")
-        if self.tty and kind.endswith("input_audio_transcription.delta"):
-            self.partial[item] = self.partial.get(item, "") + (event.get("delta") or "")
-            print(f"\r\x1b[K{self.path}\t{self.partial[item]}", end="", flush=True)
-        elif kind.endswith("input_audio_transcription.completed"):
-            print(("\r\x1b[K" if self.tty else "") + f"{self.path}\t{event.get('transcript', '')}", flush=True)
-
-
-def run_client_live(args) -> int:
-    from ..client.live import play
-    from ..pipeline.audio import load_audio
-
-    base = args.openai.rstrip("/")
-    base = base if base.endswith("/v1") else f"{base}/v1"
-    failed = False
-    for path in args.files:
-        played = play(base, load_audio(path), speed=args.speed, on_event=_LiveDisplay(path, args.json),
-                      timeout_s=args.timeout)  # fmt: skip
-        for error in played.errors:
-            print(f"error: {path}: {error}", file=sys.stderr)
-        failed = failed or bool(played.errors)
-    return 1 if failed else 0
 
 
 def run_client_loadtest(args, out=None) -> int:

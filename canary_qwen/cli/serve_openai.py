@@ -193,7 +193,7 @@ def add_serve_openai(sub) -> None:
 
 def _settings(args):
     from ..bounds import RequestBounds
-    from ..openai_api.app import ServerSettings
+    from ..openai_api.service import ServerSettings
 
     if args.max_upload_mb <= 0 or args.max_in_flight < 1 or args.timeout_s < 0 or args.max_window_s < 0:
         raise UsageError("--max-upload-mb and --max-in-flight must be > 0, --timeout-s and --max-window-s >= 0")
@@ -242,7 +242,8 @@ def _triton_target(url: str, protocol: str | None) -> tuple[str, str]:
 
 def make_backend(args, settings):
     """The backend the arguments ask for (not started)."""
-    from ..openai_api.upstream import LocalEngine, TritonForwarding
+    from ..openai_api.forwarding import TritonForwarding
+    from ..openai_api.local import LocalEngine
 
     if (args.triton is None) == (args.model is None):
         raise UsageError("give --triton URL[,URL...], or --model DIR with --backend NAME (one of the two)")

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +32,10 @@ from starlette.routing import Route, WebSocketRoute
 
 from ..backends.base import Transcription
 from ..bounds import RequestBounds
-from ..defaults import MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, MAX_QUEUE, MAX_WINDOW_S, SAMPLE_RATE
+from ..defaults import SAMPLE_RATE
 from ..errors import AudioError, InputError
 from ..pipeline.audio import load_audio
-from ..pipeline.windowing import SEARCH_S, WindowPlan, split_points
+from ..pipeline.windowing import WindowPlan, split_points
 from .chat import ChatCompletions
 from .errors import RETRY_AFTER_S, api_error
 from .formats import compression_ratio, render
@@ -47,49 +45,11 @@ from .protocol import SERVER_ERROR, APIError, Segment, Transcript, Transcription
 from .protocol import delta_event as _delta
 from .protocol import done_event as _done
 from .realtime import Realtime
-from .realtime_protocol import LiveSettings
+from .service import ServerSettings
 from .upload import FILE_FIELD, read_upload
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
-SERVED_MODEL = "canary-qwen-2.5b"
-MAX_UPLOAD_MB = 25  # vLLM's default (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB)
-MAX_AUDIO_S = 1800.0  # longest upload, in seconds of audio (cut into windows of max_window_s)
-TIMEOUT_S = 300.0
-
-
-def default_bounds() -> RequestBounds:
-    return RequestBounds(
-        max_audio_s=MAX_AUDIO_S,
-        max_new_tokens=MAX_NEW_TOKENS,
-        max_new_tokens_limit=MAX_NEW_TOKENS_LIMIT,
-        max_queue=MAX_QUEUE,
-        queue_timeout_s=TIMEOUT_S,
-    )
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """``bounds``: ``max_audio_s`` the longest upload (seconds of audio), ``max_new_tokens`` /
-    ``max_new_tokens_limit`` the budget per window (default / most a request may ask), ``max_queue`` the
-    transcription requests handled at once, ``queue_timeout_s`` the longest wait for the upstream (0: none).
-    ``max_window_s``: windows long audio is cut into (None: whole). ``max_upload_bytes``: the request body."""
-
-    served_model: str = SERVED_MODEL
-    bounds: RequestBounds = field(default_factory=default_bounds)
-    max_upload_bytes: int = MAX_UPLOAD_MB * 2**20
-    max_window_s: float | None = MAX_WINDOW_S
-    tmp_dir: str | None = None
-    decode_threads: int = 4
-    live: LiveSettings = field(default_factory=LiveSettings)
-
-    @property
-    def windows_per_upload(self) -> int:
-        """The most windows one upload is cut into (what the local engine may hold per request)."""
-        if not self.max_window_s:
-            return 1
-        shortest = self.max_window_s - min(SEARCH_S, self.max_window_s / 2)  # split_points cuts no window shorter
-        return math.ceil(self.bounds.audio_s / shortest) + 1
 
 
 class OpenAIServer:

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -23,10 +23,8 @@ from .errors import RETRY_AFTER_S, api_error
 from .http import EventStream, error_response, first_item, gather_all, once, sse, until_disconnect
 from .metrics import CLIENT_CLOSED
 from .protocol import SERVER_ERROR, APIError, invalid
+from .service import Service
 from .upstream import Answering
-
-if TYPE_CHECKING:
-    from .app import OpenAIServer
 
 DONE = b"data: [DONE]\n\n"
 
@@ -34,7 +32,7 @@ DONE = b"data: [DONE]\n\n"
 class ChatCompletions:
     """The route's handler, over the server's upstream, limits and metrics."""
 
-    def __init__(self, server: OpenAIServer):
+    def __init__(self, server: Service):
         self.server = server
 
     async def __call__(self, scope, receive, send) -> None:

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -31,9 +31,7 @@ from ..defaults import SAMPLE_RATE
 from ..pipeline.live import EnergyVad, LocalAgreement
 from .errors import api_error
 from .realtime_protocol import EventError, Events, SessionConfig
-
-if TYPE_CHECKING:
-    from .app import OpenAIServer
+from .service import Service
 
 log = logging.getLogger(__name__)
 TRY_AGAIN_LATER = 1013  # WebSocket close code: the server is at its session limit
@@ -42,7 +40,7 @@ TRY_AGAIN_LATER = 1013  # WebSocket close code: the server is at its session lim
 class Realtime:
     """The route: admits at most ``live.max_sessions`` sessions at once."""
 
-    def __init__(self, server: OpenAIServer):
+    def __init__(self, server: Service):
         self.server = server
         self.sessions = 0
 
@@ -79,7 +77,7 @@ class _Turn:
 
 
 class LiveSession:
-    def __init__(self, server: OpenAIServer, websocket: WebSocket):
+    def __init__(self, server: Service, websocket: WebSocket):
         self.server, self.websocket = server, websocket
         self.live = server.settings.live
         self.config = SessionConfig()
