@@ -48,3 +48,10 @@ def test_local_agreement_shows_only_what_two_hypotheses_agree_on():
     assert agreement.update("the dog sat on the".split()) == []  # disagrees with what was shown: nothing more
     assert agreement.shown == ["the", "cat", "sat"]
     assert agreement.update([1, 2, 3]) == [] and LocalAgreement().update([]) == []
+
+
+def test_a_vad_made_mid_stream_counts_from_where_it_starts():
+    audio = speech_with_pauses()
+    offset = 12345 * 16  # a session's VAD replaced after this many samples (whole milliseconds)
+    shifted = EnergyVad(start=offset).feed(audio)
+    assert [(e.kind, e.at - offset) for e in shifted] == [(e.kind, e.at) for e in EnergyVad().feed(audio)]

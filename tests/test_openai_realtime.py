@@ -167,6 +167,25 @@ def test_two_utterances_give_two_items_with_transcribes_text(server, local):
     assert committed[1]["previous_item_id"] == committed[0]["item_id"]
 
 
+def test_turn_detection_changed_mid_session_keeps_session_time(server, local):
+    """A second utterance after session.update changes the VAD's silence length: its span is still counted from the
+    session's start, and its text is transcribe's for that span."""
+    first, second = utterances(make_clip(1.2, 13)), utterances(make_clip(1.4, 14))
+    session = Live(server)
+    try:
+        session.play(first, speed=4.0)
+        session.wait_for(COMPLETED)
+        vad = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 200, "silence_duration_ms": 300}
+        session.send({"type": "session.update", "session": {"type": "transcription",
+                      "audio": {"input": {"turn_detection": vad}}}})  # fmt: skip
+        session.wait_for("session.updated", 2)
+        session.play(second, speed=4.0)
+        got, want = turn_texts(local, np.concatenate((first, second)), session, 2)
+    finally:
+        session.close()
+    assert got == want
+
+
 def test_openais_default_24_khz_input_is_transcribed(server):
     pcm16k = utterances(make_clip(1.8, 3))
     import soxr

@@ -274,11 +274,8 @@ class ServerClient:
         return self._answer(request_arrays(audio, prompt, max_new_tokens), with_ids)
 
     def ask(self, turns, *, max_new_tokens: int | None = None) -> tuple[str, list[int], int | None]:
-        """LLM mode (the engine flavours): a text-only dialogue's answer, (text, token ids, the dialogue's tokens)."""
-        arrays = dialogue_arrays(turns, max_new_tokens)
-        if not self.is_decoupled(self.model):
-            outputs = self.call(self.model, arrays, ["TEXT", "OUTPUT_IDS", "PROMPT_TOKENS"])
-            return (*text_and_ids(outputs), prompt_tokens(outputs))
+        """LLM mode (the engine flavours): a text-only dialogue's answer, (text, token ids, the dialogue's tokens),
+        read from the stream model (which alone sends the dialogue's length)."""
         text, ids, count = "", list[int](), None
         for piece, piece_ids, tokens in self.ask_stream(turns, max_new_tokens=max_new_tokens):
             text, ids, count = text + piece, ids + piece_ids, tokens

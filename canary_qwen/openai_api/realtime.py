@@ -82,11 +82,11 @@ class LiveSession:
         self.live = server.settings.live
         self.config = SessionConfig()
         self.events = Events()
-        self.vad: EnergyVad | None = self._vad()
         self.audio = np.zeros(0, dtype=np.float32)  # 16 kHz samples kept (the turn, or the padding before one)
         self.offset = 0  # the session sample at audio[0]
         self.received = 0  # 16 kHz samples received in the session
         self.received_at = 0.0  # when the last of them arrived (monotonic)
+        self.vad: EnergyVad | None = self._vad()
         self.turn: _Turn | None = None
         self.previous_item: str | None = None
         self.items = 0
@@ -96,8 +96,11 @@ class LiveSession:
         self._partial: asyncio.Future | None = None  # the re-decode in flight
 
     def _vad(self) -> EnergyVad | None:
+        """The session's VAD as configured, counting from the audio received so far."""
         vad = self.config.vad
-        return None if vad is None else EnergyVad(vad.threshold, vad.prefix_padding_ms, vad.silence_duration_ms)
+        if vad is None:
+            return None
+        return EnergyVad(vad.threshold, vad.prefix_padding_ms, vad.silence_duration_ms, start=self.received)
 
     # -- the connection --------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -170,12 +173,10 @@ class LiveSession:
         config = self.config.updated(event.get("session"), self.server.settings.served_model)
         if config.rate != self.config.rate:
             self._resampler = None
-        if config.vad != self.config.vad:
-            self.config = config
-            self.vad = self._vad()
-            if self.vad is not None:
-                self.vad.reset(self.received)
+        vad_changed = config.vad != self.config.vad
         self.config = config
+        if vad_changed:
+            self.vad = self._vad()
         await self.send(self.events("session.updated", session=config.body(self.server.settings.served_model)))
 
     def _samples(self, audio: object) -> np.ndarray:
@@ -221,7 +222,7 @@ class LiveSession:
                                                 item_id=item))  # fmt: skip
                     await self._commit(boundary.at)
             if self.turn is None:  # keep the padding a next turn may start with
-                self._drop_before(self.received - self.vad.prefix)
+                self._drop_before(self.received - self.vad.reach)
 
     def _new_turn(self, start: int) -> _Turn:
         self.items += 1

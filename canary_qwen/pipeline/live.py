@@ -33,19 +33,25 @@ class VadEvent:
 class EnergyVad:
     """Speech detection on 10 ms frames by their level: a frame louder than the threshold's level is speech; a turn
     starts at its first speech frame (minus ``prefix_ms``, never before the end of the last turn) and stops once
-    ``silence_ms`` of frames in a row were quiet. Fed samples in any chunks, it reports the same boundaries."""
+    ``silence_ms`` of frames in a row were quiet. Fed samples in any chunks, it reports the same boundaries. A turn may
+    start up to ``prefix`` + one frame before the samples fed last (``reach``): keep that much audio before them."""
 
-    def __init__(self, threshold: float = 0.5, prefix_ms: int = 300, silence_ms: int = 500):
+    def __init__(self, threshold: float = 0.5, prefix_ms: int = 300, silence_ms: int = 500, start: int = 0):
         if not 0.0 <= threshold <= 1.0 or prefix_ms < 0 or silence_ms < FRAME_MS:
             raise ValueError("threshold must be in 0..1, prefix_ms >= 0, silence_ms >= 10")
         self.level_db = FLOOR_DB + SPAN_DB * threshold
         self.prefix = prefix_ms * SAMPLE_RATE // 1000
         self.silence_frames = math.ceil(silence_ms / FRAME_MS)
         self._tail = np.zeros(0, dtype=np.float32)  # samples not yet a whole frame
-        self._position = 0  # samples seen in whole frames
-        self._floor = 0  # where the next turn may start (the end of the last one)
+        self._position = start  # the stream's samples seen in whole frames (from ``start``: a VAD made mid-stream)
+        self._floor = start  # where the next turn may start (the end of the last one)
         self.speaking = False
         self._quiet = 0  # quiet frames in a row while speaking
+
+    @property
+    def reach(self) -> int:
+        """How far before the end of the samples fed so far a turn that starts next may begin."""
+        return self.prefix + FRAME
 
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         events: list[VadEvent] = []

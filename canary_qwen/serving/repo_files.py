@@ -91,7 +91,7 @@ def ensemble_outputs() -> list[str]:
 
 def prompt_tokens_output() -> str:
     """PROMPT_TOKENS: a request's prompt length in tokens (the engine models; an API's usage counts it)."""
-    return tensor("PROMPT_TOKENS", "TYPE_INT32", [1])
+    return tensor("PROMPT_TOKENS", "TYPE_INT64", [1])
 
 
 def ensemble_step(model: str, inputs: dict, outputs: dict) -> str:

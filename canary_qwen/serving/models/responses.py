@@ -49,7 +49,7 @@ def piece_response(piece: str, ids: list[int], prompt_tokens: int | None = None)
         pb_utils.Tensor("OUTPUT_IDS", np.array([ids], dtype=np.int64)),
     ]
     if prompt_tokens is not None:
-        tensors.append(pb_utils.Tensor("PROMPT_TOKENS", np.array([prompt_tokens], dtype=np.int32)))
+        tensors.append(pb_utils.Tensor("PROMPT_TOKENS", np.array([[prompt_tokens]], dtype=np.int64)))
     return pb_utils.InferenceResponse(tensors)
 
 
