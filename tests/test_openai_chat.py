@@ -27,6 +27,7 @@ BUDGET = 24
 MAX_AUDIO_S = 60
 MAX_PROMPT_TOKENS = 600
 QUESTION = "Summarise this call:"
+MAX_UPLOAD_MB = 4  # a chat body may be 4/3 of it (base64) and 64 KiB more
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def files(work) -> list[str]:
 def server(tiny_checkpoint, work):
     args = ["--model", str(tiny_checkpoint), "--backend", "torch-fast", "--max-batch", "8"]
     args += ["--max-audio-s", str(MAX_AUDIO_S), "--max-prompt-tokens", str(MAX_PROMPT_TOKENS)]
+    args += ["--max-upload-mb", str(MAX_UPLOAD_MB)]
     with openai_server(args, work / "server") as s:
         yield s
 
@@ -229,6 +231,13 @@ def test_each_bad_input_is_refused_while_a_good_request_goes_on(server, client, 
             assert r.status_code == status, (name, r.text)
             assert_openai_error(r.json(), status, code)
         assert good.result().choices[0].message.content == asked[path]["text"]
+
+
+def test_a_body_over_the_limit_is_refused_while_it_streams_in(server):
+    body = b'{"model": "canary-qwen-2.5b", "messages": [{"role": "user", "content": "' + b"x" * (6 * 2**20) + b'"}]}'
+    r = httpx.post(f"{server.base_url}/chat/completions", content=body, timeout=60)
+    assert r.status_code == 413
+    assert_openai_error(r.json(), 413, "body_too_large")
 
 
 def test_the_openai_client_raises_its_own_errors(client):

@@ -83,7 +83,13 @@ class ChatCompletions:
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise APIError(413, f"the request body is over this server's {limit} bytes", code="body_too_large")
+                error = APIError(
+                    413,
+                    f"the request body is over this server's {limit} bytes (--max-upload-mb)",
+                    code="body_too_large",
+                )
+                error.close_connection = True  # the rest of the body is not read: answer, then close
+                raise error
         try:
             return json.loads(body)
         except ValueError as e:
