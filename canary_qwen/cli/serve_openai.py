@@ -283,7 +283,7 @@ def make_backend(args, settings):
         max_pending=settings.bounds.max_queue * settings.windows_per_upload,
         timeout_s=args.timeout_s,
         answers=args.backend in ANSWERING,
-        max_prompt_tokens=settings.bounds.max_prompt_tokens,
+        bounds=settings.bounds,
     )
 
 

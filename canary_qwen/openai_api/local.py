@@ -12,8 +12,9 @@ from contextlib import aclosing
 import numpy as np
 
 from ..backends.base import Transcription
+from ..bounds import RequestBounds
 from ..engines import EngineLoop, RequestCounts, StepEngine
-from ..errors import BackendUnavailable, CanaryQwenError, InputError, RequestTimeout
+from ..errors import BackendUnavailable, CanaryQwenError, RequestTimeout
 from ..model.prompt import Turn, dialogue_ids
 from ..model.tokenizer import QwenTokenizer
 from ..serving.checks import TextStream, encode_prompt
@@ -47,7 +48,8 @@ class LocalEngine:
     are admitted between steps and decoded together. ``open_engine`` builds it (in a thread, at ``start``: the
     server answers ``/health`` with 503 while it loads); ``max_pending`` bounds the windows submitted at once
     (one more is refused: ``Overloaded``, 429). ``timeout_s`` bounds each wait for the engine (0: none).
-    ``answers``: the engine has LLM mode (torch-fast, vllm); ``max_prompt_tokens``: the longest dialogue it takes."""
+    ``answers``: the engine has LLM mode (torch-fast, vllm); ``bounds``: the server's, whose ``check_dialogue`` every
+    dialogue must pass."""
 
     NAME = "openai-engine"
 
@@ -59,7 +61,7 @@ class LocalEngine:
         max_pending: int | None = None,
         timeout_s: float = 0.0,
         answers: bool = True,
-        max_prompt_tokens: int | None = None,
+        bounds: RequestBounds | None = None,
     ):
         self._open = open_engine
         self.description = description
@@ -68,7 +70,7 @@ class LocalEngine:
         self.loop: EngineLoop | None = None
         self.answers = answers
         self.continues = True
-        self.max_prompt_tokens = max_prompt_tokens
+        self.bounds = bounds or RequestBounds()
         self._state = "not started"
         self._closed = False
         self._loader: threading.Thread | None = None
@@ -179,13 +181,9 @@ class LocalEngine:
         return None if self.loop is None else self.loop.tokenizer
 
     def _dialogue(self, turns: list[Turn]) -> list[int]:
-        """A dialogue's prompt ids, within ``max_prompt_tokens`` (an InputError otherwise)."""
+        """A dialogue's prompt ids, within the bounds' ``max_prompt_tokens`` (an InputError otherwise)."""
         ids = dialogue_ids(self._engine().tokenizer, turns)
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise InputError(
-                f"the dialogue takes {len(ids)} tokens; this server takes at most {self.max_prompt_tokens}: "
-                "send a shorter one"
-            )
+        self.bounds.check_dialogue(len(ids))
         return ids
 
     async def answer(self, turns: list[Turn], budget: int) -> tuple[Transcription, int]:

@@ -17,6 +17,7 @@ import numpy as np
 from ..bounds import RequestBounds
 from ..defaults import MAX_PROMPT_TOKENS, SAMPLE_RATE
 from ..errors import InputError
+from ..modes import ASR
 
 MAX_PROMPT_BYTES = 64 * MAX_PROMPT_TOKENS  # refused before tokenizing: no 1,024-token prompt is this long
 MIN_AUDIO_SAMPLES = 320  # 20 ms, as the command line refuses shorter clips
@@ -78,17 +79,19 @@ def read_strings(values: np.ndarray | None, rows: int, name: str = "PROMPT") -> 
     return out
 
 
-def read_budgets(values: np.ndarray | None, rows: int, bounds: RequestBounds, least: int = 1) -> list[int]:
-    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row: the bounds' default, or each in
-    ``least``..the bounds' limit."""
+def read_budgets(
+    values: np.ndarray | None, rows: int, bounds: RequestBounds, least: int = 1, mode: str = ASR
+) -> list[int]:
+    """``MAX_NEW_TOKENS`` ([B, 1] or [1], optional) as one budget per row: the bounds' default for ``mode``, or each
+    in ``least``..that mode's limit."""
     if values is None:
-        return [bounds.max_new_tokens] * rows
+        return [bounds.budget(None, mode=mode)] * rows
     flat = np.asarray(values).reshape(-1)
     if flat.size == 1 and rows > 1:
         flat = np.repeat(flat, rows)
     if flat.size != rows:
         raise InputError(f"MAX_NEW_TOKENS has {flat.size} values for {rows} rows")
-    return [bounds.budget(int(v), least=least, name="MAX_NEW_TOKENS") for v in flat]
+    return [bounds.budget(int(v), mode=mode, least=least, name="MAX_NEW_TOKENS") for v in flat]
 
 
 def encode_prompt(tokenizer, prompt: str | None) -> list[int]:

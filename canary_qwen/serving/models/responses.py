@@ -80,8 +80,8 @@ def engine_request(request, name, tokenizer, bounds: RequestBounds):
     ids = dialogue_ids(tokenizer, read_dialogue(text or ""))
     bounds.check_dialogue(len(ids))
     budget = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
-    requested = None if budget is None else int(np.asarray(budget.as_numpy()).reshape(-1)[0])
-    return None, ids, bounds.budget(requested, mode=LLM, least=0, name="MAX_NEW_TOKENS")
+    (budget,) = read_budgets(None if budget is None else budget.as_numpy(), 1, bounds, least=0, mode=LLM)
+    return None, ids, budget
 
 
 class TextReply:
