@@ -100,12 +100,12 @@ def test_decode_logits_do_not_depend_on_the_other_slots(backend, rows, mode):
     with torch.inference_mode():
         logits, cache = prefill(backend, rows, [first], max_len)
         on = forward.adapter_rows([adapter[first]])
-        alone = forward.decode(cache, logits.argmax(-1), torch.ones(1, dtype=torch.long), on, [n])[0]
+        alone = forward.decode(cache, [0], logits.argmax(-1), on, [n])[0]
         logits, cache = prefill(backend, rows, [first, longest], max_len)
         on = forward.adapter_rows([adapter[first], adapter[longest]])
         lengths = [n, prompts[longest].shape[0]]
-        pair = forward.decode(copy.deepcopy(cache), logits.argmax(-1), torch.ones(2, dtype=torch.long), on, lengths)
-        idle = forward.decode(cache, logits.argmax(-1), torch.tensor([1, 0]), on, [n, 0])
+        pair = forward.decode(copy.deepcopy(cache), [0, 1], logits.argmax(-1), on, lengths)
+        idle = forward.decode(cache, [0], logits.argmax(-1)[:1], on[:1], [n])  # slot 1 left idle
     assert torch.equal(pair[0], alone)
     assert torch.equal(idle[0], alone)
 

@@ -66,8 +66,11 @@ def fast_loop(tiny_checkpoint):
     # LLM-mode bounds small enough that a row is sized by the longest clip and budget (the refusal test needs that)
     llm = dict(max_answer_tokens=16, max_answer_tokens_limit=16, max_prompt_tokens=32)
     bounds = RequestBounds(max_audio_s=MAX_AUDIO_S, max_new_tokens_limit=LIMIT, **llm)
-    engine = open_engine("torch-fast", str(tiny_checkpoint), max_batch=4, bounds=bounds)
-    loop = EngineLoop(engine, name="torch-fast", max_pending=12)
+    loop = EngineLoop(
+        lambda: open_engine("torch-fast", str(tiny_checkpoint), max_batch=4, bounds=bounds),
+        name="torch-fast",
+        max_pending=12,
+    )
     yield loop
     loop.close()
 
@@ -152,10 +155,12 @@ def test_llm_mode_rows_share_the_loop_with_clips(fast_loop, clips, reference, ti
 
 
 def test_a_full_loop_refuses_at_once(tiny_checkpoint, clips):
-    engine = open_engine(
-        "torch-fast", str(tiny_checkpoint), max_batch=1, bounds=RequestBounds(max_audio_s=2, max_new_tokens_limit=LIMIT)
+    bounds = RequestBounds(max_audio_s=2, max_new_tokens_limit=LIMIT)
+    loop = EngineLoop(
+        lambda: open_engine("torch-fast", str(tiny_checkpoint), max_batch=1, bounds=bounds),
+        name="one slot",
+        max_pending=2,
     )
-    loop = EngineLoop(engine, name="one slot", max_pending=2)
     try:
         ids, held = prompt_ids(loop.tokenizer, None), [Collect(stop_after=50), Collect(stop_after=50)]
         for sink in held:
@@ -172,7 +177,7 @@ def test_a_full_loop_refuses_at_once(tiny_checkpoint, clips):
 
 
 def test_onnx_engine_in_batches_gives_the_reference_tokens(tiny_export, clips, reference):
-    loop = EngineLoop(open_engine("onnx", str(tiny_export), max_batch=3), name="onnx")
+    loop = EngineLoop(lambda: open_engine("onnx", str(tiny_export), max_batch=3), name="onnx")
     try:
         sinks = _submit_all(loop, clips, BUDGETS)
     finally:
@@ -211,3 +216,21 @@ def test_on_a_cpu_a_clips_frames_do_not_depend_on_the_clips_beside_it(tiny_check
     alone = [fast.encode([c])[0] for c in near]
     together = fast.encode(near)
     assert all(torch.equal(a, t) for a, t in zip(alone, together))
+
+
+def test_the_engine_is_made_on_the_thread_that_steps_it(tiny_checkpoint):
+    """A second OpenMP team (one engine loaded on one thread, stepped on another) slows every parallel region on a
+    small CPU (engines/loop.py): the loop makes its engine itself, and says why when it cannot."""
+    made_on = []
+
+    def make():
+        made_on.append(threading.current_thread())
+        return open_engine("torch-fast", str(tiny_checkpoint), max_batch=1)
+
+    loop = EngineLoop(make, name="own thread")
+    try:
+        assert [t.name for t in made_on] == ["own thread"] and made_on[0] is not threading.current_thread()
+    finally:
+        loop.close()
+    with pytest.raises(UsageError, match="max_batch"):
+        EngineLoop(lambda: open_engine("torch-fast", str(tiny_checkpoint), max_batch=0), name="refused")

@@ -1,6 +1,6 @@
 """torch-fast's forward pass over the LLM: a static KV cache, a prefill whose projections and MLPs run on packed
 (unpadded) tokens with one causal attention call per sequence and logits for the last position only, and a decode
-step for every slot, eager or captured as a CUDA graph. A sequence's logits are the same alone or in any batch
+step over the running slots (eager) or every slot (captured as a CUDA graph). A sequence's logits are the same alone or in any batch
 (tests/test_batch_invariance.py)."""
 
 from __future__ import annotations
@@ -86,60 +86,74 @@ class DecoderForward:
         return self.logits(self.model.llm.norm(x[last]))
 
     def decode(
-        self,
-        cache: StaticKVCache,
-        tokens: torch.Tensor,
-        active: torch.Tensor,
-        on: torch.Tensor,
-        lengths: Sequence[int] | None = None,
+        self, cache: StaticKVCache, slots: Sequence[int], tokens: torch.Tensor, on: torch.Tensor, lengths: Sequence[int]
     ) -> torch.Tensor:
-        """One token for every slot (idle slots too), ``on`` [slots, 1] the LoRA's rows (``adapter_rows``); returns
-        logits [slots, V].
+        """One token for each of ``slots`` (running sequences; ``tokens`` [n] their last tokens, ``on`` [n, 1] their
+        LoRA flags (``adapter_rows``), ``lengths`` their filled lengths on the host); returns logits [n, V].
 
-        With ``lengths`` (each slot's filled length on the host, 0 for idle slots), each running slot attends
-        over exactly its own keys, one attention call per slot: its bits then never depend on the other slots
-        (a kernel's blocking follows the key length) and idle slots cost nothing. Without (the static shapes a
-        CUDA graph needs), every slot attends over the whole cache, masked beyond its length. Idle slots keep
-        length 0, so they only ever touch position 0 of their own cache row.
+        Only these rows are computed: a slot left idle costs nothing (sixteen slots holding one request cost what
+        one slot does). Each attends over exactly its own keys, one attention call per slot, so its bits never
+        depend on the other slots (a kernel's blocking follows the key length).
         """
+        at = torch.tensor(list(slots), device=self.device)
+        positions = torch.tensor(list(lengths), device=self.device)
+        x = self.model.embed_tokens(tokens)
+        rope = self.rope(positions, x.dtype)
+        for li, layer in enumerate(self.model.llm.layers):
+            q, k, v = layer.qkv(x, rope, on)
+            cache.k[li, at, :, positions] = k
+            cache.v[li, at, :, positions] = v
+            o = torch.stack(
+                [
+                    nn.functional.scaled_dot_product_attention(
+                        q[i, :, None][None],
+                        cache.k[li, slot, :, : filled + 1][None],
+                        cache.v[li, slot, :, : filled + 1][None],
+                        scale=layer.head_dim**-0.5,
+                        enable_gqa=True,
+                    )[0]
+                    for i, (slot, filled) in enumerate(zip(slots, lengths))
+                ]
+            )
+            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x, on), on)
+        cache.lengths[at] += 1
+        return self.logits(self.model.llm.norm(x))
+
+    def decode_masked(
+        self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, on: torch.Tensor
+    ) -> torch.Tensor:
+        """One token for every slot, idle ones too (the static shapes a CUDA graph needs): each attends over the
+        whole cache, masked beyond its length; ``active`` [slots] 1 where a sequence runs. Idle slots keep length 0,
+        so they only ever touch position 0 of their own cache row. Returns logits [slots, V]."""
         slots = torch.arange(tokens.shape[0], device=self.device)
         positions = cache.lengths
-        visible = None
-        if lengths is None:
-            span = torch.arange(cache.k.shape[3], device=self.device)
-            visible = (span[None] <= positions[:, None])[:, None, None]
+        span = torch.arange(cache.k.shape[3], device=self.device)
+        visible = (span[None] <= positions[:, None])[:, None, None]
         x = self.model.embed_tokens(tokens)
         rope = self.rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
             q, k, v = layer.qkv(x, rope, on)
             cache.k[li, slots, :, positions] = k
             cache.v[li, slots, :, positions] = v
-            scale = layer.head_dim**-0.5
-            if lengths is None:
-                o = nn.functional.scaled_dot_product_attention(
-                    q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=scale, enable_gqa=True
-                )
-            else:
-                o = q.new_zeros(q.shape[0], q.shape[1], 1, q.shape[2])
-                for slot, filled in enumerate(lengths):
-                    if filled:
-                        o[slot] = nn.functional.scaled_dot_product_attention(
-                            q[slot, :, None][None],
-                            cache.k[li, slot, :, : filled + 1][None],
-                            cache.v[li, slot, :, : filled + 1][None],
-                            scale=scale,
-                            enable_gqa=True,
-                        )[0]
+            o = nn.functional.scaled_dot_product_attention(
+                q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=layer.head_dim**-0.5, enable_gqa=True
+            )
             x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x, on), on)
         cache.lengths += active
         return self.logits(self.model.llm.norm(x))
 
     def decoder(self, cache: StaticKVCache):
-        """The decode step ``(tokens, active, on, lengths)`` for this cache: eager, each slot over its own keys,
-        or captured as a CUDA graph over the whole cache on CUDA (when enabled)."""
+        """The decode step ``(slots, tokens, on, lengths) -> logits [len(slots), V]`` for this cache, ``tokens`` and
+        ``on`` given for every slot and ``lengths`` each slot's filled length on the host: eager over the running
+        slots only (``decode``), or on CUDA (when enabled) a CUDA graph over the whole cache (``decode_masked``)."""
         if self.device.type != "cuda" or not self.cuda_graphs:
-            return lambda tokens, active, on, lengths: self.decode(cache, tokens, active, on, lengths)
-        return _GraphedDecode(self.decode, cache, self.adapter_rows([True] * cache.lengths.shape[0]))
+
+            def step(slots, tokens, on, lengths):
+                at = torch.tensor(list(slots), device=self.device)
+                return self.decode(cache, slots, tokens[at], on[at], [lengths[s] for s in slots])
+
+            return step
+        return _GraphedDecode(self.decode_masked, cache, self.adapter_rows([True] * cache.lengths.shape[0]))
 
     def cache(self, slots: int, max_len: int) -> StaticKVCache:
         cfg = self.model.llm_cfg
@@ -149,7 +163,7 @@ class DecoderForward:
 
 
 class _GraphedDecode:
-    """``step(cache, tokens, active, on)`` captured once as a CUDA graph over static input buffers; each call
+    """``step(cache, tokens, active, on)`` (``DecoderForward.decode_masked``) captured once as a CUDA graph over static input buffers; each call
     copies the inputs in and replays it (one launch for the whole step instead of hundreds of kernels).
 
     The warm-up runs before capture (as CUDA graphs require) use ``active`` all zero: lengths stay as
@@ -172,11 +186,10 @@ class _GraphedDecode:
         with torch.cuda.graph(self.graph):
             self.logits = step(cache, self.tokens, self.active, self.on)
 
-    def __call__(
-        self, tokens: torch.Tensor, active: torch.Tensor, on: torch.Tensor, lengths: Sequence[int]
-    ) -> torch.Tensor:
+    def __call__(self, slots: Sequence[int], tokens: torch.Tensor, on: torch.Tensor, lengths: Sequence[int]):
         self.tokens.copy_(tokens)  # the graph attends over the whole cache, masked by the device's lengths
-        self.active.copy_(active)
+        self.active.zero_()
+        self.active[list(slots)] = 1
         self.on.copy_(on)
         self.graph.replay()
-        return self.logits
+        return self.logits[list(slots)]

@@ -158,11 +158,10 @@ class FastTorchEngine:
             if events[-1][2]:
                 self._retire(slot)
         if self._running:
-            active = torch.zeros(len(self._lengths), dtype=torch.long, device=backend.device)
-            active[list(self._running)] = 1
+            running = sorted(self._running)
             with backend.timed("decode"):
-                self._next = self._decode(self._next, active, self._on, self._lengths).argmax(-1)
-            for slot in self._running:
+                self._next[running] = self._decode(running, self._next, self._on, self._lengths).argmax(-1)
+            for slot in running:
                 self._lengths[slot] += 1
         return events
 

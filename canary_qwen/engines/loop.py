@@ -1,4 +1,10 @@
-"""One thread that owns a :class:`StepEngine` and answers every request submitted to it.
+"""One thread that makes a :class:`StepEngine`, owns it and answers every request submitted to it.
+
+The engine is made on the thread that runs it. PyTorch's CPU kernels run on OpenMP (libgomp), which keeps a team of
+worker threads for each thread that starts parallel work. Once there are more of those threads than CPUs, libgomp
+stops letting idle workers spin and puts them to sleep between parallel regions: every region of every layer
+then waits for a futex wake. An engine loaded on one thread (a server's main thread, a loader) and stepped on
+another made a second team, and its one-row decode ran ~25 % slower on 2 cores (docs/fast-path.md).
 
 ``submit`` only checks the request's budget and hands it over; between two engine steps the thread admits
 everything that arrived (one batch: the engine encodes and prefills it together), aborts the requests whose
@@ -14,7 +20,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,10 +36,8 @@ class EngineLoop:
     is refused with :class:`Overloaded` at once instead of waiting behind the others. ``counts``: the tokens
     generated and the requests ended so far (written under the loop's lock)."""
 
-    def __init__(self, engine: StepEngine, *, name: str = "engine", max_pending: int | None = None):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.takes = engine.takes
+    def __init__(self, make_engine: Callable[[], StepEngine], *, name: str = "engine", max_pending: int | None = None):
+        """Starts the thread, which calls ``make_engine``; returns when the engine is made (its error is raised)."""
         self.max_pending = max_pending
         self._arrivals: queue.Queue[tuple[EngineRequest, Sink] | None] = queue.Queue()
         self._open: dict[str, Sink] = {}
@@ -43,8 +47,15 @@ class EngineLoop:
         self._stopping = False
         self.counts = RequestCounts()
         self.name = name
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.engine: StepEngine  # set on the thread, before it says the engine is made
+        made: queue.Queue[StepEngine | BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(make_engine, made), name=name, daemon=True)
         self._thread.start()
+        engine = made.get()
+        if isinstance(engine, BaseException):
+            raise engine
+        self.tokenizer = engine.tokenizer
+        self.takes = engine.takes
 
     # -- callers -------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], source: np.ndarray | None, budget: int, sink: Sink) -> str:
@@ -121,7 +132,13 @@ class EngineLoop:
             else:
                 self._done(request.request_id, FAILED, refused, sink)
 
-    def _run(self) -> None:
+    def _run(self, make_engine: Callable[[], StepEngine], made: queue.Queue) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as e:
+            made.put(e)
+            return
+        made.put(self.engine)
         while not self._stopping:
             try:
                 self._admit(block=not self.engine.busy)

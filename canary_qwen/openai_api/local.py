@@ -82,15 +82,15 @@ class LocalEngine:
 
     def _load(self) -> None:
         try:
-            engine = self._open()
+            loop = EngineLoop(self._open, name=self.NAME, max_pending=self.max_pending)
         except Exception as e:
             log.exception("the engine failed to load")
             self._state = f"failed to load: {e}"
             return
         if self._closed:
-            engine.close()
+            loop.close()
             return
-        self.loop = EngineLoop(engine, name=self.NAME, max_pending=self.max_pending)
+        self.loop = loop
         self._state = "ready"
         log.info("engine ready: %s", self.description)
 

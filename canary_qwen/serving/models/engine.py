@@ -8,7 +8,7 @@ turns) in place of AUDIO is answered in LLM mode (the LoRA off) by the same engi
 ``execute`` only checks a request and submits it to the ``EngineLoop``, whose thread owns the engine: between
 two steps it admits what arrived (one batch, encoded together; it joins the running batch), stops the requests
 whose client cancelled, and sends each request's new tokens as they come. The engine is made (weights loaded,
-kernels compiled) in ``initialize``: the server is not ready before it can answer.
+kernels compiled) in ``initialize``, on the loop's thread: the server is not ready before it can answer.
 """
 
 import locale
@@ -211,16 +211,18 @@ class TritonPythonModel:
         kind = params["engine"]
         self.bounds = RequestBounds.from_parameters(params)
         source = version_dir / SOURCES[kind]
-        engine = open_engine(
-            kind,
-            str(source),
-            device=params.get("device", "cpu"),
-            dtype=params.get("dtype") or None,
-            max_batch=int(config["max_batch_size"]),
-            bounds=self.bounds,
-            kv_cache_gib=float(params.get("kv_cache_gib", "1")),
+        self.loop = EngineLoop(
+            lambda: open_engine(
+                kind,
+                str(source),
+                device=params.get("device", "cpu"),
+                dtype=params.get("dtype") or None,
+                max_batch=int(config["max_batch_size"]),
+                bounds=self.bounds,
+                kv_cache_gib=float(params.get("kv_cache_gib", "1")),
+            ),
+            name=f"{self.name} ({kind})",
         )
-        self.loop = EngineLoop(engine, name=f"{self.name} ({kind})")
         self.counters = ModelCounters(self.name, self.loop.counts)
         self.outbox = _Outbox(self.counters.push)
         self.tokenizer = self.loop.tokenizer
