@@ -132,7 +132,7 @@ def read_bounds(model_dir) -> RequestBounds:
 
 def stream_counts(server, model: str = "canary_qwen_stream") -> dict[str, float]:
     """What a streaming python model counted (canary_qwen/serving/models/metrics.py), from the server's metrics
-    endpoint: tokens generated, and requests finished, cancelled and failed."""
+    endpoint: tokens generated, requests finished, cancelled and failed, and (the engine model) requests pending."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
@@ -146,6 +146,8 @@ def stream_counts(server, model: str = "canary_qwen_stream") -> dict[str, float]
                 counts["tokens"] = sample.value
             elif sample.name == "canary_qwen_requests_ended_total":
                 counts[sample.labels["outcome"]] = sample.value
+            elif sample.name == "canary_qwen_requests_pending":
+                counts["pending"] = sample.value
     return counts
 
 

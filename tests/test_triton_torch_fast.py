@@ -25,7 +25,7 @@ from conftest import (
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.cli import main
-from canary_qwen.client.errors import InferenceError
+from canary_qwen.client.errors import InferenceError, ServerBusyError
 from canary_qwen.client.triton import TritonClient
 from canary_qwen.errors import UsageError
 from canary_qwen.serving.config_check import check_ensemble, parse_model_config
@@ -79,12 +79,14 @@ def test_repository_is_one_engine_model_streaming_and_a_unary_model_over_it(repo
     assert engine.model_transaction_policy.decoupled
     assert engine.parameters["engine"].string_value == "torch-fast"
     assert engine.max_batch_size == SLOTS
-    assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
-    assert engine.dynamic_batching.default_queue_policy.max_queue_size == 32
+    # No dynamic batcher: requests reach the engine as they come; the engine and the unary model bound what they hold
+    assert not engine.HasField("dynamic_batching")
+    assert engine.parameters["max_pending"].string_value == str(SLOTS + 32)
     assert read_bounds(repo / "canary_qwen_stream").max_audio_s == MAX_AUDIO_S
     unary = parse_model_config(repo / "canary_qwen" / "config.pbtxt")  # standard clients' entry: not decoupled
     assert unary.backend == "python" and not unary.model_transaction_policy.decoupled
-    assert unary.parameters["engine_model"].string_value == "canary_qwen_stream" and unary.input[0].allow_ragged_batch
+    assert unary.parameters["engine_model"].string_value == "canary_qwen_stream"
+    assert not unary.HasField("dynamic_batching") and unary.parameters["max_pending"].string_value == str(SLOTS + 32)
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["canary_qwen", "canary_qwen_stream"]
     # The checkpoint is linked in NeMo's offline layout: no hub access at load.
     held = repo / "canary_qwen_stream" / "1" / "checkpoint"
@@ -314,3 +316,23 @@ def test_client_ask_json_equals_local_ask_json(server, tiny_checkpoint, tmp_path
         [*command, "client", "ask", "--stream", "--url", server.http_url, *tail], capture_output=True, text=True
     )
     assert json_.loads(streamed.stdout) == json_.loads(local.stdout)
+
+
+def test_requests_beyond_what_the_engine_holds_are_refused_as_busy(tiny_checkpoint, clips, tmp_path):
+    """One slot and a queue of one: the engine holds two long requests, and a third, unary or streamed, is answered
+    busy at once (the client's retryable ServerBusyError), while the two held ones are answered."""
+    bounds = RequestBounds(
+        max_audio_s=MAX_AUDIO_S, max_new_tokens=BUDGET, max_new_tokens_limit=TOKEN_LIMIT, max_queue=1
+    )
+    repo = generate_engine_repo("torch-fast", tiny_checkpoint, tmp_path / "repo", max_batch=1, bounds=bounds)
+    with running_server(repo, tmp_path / "server") as s:
+        client = TritonClient(s.grpc_url, protocol="grpc")
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(client.infer, clips[0], max_new_tokens=TOKEN_LIMIT) for _ in range(2)]
+            wait_for_counts(lambda: stream_counts(s), lambda c: c.get("pending", 0) >= 2)
+            with pytest.raises(ServerBusyError, match="Exceeds maximum queue size"):
+                client.infer(clips[1], max_new_tokens=3)
+            with pytest.raises(ServerBusyError, match="Exceeds maximum queue size"):
+                list(client.stream(clips[1], max_new_tokens=3))
+            assert all(len(f.result()[0]) > 0 for f in held)
+        assert s.stop() == 0

@@ -4,7 +4,7 @@ an in-process engine (``canary_qwen.engines``) for every request, under the name
 | model | inputs | outputs |
 | --- | --- | --- |
 | ``canary_qwen_stream`` (python, decoupled): the engine | AUDIO fp32 [-1] and PROMPT string [1] (optional), or DIALOGUE string [1]; MAX_NEW_TOKENS int32 [1] (optional) | TEXT string [1] piece, OUTPUT_IDS int64 [-1] of the piece, PROMPT_TOKENS int64 [1], per response |
-| ``canary_qwen`` (python, not decoupled; ``models/gather.py``) | as ``canary_qwen_stream`` (AUDIO ragged) | TEXT, OUTPUT_IDS: the engine's pieces joined, one response |
+| ``canary_qwen`` (python, not decoupled; ``models/gather.py``) | as ``canary_qwen_stream`` | TEXT, OUTPUT_IDS: the engine's answer, one response |
 
 Both modes of the model come from the one engine: a request with AUDIO is transcribed (ASR mode, through the
 LoRA), one with DIALOGUE instead (JSON turns, ``checks.read_dialogue``) is answered in LLM mode (the LoRA off),
@@ -16,8 +16,8 @@ whose reader leaves must reach the engine directly to stop decoding.
 
 The engine (parameter ``engine``) is torch-fast (the fast PyTorch path on a checkpoint: int8 on CPUs with
 VNNI/AMX, bf16 and CUDA graphs on GPUs) or vLLM (on an export, its encoder in ONNX Runtime). Requests join the
-running batch between decode steps; a cancelled stream stops decoding. ``canary_qwen`` sends each request of its
-batch to the engine at once (BLS) and answers with the joined pieces, so Triton's standard unary inference (HTTP
+running batch between decode steps; a cancelled stream stops decoding. ``canary_qwen`` passes each request to the
+engine as it comes (BLS) and answers with the engine's whole answer, so Triton's standard unary inference (HTTP
 ``/v2/models/canary_qwen/infer``, gRPC ModelInfer, perf_analyzer) reaches the engine; streams go to
 ``canary_qwen_stream`` (gRPC streaming, HTTP generate_stream). The vllm flavour's server needs vLLM *and* numpy < 2
 (the bundled Triton 2.51 python stub returns empty outputs under numpy 2): scripts/setup.sh makes
@@ -55,7 +55,6 @@ from .repo_files import (
 )
 
 ENGINE = STREAM
-GATHER_INSTANCES = 2
 FLAVORS = ("torch-fast", "vllm")
 # Replaced when a repository is written again: its models, and those the vllm flavour had before it was one model.
 MODEL_NAMES = (ENGINE, ENSEMBLE, "preprocessing", "encoder", "vllm")
@@ -72,31 +71,34 @@ def _llm_artifacts(manifest) -> tuple[str, ...]:
 
 def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params: dict) -> dict[str, str]:
     return {
-        # No batching delay: requests go to the engine as they come, and it batches them itself (max_batch is
-        # how many decode together); the dynamic batcher is there for its bounded queue.
+        # No dynamic batcher on either model: each execute returns at once, and requests reach the engine as they
+        # come; it batches them itself (max_batch decode together) and holds at most max_pending (its slots and a
+        # full queue), refusing one more as busy. With Triton's dynamic batcher (delay 0) in front, requests that
+        # came while an execute ran waited up to 0.5 s for the next (measured: 16 requests at once reached the
+        # engine in waves 0.5 s apart).
         ENGINE: python_model(
             ENGINE,
             max_batch,
             audio_inputs(optional=True) + [dialogue_input(), max_new_tokens_input()],
             ensemble_outputs() + [prompt_tokens_output()],
-            queue_delay_us=0,
-            queue=bounds.queue,
             decoupled=True,
-            params={"engine": engine, **bounds.parameters(), **params},
+            params={
+                "engine": engine,
+                "max_pending": str(max_batch + bounds.max_queue),
+                **bounds.parameters(),
+                **params,
+            },
         ),
-        # Not decoupled, so unary clients reach it; AUDIO ragged, so clips of any lengths share an execute, whose
-        # requests all go to the engine at once. Two instances: a batch gathers while the one before is decoding.
-        # It answers TEXT and OUTPUT_IDS only: asking BLS for PROMPT_TOKENS as well crashed its stub (a segfault in
-        # libpython, 3 runs of 5 here); the prompt's length comes from canary_qwen_stream.
+        # Not decoupled, so unary clients reach it. Its execute hands each request to a thread that waits for the
+        # engine's answer (models/gather.py). It answers TEXT and OUTPUT_IDS only: asking BLS for PROMPT_TOKENS as
+        # well crashed its stub (a segfault in libpython, 3 runs of 5 here, async BLS); the prompt's length comes
+        # from canary_qwen_stream.
         ENSEMBLE: python_model(
             ENSEMBLE,
             max_batch,
-            audio_inputs(optional=True, ragged=True) + [dialogue_input(), max_new_tokens_input()],
+            audio_inputs(optional=True) + [dialogue_input(), max_new_tokens_input()],
             ensemble_outputs(),
-            instances=GATHER_INSTANCES,
-            queue_delay_us=0,
-            queue=bounds.queue,
-            params={"engine_model": ENGINE},
+            params={"engine_model": ENGINE, "max_pending": str(max_batch + bounds.max_queue)},
         ),
     }
 

@@ -2,7 +2,9 @@
 request (decoupled).
 
 AUDIO + PROMPT (optional) + MAX_NEW_TOKENS (optional) -> a stream of responses, each with the TEXT piece and
-the OUTPUT_IDS its tokens added (and PROMPT_TOKENS, the prompt's length), then the final flag; the pieces join to the transcription's text. DIALOGUE (JSON
+the OUTPUT_IDS its tokens added (and PROMPT_TOKENS, the prompt's length), then the final flag; the pieces join to
+the transcription's text. A request with the parameter ``whole_answer`` true gets the whole answer (or its
+error) as its one response (the ``canary_qwen`` gather model asks so: each response is a round trip between processes). DIALOGUE (JSON
 turns) in place of AUDIO is answered in LLM mode (the LoRA off) by the same engine, in the same batch.
 
 ``execute`` only checks a request and submits it to the ``EngineLoop``, whose thread owns the engine: between
@@ -11,6 +13,7 @@ whose client cancelled, and sends each request's new tokens as they come. The en
 kernels compiled) in ``initialize``, on the loop's thread: the server is not ready before it can answer.
 """
 
+import json
 import locale
 import queue
 import threading
@@ -21,10 +24,10 @@ import triton_python_backend_utils as pb_utils
 from canary_qwen.backends.engines import SOURCES, open_engine
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.engines import EngineLoop
-from canary_qwen.errors import CanaryQwenError
+from canary_qwen.errors import CanaryQwenError, Overloaded
 from canary_qwen.serving.checks import TextStream, model_parameters
 from canary_qwen.serving.models.metrics import ModelCounters
-from canary_qwen.serving.models.responses import CANCEL_CHECK_S, engine_request, piece_response
+from canary_qwen.serving.models.responses import CANCEL_CHECK_S, WHOLE_ANSWER, engine_request, piece_response
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PUSH_S = 0.5  # how often the engine's counts go to Triton's metrics (each push is a round trip)
@@ -140,8 +143,10 @@ class _Reply:
     """One request's sink (``canary_qwen.engines.Sink``): what the engine's thread hands it goes out through the
     outbox, piece by piece, in order; ``cancelled`` reads what the outbox found out."""
 
-    def __init__(self, request, tokenizer, outbox):
+    def __init__(self, request, tokenizer, outbox, whole: bool):
         self.request = request
+        self.whole = whole  # one response at the end instead of a piece per step (``WHOLE_ANSWER``)
+        self.held: list[int] = []  # with ``whole``, the ids so far
         self.prompt_tokens = 0  # the request's prompt length, sent with every piece (PROMPT_TOKENS)
         self.sender = request.get_response_sender()
         self.text = TextStream(tokenizer)
@@ -160,6 +165,11 @@ class _Reply:
     def send(self, ids, finished):
         if self.closed:
             return
+        if self.whole:
+            self.held += ids
+            if not finished:
+                return
+            ids = self.held
         if finished:
             self._close()
         self.outbox.jobs.put(_Send(self, list(ids), finished))
@@ -222,18 +232,22 @@ class TritonPythonModel:
                 kv_cache_gib=float(params.get("kv_cache_gib", "1")),
             ),
             name=f"{self.name} ({kind})",
+            max_pending=int(params["max_pending"]),
         )
-        self.counters = ModelCounters(self.name, self.loop.counts)
+        self.counters = ModelCounters(self.name, self.loop.counts, lambda: self.loop.pending)
         self.outbox = _Outbox(self.counters.push)
         self.tokenizer = self.loop.tokenizer
 
     def execute(self, requests):
         for request in requests:
-            reply = _Reply(request, self.tokenizer, self.outbox)
+            whole = json.loads(request.parameters()).get(WHOLE_ANSWER, False)
+            reply = _Reply(request, self.tokenizer, self.outbox, whole)
             try:
                 samples, ids, budget = engine_request(request, self.name, self.tokenizer, self.bounds)
                 reply.prompt_tokens = len(ids)
                 self.loop.submit(ids, samples, budget, reply)
+            except Overloaded as e:  # in Triton's words for a full queue, which clients read as busy
+                reply.fail(f"Exceeds maximum queue size: {e}")
             except CanaryQwenError as e:
                 reply.fail(e)
         return None

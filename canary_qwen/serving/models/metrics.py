@@ -2,7 +2,8 @@
 its :class:`~canary_qwen.engines.RequestCounts`:
 
 - ``canary_qwen_tokens_total{model}``: tokens generated for requests;
-- ``canary_qwen_requests_ended_total{model, outcome}``: requests ended, by outcome (finished, cancelled, failed).
+- ``canary_qwen_requests_ended_total{model, outcome}``: requests ended, by outcome (finished, cancelled, failed);
+- ``canary_qwen_requests_pending{model}`` (the engine model): requests held, decoding or waiting for a slot.
 
 Each increment is a round trip to the server process, so counts are pushed as deltas when a request ends (and, for
 the engine model, every ``METRICS_PUSH_S`` from its outbox thread), never per token.
@@ -16,14 +17,17 @@ from canary_qwen.engines import RequestCounts
 
 TOKENS = "canary_qwen_tokens_total"
 ENDED = "canary_qwen_requests_ended_total"
+PENDING = "canary_qwen_requests_pending"
 
 
 class ModelCounters:
     """The model's ``counts`` (its own, or an engine loop's) and their counters in Triton. ``push`` from one thread
     only, before a request's final response goes out, so that a client that has its answer sees it counted."""
 
-    def __init__(self, model: str, counts: RequestCounts | None = None):
+    def __init__(self, model: str, counts: RequestCounts | None = None, pending=None):
+        """``pending``: a callable giving the requests held now (an engine loop's), published as a gauge."""
         self.counts = counts if counts is not None else RequestCounts()
+        self.pending = pending
         counter = pb_utils.MetricFamily.COUNTER
         self._families = [
             pb_utils.MetricFamily(name=TOKENS, description="Tokens generated for requests", kind=counter),
@@ -44,6 +48,13 @@ class ModelCounters:
             for f in fields(RequestCounts)
         }
         self._pushed = RequestCounts().as_dict()
+        self._gauge = None
+        if pending is not None:
+            family = pb_utils.MetricFamily(
+                name=PENDING, description="Requests held, decoding or waiting", kind=pb_utils.MetricFamily.GAUGE
+            )
+            self._families.append(family)
+            self._gauge = family.Metric(labels={"model": model})
 
     def ended(self, outcome: str, tokens: int) -> None:
         """One request ended: counted and pushed."""
@@ -58,10 +69,13 @@ class ModelCounters:
                 if value > self._pushed[name]:
                     self._metrics[name].increment(value - self._pushed[name])
                     self._pushed[name] = value
+            if self._gauge is not None:
+                self._gauge.set(self.pending())
         except Exception as e:
             pb_utils.Logger.log_warn(f"metrics not published: {e}")
 
     def close(self) -> None:
         """Drop the metrics before their families, as the python backend requires."""
         self._metrics.clear()
+        self._gauge = None
         self._families.clear()

@@ -23,6 +23,7 @@ from canary_qwen.serving.checks import (
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.05  # is_cancelled() is a round trip to the server process: ask a few times a second per stream
+WHOLE_ANSWER = "whole_answer"  # request parameter: the engine model answers in one final response, not piece by piece
 
 
 def respond_each(requests, handle, name: str):
