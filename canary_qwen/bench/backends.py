@@ -114,7 +114,8 @@ class BenchBackend:
         setattr(self.engine, "concurrency", requests)  # noqa: B010 - only on engines that have it (in_flight)
 
     def served_fields(self) -> dict:
-        """Per-request latency (p50, p99) and the server's peak memory, for a served entry."""
+        """Per-request latency (p50, p99), the server's peak memory and its engine's busy seconds, for a served
+        entry."""
         latencies = sorted(getattr(self.engine, "latencies", None) or [])
         if not latencies:
             return {}
@@ -123,6 +124,7 @@ class BenchBackend:
             "latency_p50_s": pick(0.5),
             "latency_p99_s": pick(0.99),
             "server_peak_rss_gb": getattr(self.engine, "server_peak_rss_gb", None),
+            "engine_busy_s": getattr(self.engine, "engine_busy_s", None),
         }
 
     def close(self) -> None:

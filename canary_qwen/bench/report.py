@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..defaults import MAX_NEW_TOKENS
 from ..errors import UsageError
+from .overhead import overhead_section
 
 METHOD = (
     "Open ASR leaderboard method (open_asr_leaderboard nemo_asr/run_eval_salm.py): clips sorted longest "
@@ -187,6 +188,7 @@ def results_markdown(results: dict) -> str:
             "RTFx = audio seconds / wall seconds of one timed pass (after one untimed warm-up); "
             "'vs best NeMo' = the run's RTFx over the best NeMo RTFx of this benchmark.",
             "",
+            *overhead_section(results, "##"),
         ]
     )
 
@@ -332,6 +334,7 @@ def write_docs(
         versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
         lines += [f"| versions | {_cell(versions)} |", f"| date | {env['timestamp']} |", ""]
         lines += [markdown_table(res, failed=False), ""]
+        lines += overhead_section(res)
         skipped = [r for r in res["runs"] if r["skipped"]]
         if skipped:
             names = []

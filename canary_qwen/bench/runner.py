@@ -57,6 +57,7 @@ RUN_FIELDS = (
     "latency_p50_s",  # served entries: per request
     "latency_p99_s",
     "server_peak_rss_gb",  # served entries: the server's whole process tree
+    "engine_busy_s",  # served engine flavours: seconds the engine admitted and stepped during the timed pass
     "matches_local",  # served entries: share of clips whose tokens equal the local entry's of the same run
     "gflop_per_audio_s",
     "model_tflops",

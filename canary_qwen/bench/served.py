@@ -2,16 +2,20 @@
 bundled Triton serving it, and gRPC clients keeping a given number of requests in flight (the run's batch size).
 
 What a deployment runs, measured the way the local rows are: the same clips and budgets, RTFx over the timed
-pass, plus each request's latency and the server's peak memory (its whole process tree, sampled).
+pass, plus each request's latency, the server's peak memory (its whole process tree, sampled) and, for the engine
+flavours, the seconds the engine itself was busy during the pass (its ``canary_qwen_engine_busy_seconds_total``
+metric read before and after): the rest of the pass is the serving path's (``bench.overhead``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +29,7 @@ from ..errors import BackendUnavailable, UsageError
 FLAVORS = ("torch-fast", "onnx", "vllm")  # the flavours the bundled (python-backend) Triton serves
 STARTUP_TIMEOUT_S = 1800.0  # a full-size int8 engine loads and compiles its kernels before the server is ready
 _RSS_EVERY_S = 0.25
+_BUSY = re.compile(r"^canary_qwen_engine_busy_seconds_total\{[^}]*\}\s+(\S+)", re.M)
 
 
 class ServedBackend:
@@ -42,6 +47,7 @@ class ServedBackend:
         self.flavor, self.concurrency = flavor, slots
         self.dtype = dtype or (None if flavor == "onnx" else "fp32")  # None: the export's
         self.latencies: list[float] = []
+        self.engine_busy_s: float | None = None  # during the passes since ``reset`` (None: no engine metric)
         self._work = Path(tempfile.mkdtemp(prefix="canary-qwen-bench-", dir=_same_disk_as(source)))
         self.server = None
         try:
@@ -67,14 +73,27 @@ class ServedBackend:
             self.latencies.append(time.perf_counter() - start)
             return Transcription(text=text, token_ids=ids)
 
+        busy = self._engine_busy()
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(audios))), thread_name_prefix="bench-client") as pool:
             results = list(pool.map(one, range(len(audios))))
         self._rss.sample()  # a pass shorter than the sampling period still counts
+        after = self._engine_busy()
+        if busy is not None and after is not None:
+            self.engine_busy_s = (self.engine_busy_s or 0.0) + after - busy
         return results
 
+    def _engine_busy(self) -> float | None:
+        """The engine's busy seconds so far, from the server's metrics (None where no model publishes them). The
+        engine model publishes every 0.5 s and before each final response, so a pass's last answer is counted."""
+        assert self.server is not None
+        with urllib.request.urlopen(self.server.metrics_url, timeout=10) as r:
+            found = _BUSY.findall(r.read().decode())
+        return sum(map(float, found)) if found else None
+
     def reset(self) -> None:
-        """Forget the warm-up's latencies and memory peak."""
+        """Forget the warm-up's latencies, engine time and memory peak."""
         self.latencies.clear()
+        self.engine_busy_s = None
         self._rss.peak = 0
 
     @property

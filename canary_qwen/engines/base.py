@@ -20,20 +20,27 @@ FINISHED, CANCELLED, FAILED = "finished", "cancelled", "failed"  # how a request
 class RequestCounts:
     """What a decoding loop did, counted as it happened: tokens generated for requests, and requests ended by how
     they ended (``finished``: whole answer sent; ``cancelled``: the caller left first; ``failed``: an error sent).
-    Servers publish these as metrics, and tests read them to see what the code did instead of timing it."""
+    Servers publish these as metrics, and tests read them to see what the code did instead of timing it.
+    ``busy_s``: seconds the engine spent admitting requests and stepping (its own work; a server's time outside it is
+    the serving path's)."""
 
     tokens: int = 0
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    busy_s: float = 0.0
 
     def ended(self, outcome: str, tokens: int = 0) -> None:
         """One request ended (``outcome``: FINISHED, CANCELLED or FAILED) after ``tokens`` more tokens."""
         setattr(self, outcome, getattr(self, outcome) + 1)
         self.tokens += tokens
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def outcomes(self) -> dict[str, int]:
+        """Requests ended, by outcome."""
+        return {FINISHED: self.finished, CANCELLED: self.cancelled, FAILED: self.failed}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -125,7 +127,8 @@ class EngineLoop:
                 live.append((request, sink))
         if not live:
             return
-        refusals = self.engine.admit([r for r, _ in live])
+        with self._busy():
+            refusals = self.engine.admit([r for r, _ in live])
         for (request, sink), refused in zip(live, refusals):
             if refused is None:
                 self._open[request.request_id] = sink
@@ -149,7 +152,9 @@ class EngineLoop:
                         self._done(rid, CANCELLED)
                 if not self.engine.busy:
                     continue
-                for request_id, ids, finished in self.engine.step():
+                with self._busy():
+                    events = self.engine.step()
+                for request_id, ids, finished in events:
                     sink = self._open.get(request_id)
                     if sink is None:
                         continue
@@ -172,6 +177,17 @@ class EngineLoop:
                 break
             if item is not None:
                 self._done(item[0].request_id, FAILED, BackendUnavailable(f"{self.name} stopped"), item[1])
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """The engine's own work, added to ``counts.busy_s``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            with self._lock:
+                self.counts.busy_s += took
 
     def _fail_open(self, error: CanaryQwenError) -> None:
         open_ids = list(self._open)

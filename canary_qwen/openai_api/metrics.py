@@ -20,8 +20,8 @@ class Metrics:
     """``requests_total{status}``: transcription requests by HTTP status (499: the client left);
     ``audio_seconds_total``: audio of the answered ones; ``request_duration_seconds``: latency of answered ones
     (a stream: to its done event); ``requests_in_flight``; ``engine_pending``: windows the local engine holds;
-    ``engine_tokens_total`` and ``engine_requests_ended_total{outcome}``: what the local engine did (its
-    ``RequestCounts``)."""
+    ``engine_tokens_total``, ``engine_requests_ended_total{outcome}`` and ``engine_busy_seconds_total``: what
+    the local engine did (its ``RequestCounts``)."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -85,15 +85,20 @@ class _EngineCounts(Collector):
         self.counts = counts
 
     def collect(self):
-        counts = self.counts().as_dict()
+        counts = self.counts()
         yield CounterMetricFamily(
-            f"{PREFIX}_engine_tokens", "Tokens the in-process engine generated", value=counts.pop("tokens")
+            f"{PREFIX}_engine_tokens", "Tokens the in-process engine generated", value=counts.tokens
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_engine_busy_seconds",
+            "Seconds the in-process engine spent admitting requests and stepping",
+            value=counts.busy_s,
         )
         ended = CounterMetricFamily(
             f"{PREFIX}_engine_requests_ended",
             "Windows the in-process engine ended, by outcome: finished, cancelled (the client left), failed",
             labels=["outcome"],
         )
-        for outcome, n in counts.items():
+        for outcome, n in counts.outcomes().items():
             ended.add_metric([outcome], n)
         yield ended

@@ -3,13 +3,13 @@ its :class:`~canary_qwen.engines.RequestCounts`:
 
 - ``canary_qwen_tokens_total{model}``: tokens generated for requests;
 - ``canary_qwen_requests_ended_total{model, outcome}``: requests ended, by outcome (finished, cancelled, failed);
-- ``canary_qwen_requests_pending{model}`` (the engine model): requests held, decoding or waiting for a slot.
+- ``canary_qwen_requests_pending{model}`` (the engine model): requests held, decoding or waiting for a slot;
+- ``canary_qwen_engine_busy_seconds_total{model}`` (the engine model): seconds its engine spent admitting and
+  stepping; the rest of a request's time was the serving path's (``canary-qwen bench`` reports it per request).
 
 Each increment is a round trip to the server process, so counts are pushed as deltas when a request ends (and, for
 the engine model, every ``METRICS_PUSH_S`` from its outbox thread), never per token.
 """
-
-from dataclasses import fields
 
 import triton_python_backend_utils as pb_utils
 
@@ -18,6 +18,7 @@ from canary_qwen.engines import RequestCounts
 TOKENS = "canary_qwen_tokens_total"
 ENDED = "canary_qwen_requests_ended_total"
 PENDING = "canary_qwen_requests_pending"
+BUSY = "canary_qwen_engine_busy_seconds_total"
 
 
 class ModelCounters:
@@ -37,16 +38,17 @@ class ModelCounters:
                 "first), failed (an error response)",
                 kind=counter,
             ),
+            pb_utils.MetricFamily(
+                name=BUSY, description="Seconds the engine spent admitting requests and stepping", kind=counter
+            ),
         ]
-        tokens, ended = self._families
+        tokens, ended, busy = self._families
         self._metrics = {
-            f.name: (
-                tokens.Metric(labels={"model": model})
-                if f.name == "tokens"
-                else ended.Metric(labels={"model": model, "outcome": f.name})
-            )
-            for f in fields(RequestCounts)
+            "tokens": tokens.Metric(labels={"model": model}),
+            "busy_s": busy.Metric(labels={"model": model}),
         }
+        for outcome in self.counts.outcomes():
+            self._metrics[outcome] = ended.Metric(labels={"model": model, "outcome": outcome})
         self._pushed = RequestCounts().as_dict()
         self._gauge = None
         if pending is not None:
