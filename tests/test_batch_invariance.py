@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from canary_qwen.backends.cpu_linear import Int8Linear, cpu_has_bf16_units
+from canary_qwen.backends.fast_layers import LORA_MIN_ROWS, DenseLinear
 from canary_qwen.backends.fast_torch import FastTorchBackend
 from canary_qwen.engines.base import EngineRequest
 from canary_qwen.model.prompt import Turn, dialogue_ids, prompt_ids
@@ -135,3 +136,17 @@ def test_random_arrival_groups_give_the_tokens_of_one_call_per_mode(backend, cli
                 got[int(request_id)].extend(new)
         engine.close()
         assert {i: got.get(i, []) for i in range(len(requests))} == dict(enumerate(want)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("shape", [(256, 2048), (2048, 128), (1024, 128)])
+def test_lora_rows_get_the_same_bits_whatever_their_count(shape):
+    """The full-size LoRA's matrices (A of q and v stacked: 2048 -> 256; B: 128 -> 2048 and 1024) on 1 to 40 rows:
+    each row gets the bits it gets among 40. MKL's sgemm sums 1-15 rows otherwise than 16 and more on some CPUs
+    (an Intel Xeon here), which made 2 of 16 served int8 answers differ from local ones at full size."""
+    torch.manual_seed(0)
+    lora = DenseLinear(torch.randn(*shape) * 0.02, min_rows=LORA_MIN_ROWS)
+    x = torch.randn(40, shape[1])
+    with torch.inference_mode():
+        among = lora(x)
+        for rows in range(1, 41):
+            assert torch.equal(lora(x[:rows]), among[:rows]), f"{rows} rows"

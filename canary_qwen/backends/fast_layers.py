@@ -20,21 +20,32 @@ from .cpu_linear import (
     silu_gate_quantize_rows,
 )
 
+# MKL's fp32 sgemm gives a row the same bits at 16 rows and more whatever their count, and other bits at 1-15 rows
+# (Intel Xeon, the full-size LoRA's shapes: 2048 -> 256 and 128 -> 2048/1024). The LoRA's matrices are small, so its
+# rows are always computed 16 or more at a time: a served request, decoded beside however many others, gets the
+# bits of a local batch.
+LORA_MIN_ROWS = 16
+
 
 class DenseLinear(nn.Module):
     """``x @ weight.T + bias`` over the tensors given (the fused matrices where nothing prepacks them).
 
-    On a CPU a one-row input is computed as two rows: MKL's one-row kernel sums in another order than its
-    many-row one (bf16 on CPUs without bf16 units, measured), so a sequence decoding alone would get other bits
-    than in a batch. A decode step reads the weights once either way."""
+    On a CPU an input of fewer than ``min_rows`` rows is computed padded to that many: MKL picks its kernel by the
+    row count, and a few rows sum in another order than many (a one-row input, bf16 on CPUs without bf16 units;
+    1-15 rows of fp32 on an Intel Xeon at the LoRA's shapes, measured), so a sequence decoding alone, or beside a
+    few others, would get other bits than in a batch. Two rows (the default) cost a decode step nothing extra: it
+    reads the weights once either way."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 2):
         super().__init__()
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.min_rows = min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and x.device.type == "cpu":
-            return nn.functional.linear(torch.cat((x, x)), self.weight, self.bias)[:1]
+        rows = x.shape[0]
+        if rows < self.min_rows and x.device.type == "cpu":
+            padded = torch.cat((x, x.new_zeros(self.min_rows - rows, *x.shape[1:])))
+            return nn.functional.linear(padded, self.weight, self.bias)[:rows]
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -48,11 +59,11 @@ class LoraPath(nn.Module):
     def __init__(self, projections: Sequence[LoraLinear]):
         super().__init__()
         pairs = _lora_pairs(projections)
-        self.down = DenseLinear(torch.cat([a for a, _, _, _ in pairs]))
+        self.down = DenseLinear(torch.cat([a for a, _, _, _ in pairs]), min_rows=LORA_MIN_ROWS)
         self.ups = []  # (first rank row, rank, first output column, B, scaling)
         rank_start = 0
         for a, b, scaling, column in pairs:
-            self.ups.append((rank_start, a.shape[0], column, DenseLinear(b), scaling))
+            self.ups.append((rank_start, a.shape[0], column, DenseLinear(b, min_rows=LORA_MIN_ROWS), scaling))
             rank_start += a.shape[0]
 
     @classmethod
