@@ -8,6 +8,7 @@ import pytest
 
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.divergence import (
+    QUESTIONS,
     explain,
     first_difference,
     forced_logits,
@@ -15,6 +16,8 @@ from canary_qwen.bench.divergence import (
     summary,
     tie_ratio,
 )
+from canary_qwen.errors import UsageError
+from canary_qwen.model.prompt import Turn
 
 BUDGET = 12
 
@@ -32,6 +35,25 @@ def test_teacher_forced_logits_follow_greedy_decoding(tiny_checkpoint, clips):
     for clip, out in zip(clips, tokens):
         for k in (0, 3, len(out.token_ids) - 1):
             assert int(forced_logits(reference, clip, out.token_ids[:k]).argmax()) == out.token_ids[k]
+
+
+def test_teacher_forced_logits_follow_greedy_answers_in_llm_mode(tiny_checkpoint):
+    """LLM mode: the dialogue's prompt with the LoRA off; the same forward with it on would pick other tokens."""
+    reference = TorchBackend(str(tiny_checkpoint), dtype="fp32")
+    dialogues = [[Turn("user", q)] for q in QUESTIONS[:2]]
+    for dialogue, out in zip(dialogues, reference.answer(dialogues, max_new_tokens=BUDGET)):
+        for k in (0, 3, len(out.token_ids) - 1):
+            assert int(forced_logits(reference, dialogue, out.token_ids[:k]).argmax()) == out.token_ids[k]
+
+
+def test_llm_mode_paths_in_fp32_do_not_part_and_nemo_is_refused(tiny_checkpoint):
+    dialogues = [[Turn("user", q)] for q in QUESTIONS]
+    tokens = run_paths(str(tiny_checkpoint), dialogues, BUDGET, "fp32", "cpu", nemo=False)
+    found = explain(str(tiny_checkpoint), dialogues, tokens, "fp32", "cpu")
+    assert [(d.path, d.step) for d in found] == [("torch-fast", None)] * len(dialogues)
+    assert summary(found, unit="dialogues") == "torch-fast: 4 of 4 dialogues token-identical to the reference"
+    with pytest.raises(UsageError, match="LLM mode"):
+        run_paths(str(tiny_checkpoint), dialogues, BUDGET, "fp32", "cpu", nemo=True)
 
 
 def test_fp32_paths_do_not_part(tiny_checkpoint, clips):

@@ -24,7 +24,8 @@ from canary_qwen.backends.cpu_linear import (
 from canary_qwen.backends.fast_layers import FusedLayer, Int8FeedForward, Int8Layer
 from canary_qwen.backends.fast_torch import FastTorchBackend
 from canary_qwen.backends.torch_ref import TorchBackend
-from canary_qwen.bench.divergence import agreement, explain, summary, tie_ratio
+from canary_qwen.bench.divergence import QUESTIONS, agreement, explain, summary, tie_ratio
+from canary_qwen.model.prompt import Turn
 from canary_qwen.model.salm import load_model
 from canary_qwen.model.synthetic import make_checkpoint
 
@@ -192,6 +193,23 @@ def test_fast_path_int8_partings_are_near_ties(tiny_checkpoint, clips):
         assert tokens[d.clip][: d.step] == reference[d.clip][: d.step]
         # Both tokens' int8 logits are within logit_error of fp32, so a swap needs gap <= 2 x error.
         assert d.logit_error > 0 and tie_ratio(d) <= 2, d
+
+
+def test_fast_path_int8_llm_mode_partings_are_near_ties(tiny_checkpoint):
+    """LLM mode (the LoRA off) in int8 against the fp32 reference's answers: where they part, the two tokens' fp32
+    logits are no further apart than int8's rounding of them."""
+    dialogues = [[Turn("user", q)] for q in QUESTIONS]
+    fast = FastTorchBackend(str(tiny_checkpoint), dtype="int8")
+    tokens = [t.token_ids for t in fast.answer(dialogues, max_new_tokens=BUDGET)]
+    reference = TorchBackend(str(tiny_checkpoint), dtype="fp32")
+    want = [t.token_ids for t in reference.answer(dialogues, max_new_tokens=BUDGET)]
+    assert agreement(tokens, want) >= INT8_MIN_AGREEMENT
+    found = explain(str(tiny_checkpoint), dialogues, {"reference": want, "torch-fast": tokens}, "int8", "cpu")
+    print(summary(found, {"reference": want, "torch-fast": tokens}, "dialogues"))
+    for d in found:
+        if d.step is not None:
+            assert tokens[d.clip][: d.step] == want[d.clip][: d.step]
+            assert d.logit_error > 0 and tie_ratio(d) <= 2, d
 
 
 def test_int8_from_a_bf16_file_quantizes_what_an_fp32_file_of_the_same_values_gives(tmp_path, tiny_checkpoint, clips):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 
 from ..decoding import splice_row, token_budgets
@@ -171,13 +172,18 @@ class FastTorchBackend:
         return self.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
 
     @torch.inference_mode()
-    def next_token_logits(self, audio, prefix: list[int], prompt: str | None = None) -> torch.Tensor:
-        """Logits [V] (fp32) of the token after the prompt, the clip and ``prefix``, teacher-forced in one
-        prefill: this path's own arithmetic at a chosen step (the divergence report's error of a path)."""
-        row = self.splice(prompt_ids(self.tokenizer, prompt), self.encode([audio])[0])
+    def next_token_logits(self, source, prefix: list[int], prompt: str | None = None) -> torch.Tensor:
+        """Logits [V] (fp32) of the token after the prompt and ``prefix``, teacher-forced in one prefill: this path's
+        own arithmetic at a chosen step (the divergence report's error of a path). ``source``: a clip (samples; ASR
+        mode, the prompt ``prompt``) or a dialogue (turns; LLM mode, the LoRA off)."""
+        asr = isinstance(source, np.ndarray)
+        if asr:
+            row = self.splice(prompt_ids(self.tokenizer, prompt), self.encode([source])[0])
+        else:
+            row = self.embed(dialogue_ids(self.tokenizer, source))
         if prefix:
             row = torch.cat((row, self.model.embed_tokens(torch.tensor(prefix, device=self.device))))
-        return self.forward.prefill(self.forward.cache(1, row.shape[0]), [0], [row], [True])[0].float()
+        return self.forward.prefill(self.forward.cache(1, row.shape[0]), [0], [row], [asr])[0].float()
 
     # -- scheduler -------------------------------------------------------------------------------
     def engine(self, *, slots: int, max_len: int) -> FastTorchEngine:

@@ -12,9 +12,13 @@ a rounding near-tie, not a bug.
 An export's ONNX Runtime graphs (``--export DIR``: a quantized decoder when the export has one) are
 one more path; their error at the parting step is that of their own teacher-forced logits.
 
+``--mode llm`` does the same for LLM mode: text-only questions answered with the LoRA off (torch, torch-fast and
+vLLM; NeMo and ONNX Runtime do not answer them here).
+
     python -m canary_qwen.bench.divergence --model CKPT --dtype bf16 --device cuda [--nemo]
     python -m canary_qwen.bench.divergence --model CKPT --dtype fp32 --export EXPORT_DIR
     python -m canary_qwen.bench.divergence --model CKPT --dtype int8   # the fast path's int8 vs fp32
+    python -m canary_qwen.bench.divergence --model CKPT --dtype int8 --mode llm
 """
 
 from __future__ import annotations
@@ -24,26 +28,39 @@ import gc
 import json
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
+from ..backends.base import Answerer
 from ..backends.fast_torch import FastTorchBackend
 from ..backends.onnx_runtime import OnnxBackend
-from ..backends.registry import create_backend
 from ..backends.torch_ref import TorchBackend
 from ..decoding import splice_and_pad
-from ..errors import CanaryQwenError
+from ..errors import CanaryQwenError, UsageError
 from ..model.generate import splice_audio
-from ..model.prompt import prompt_ids
+from ..model.prompt import Turn, dialogue_ids, prompt_ids
+from ..model.qwen3 import adapter_off
+from ..modes import ASR, LLM
 from ..precision import Precision
+from ..registry import create_backend
 from .data import synthetic_set
+
+# LLM mode's questions (random weights answer anything alike; what matters is prompts of several lengths).
+QUESTIONS = (
+    "Summarise this call in one sentence.",
+    "What was decided about the budget for next year, and who will follow it up?",
+    "List the three action items.",
+    "Was the customer satisfied?",
+)
 
 
 @dataclass
 class Divergence:
-    clip: int
+    clip: int  # the index of the clip (ASR mode) or the dialogue (LLM mode)
     path: str  # the path compared with the reference
     step: int | None  # first differing token, None when identical
     reference_token: int | None = None  # None: that side stopped (eos) here
@@ -69,20 +86,29 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     return kept / max(1, sum(len(r) for r in reference))
 
 
+def mode_of(source) -> str:
+    """ASR for a clip (samples), LLM for a dialogue (turns)."""
+    return ASR if isinstance(source, np.ndarray) else LLM
+
+
 @torch.inference_mode()
-def forced_logits(backend: TorchBackend, audio: np.ndarray, prefix: list[int]) -> torch.Tensor:
-    """fp32 logits [V] of the next token after the prompt, the clip and ``prefix`` (one full forward)."""
+def forced_logits(backend: TorchBackend, source, prefix: list[int]) -> torch.Tensor:
+    """fp32 logits [V] of the next token after the prompt and ``prefix`` (one full forward): the prompt is a clip's
+    (ASR mode, through the LoRA) or a dialogue's (LLM mode, the LoRA off)."""
     model, tok = backend.model, backend.tokenizer
-    embeds = backend.encode([audio])
-    rows, _ = splice_audio(model, [prompt_ids(tok, None)], embeds, tok.placeholder_id)
+    if mode_of(source) == ASR:
+        rows, _ = splice_audio(model, [prompt_ids(tok, None)], backend.encode([source]), tok.placeholder_id)
+    else:
+        rows = model.embed_tokens(torch.tensor([dialogue_ids(tok, source)], device=model.device))
     if prefix:
         rows = torch.cat((rows, model.embed_tokens(torch.tensor([prefix], device=model.device))), dim=1)
     length = rows.shape[1]
-    hidden = model.llm(
-        rows,
-        torch.arange(length, device=model.device)[None],
-        torch.ones(1, length, dtype=torch.bool, device=model.device),
-    )
+    with adapter_off(model) if mode_of(source) == LLM else nullcontext():
+        hidden = model.llm(
+            rows,
+            torch.arange(length, device=model.device)[None],
+            torch.ones(1, length, dtype=torch.bool, device=model.device),
+        )
     return model.logits(hidden[0, -1]).float()
 
 
@@ -106,7 +132,7 @@ def reference_dtype(dtype: str) -> str:
 
 def run_paths(
     model: str,
-    clips,
+    sources,
     budget: int,
     dtype: str,
     device: str,
@@ -114,9 +140,15 @@ def run_paths(
     export: str | None = None,
     vllm_export: str | None = None,
 ) -> dict[str, list[list[int]]]:
-    """Tokens of each path in ``dtype`` (one path loaded at a time, so a full-size model fits); with ``export``,
-    also that export's ONNX Runtime graphs as path "onnx" (whatever precision they were written in); with
-    ``vllm_export`` (an export of ``model`` whose llm_merged is in ``dtype``) the vllm path."""
+    """Tokens of each path in ``dtype`` for ``sources`` (clips, or dialogues: LLM mode), one path loaded at a time so
+    a full-size model fits; with ``export``, also that export's ONNX Runtime graphs as path "onnx" (whatever
+    precision they were written in); with ``vllm_export`` (an export of ``model`` whose llm_merged is in ``dtype``)
+    the vllm path."""
+    llm = mode_of(sources[0]) == LLM
+    if llm and (nemo or export is not None):
+        raise UsageError(
+            "LLM mode's divergences are measured for torch, torch-fast and vllm: leave out nemo and export"
+        )
     paths = {"reference": ("torch", model), "torch-fast": ("torch-fast", model)}
     if nemo:
         paths["nemo"] = ("nemo", model)
@@ -128,10 +160,12 @@ def run_paths(
     for name, (backend, source) in paths.items():
         path_dtype = dtype if name == "torch-fast" else reference_dtype(dtype)
         engine = create_backend(backend, source, device=device, dtype=path_dtype)
-        if name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
-            out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in clips]
+        if llm:
+            out = cast(Answerer, engine).answer(list(sources), max_new_tokens=budget)
+        elif name == "nemo":  # one clip per call: NeMo's batch budget is then the clip's own
+            out = [engine.transcribe([c], max_new_tokens=budget)[0] for c in sources]
         else:
-            out = engine.transcribe(list(clips), max_new_tokens=budget)
+            out = engine.transcribe(list(sources), max_new_tokens=budget)
         tokens[name] = [t.token_ids for t in out]
         close = getattr(engine, "close", None)
         if callable(close):  # vLLM's in-process engine state is global: released before anything else runs
@@ -144,16 +178,16 @@ def run_paths(
 
 
 def explain(
-    model: str, clips, tokens: dict[str, list[list[int]]], dtype: str, device: str, export: str | None = None
+    model: str, sources, tokens: dict[str, list[list[int]]], dtype: str, device: str, export: str | None = None
 ) -> list[Divergence]:
-    """One record per (clip, path other than the reference). The rounding error of a torch path is that of
-    the reference in ``dtype``; that of path "onnx" is that of ``export``'s graphs."""
+    """One record per (clip or dialogue, path other than the reference). The rounding error of a torch path is that
+    of the reference in ``dtype``; that of path "onnx" is that of ``export``'s graphs."""
     reference = tokens["reference"]
     found = [
         Divergence(clip=i, path=name, step=first_difference(reference[i], path[i]))
         for name, path in tokens.items()
         if name != "reference"
-        for i in range(len(clips))
+        for i in range(len(sources))
     ]
     if not any(d.step is not None for d in found):
         return found
@@ -170,13 +204,14 @@ def explain(
         ref, other = reference[d.clip], tokens[d.path][d.clip]
         d.reference_token = ref[d.step] if d.step < len(ref) else None
         d.path_token = other[d.step] if d.step < len(other) else None
-        exact = forced_logits(fp32, clips[d.clip], ref[: d.step])
+        source = sources[d.clip]
+        exact = forced_logits(fp32, source, ref[: d.step])
         if d.path == "onnx" and graphs is not None:
-            rounded = onnx_forced_logits(graphs, clips[d.clip], ref[: d.step])
+            rounded = onnx_forced_logits(graphs, source, ref[: d.step])
         elif fast is not None and d.path == "torch-fast":
-            rounded = fast.next_token_logits(clips[d.clip], ref[: d.step])
+            rounded = fast.next_token_logits(source, ref[: d.step])
         else:
-            rounded = forced_logits(reduced or fp32, clips[d.clip], ref[: d.step])
+            rounded = forced_logits(reduced or fp32, source, ref[: d.step])
         a = eos if d.reference_token is None else d.reference_token
         b = eos if d.path_token is None else d.path_token
         d.fp32_gap = float(exact[a] - exact[b])
@@ -194,12 +229,13 @@ def tie_ratio(d: Divergence) -> float:
     return 0.0 if gap == 0 else math.inf
 
 
-def summary(found: list[Divergence], tokens: dict[str, list[list[int]]] | None = None) -> str:
+def summary(found: list[Divergence], tokens: dict[str, list[list[int]]] | None = None, unit: str = "clips") -> str:
+    """One line per path; ``unit``: what was decoded (clips, or dialogues in LLM mode)."""
     lines = []
     for name in dict.fromkeys(d.path for d in found):
         rows = [d for d in found if d.path == name]
         parted = [d for d in rows if d.step is not None]
-        line = f"{name}: {len(rows) - len(parted)} of {len(rows)} clips token-identical to the reference"
+        line = f"{name}: {len(rows) - len(parted)} of {len(rows)} {unit} token-identical to the reference"
         if tokens is not None:
             line += f", {agreement(tokens[name], tokens['reference']):.2f} of its tokens kept before the partings"
         if parted:
@@ -245,18 +281,27 @@ def main(argv=None) -> int:
         metavar="DIR",
         help="also run vLLM on this export of --model (exported with --precision matching --dtype; needs vllm)",
     )
+    p.add_argument(
+        "--mode",
+        choices=(ASR, LLM),
+        default=ASR,
+        help="asr: transcribe --synthetic's clips; llm: answer built-in questions with the LoRA off (default: asr)",
+    )
     p.add_argument("--out", metavar="PATH", help="write the records as JSON here")
     args = p.parse_args(argv)
-    clips = synthetic_set(args.synthetic).audio
+    if args.mode == LLM:
+        sources: list = [[Turn("user", q)] for q in QUESTIONS]
+    else:
+        sources = list(synthetic_set(args.synthetic).audio or [])
     try:
         tokens = run_paths(
-            args.model, clips, args.max_new_tokens, args.dtype, args.device, args.nemo, args.export, args.vllm_export
+            args.model, sources, args.max_new_tokens, args.dtype, args.device, args.nemo, args.export, args.vllm_export
         )
     except CanaryQwenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    found = explain(args.model, clips, tokens, args.dtype, args.device, args.export)
-    print(summary(found, tokens))
+    found = explain(args.model, sources, tokens, args.dtype, args.device, args.export)
+    print(summary(found, tokens, "dialogues" if args.mode == LLM else "clips"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "records": [asdict(d) for d in found]}, f, indent=2)
