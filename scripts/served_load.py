@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     data = load_set(synthetic=args.synthetic, seed=0)
     clips = data.load(list(range(len(data))))
     budgets = [math.ceil(args.tokens_per_second * len(c) / SAMPLE_RATE) for c in clips]
-    from canary_qwen.backends.registry import create_backend
+    from canary_qwen.registry import create_backend
 
     local = create_backend(args.flavor, args.model, dtype=args.dtype or "fp32")
     expected = [(t.text, t.token_ids) for t in local.transcribe(clips, max_new_tokens=budgets)]

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from canary_qwen.bench.data import synthetic_set  # noqa: E402
 from canary_qwen.client.loadtest import run_load  # noqa: E402
 from canary_qwen.client.triton import TritonClient  # noqa: E402
-from canary_qwen.serving.server import python_stubs  # noqa: E402
+from canary_qwen.serving.processes import python_stubs  # noqa: E402
 from canary_qwen.serving.supervisor import STATUS_FILE  # noqa: E402
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024

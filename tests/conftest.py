@@ -24,7 +24,8 @@ from canary_qwen.export.manifest import record_engine_build
 from canary_qwen.export.tensorrt.encoder_engine import EncoderProfile
 from canary_qwen.model.synthetic import make_checkpoint
 from canary_qwen.model.tokenizer import QwenTokenizer
-from canary_qwen.serving.server import TritonNotFoundError, TritonServer, find_bundled_triton
+from canary_qwen.serving.bundled import TritonNotFoundError, find_bundled_triton
+from canary_qwen.serving.server import TritonServer
 
 # Three architectures: the released one (LoRA on q/v, no xscaling), and two variations.
 CHECKPOINT_VARIANTS = {

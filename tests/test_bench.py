@@ -14,7 +14,6 @@ import pytest
 import soundfile as sf
 
 from canary_qwen.backends.base import Transcription
-from canary_qwen.backends.registry import BACKENDS, SERVER, BackendSpec
 from canary_qwen.bench import (
     RUN_FIELDS,
     BenchConfig,
@@ -30,6 +29,7 @@ from canary_qwen.bench.runner import batch_budgets
 from canary_qwen.cli.bench import add_bench_parser, command_line
 from canary_qwen.errors import BackendUnavailable, UsageError
 from canary_qwen.precision import TAKES, Precision
+from canary_qwen.registry import BACKENDS, SERVER, BackendSpec
 
 SPEC = "mixed:0.5-2:6"
 HAVE_NEMO = importlib.util.find_spec("nemo") is not None

@@ -20,7 +20,6 @@ import pytest
 import soundfile as sf
 from conftest import make_clip, needs_server, running_server
 
-from canary_qwen.backends.registry import DEFAULT_BACKEND
 from canary_qwen.cli import main
 from canary_qwen.corpus.inputs import list_audio
 from canary_qwen.corpus.job import ClusterOptions, DecodeOptions, transcribe_corpus
@@ -28,6 +27,7 @@ from canary_qwen.corpus.results import ResultStore, model_identity
 from canary_qwen.errors import UsageError
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.model.synthetic import make_checkpoint
+from canary_qwen.registry import DEFAULT_BACKEND
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
 
 TOKENS, WINDOW_S = "6", "3"  # short decoding; a 3 s window so the 7 s clip is cut in three

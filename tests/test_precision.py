@@ -7,13 +7,13 @@ import pytest
 
 from canary_qwen.backends.engines import open_engine
 from canary_qwen.backends.fast_torch import FastTorchBackend
-from canary_qwen.backends.registry import BACKENDS, create_backend
 from canary_qwen.backends.torch_ref import TorchBackend
 from canary_qwen.bench.backends import BackendOptions, RunSpec
 from canary_qwen.bench.backends import create_backend as bench_backend
 from canary_qwen.bounds import RequestBounds
 from canary_qwen.errors import UsageError
 from canary_qwen.precision import Precision, default_precision, resolve_precision
+from canary_qwen.registry import BACKENDS, create_backend
 from canary_qwen.serving.config_check import parse_model_config
 from canary_qwen.serving.engine_flavor import generate_engine_repo
 

@@ -14,9 +14,9 @@ from canary_qwen.cli import main
 from canary_qwen.errors import UsageError
 from canary_qwen.export.artifacts import export_all
 from canary_qwen.export.manifest import read_manifest
-from canary_qwen.export.quantize_llm import calibration_audio, calibration_batches, quantize_llm
 from canary_qwen.export.tensorrt.llm_engine import trtllm_build_commands
 from canary_qwen.model.synthetic import make_checkpoint
+from canary_qwen.quantize_llm import calibration_audio, calibration_batches, quantize_llm
 
 # TensorRT-LLM's name for each method's weights and activations
 QUANT_ALGO = {"int4_awq": "W4A16_AWQ", "int8_sq": "W8A8_SQ_PER_CHANNEL"}

@@ -25,7 +25,8 @@ from canary_qwen.bounds import RequestBounds
 from canary_qwen.client.triton import TritonClient
 from canary_qwen.errors import UsageError
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
-from canary_qwen.serving.server import DEAD_STUB_EXIT, python_stubs
+from canary_qwen.serving.processes import python_stubs
+from canary_qwen.serving.server import DEAD_STUB_EXIT
 from canary_qwen.serving.supervisor import STATUS_FILE, RestartBudget, RestartPolicy
 
 TOKEN_LIMIT = 4096  # an in-flight decode this long outlasts every wait below

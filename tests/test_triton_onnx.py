@@ -540,7 +540,7 @@ def test_trtllm_request_matches_the_tensorrt_llm_config(protocol):
     from tritonclient.grpc import model_config_pb2
 
     from canary_qwen.client.embeddings import trtllm_request_arrays
-    from canary_qwen.serving.trt_flavor import tensorrt_llm_config
+    from canary_qwen.serving.trt_models import tensorrt_llm_config
 
     cfg = parse_model_config(tensorrt_llm_config(engine_dir="/engines/llm", max_batch=8, engine_dtype="bfloat16"))
     spec = {i.name: i for i in cfg.input}

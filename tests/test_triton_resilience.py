@@ -29,7 +29,8 @@ from canary_qwen.cli import main
 from canary_qwen.client.errors import InferenceError, RequestTimeoutError, ServerBusyError, ServerUnreachableError
 from canary_qwen.client.triton import TritonClient
 from canary_qwen.serving.onnx_flavor import generate_onnx_repo
-from canary_qwen.serving.server import DEAD_STUB_EXIT, python_stubs
+from canary_qwen.serving.processes import python_stubs
+from canary_qwen.serving.server import DEAD_STUB_EXIT
 
 pytestmark = pytest.mark.triton
 

@@ -21,15 +21,10 @@ import numpy as np
 import pytest
 from conftest import needs_server, running_server
 
-from canary_qwen.serving import server as server_mod
+from canary_qwen.serving import bundled
+from canary_qwen.serving.bundled import TritonNotFoundError, find_bundled_triton, prepare_backend_dir
 from canary_qwen.serving.config_check import ModelConfigError, check_ensemble, parse_model_config
-from canary_qwen.serving.server import (
-    TritonNotFoundError,
-    TritonServer,
-    TritonStartError,
-    find_bundled_triton,
-    prepare_backend_dir,
-)
+from canary_qwen.serving.server import TritonServer, TritonStartError
 
 pytestmark = pytest.mark.triton
 
@@ -152,7 +147,7 @@ def test_find_bundled_triton_paths_exist():
 
 
 def test_missing_pytriton_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(server_mod.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bundled.util, "find_spec", lambda name: None)
     with pytest.raises(TritonNotFoundError, match=r"pip install nvidia-pytriton==0\.7\.0"):
         find_bundled_triton()
 

@@ -27,7 +27,7 @@ from canary_qwen.export.tensorrt.llm_engine import (
     trtllm_build_commands,
 )
 from canary_qwen.protocol.prompt_table import build_request, triton_request_inputs
-from canary_qwen.serving import trt_flavor
+from canary_qwen.serving import trt_models
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import text_format  # noqa: E402
@@ -196,7 +196,7 @@ TYPE_TO_NUMPY = {"TYPE_INT32": np.int32, "TYPE_UINT64": np.uint64, "TYPE_BOOL": 
 
 
 def test_tensorrt_llm_config_parses_with_the_real_inputs():
-    text = trt_flavor.tensorrt_llm_config(
+    text = trt_models.tensorrt_llm_config(
         engine_dir="/models/llm_engine",
         max_batch=64,
         engine_dtype="bfloat16",
@@ -209,7 +209,7 @@ def test_tensorrt_llm_config_parses_with_the_real_inputs():
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
     assert list(cfg.dynamic_batching.preferred_batch_size) == [64]
     inputs = {t.name: t for t in cfg.input}
-    assert list(inputs) == [row[0] for row in trt_flavor.TENSORRT_LLM_INPUTS]
+    assert list(inputs) == [row[0] for row in trt_models.TENSORRT_LLM_INPUTS]
     for name in REQUEST_INPUTS:
         assert name in inputs
     dt = pb2.DataType.Name
@@ -247,7 +247,7 @@ def test_tensorrt_llm_config_parses_with_the_real_inputs():
 
 def test_tensorrt_llm_config_streaming_and_options():
     cfg = parse(
-        trt_flavor.tensorrt_llm_config(
+        trt_models.tensorrt_llm_config(
             engine_dir="/e",
             max_batch=8,
             decoupled=True,
@@ -265,14 +265,14 @@ def test_tensorrt_llm_config_streaming_and_options():
     assert params["enable_kv_cache_reuse"] == "false" and params["max_tokens_in_paged_kv_cache"] == "4096"
     assert params["gpu_device_ids"] == "0" and params["batch_scheduler_policy"] == "guaranteed_no_evict"
     with pytest.raises(ValueError, match="batching_strategy"):
-        trt_flavor.tensorrt_llm_config(engine_dir="/e", max_batch=8, batching_strategy="static")
+        trt_models.tensorrt_llm_config(engine_dir="/e", max_batch=8, batching_strategy="static")
     with pytest.raises(ValueError, match="kv_cache_free_gpu_mem_fraction"):
-        trt_flavor.tensorrt_llm_config(engine_dir="/e", max_batch=8, kv_cache_free_gpu_mem_fraction=1.5)
+        trt_models.tensorrt_llm_config(engine_dir="/e", max_batch=8, kv_cache_free_gpu_mem_fraction=1.5)
 
 
 def test_request_tensors_fit_the_tensorrt_llm_config():
     """A request built by the prompt-table protocol has exactly the names, dtypes and shapes the config declares."""
-    cfg = parse(trt_flavor.tensorrt_llm_config(engine_dir="/e", max_batch=8, engine_dtype="float16", decoupled=True))
+    cfg = parse(trt_models.tensorrt_llm_config(engine_dir="/e", max_batch=8, engine_dtype="float16", decoupled=True))
     inputs = {t.name: t for t in cfg.input}
     emb = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     req = build_request([1, 2, 99, 3], emb, placeholder_id=99, vocab_size=151936, dtype="float16")
@@ -288,7 +288,7 @@ def test_request_tensors_fit_the_tensorrt_llm_config():
 
 def test_encoder_config_parses():
     cfg = parse(
-        trt_flavor.encoder_config(max_batch=32, instances=2, queue_delay_us=500, embeddings_dtype="bfloat16", gpus=[0])
+        trt_models.encoder_config(max_batch=32, instances=2, queue_delay_us=500, embeddings_dtype="bfloat16", gpus=[0])
     )
     assert cfg.name == "encoder" and cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
     assert cfg.max_batch_size == 32 and cfg.dynamic_batching.max_queue_delay_microseconds == 500
@@ -305,7 +305,7 @@ def test_encoder_config_parses():
     group = cfg.instance_group[0]
     assert group.count == 2 and pb2.ModelInstanceGroup.Kind.Name(group.kind) == "KIND_GPU" and list(group.gpus) == [0]
     with pytest.raises(ValueError, match="'int8' is no precision to hold tensors in"):
-        trt_flavor.encoder_config(max_batch=1, embeddings_dtype="int8")
+        trt_models.encoder_config(max_batch=1, embeddings_dtype="int8")
 
 
 # -- engines (TensorRT / TensorRT-LLM and a GPU) -------------------------------------------------------

@@ -26,7 +26,7 @@ from canary_qwen.export.tensorrt.encoder_engine import pad_to_min_samples
 from canary_qwen.model.prompt import prompt_ids
 from canary_qwen.model.tokenizer import QwenTokenizer
 from canary_qwen.protocol.trt_requests import tensorrt_llm_inputs
-from canary_qwen.serving import trt_flavor
+from canary_qwen.serving import trt_flavor, trt_models
 from canary_qwen.serving.config_check import parse_model_config
 
 pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -72,7 +72,7 @@ def tensorrt_llm_configs(export_dir, tmp_path):
             )
             configs.append((parse_model_config(repo / "tensorrt_llm/config.pbtxt"), dtype))
     for dtype in engines:
-        text = trt_flavor.tensorrt_llm_config(engine_dir="/m/llm", max_batch=16, engine_dtype=dtype)
+        text = trt_models.tensorrt_llm_config(engine_dir="/m/llm", max_batch=16, engine_dtype=dtype)
         configs.append((parse_model_config(text), dtype))
     return configs
 
@@ -114,7 +114,7 @@ def test_the_contract_catches_what_the_backend_refuses():
 
 
 def ensemble_llm_step(cfg):
-    return next(s for s in cfg.ensemble_scheduling.step if s.model_name == trt_flavor.TENSORRT_LLM)
+    return next(s for s in cfg.ensemble_scheduling.step if s.model_name == trt_models.TENSORRT_LLM)
 
 
 def test_every_request_the_trt_flavour_builds_keeps_the_contract(export_dir, tmp_path):

@@ -13,8 +13,9 @@ The command line is ``canary-qwen bench`` (``canary_qwen.cli.bench``).
 
 from .backends import BackendOptions, BenchBackend, create_backend
 from .data import BenchSet, Clip, ManifestError, load_set, parse_synthetic_spec, read_manifest, synthetic_set
+from .environment import environment
 from .report import load_results, markdown_table, plot_rtfx, results_markdown, write_docs, write_results
-from .runner import RUN_FIELDS, BenchConfig, environment, run_benchmark, word_error_rate
+from .runner import RUN_FIELDS, BenchConfig, run_benchmark, word_error_rate
 
 __all__ = [
     "RUN_FIELDS",

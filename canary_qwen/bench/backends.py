@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..backends.base import Transcriber, Transcription
-from ..backends.registry import CHECKPOINT, EXPORT, backend_spec
 from ..errors import BackendUnavailable, UsageError
 from ..precision import resolve_precision
+from ..registry import CHECKPOINT, EXPORT, backend_spec
 
 PER_CLIP = "per-clip"
 PER_BATCH = "per-batch"

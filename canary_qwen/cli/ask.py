@@ -6,10 +6,10 @@ import json
 from typing import cast
 
 from ..backends.base import Answerer
-from ..backends.registry import BACKENDS, DEFAULT_BACKEND, DTYPE_CHOICES, DTYPE_HELP, create_backend
 from ..defaults import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import CanaryQwenError, UsageError
 from ..model.prompt import Turn, about
+from ..registry import BACKENDS, DEFAULT_BACKEND, DTYPE_CHOICES, DTYPE_HELP, create_backend
 
 ANSWERING = tuple(name for name, spec in BACKENDS.items() if spec.answers)
 

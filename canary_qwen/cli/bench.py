@@ -7,10 +7,10 @@ import shlex
 import sys
 import textwrap
 
-from ..backends.registry import BACKENDS
 from ..bench.report import METHOD
 from ..defaults import MAX_NEW_TOKENS
 from ..precision import Precision
+from ..registry import BACKENDS
 
 EPILOG = """\
 examples:

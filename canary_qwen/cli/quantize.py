@@ -29,7 +29,7 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> int:
-    from ..export.quantize_llm import quantize_llm
+    from ..quantize_llm import quantize_llm
 
     result = quantize_llm(
         args.artifacts,

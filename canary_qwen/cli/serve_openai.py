@@ -8,7 +8,6 @@ import logging
 import sys
 from dataclasses import replace
 
-from ..backends.registry import BACKENDS, DTYPE_CHOICES
 from ..defaults import (
     MAX_ANSWER_TOKENS,
     MAX_ANSWER_TOKENS_LIMIT,
@@ -20,6 +19,7 @@ from ..defaults import (
 )
 from ..errors import UsageError
 from ..openai_api.realtime_protocol import LiveSettings
+from ..registry import BACKENDS, DTYPE_CHOICES
 
 LIVE = LiveSettings()  # the live-session limits' defaults
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from ..backends.registry import (
+from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
+from ..errors import UsageError
+from ..registry import (
     BACKENDS,
     DEFAULT_BACKEND,
     DTYPE_CHOICES,
@@ -13,8 +15,6 @@ from ..backends.registry import (
     SERVER,
     create_backend,
 )
-from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
-from ..errors import UsageError
 
 LOCAL = tuple(name for name, spec in BACKENDS.items() if spec.source != SERVER)
 

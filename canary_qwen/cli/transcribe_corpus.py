@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..backends.registry import BACKENDS, DEFAULT_BACKEND, SERVER
 from ..client.wire import DEFAULT_MODEL
 from ..errors import UsageError
+from ..registry import BACKENDS, DEFAULT_BACKEND, SERVER
 from .transcribe import add_decoding_options
 
 SHOWN_ERRORS = 10  # failed files named in the summary; all of them are in the output

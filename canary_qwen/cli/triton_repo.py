@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..backends.registry import DTYPE_CHOICES
 from ..bounds import RequestBounds
 from ..defaults import (
     ENGINE_DIR_IN_SERVER,
@@ -16,6 +15,7 @@ from ..defaults import (
     QUEUE_TIMEOUT_S,
 )
 from ..errors import UsageError
+from ..registry import DTYPE_CHOICES
 
 DESCRIPTION = """\
 Write a Triton model repository for an export (`canary-qwen export`; torch-fast: for a checkpoint). The flavours serve the same
@@ -80,15 +80,16 @@ def add_triton_repo_parser(subparsers) -> None:
         "--max-queue",
         type=int,
         default=MAX_QUEUE,
-        help="onnx, vllm, torch-fast: requests each python model keeps queued before refusing more as busy "
-        "(default: %(default)s)",
+        help="onnx: requests each python model keeps queued before refusing more as busy; vllm, torch-fast: requests "
+        "the engine holds beyond its --max-batch running ones (default: %(default)s)",
     )
     p.add_argument(
         "--queue-timeout-s",
         type=float,
         default=QUEUE_TIMEOUT_S,
-        help="onnx, vllm, torch-fast: a request that waited this long in a queue is refused, its client has likely given up "
-        "(default: %(default)s; 0: no limit)",
+        help="onnx: a request that waited this long in a queue is refused, its client has likely given up "
+        "(default: %(default)s; 0: no limit); vllm, torch-fast hand requests to their engine at once, which bounds "
+        "them by --max-queue only",
     )
     p.add_argument(
         "--device",

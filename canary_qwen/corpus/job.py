@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.registry import SERVER, backend_spec, create_backend
 from ..defaults import MAX_NEW_TOKENS, MAX_WINDOW_S
 from ..errors import ExternalToolError, UsageError, import_optional
 from ..pipeline.batching import FileResult, transcribe_files
 from ..precision import resolve_precision
+from ..registry import SERVER, backend_spec, create_backend
 from .results import COLUMNS, ResultStore, fingerprint, model_identity
 
 RAY_REQUIREMENT = "ray[data] 2.60 (pip install 'canary-qwen[ray]')"

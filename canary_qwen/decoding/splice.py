@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 Embed = Callable[[np.ndarray], Any]  # prompt ids (int64) -> token embeddings [n, H], numpy or torch
 
 
@@ -60,3 +62,16 @@ def left_pad(rows: Sequence) -> tuple[Any, np.ndarray]:
 def splice_and_pad(prompts: Sequence[Sequence[int]], audio_embeds: Sequence, embed: Embed, placeholder_id: int):
     """Row i: ``prompts[i]`` with clip i's frames spliced in; left-padded. Returns (embeds, mask)."""
     return left_pad([splice_row(p, a, embed, placeholder_id) for p, a in zip(prompts, audio_embeds)])
+
+
+def check_prompt_ids(ids: np.ndarray, placeholder_id: int, vocab_rows: int) -> list[int]:
+    """One row of ``PROMPT_IDS`` (as the llm model receives it) checked: exactly one placeholder, ids in range."""
+    row = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if row.count(placeholder_id) != 1:
+        raise InputError(
+            f"PROMPT_IDS must hold the audio placeholder id {placeholder_id} exactly once, found {row.count(placeholder_id)}"
+        )
+    bad = [i for i in row if i != placeholder_id and not 0 <= i < vocab_rows]
+    if bad:
+        raise InputError(f"PROMPT_IDS has ids outside the vocabulary (0..{vocab_rows - 1}): {bad[:5]}")
+    return row

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..decoding import until_eos
+from ..decoding import check_prompt_ids, until_eos
 from ..errors import InputError
 from ..protocol import prompt_table
-from ..serving.checks import check_prompt_ids
 
 
 def tensorrt_llm_inputs(

@@ -128,19 +128,6 @@ def read_dialogue(value: str) -> list:
     return [Turn(t["role"], t["content"]) for t in turns]
 
 
-def check_prompt_ids(ids: np.ndarray, placeholder_id: int, vocab_rows: int) -> list[int]:
-    """One row of ``PROMPT_IDS`` (as the llm model receives it) checked: exactly one placeholder, ids in range."""
-    row = [int(i) for i in np.asarray(ids).reshape(-1)]
-    if row.count(placeholder_id) != 1:
-        raise InputError(
-            f"PROMPT_IDS must hold the audio placeholder id {placeholder_id} exactly once, found {row.count(placeholder_id)}"
-        )
-    bad = [i for i in row if i != placeholder_id and not 0 <= i < vocab_rows]
-    if bad:
-        raise InputError(f"PROMPT_IDS has ids outside the vocabulary (0..{vocab_rows - 1}): {bad[:5]}")
-    return row
-
-
 def check_embeddings(embeds: np.ndarray, hidden_size: int) -> np.ndarray:
     """One request's ``EMBEDDINGS`` as [B, T, H] float32."""
     embeds = np.asarray(embeds)

@@ -3,9 +3,8 @@
 The wheel ships Triton 2.51 with only the python backend, which is all the CPU model repository
 needs. Running the binary ourselves (instead of through PyTriton's ``Triton`` class) lets us serve an
 ordinary model repository: ensembles, decoupled streaming, our own config.pbtxt files.
-Everything the binary needs that a plain ``pip install`` does not set up is done here: a backend
-folder with the stub for this interpreter, PATH so the stub embeds *this* Python (and its
-site-packages), LD_LIBRARY_PATH for the wheel's vendored libraries and for the matching libpython.
+What the binary needs that a plain ``pip install`` does not set up is ``bundled``'s job; its stub processes
+are ``processes``'.
 
 Triton 2.51 does not notice when a python model's process (its "stub") dies: the model stays "ready" and
 every request to it fails. ``TritonServer.dead_stubs`` finds such processes; ``serve_forever``
@@ -15,7 +14,6 @@ every request to it fails. ``TritonServer.dead_stubs`` finds such processes; ``s
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -23,22 +21,22 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import metadata, util
 from pathlib import Path
 
-from ..errors import BackendUnavailable, CanaryQwenError, UsageError
+from ..errors import CanaryQwenError, UsageError
+from .bundled import (
+    check_numpy,
+    find_bundled_triton,
+    prepare_backend_dir,
+    server_env,
+)
+from .processes import Stub, killpg, python_stubs, terminate_with_parent
 
-INSTALL_HINT = "pip install nvidia-pytriton==0.7.0  (or: pip install 'canary-qwen[serve]')"
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 _instance_ids = itertools.count()
 _ERROR_LINE = re.compile(r"^E\d{4} ")
@@ -46,12 +44,6 @@ _ERROR_LINE = re.compile(r"^E\d{4} ")
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n|\"?$)", re.M)
 _BENIGN = ("CudaDriverHelper has not been initialized",)  # logged on every CPU-only start
 DEAD_STUB_EXIT = 3  # serve_forever's exit code when a model's python process died
-_PR_SET_PDEATHSIG = 1
-STUB_BINARY = b"triton_python_backend_stub"
-
-
-class TritonNotFoundError(BackendUnavailable):
-    """The bundled tritonserver (nvidia-pytriton wheel) is not installed or is incomplete."""
 
 
 class TritonStartError(CanaryQwenError):
@@ -62,83 +54,6 @@ def load_failures(log: str) -> list[str]:
     """ "model 'NAME' did not load: REASON" for each model the log says failed to load, in order, once each."""
     found = dict.fromkeys(f"model '{m[1]}' did not load: {m[2].strip()}" for m in _LOAD_FAILURE.finditer(log))
     return list(found)
-
-
-@dataclass(frozen=True)
-class BundledTriton:
-    """Paths inside an installed ``nvidia-pytriton`` wheel."""
-
-    root: Path  # .../site-packages/pytriton/tritonserver
-    binary: Path  # root/bin/tritonserver
-    python_backend: Path  # root/backends/python (libtriton_python.so, triton_python_backend_utils.py)
-    stubs: Path  # root/python_backend_stubs/<major.minor>/triton_python_backend_stub
-    caches: Path  # root/caches (response cache plugins)
-    libs: Path  # .../site-packages/nvidia_pytriton.libs (vendored shared libraries)
-
-    def stub_for(self, version: str | None = None) -> Path:
-        """The python backend stub built for ``version`` ("3.11"; default: the running interpreter)."""
-        version = version or f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = self.stubs / version / "triton_python_backend_stub"
-        if not stub.is_file():
-            have = sorted(p.name for p in self.stubs.iterdir() if (p / "triton_python_backend_stub").is_file())
-            raise TritonNotFoundError(
-                f"nvidia-pytriton has no python backend stub for Python {version} (it has: {', '.join(have) or 'none'}); "
-                "run the server from a virtualenv with one of those Python versions"
-            )
-        return stub
-
-
-def find_bundled_triton() -> BundledTriton:
-    """Locate tritonserver in the installed ``pytriton`` package (found without importing it)."""
-    spec = util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonNotFoundError(f"the Triton server is not installed: {INSTALL_HINT}")
-    package = Path(list(spec.submodule_search_locations)[0])
-    root = package / "tritonserver"
-    triton = BundledTriton(
-        root=root,
-        binary=root / "bin" / "tritonserver",
-        python_backend=root / "backends" / "python",
-        stubs=root / "python_backend_stubs",
-        caches=root / "caches",
-        libs=package.parent / "nvidia_pytriton.libs",
-    )
-    needed = [
-        triton.binary,
-        triton.python_backend / "libtriton_python.so",
-        triton.python_backend / "triton_python_backend_utils.py",
-        triton.stubs,
-        triton.libs,
-    ]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise TritonNotFoundError(
-            f"the pytriton package at {package} lacks {', '.join(missing)} (a source build or another version?): {INSTALL_HINT}"
-        )
-    return triton
-
-
-def prepare_backend_dir(
-    dest: str | os.PathLike, triton: BundledTriton | None = None, python_version: str | None = None
-) -> Path:
-    """Assemble ``dest/python/`` the way tritonserver expects, and return ``dest`` (for --backend-directory).
-
-    The wheel keeps the stubs for all Python versions apart from the backend library; the backend looks
-    for ``triton_python_backend_stub`` next to ``libtriton_python.so``, so the one matching the
-    interpreter that will run the models is copied in.
-    """
-    triton = triton or find_bundled_triton()
-    stub = triton.stub_for(python_version)
-    dest = Path(dest)
-    folder = dest / "python"
-    folder.mkdir(parents=True, exist_ok=True)
-    for src in (
-        triton.python_backend / "libtriton_python.so",
-        triton.python_backend / "triton_python_backend_utils.py",
-        stub,
-    ):
-        shutil.copy2(src, folder / src.name)
-    return dest
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -153,40 +68,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def server_env(triton: BundledTriton, base: dict | None = None) -> dict:
-    """Environment for tritonserver and its python stubs.
-
-    The venv's bin goes first on PATH: the stub embeds Python and finds its prefix (so pyvenv.cfg and the
-    venv's site-packages) from the ``python3`` it sees there. LIBDIR goes on LD_LIBRARY_PATH so the stub
-    loads this interpreter's libpython, not a system one of the same version.
-    """
-    env = dict(os.environ if base is None else base)
-    bin_dir = str(Path(sys.executable).parent)  # not resolved: a venv's python is a symlink to the base one
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]).rstrip(os.pathsep)
-    libs = [str(triton.libs)]
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        libs.append(libdir)
-    if env.get("LD_LIBRARY_PATH"):
-        libs.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
-    return env
-
-
-def _check_numpy() -> None:
-    # The 2.51 stub silently returns empty outputs under numpy 2 (measured); warn early instead.
-    try:
-        major = int(metadata.version("numpy").split(".")[0])
-    except (metadata.PackageNotFoundError, ValueError):
-        return
-    if major >= 2:
-        warnings.warn(
-            "numpy >= 2 is installed: Triton 2.51's python backend returns empty outputs with it; install numpy<2",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 class TritonServer:
@@ -284,7 +165,7 @@ class TritonServer:
         restarts) comes back at the same addresses, or fails to start if one of them is taken."""
         if self.process is not None:
             raise RuntimeError("server already started")
-        _check_numpy()
+        check_numpy()
         if self._own_backend:
             prepare_backend_dir(self.backend_dir, self.triton)
         # The python stubs ignore PYTHONPATH and put their working directory (work_dir) first on sys.path: link
@@ -323,14 +204,14 @@ class TritonServer:
                 env=server_env(self.triton),
                 cwd=self.work_dir,
                 start_new_session=True,
-                preexec_fn=_terminate_with_parent(),
+                preexec_fn=terminate_with_parent(),
             )
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while True:
             code = self.process.poll()
             if code is not None:
-                _killpg(self.process.pid)
+                killpg(self.process.pid)
                 self.process = None
                 raise self._start_failure(f"tritonserver exited with code {code} during start-up")
             if _ready(url):
@@ -367,9 +248,9 @@ class TritonServer:
                 try:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    _killpg(proc.pid)
+                    killpg(proc.pid)
                     proc.wait()
-            _killpg(proc.pid)  # stragglers: stubs left by a crashed or killed server share its group
+            killpg(proc.pid)  # stragglers: stubs left by a crashed or killed server share its group
             # A killed server's python stubs leave their shared-memory regions behind; nothing else uses this prefix.
             for region in Path("/dev/shm").glob(self._shm_prefix + "*"):
                 region.unlink(missing_ok=True)
@@ -421,56 +302,3 @@ def _ready(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
-
-
-@dataclass(frozen=True)
-class Stub:
-    """A python backend stub process: the process that runs one instance of a python model."""
-
-    pid: int
-    model: str
-    instance: str  # Triton's instance name, e.g. llm_0_0
-
-
-def python_stubs(server_pid: int) -> list[Stub]:
-    """The running python stubs of the tritonserver with pid ``server_pid`` (read from /proc; [] elsewhere)."""
-    stubs = []
-    for pid in _children(server_pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        # stub argv (python_backend stub_launcher.cc): binary, model.py path, shm region, shm sizes, parent pid,
-        # backend dir, ipc handle, instance name, ...
-        if argv[0].endswith(STUB_BINARY) and len(argv) > 8:
-            stubs.append(Stub(pid, Path(os.fsdecode(argv[1])).parent.parent.name, os.fsdecode(argv[8])))
-    return stubs
-
-
-def _children(pid: int) -> list[int]:
-    """Running (not zombie) child processes of ``pid``."""
-    kids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            kids.append(int(entry.name))
-    return kids
-
-
-def _terminate_with_parent():
-    """A preexec_fn that has the kernel send SIGTERM to the child when the thread that started it exits (so only
-    used from the main thread: a worker thread ends long before the process). None where prctl is not available."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -13,12 +13,11 @@ import triton_python_backend_utils as pb_utils
 
 from canary_qwen.backends.onnx_runtime import OnnxDecoder
 from canary_qwen.bounds import RequestBounds
-from canary_qwen.decoding import splice_and_pad
+from canary_qwen.decoding import check_prompt_ids, splice_and_pad
 from canary_qwen.export.manifest import read_manifest
 from canary_qwen.serving.checks import (
     InputError,
     check_embeddings,
-    check_prompt_ids,
     model_parameters,
     pad_ids,
     read_budgets,
