@@ -23,7 +23,6 @@ import json
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -31,11 +30,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from openai_server import serve_openai
 
 from canary_qwen.bench.data import speech_like
 from canary_qwen.client.live import play
 from canary_qwen.defaults import SAMPLE_RATE
-from canary_qwen.serving.server import free_ports
 
 LAG = "canary_qwen_openai_live_partial_lag_seconds"
 TARGET_LAG_S = 2.0
@@ -186,33 +185,15 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_ports(1)[0]
-    url = f"http://127.0.0.1:{port}"
-    server_args = ["serve-openai", "--port", str(port), "--model", args.model, "--backend", "torch-fast"]
-    server_args += ["--dtype", args.dtype, "--partial-interval-s", str(args.partial_interval_s)]
-    server_args += ["--max-new-tokens", str(args.max_new_tokens)]
+    server_args = ["--model", args.model, "--backend", "torch-fast", "--dtype", args.dtype]
+    server_args += ["--partial-interval-s", str(args.partial_interval_s), "--max-new-tokens", str(args.max_new_tokens)]
     server_args += ["--max-batch", str(max(args.sessions) * 2), "--log-level", "warning"]
-    log = open(out / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "canary_qwen.cli", *server_args], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            except Exception:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve-openai did not become ready; see {out / 'server.log'}")
-            time.sleep(2)
+    with serve_openai(server_args, out / "server.log") as url:
         play(f"{url}/v1", session_audio(5, 0)[0], speed=2.0)  # warm-up: kernels, first allocations
         levels = []
         for n in args.sessions:
             levels.append(level(url, n, args.audio_s))
             print(json.dumps(levels[-1]), file=sys.stderr, flush=True)
-    finally:
-        server.terminate()
-        server.wait(60)
     import torch
 
     report = {

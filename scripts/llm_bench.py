@@ -15,16 +15,15 @@ import argparse
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from openai_server import serve_openai
+
 from canary_qwen.backends.fast_torch import FastTorchBackend
 from canary_qwen.model.prompt import Turn, about
-from canary_qwen.serving.server import free_ports
 
 WORDS = (
     "the team agreed to move the release to next week because the tests on the new build were still failing and "
@@ -56,22 +55,9 @@ def local(model: str, dtype: str, sizes: list[int], budget: int) -> list[dict]:
 def served(model: str, dtype: str, sizes: list[int], budget: int, log: Path) -> list[dict]:
     import openai
 
-    port = free_ports(1)[0]
-    argv = [sys.executable, "-m", "canary_qwen.cli", "serve-openai", "--port", str(port), "--model", model]
-    argv += ["--backend", "torch-fast", "--dtype", dtype, "--max-batch", str(max(sizes)), "--log-level", "warning"]
-    server = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
-                    break
-            except Exception:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve-openai did not become ready; see {log}")
-            time.sleep(2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=900)
+    args = ["--model", model, "--backend", "torch-fast", "--dtype", dtype, "--max-batch", str(max(sizes))]
+    with serve_openai([*args, "--log-level", "warning"], log) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=900)
 
         def ask(i: int, tokens: int = budget) -> int:
             messages = [{"role": t.role, "content": t.content} for t in dialogue(i)]
@@ -88,9 +74,6 @@ def served(model: str, dtype: str, sizes: list[int], budget: int, log: Path) -> 
             rows.append({"where": "served", "in_flight": n, "tokens": tokens, "seconds": wall,
                          "tokens_per_s": tokens / wall})  # fmt: skip
         return rows
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def main() -> int:

@@ -133,7 +133,8 @@ def read_bounds(model_dir) -> RequestBounds:
 
 def stream_counts(server, model: str = "canary_qwen_stream") -> dict[str, float]:
     """What a streaming python model counted (canary_qwen/serving/models/metrics.py), from the server's metrics
-    endpoint: tokens generated, requests finished, cancelled and failed, and (the engine model) requests pending."""
+    endpoint: tokens generated, requests finished, cancelled and failed, responses sent, and (the engine model) requests
+    pending and engine steps."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
@@ -149,6 +150,10 @@ def stream_counts(server, model: str = "canary_qwen_stream") -> dict[str, float]
                 counts[sample.labels["outcome"]] = sample.value
             elif sample.name == "canary_qwen_requests_pending":
                 counts["pending"] = sample.value
+            elif sample.name == "canary_qwen_engine_steps_total":
+                counts["steps"] = sample.value
+            elif sample.name == "canary_qwen_responses_total":
+                counts["responses"] = sample.value
     return counts
 
 

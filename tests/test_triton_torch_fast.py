@@ -336,3 +336,26 @@ def test_requests_beyond_what_the_engine_holds_are_refused_as_busy(tiny_checkpoi
                 list(client.stream(clips[1], max_new_tokens=3))
             assert all(len(f.result()[0]) > 0 for f in held)
         assert s.stop() == 0
+
+
+@needs_server
+def test_the_served_path_costs_a_step_per_token_and_one_response_per_unary_request(server, clips):
+    """What the server did for requests sent one at a time, counted by the engine model: a request of n tokens takes
+    n engine steps (n + 1 when it ends on eos), a unary request one response (its whole answer), a streamed one at
+    most n + 1 (a piece per step, whitespace joining the next, and the final flag). Measured on the tiny checkpoint:
+    exactly those. A served path that stepped while idle, or sent a unary answer piece by piece (a round trip
+    between processes each), fails here."""
+    wait_for_counts(lambda: stream_counts(server), lambda c: c.get("pending", 1) == 0)
+    before = stream_counts(server)
+    with TritonClient(server.grpc_url, "grpc", timeout_s=60) as client:
+        unary = [len(client.infer(clip, max_new_tokens=BUDGET, with_ids=True)[1]) for clip in clips[:4]]
+        counts = wait_for_counts(lambda: stream_counts(server), lambda c: c["finished"] >= before["finished"] + 4)
+        assert sum(unary) <= counts["steps"] - before["steps"] <= sum(unary) + len(unary)
+        assert counts["responses"] - before["responses"] == len(unary)
+        before = counts
+        streamed = [
+            sum(len(ids) for _, ids in client.stream_with_ids(clip, max_new_tokens=BUDGET)) for clip in clips[:4]
+        ]
+        counts = wait_for_counts(lambda: stream_counts(server), lambda c: c["finished"] >= before["finished"] + 4)
+    assert sum(streamed) <= counts["steps"] - before["steps"] <= sum(streamed) + len(streamed)
+    assert len(streamed) < counts["responses"] - before["responses"] <= sum(streamed) + len(streamed)

@@ -22,13 +22,14 @@ class RequestCounts:
     they ended (``finished``: whole answer sent; ``cancelled``: the caller left first; ``failed``: an error sent).
     Servers publish these as metrics, and tests read them to see what the code did instead of timing it.
     ``busy_s``: seconds the engine spent admitting requests and stepping (its own work; a server's time outside it is
-    the serving path's)."""
+    the serving path's); ``steps``: engine steps taken (one token for each running request)."""
 
     tokens: int = 0
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
     busy_s: float = 0.0
+    steps: int = 0
 
     def ended(self, outcome: str, tokens: int = 0) -> None:
         """One request ended (``outcome``: FINISHED, CANCELLED or FAILED) after ``tokens`` more tokens."""

@@ -154,6 +154,8 @@ class EngineLoop:
                     continue
                 with self._busy():
                     events = self.engine.step()
+                with self._lock:
+                    self.counts.steps += 1
                 for request_id, ids, finished in events:
                     sink = self._open.get(request_id)
                     if sink is None:

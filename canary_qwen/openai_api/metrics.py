@@ -20,8 +20,8 @@ class Metrics:
     """``requests_total{status}``: transcription requests by HTTP status (499: the client left);
     ``audio_seconds_total``: audio of the answered ones; ``request_duration_seconds``: latency of answered ones
     (a stream: to its done event); ``requests_in_flight``; ``engine_pending``: windows the local engine holds;
-    ``engine_tokens_total``, ``engine_requests_ended_total{outcome}`` and ``engine_busy_seconds_total``: what
-    the local engine did (its ``RequestCounts``)."""
+    ``engine_tokens_total``, ``engine_requests_ended_total{outcome}``, ``engine_busy_seconds_total`` and
+    ``engine_steps_total``: what the local engine did (its ``RequestCounts``)."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -94,6 +94,7 @@ class _EngineCounts(Collector):
             "Seconds the in-process engine spent admitting requests and stepping",
             value=counts.busy_s,
         )
+        yield CounterMetricFamily(f"{PREFIX}_engine_steps", "Steps the in-process engine took", value=counts.steps)
         ended = CounterMetricFamily(
             f"{PREFIX}_engine_requests_ended",
             "Windows the in-process engine ended, by outcome: finished, cancelled (the client left), failed",

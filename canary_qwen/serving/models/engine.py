@@ -38,10 +38,12 @@ class _Outbox:
     asked are round trips to it (milliseconds each under load), which the engine's thread must not wait for
     between two decode steps. Measured at full size (int8, 16 requests in flight): with the engine thread
     sending and polling itself the engine process used ~1.6 of 2 cores. ``publish`` (the engine's counts to
-    Triton's metrics) is called before each final response, every ``METRICS_PUSH_S`` seconds, and at the end."""
+    Triton's metrics, a ``ModelCounters``' push) is called before each final response, every ``METRICS_PUSH_S`` seconds,
+    and at the end; every response sent is counted (``canary_qwen_responses_total``)."""
 
-    def __init__(self, publish):
-        self.publish = publish
+    def __init__(self, counters):
+        self.counters = counters
+        self.publish = counters.push
         self.jobs = queue.Queue()
         self.open = set()  # replies not yet finished, watched for cancellation
         self.lock = threading.Lock()
@@ -102,6 +104,7 @@ class _Failure:
 
     def __call__(self):
         if not self.reply.gone:
+            self.reply.outbox.counters.responded()
             self.reply.outbox.publish()
             self.reply.sender.send(self.answer, flags=FINAL)
 
@@ -180,6 +183,9 @@ class _Reply:
         piece = "".join(self.text.push(t) for t in ids)
         if finished:
             piece += self.text.finish()
+        if piece or ids or finished:
+            self.outbox.counters.responded()
+        if finished:
             self.outbox.publish()  # the engine counted it before handing it over: the client sees it counted
         if piece or ids or (finished and not self.sent_any):  # a request answered with no tokens still gets one
             try:
@@ -205,6 +211,7 @@ class _Reply:
             return
         self.gone = True
         self._close()
+        self.outbox.counters.responded()
         self.sender.send(flags=FINAL)
 
     def cancelled(self):
@@ -235,7 +242,7 @@ class TritonPythonModel:
             max_pending=int(params["max_pending"]),
         )
         self.counters = ModelCounters(self.name, self.loop.counts, lambda: self.loop.pending)
-        self.outbox = _Outbox(self.counters.push)
+        self.outbox = _Outbox(self.counters)
         self.tokenizer = self.loop.tokenizer
 
     def execute(self, requests):

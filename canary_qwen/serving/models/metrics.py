@@ -5,7 +5,9 @@ its :class:`~canary_qwen.engines.RequestCounts`:
 - ``canary_qwen_requests_ended_total{model, outcome}``: requests ended, by outcome (finished, cancelled, failed);
 - ``canary_qwen_requests_pending{model}`` (the engine model): requests held, decoding or waiting for a slot;
 - ``canary_qwen_engine_busy_seconds_total{model}`` (the engine model): seconds its engine spent admitting and
-  stepping; the rest of a request's time was the serving path's (``canary-qwen bench`` reports it per request).
+  stepping; the rest of a request's time was the serving path's (``canary-qwen bench`` reports it per request);
+- ``canary_qwen_engine_steps_total{model}`` (the engine model): engine steps taken;
+- ``canary_qwen_responses_total{model}``: responses sent (each one a round trip from the model's process).
 
 Each increment is a round trip to the server process, so counts are pushed as deltas when a request ends (and, for
 the engine model, every ``METRICS_PUSH_S`` from its outbox thread), never per token.
@@ -19,6 +21,8 @@ TOKENS = "canary_qwen_tokens_total"
 ENDED = "canary_qwen_requests_ended_total"
 PENDING = "canary_qwen_requests_pending"
 BUSY = "canary_qwen_engine_busy_seconds_total"
+STEPS = "canary_qwen_engine_steps_total"
+RESPONSES = "canary_qwen_responses_total"
 
 
 class ModelCounters:
@@ -41,15 +45,21 @@ class ModelCounters:
             pb_utils.MetricFamily(
                 name=BUSY, description="Seconds the engine spent admitting requests and stepping", kind=counter
             ),
+            pb_utils.MetricFamily(name=STEPS, description="Engine steps taken", kind=counter),
+            pb_utils.MetricFamily(name=RESPONSES, description="Responses sent", kind=counter),
         ]
-        tokens, ended, busy = self._families
+        tokens, ended, busy, steps, responses = self._families
+        labels = {"model": model}
         self._metrics = {
-            "tokens": tokens.Metric(labels={"model": model}),
-            "busy_s": busy.Metric(labels={"model": model}),
+            "tokens": tokens.Metric(labels=labels),
+            "busy_s": busy.Metric(labels=labels),
+            "steps": steps.Metric(labels=labels),
+            "responses": responses.Metric(labels=labels),
         }
         for outcome in self.counts.outcomes():
-            self._metrics[outcome] = ended.Metric(labels={"model": model, "outcome": outcome})
-        self._pushed = RequestCounts().as_dict()
+            self._metrics[outcome] = ended.Metric(labels={**labels, "outcome": outcome})
+        self.responses = 0  # sent so far (``responded``)
+        self._pushed = {**RequestCounts().as_dict(), "responses": 0}
         self._gauge = None
         if pending is not None:
             family = pb_utils.MetricFamily(
@@ -63,11 +73,15 @@ class ModelCounters:
         self.counts.ended(outcome, tokens)
         self.push()
 
+    def responded(self) -> None:
+        """One response is going out (counted; pushed with the next ``push``)."""
+        self.responses += 1
+
     def push(self) -> None:
         """Add to each counter what ``counts`` gained since the last push. Never raises: a metric is not worth a
         reply."""
         try:
-            for name, value in self.counts.as_dict().items():
+            for name, value in {**self.counts.as_dict(), "responses": self.responses}.items():
                 if value > self._pushed[name]:
                     self._metrics[name].increment(value - self._pushed[name])
                     self._pushed[name] = value

@@ -123,6 +123,7 @@ class TextReply:
             response, self.unsent = piece_response(piece, self.unsent), []
         if response is None and not final:
             return
+        self.counters.responded()
         if final:  # the whole answer is made: counted before the client hears of it
             self._close(FINISHED)
         try:
@@ -142,6 +143,7 @@ class TextReply:
         all the same: Triton 2.51 does not unload a decoupled model while a request of it has had none."""
         if self.closed:
             return
+        self.counters.responded()
         self._close(CANCELLED)
         self._final_flag()
 
@@ -156,6 +158,7 @@ class TextReply:
         several requests in turn must reach every one of them, also after one whose client has gone."""
         if self.closed:
             return
+        self.counters.responded()
         self._close(FAILED)
         try:
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
