@@ -77,14 +77,14 @@ def expected(checkpoint, clips):
 
 
 def test_repository_is_wired_and_bounded(repo, export_root, tmp_path):
-    """The onnx flavour's bounds: the engine model's queue holds MAX_QUEUE and refuses a request after 30 s, and it
-    knows the token limit. (The server below loads these configs, so Triton accepts them.)"""
+    """The engine flavours' bounds: no dynamic batcher (requests reach the engine as they come), the engine holds its
+    16 running requests and MAX_QUEUE more before refusing one as busy, and it knows the token limit. (The server
+    below loads these configs, so Triton accepts them.)"""
     assert check_ensemble(repo) == []
     engine = parse_model_config(repo / "canary_qwen_stream" / "config.pbtxt")
     assert engine.model_transaction_policy.decoupled and engine.parameters["engine"].string_value == "vllm"
-    policy = engine.dynamic_batching.default_queue_policy
-    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (MAX_QUEUE, 30_000_000)
-    assert engine.dynamic_batching.max_queue_delay_microseconds == 0  # requests reach the engine as they come
+    assert not engine.HasField("dynamic_batching")
+    assert engine.parameters["max_pending"].string_value == str(16 + MAX_QUEUE)
     assert read_bounds(repo / "canary_qwen_stream").max_new_tokens_limit == TOKEN_LIMIT
     assert (repo / "canary_qwen_stream" / "1" / "export" / "lora" / "adapter_config.json").is_file()
     with pytest.raises(UsageError, match="max_audio_s must be > 0"):
