@@ -97,13 +97,9 @@ class DecoderForward:
         """
         at = torch.tensor(list(slots), device=self.device)
         positions = torch.tensor(list(lengths), device=self.device)
-        x = self.model.embed_tokens(tokens)
-        rope = self.rope(positions, x.dtype)
-        for li, layer in enumerate(self.model.llm.layers):
-            q, k, v = layer.qkv(x, rope, on)
-            cache.k[li, at, :, positions] = k
-            cache.v[li, at, :, positions] = v
-            o = torch.stack(
+
+        def attend(li: int, layer, q: torch.Tensor) -> torch.Tensor:
+            return torch.stack(
                 [
                     nn.functional.scaled_dot_product_attention(
                         q[i, :, None][None],
@@ -115,9 +111,10 @@ class DecoderForward:
                     for i, (slot, filled) in enumerate(zip(slots, lengths))
                 ]
             )
-            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x, on), on)
+
+        logits = self._decode_layers(cache, at, positions, tokens, on, attend)
         cache.lengths[at] += 1
-        return self.logits(self.model.llm.norm(x))
+        return logits
 
     def decode_masked(
         self, cache: StaticKVCache, tokens: torch.Tensor, active: torch.Tensor, on: torch.Tensor
@@ -125,21 +122,32 @@ class DecoderForward:
         """One token for every slot, idle ones too (the static shapes a CUDA graph needs): each attends over the
         whole cache, masked beyond its length; ``active`` [slots] 1 where a sequence runs. Idle slots keep length 0,
         so they only ever touch position 0 of their own cache row. Returns logits [slots, V]."""
-        slots = torch.arange(tokens.shape[0], device=self.device)
         positions = cache.lengths
         span = torch.arange(cache.k.shape[3], device=self.device)
         visible = (span[None] <= positions[:, None])[:, None, None]
+
+        def attend(li: int, layer, q: torch.Tensor) -> torch.Tensor:
+            return nn.functional.scaled_dot_product_attention(
+                q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=layer.head_dim**-0.5, enable_gqa=True
+            )
+
+        slots = torch.arange(tokens.shape[0], device=self.device)
+        logits = self._decode_layers(cache, slots, positions, tokens, on, attend)
+        cache.lengths += active
+        return logits
+
+    def _decode_layers(self, cache: StaticKVCache, at, positions, tokens, on, attend) -> torch.Tensor:
+        """A decode step's layers: each writes the new keys and values at ``positions`` of the slots ``at`` and
+        attends with ``attend(layer index, layer, q)``; returns the logits."""
         x = self.model.embed_tokens(tokens)
         rope = self.rope(positions, x.dtype)
         for li, layer in enumerate(self.model.llm.layers):
             q, k, v = layer.qkv(x, rope, on)
-            cache.k[li, slots, :, positions] = k
-            cache.v[li, slots, :, positions] = v
-            o = nn.functional.scaled_dot_product_attention(
-                q[:, :, None], cache.k[li], cache.v[li], attn_mask=visible, scale=layer.head_dim**-0.5, enable_gqa=True
+            cache.k[li, at, :, positions] = k
+            cache.v[li, at, :, positions] = v
+            x = layer.mlp_residual(
+                layer.attention_residual(attend(li, layer, q).reshape(tokens.shape[0], -1), x, on), on
             )
-            x = layer.mlp_residual(layer.attention_residual(o.reshape(tokens.shape[0], -1), x, on), on)
-        cache.lengths += active
         return self.logits(self.model.llm.norm(x))
 
     def decoder(self, cache: StaticKVCache):
