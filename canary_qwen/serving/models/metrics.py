@@ -30,34 +30,29 @@ class ModelCounters:
     only, before a request's final response goes out, so that a client that has its answer sees it counted."""
 
     def __init__(self, model: str, counts: RequestCounts | None = None, pending=None):
-        """``pending``: a callable giving the requests held now (an engine loop's), published as a gauge."""
+        """``pending``: a callable giving the requests an engine loop holds now; with it (the engine model) the engine's
+        busy seconds, steps and pending requests are published too."""
         self.counts = counts if counts is not None else RequestCounts()
         self.pending = pending
         counter = pb_utils.MetricFamily.COUNTER
-        self._families = [
-            pb_utils.MetricFamily(name=TOKENS, description="Tokens generated for requests", kind=counter),
-            pb_utils.MetricFamily(
-                name=ENDED,
-                description="Requests ended, by outcome: finished (whole answer sent), cancelled (the client left "
-                "first), failed (an error response)",
-                kind=counter,
-            ),
-            pb_utils.MetricFamily(
-                name=BUSY, description="Seconds the engine spent admitting requests and stepping", kind=counter
-            ),
-            pb_utils.MetricFamily(name=STEPS, description="Engine steps taken", kind=counter),
-            pb_utils.MetricFamily(name=RESPONSES, description="Responses sent", kind=counter),
-        ]
-        tokens, ended, busy, steps, responses = self._families
         labels = {"model": model}
+        ended = pb_utils.MetricFamily(
+            name=ENDED,
+            description="Requests ended, by outcome: finished (whole answer sent), cancelled (the client left first), "
+            "failed (an error response)",
+            kind=counter,
+        )
+        self._families = [ended]
         self._metrics = {
-            "tokens": tokens.Metric(labels=labels),
-            "busy_s": busy.Metric(labels=labels),
-            "steps": steps.Metric(labels=labels),
-            "responses": responses.Metric(labels=labels),
+            outcome: ended.Metric(labels={**labels, "outcome": outcome}) for outcome in self.counts.outcomes()
         }
-        for outcome in self.counts.outcomes():
-            self._metrics[outcome] = ended.Metric(labels={**labels, "outcome": outcome})
+        counters = {"tokens": (TOKENS, "Tokens generated for requests"), "responses": (RESPONSES, "Responses sent")}
+        if pending is not None:
+            counters["busy_s"] = (BUSY, "Seconds the engine spent admitting requests and stepping")
+            counters["steps"] = (STEPS, "Engine steps taken")
+        for key, (name, description) in counters.items():
+            self._families.append(pb_utils.MetricFamily(name=name, description=description, kind=counter))
+            self._metrics[key] = self._families[-1].Metric(labels=labels)
         self.responses = 0  # sent so far (``responded``)
         self._pushed = {**RequestCounts().as_dict(), "responses": 0}
         self._gauge = None
@@ -66,7 +61,7 @@ class ModelCounters:
                 name=PENDING, description="Requests held, decoding or waiting", kind=pb_utils.MetricFamily.GAUGE
             )
             self._families.append(family)
-            self._gauge = family.Metric(labels={"model": model})
+            self._gauge = family.Metric(labels=labels)
 
     def ended(self, outcome: str, tokens: int) -> None:
         """One request ended: counted and pushed."""
@@ -82,7 +77,7 @@ class ModelCounters:
         reply."""
         try:
             for name, value in {**self.counts.as_dict(), "responses": self.responses}.items():
-                if value > self._pushed[name]:
+                if name in self._metrics and value > self._pushed[name]:
                     self._metrics[name].increment(value - self._pushed[name])
                     self._pushed[name] = value
             if self._gauge is not None:
