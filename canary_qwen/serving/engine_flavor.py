@@ -70,6 +70,7 @@ def _llm_artifacts(manifest) -> tuple[str, ...]:
 
 
 def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params: dict) -> dict[str, str]:
+    max_pending = str(max_batch + bounds.max_queue)  # the requests each model holds: the running ones and a queue
     return {
         # No dynamic batcher on either model: each execute returns at once, and requests reach the engine as they
         # come; it batches them itself (max_batch decode together) and holds at most max_pending (its slots and a
@@ -84,7 +85,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             decoupled=True,
             params={
                 "engine": engine,
-                "max_pending": str(max_batch + bounds.max_queue),
+                "max_pending": max_pending,
                 **bounds.parameters(),
                 **params,
             },
@@ -98,7 +99,7 @@ def model_configs(engine: str, *, max_batch: int, bounds: RequestBounds, params:
             max_batch,
             audio_inputs(optional=True) + [dialogue_input(), max_new_tokens_input()],
             ensemble_outputs(),
-            params={"engine_model": ENGINE, "max_pending": str(max_batch + bounds.max_queue)},
+            params={"engine_model": ENGINE, "max_pending": max_pending},
         ),
     }
 

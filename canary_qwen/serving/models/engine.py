@@ -43,7 +43,6 @@ class _Outbox:
 
     def __init__(self, counters):
         self.counters = counters
-        self.publish = counters.push
         self.jobs = queue.Queue()
         self.open = set()  # replies not yet finished, watched for cancellation
         self.lock = threading.Lock()
@@ -77,6 +76,9 @@ class _Outbox:
                 self.publish()
                 next_push = time.monotonic() + METRICS_PUSH_S
         self.publish()
+
+    def publish(self):
+        self.counters.push()
 
     def _watch_cancellations(self):
         with self.lock:
