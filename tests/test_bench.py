@@ -446,3 +446,21 @@ def test_triton_without_a_server_is_skipped_with_the_url():
     (run,) = run_benchmark(config, progress=False, log=lambda msg: None)["runs"]
     assert run["skipped"] and run["backend"] == "triton" and run["reason"]
     assert "127.0.0.1:1" in run["reason"] or "not available" in run["reason"]
+
+
+def test_the_overhead_section_shows_served_engine_entries_only():
+    """A served engine entry's row: the engine's busy seconds against the pass's wall time, and the rest per
+    request; local entries, skipped runs and servers without the engine metric get none."""
+    from canary_qwen.bench.overhead import overhead_rows, overhead_section
+
+    base = dict(skipped=False, n_clips=16, batch_size=1, wall_s=10.0, backend="triton")
+    runs = [
+        {**base, "spec": "triton:torch-fast:int8", "engine_busy_s": 9.84},
+        {**base, "spec": "triton:onnx", "engine_busy_s": None},
+        {**base, "spec": "torch-fast:int8", "backend": "torch-fast"},
+        {**base, "spec": "triton:vllm", "skipped": True, "engine_busy_s": 1.0},
+    ]
+    rows = overhead_rows({"runs": runs})
+    assert rows == [["`triton:torch-fast:int8`", "1", "16", "10.00", "9.84", "98 %", "10 ms"]]
+    assert overhead_section({"runs": runs[1:]}) == []
+    assert overhead_section({"runs": runs})[0] == "### Served overhead"
